@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make train` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: train test test-fast install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: anything looser lets another requirement pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/neox prepare stdlib --out data/stdlib
+	$(BIN)/neox tokenizer train data/stdlib/stdlib.jsonl --vocab-size 4096 --out data/stdlib/tokenizer.json
+	$(BIN)/neox preprocess --input data/stdlib/stdlib.jsonl --tokenizer-type HFTokenizer \
+		--vocab-file data/stdlib/tokenizer.json --append-eod --output-prefix data/stdlib/stdlib --workers 2
+	$(BIN)/neox train configs/tiny-cpu.yml
+	$(BIN)/neox generate runs/tiny-cpu --prompt "def " --max-new-tokens 64 --num-samples 2 --temperature 0.8 --top-p 0.95
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs data

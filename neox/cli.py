@@ -1,0 +1,62 @@
+"""`neox <command>`: one entry point; each command's parser lives next to the code it runs.
+
+Command modules are imported only when their command is chosen, so `neox --help` and light commands start
+fast (importing torch alone takes seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from neox.errors import NeoxError
+
+# name -> (module providing `register(parser)` for that command, one-line help)
+COMMANDS = {
+    "prepare": ("neox.data.commands_prepare", "download/build a named corpus (enron, tinyshakespeare, stdlib, ...)"),
+    "preprocess": ("neox.data.commands_preprocess", "tokenize JSONL/text into GPT-NeoX .bin/.idx files"),
+    "tokenizer": ("neox.data.commands_tokenizer", "train a byte-level BPE tokenizer"),
+    "data": ("neox.data.commands_inspect", "inspect or merge .bin/.idx datasets"),
+    "info": ("neox.model.commands", "parameter count, FLOPs per token and memory estimates for a config"),
+    "train": ("neox.train.commands", "train or fine-tune a model from YAML configs"),
+    "checkpoint": ("neox.parallel.commands", "checkpoint tools (consolidate a sharded checkpoint)"),
+    "generate": ("neox.infer.commands", "sample text from a checkpoint"),
+    "eval": ("neox.interop.commands_eval", "evaluate a checkpoint with lm-evaluation-harness"),
+    "export": ("neox.interop.commands_hf", "export a checkpoint to Hugging Face transformers"),
+    "import": ("neox.interop.commands_hf", "import a Hugging Face model as a neox checkpoint"),
+    "config": ("neox.config.commands", "show the resolved config or regenerate docs/config.md"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neox", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"neox {__import__('neox').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"neox {name}", description=COMMANDS[name][1])
+    module.register(parser, name)
+    args = parser.parse_args(rest)
+    try:
+        return int(args.func(args) or 0)
+    except NeoxError as e:
+        print(f"neox {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"neox {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

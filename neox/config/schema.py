@@ -1,0 +1,219 @@
+"""The typed configuration: one dataclass per concern.
+
+Field names are GPT-NeoX's (underscore form) wherever GPT-NeoX has the concept, so that a GPT-NeoX YAML maps
+onto these fields mostly by name; `aliases.py` maps the rest. Each field's docstring-comment is its user
+documentation: `docs/config.md` is generated from the `help` metadata below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def opt(default: Any, help: str, choices: Optional[tuple] = None, **meta):
+    """A config field with its documentation attached (read by docs generation and validation)."""
+    md = {"help": help, **meta}
+    if choices is not None:
+        md["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return field(default=default, metadata=md)
+
+
+POS_EMBS = ("learned", "sinusoidal", "rotary", "alibi", "rpe", "none")
+NORMS = ("layernorm", "rmsnorm", "scalenorm")
+ACTIVATIONS = ("gelu", "relu", "silu", "swish", "geglu", "swiglu", "reglu", "mish")
+GATED_ACTIVATIONS = ("geglu", "swiglu", "reglu")
+INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal",
+                "orthogonal")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(2, "Number of transformer blocks.")
+    hidden_size: int = opt(64, "Model width (d_model).")
+    num_attention_heads: int = opt(4, "Number of query heads.")
+    num_kv_heads: Optional[int] = opt(None, "Key/value heads for grouped-query attention; None = num_attention_heads.")
+    seq_length: int = opt(128, "Training sequence length in tokens.")
+    max_position_embeddings: Optional[int] = opt(None, "Longest position the model supports; None = seq_length.")
+    vocab_size: Optional[int] = opt(None, "Padded vocabulary size; None = derived from the tokenizer, padded to make_vocab_size_divisible_by.")
+    make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
+    pos_emb: str = opt("rotary", "Positional encoding.", POS_EMBS)
+    rotary_pct: float = opt(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
+    rotary_emb_base: int = opt(10000, "Rotary embedding base (theta).")
+    rpe_num_buckets: int = opt(32, "T5 relative-position buckets (pos_emb: rpe).")
+    rpe_max_distance: int = opt(128, "T5 relative-position max distance (pos_emb: rpe).")
+    norm: str = opt("layernorm", "Normalisation layer.", NORMS)
+    layernorm_epsilon: float = opt(1e-5, "Epsilon of layernorm.")
+    rms_norm_epsilon: float = opt(1e-8, "Epsilon of rmsnorm.")
+    scalenorm_epsilon: float = opt(1e-8, "Epsilon of scalenorm.")
+    activation: str = opt("gelu", "MLP activation; geglu/swiglu/reglu are gated (two input projections).", ACTIVATIONS)
+    intermediate_size: Optional[int] = opt(None, "MLP hidden width; None = 4*hidden_size (gated: 8/3*hidden_size rounded up to a multiple of 256).")
+    gpt_j_residual: bool = opt(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J / Pythia).")
+    gpt_j_tied: bool = opt(False, "With gpt_j_residual, use one norm for both attention and MLP.")
+    no_weight_tying: bool = opt(False, "Untie the input embedding and the output layer.")
+    use_bias_in_attn_linear: bool = opt(True, "Bias on the attention projections.")
+    use_bias_in_mlp: bool = opt(True, "Bias on the MLP projections.")
+    use_bias_in_norms: bool = opt(True, "Bias on layernorm.")
+    hidden_dropout: float = opt(0.0, "Dropout on residual branches and embeddings.")
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
+    init_method: str = opt("normal", "Initialisation of input-side weights.", INIT_METHODS)
+    output_layer_init_method: str = opt("scaled_normal", "Initialisation of residual-output weights.", INIT_METHODS)
+    init_method_std: float = opt(0.02, "Standard deviation for normal-type inits.")
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_type: str = opt("ByteLevelTokenizer", "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.")
+    vocab_file: Optional[str] = opt(None, "Tokenizer file: HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file.")
+    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt (GPT2BPETokenizer).")
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = opt(None, "One dataset prefix (PREFIX_text_document) split into train/valid/test by `split`.")
+    train_data_paths: list = opt([], "Training dataset prefixes (blended by train_data_weights).")
+    valid_data_paths: list = opt([], "Validation dataset prefixes.")
+    test_data_paths: list = opt([], "Test dataset prefixes.")
+    label_data_paths: list = opt([], "Label datasets (-100 = no loss) parallel to train_data_paths, for fine-tuning.")
+    train_data_weights: list = opt([], "Blend weights for train_data_paths (default equal).")
+    valid_data_weights: list = opt([], "Blend weights for valid_data_paths.")
+    test_data_weights: list = opt([], "Blend weights for test_data_paths.")
+    weight_by_num_documents: bool = opt(False, "Weight datasets by document count, tempered by weighted_sampler_alpha.")
+    weighted_sampler_alpha: float = opt(1.0, "Temperature for weight_by_num_documents.")
+    split: str = opt("969,30,1", "Train,valid,test proportions when a single data_path is given.")
+    data_impl: str = opt("mmap", "Dataset format (only the GPT-NeoX mmap format).", ("mmap",))
+    pack_impl: str = opt("packed", "How documents become samples (GPT-NeoX packed order).", ("packed",))
+    mmap_warmup: bool = opt(False, "Touch every page of the .bin at open.")
+    reset_position_ids: bool = opt(False, "Restart position ids at every document boundary.")
+    reset_attention_mask: bool = opt(False, "Forbid attention across document boundaries.")
+    eod_mask_loss: bool = opt(False, "Do not train on predicting the end-of-document token.")
+    num_workers: int = opt(0, "Data-loader worker processes.")
+    data_cache_dir: Optional[str] = opt(None, "Where the sampling index .npy files are cached; None = next to the data.")
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = opt(100, "Optimizer steps to train for.")
+    train_micro_batch_size_per_gpu: Optional[int] = opt(None, "Sequences per micro-batch per data-parallel rank.")
+    gradient_accumulation_steps: Optional[int] = opt(None, "Micro-batches per optimizer step.")
+    train_batch_size: Optional[int] = opt(None, "Global batch = micro * accumulation * data-parallel size.")
+    seed: int = opt(1234, "Seed for initialisation, dropout and data order.")
+    gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
+    compile: bool = opt(False, "torch.compile the model.")
+    device: str = opt("auto", "cpu, cuda, or auto.")
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = opt("adamw", "Optimizer.", ("adam", "adamw", "sgd"))
+    lr: float = opt(6e-4, "Peak learning rate.")
+    betas: list = opt([0.9, 0.95], "Adam betas.")
+    eps: float = opt(1e-8, "Adam epsilon.")
+    momentum: float = opt(0.0, "SGD momentum.")
+    weight_decay: float = opt(0.0, "Decoupled weight decay (not applied to norms and biases).")
+
+
+@dataclass
+class ScheduleConfig:
+    lr_decay_style: str = opt("cosine", "LR decay after warmup.", ("constant", "linear", "cosine", "exponential"))
+    lr_decay_iters: Optional[int] = opt(None, "Iterations over which to decay; None = train_iters.")
+    lr_decay_fraction: Optional[float] = opt(None, "Decay over this fraction of train_iters (overrides lr_decay_iters).")
+    min_lr: float = opt(0.0, "Floor of the learning rate.")
+    warmup: float = opt(0.01, "Warmup as a fraction of lr_decay_iters.")
+    warmup_iters: Optional[int] = opt(None, "Warmup in iterations (overrides warmup).")
+
+
+@dataclass
+class PrecisionConfig:
+    precision: str = opt("fp32", "Training precision.", ("fp32", "bf16", "fp16"))
+    bf16_mode: str = opt("autocast", "bf16 via autocast (fp32 master weights) or pure bf16 weights.", ("autocast", "pure"))
+    loss_scale: Optional[float] = opt(None, "fp16 static loss scale; None = dynamic.")
+    initial_scale_power: int = opt(16, "fp16 dynamic scale starts at 2**this.")
+    loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
+    hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.")
+    min_loss_scale: float = opt(1.0, "fp16: the dynamic scale never goes below this.")
+
+
+@dataclass
+class ParallelConfig:
+    pipe_parallel_size: int = opt(1, "Pipeline stages.")
+    model_parallel_size: int = opt(1, "Tensor-parallel degree.")
+    sequence_parallel: bool = opt(False, "Shard norms/dropout along the sequence across tensor-parallel ranks.")
+    zero_stage: int = opt(0, "ZeRO stage: 0 = DDP, 1/2 = FSDP2 without resharding after forward, 3 = full FSDP2 sharding.", (0, 1, 2, 3))
+    dp_replicate: int = opt(1, "HSDP: replicas across which FSDP shards are replicated (data-parallel = dp_replicate * dp_shard).")
+    cpu_offload: bool = opt(False, "Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).")
+    pipe_schedule: str = opt("1f1b", "Pipeline schedule.", ("gpipe", "1f1b", "interleaved_1f1b"))
+    pipe_stages_per_rank: int = opt(1, "Virtual stages per pipeline rank (interleaved_1f1b).")
+    pipe_partition_method: str = opt("parameters", "Balance pipeline stages by parameter count or by layer count.", ("parameters", "uniform"))
+    grad_compression: str = opt("none", "DDP gradient compression hook.", ("none", "powersgd", "onebit", "fp16"))
+    powersgd_rank: int = opt(1, "Rank of PowerSGD approximation.")
+    backend: str = opt("auto", "torch.distributed backend: gloo, nccl or auto.")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = opt(None, "Directory checkpoints are saved to (also the run directory).")
+    load: Optional[str] = opt(None, "Directory to resume from (its latest checkpoint).")
+    save_interval: Optional[int] = opt(None, "Save every this many iterations (GPT-NeoX checkpoint_factor).")
+    extra_save_iters: list = opt([], "Additional iterations to save at.")
+    keep_last_n_checkpoints: Optional[int] = opt(None, "Delete older checkpoints beyond this many.")
+    finetune: bool = opt(False, "Load weights only; start optimizer, schedule and data from zero.")
+    no_load_optim: bool = opt(False, "Do not restore optimizer state.")
+    no_load_rng: bool = opt(False, "Do not restore RNG state.")
+    async_save: bool = opt(False, "Save in the background on its own process group.")
+
+
+@dataclass
+class LoggingConfig:
+    log_dir: Optional[str] = opt(None, "Run directory for metrics.jsonl and writers; None = checkpoint save dir.")
+    log_interval: int = opt(10, "Log every this many iterations.")
+    progress_bar: bool = opt(True, "Show a progress bar on interactive terminals.")
+    tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard events here (needs the tensorboard extra).")
+    use_wandb: bool = opt(False, "Log to Weights & Biases (needs the wandb extra).")
+    wandb_project: str = opt("neox", "W&B project.")
+    wandb_group: Optional[str] = opt(None, "W&B group.")
+    wandb_mode: str = opt("offline", "W&B mode: online or offline.", ("online", "offline", "disabled"))
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: int = opt(1000, "Evaluate on the validation split every this many iterations.")
+    eval_iters: int = opt(10, "Batches per evaluation.")
+    eval_tasks: list = opt([], "lm-evaluation-harness tasks to run during training.")
+    eval_tasks_interval: Optional[int] = opt(None, "Run eval_tasks every this many iterations; None = at the end.")
+    eval_tasks_limit: Optional[int] = opt(None, "Examples per task (lm-eval --limit).")
+    eval_include_path: Optional[str] = opt(None, "Directory of local lm-eval task YAMLs.")
+
+
+@dataclass
+class GenerationConfig:
+    text_gen_type: str = opt("unconditional", "Generation mode.", ("unconditional", "input-file", "interactive"))
+    sample_input_file: Optional[str] = opt(None, "Prompts, one per line or JSONL with a prompt key.")
+    sample_output_file: Optional[str] = opt(None, "Where input-file mode writes JSONL.")
+    num_samples: int = opt(1, "Unconditional samples.")
+    maximum_tokens: int = opt(64, "Maximum new tokens.")
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
+    top_k: int = opt(0, "Keep the k most likely tokens (0 = off).")
+    top_p: float = opt(0.0, "Nucleus sampling mass (0 = off).")
+    repetition_penalty: float = opt(1.0, "Penalty for tokens already present (1 = off).")
+    stop_strings: list = opt([], "Stop when one of these appears.")
+    recompute: bool = opt(False, "Recompute the whole sequence each step instead of using the KV cache.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
