@@ -1,0 +1,340 @@
+"""GPT-NeoX / Megatron "mmap" indexed datasets: a flat ``PREFIX.bin`` of tokens and a ``PREFIX.idx`` index.
+
+The byte layout is GPT-NeoX's ``megatron/data/indexed_dataset.py`` (MMapIndexedDataset), so files written here
+load there and theirs load here::
+
+    .idx  magic   b"MMIDIDX\\x00\\x00"                  9 bytes
+          version <Q = 1                              8 bytes
+          dtype   <B code (DTYPES below)              1 byte
+          len     <Q number of items (sequences)      8 bytes
+          docs    <Q number of doc_idx entries        8 bytes
+          sizes    int32[len]    tokens per item
+          pointers int64[len]    byte offset of each item in .bin
+          doc_idx  int64[docs]   item index where each document starts, then len
+    .bin  the items' tokens back to back, in dtype
+
+Every check that can be done at open is done at open, so a truncated or mismatched pair fails there with the
+file's name instead of as garbage tokens deep inside training.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import struct
+
+import numpy as np
+
+from neox.errors import DataError, NeoxError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
+
+# GPT-NeoX's code table (current main: 6 is float32 and 7 float64; 8 was added later for uint16).
+DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float32,
+    7: np.float64,
+    8: np.uint16,
+}
+_CODES = {np.dtype(t): c for c, t in DTYPES.items()}
+
+
+def dtype_code(dtype) -> int:
+    """The .idx code of a numpy dtype; raises NeoxError for a dtype the format cannot store."""
+    try:
+        return _CODES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise NeoxError(f"dtype {dtype!r} cannot be stored in an indexed dataset; use one of "
+                        f"{', '.join(np.dtype(t).name for t in DTYPES.values())}") from None
+
+
+def best_fitting_dtype(vocab_size: int | None) -> np.dtype:
+    """uint16 when every id fits with room to spare (GPT-NeoX's rule: vocab < 65500), else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def data_file_path(prefix: str) -> str:
+    return str(prefix) + ".bin"
+
+
+def index_file_path(prefix: str) -> str:
+    return str(prefix) + ".idx"
+
+
+def strip_suffix(path: str) -> str:
+    """Accept PREFIX, PREFIX.bin or PREFIX.idx and return PREFIX."""
+    path = str(path)
+    for ext in (".bin", ".idx"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def dataset_exists(prefix: str) -> bool:
+    return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
+
+
+def _map(path: str) -> np.ndarray:
+    # np.memmap refuses zero-length files; an empty dataset is legal, so give it an empty buffer.
+    if os.path.getsize(path) == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.memmap(path, mode="r", dtype=np.uint8, order="C")
+
+
+class IndexedDataset:
+    """Zero-copy reader: ``ds[i]`` is a numpy view into the memory-mapped .bin (read-only).
+
+    ``len(ds)`` counts items (GPT-NeoX writes one item per document); ``doc_idx`` maps documents to items.
+    """
+
+    def __init__(self, prefix: str, warmup: bool = False):
+        self._open(strip_suffix(prefix), warmup)
+
+    def _open(self, prefix: str, warmup: bool) -> None:
+        self.prefix = prefix
+        idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
+        for p in (idx_path, bin_path):
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: no such file; an indexed dataset needs both PREFIX.bin and PREFIX.idx "
+                                f"(give the prefix, e.g. data/corpus_text_document)")
+        idx_bytes = os.path.getsize(idx_path)
+        with open(idx_path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if head[: len(MAGIC)] != MAGIC:
+            raise DataError(f"{idx_path}: not a GPT-NeoX mmap index (bad magic {head[:9]!r}, want {MAGIC!r}); "
+                            f"only --dataset-impl mmap files are supported")
+        if len(head) < HEADER_BYTES:
+            raise DataError(f"{idx_path}: truncated header ({idx_bytes} bytes); re-run preprocessing")
+        (version,) = struct.unpack("<Q", head[9:17])
+        if version != VERSION:
+            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
+        code = head[17]
+        if code not in DTYPES:
+            raise DataError(f"{idx_path}: unknown dtype code {code} (known: {sorted(DTYPES)})")
+        self._dtype = np.dtype(DTYPES[code])
+        n, n_doc = struct.unpack("<QQ", head[18:34])
+        want = HEADER_BYTES + n * 4 + n * 8 + n_doc * 8
+        if idx_bytes != want:
+            what = "truncated" if idx_bytes < want else "has trailing bytes"
+            raise DataError(f"{idx_path}: index {what}: {idx_bytes} bytes, but the header's {n} items and "
+                            f"{n_doc} doc_idx entries need {want}; re-run preprocessing")
+
+        self._idx_buf = _map(idx_path)
+        off = HEADER_BYTES
+        self._sizes = np.frombuffer(self._idx_buf, dtype=np.int32, count=n, offset=off)
+        off += n * 4
+        self._pointers = np.frombuffer(self._idx_buf, dtype=np.int64, count=n, offset=off)
+        off += n * 8
+        self._doc_idx = np.frombuffer(self._idx_buf, dtype=np.int64, count=n_doc, offset=off)
+
+        bin_bytes = os.path.getsize(bin_path)
+        expected = int(self._pointers[-1]) + int(self._sizes[-1]) * self._dtype.itemsize if n else 0
+        if bin_bytes != expected:
+            raise DataError(
+                f"{bin_path}: {bin_bytes} bytes, but {idx_path} describes {expected} "
+                f"({'truncated .bin' if bin_bytes < expected else '.bin and .idx do not belong together'}); "
+                f"re-run preprocessing for this prefix")
+        if n and (self._sizes.min() < 0 or self._pointers[0] != 0
+                  or np.any(np.diff(self._pointers) != self._sizes[:-1].astype(np.int64) * self._dtype.itemsize)):
+            raise DataError(f"{idx_path}: sizes and pointers disagree (corrupt index); re-run preprocessing")
+        if n_doc and (self._doc_idx[0] < 0 or self._doc_idx[-1] > n or np.any(np.diff(self._doc_idx) < 0)):
+            raise DataError(f"{idx_path}: doc_idx is not an increasing list of item indices in [0, {n}]")
+
+        self._bin_buf = _map(bin_path)
+        if warmup:
+            # Touch every page once so the first epoch does not pay for page faults (GPT-NeoX mmap_warmup).
+            for start in range(0, len(self._bin_buf), 1 << 26):
+                self._bin_buf[start:start + (1 << 26)].sum()
+
+    # Datasets travel to DataLoader workers by pickling: send the path and map the files again there.
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self._open(state["prefix"], warmup=False)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step != 1:
+                raise ValueError("indexed dataset slices must be contiguous (step 1)")
+            if start >= stop:
+                return []
+            sizes = self._sizes[start:stop]
+            flat = np.frombuffer(self._bin_buf, dtype=self._dtype, count=int(sizes.sum(dtype=np.int64)),
+                                 offset=int(self._pointers[start]))
+            return np.split(flat, np.cumsum(sizes)[:-1])
+        i = int(idx)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {idx} out of range for {self.prefix} ({len(self)} items)")
+        return np.frombuffer(self._bin_buf, dtype=self._dtype, count=int(self._sizes[i]),
+                             offset=int(self._pointers[i]))
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset .. offset+length`` of item ``idx`` (to its end when length is None), zero-copy."""
+        size = int(self._sizes[idx])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"get({idx}, offset={offset}, length={length}) outside item of {size} tokens")
+        return np.frombuffer(self._bin_buf, dtype=self._dtype, count=length,
+                             offset=int(self._pointers[idx]) + offset * self._dtype.itemsize)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return self._pointers
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return self._doc_idx
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._sizes.sum(dtype=np.int64))
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self._doc_idx) - 1, 0)
+
+    @staticmethod
+    def exists(prefix: str) -> bool:
+        return dataset_exists(strip_suffix(prefix))
+
+
+class IndexedDatasetBuilder:
+    """Writer: ``add_item`` tokens, ``end_document`` after each document, then ``finalize()``.
+
+    Both files are written under ``.tmp`` names and renamed into place by ``finalize``: a run that dies
+    part-way leaves no half-written dataset that looks complete. Use it as a context manager to also remove
+    the temporary files when an exception escapes.
+    """
+
+    def __init__(self, out: str, dtype=np.int32):
+        self.prefix = strip_suffix(out)
+        self.bin_path = data_file_path(self.prefix)
+        self.idx_path = index_file_path(self.prefix)
+        self._dtype = np.dtype(dtype)
+        self._code = dtype_code(self._dtype)
+        self._info = np.iinfo(self._dtype) if self._dtype.kind in "iu" else None
+        os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
+        self._tmp_bin = self.bin_path + ".tmp"
+        self._file = open(self._tmp_bin, "wb")
+        # array('q') holds 8 bytes per entry, a Python list ~36: index memory stays small for big corpora.
+        self._sizes = array.array("q")
+        self._doc_idx = array.array("q", [0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _as_tokens(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.dtype != self._dtype:
+            if self._info is not None and arr.size and arr.dtype.kind in "iu":
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < self._info.min or hi > self._info.max:
+                    bad = lo if lo < self._info.min else hi
+                    raise NeoxError(f"{self.bin_path}: token id {bad} does not fit {self._dtype.name}; "
+                                    f"write with a wider dtype (int32)")
+            arr = arr.astype(self._dtype)
+        return arr.reshape(-1)
+
+    def add_item(self, tokens) -> None:
+        """Append one item (a sequence of token ids)."""
+        arr = self._as_tokens(tokens)
+        self._file.write(arr.tobytes(order="C"))
+        self._sizes.append(arr.size)
+
+    def end_document(self) -> None:
+        self._doc_idx.append(len(self._sizes))
+
+    def add_document(self, tokens) -> None:
+        self.add_item(tokens)
+        self.end_document()
+
+    def add_documents(self, flat, sizes) -> None:
+        """Append many one-item documents in one write: ``flat`` is their tokens back to back."""
+        arr = self._as_tokens(flat)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if int(sizes.sum()) != arr.size:
+            raise ValueError(f"sizes sum to {int(sizes.sum())} but {arr.size} tokens were given")
+        self._file.write(arr.tobytes(order="C"))
+        start = len(self._sizes)
+        self._sizes.extend(sizes.tolist())
+        self._doc_idx.extend(range(start + 1, start + len(sizes) + 1))
+
+    def merge_file_(self, prefix: str) -> None:
+        """Append a whole finished dataset (its items and its documents)."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self._dtype:
+            raise NeoxError(f"{other.prefix}: dtype {other.dtype.name} differs from the output's "
+                            f"{self._dtype.name}; datasets can only be merged when their dtypes match")
+        base = len(self._sizes)
+        self._sizes.extend(other.sizes.astype(np.int64).tolist())
+        # GPT-NeoX's merge drops the other file's document boundaries; keeping them keeps documents intact.
+        doc_idx = other.doc_idx[1:] if len(other.doc_idx) else other.doc_idx
+        self._doc_idx.extend((doc_idx + base).tolist())
+        with open(data_file_path(other.prefix), "rb") as f:
+            shutil.copyfileobj(f, self._file, 1 << 24)
+
+    def finalize(self, index_file: str | None = None) -> None:
+        """Write the index and move both files into place (``index_file`` defaults to PREFIX.idx)."""
+        idx_path = index_file or self.idx_path
+        self._file.close()
+        sizes = np.frombuffer(self._sizes, dtype=np.int64) if len(self._sizes) else np.zeros(0, np.int64)
+        if sizes.size and sizes.max() > np.iinfo(np.int32).max:
+            raise NeoxError(f"{self.bin_path}: an item of {int(sizes.max())} tokens exceeds the format's int32 "
+                            f"size field; split long documents")
+        pointers = np.zeros(sizes.size, dtype=np.int64)
+        np.cumsum(sizes[:-1] * self._dtype.itemsize, out=pointers[1:])
+        tmp_idx = idx_path + ".tmp"
+        with open(tmp_idx, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<Q", VERSION))
+            f.write(struct.pack("<B", self._code))
+            f.write(struct.pack("<Q", sizes.size))
+            f.write(struct.pack("<Q", len(self._doc_idx)))
+            f.write(sizes.astype(np.int32).tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.frombuffer(self._doc_idx, dtype=np.int64).tobytes())
+        # .bin first: if we die between the renames, the stale .idx no longer matches and open() says so.
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(tmp_idx, idx_path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary output (nothing is left behind)."""
+        if not self._file.closed:
+            self._file.close()
+        for p in (self._tmp_bin, self.idx_path + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
