@@ -1,0 +1,82 @@
+"""KVCache: preallocated keys/values per layer for incremental decoding.
+
+Usage (left-padded batch of prompts):
+    cache = KVCache.for_model(model, batch_size=B, max_len=prompt_len + new_tokens)
+    cache.mark_padding(attention_mask)          # [B, prompt_len], 1 = token, 0 = left padding
+    logits = model(prompt_ids, position_ids, kv_cache=cache)        # prefill
+    logits = model(next_ids[:, None], next_pos[:, None], kv_cache=cache)   # decode, same code path
+Each forward writes its keys/values at slots [length, length + T) and attends over [0, length + T).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from neox.errors import NeoxError
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # key_valid[b, j] False: slot j of row b is padding and no query may attend to it
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        # position id of the token in each slot, for ALiBi / T5 distances
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+        self.has_padding = False
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> "KVCache":
+        """A cache shaped for `model` (a neox.model.GPT). dtype defaults to the dtype attention runs in:
+        the autocast dtype when autocast is on for the model's device, else the model's parameter dtype."""
+        param = model.reference_param()
+        device = device or param.device
+        if dtype is None:
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else param.dtype)
+        return cls(model.num_layers, batch_size, max_len, model.num_kv_heads, model.head_dim, dtype, device)
+
+    def mark_padding(self, attention_mask: torch.Tensor) -> None:
+        """Declare which of the next attention_mask.shape[1] slots hold real tokens (1) or padding (0)."""
+        n = attention_mask.shape[1]
+        self._check_room(n)
+        valid = attention_mask.to(device=self.key_valid.device, dtype=torch.bool)
+        self.key_valid[:, self.length:self.length + n] = valid
+        self.has_padding = self.has_padding or not bool(valid.all())
+
+    def record_positions(self, positions: torch.Tensor, batch: int) -> torch.Tensor:
+        """Store the position ids [B|1, T] of the tokens about to be written; return those of all keys [B, S]."""
+        if batch != self.batch_size:
+            raise ValueError(f"KV cache was built for batch {self.batch_size}, got a batch of {batch}")
+        t = positions.shape[1]
+        self._check_room(t)
+        self.positions[:, self.length:self.length + t] = positions
+        return self.positions[:, : self.length + t]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, head_dim] at the current length; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        """Called by the model once every layer has written its T new slots."""
+        self.length += t
+
+    def reset(self) -> None:
+        self.length = 0
+        self.key_valid.fill_(True)
+        self.has_padding = False
+
+    def _check_room(self, t: int) -> None:
+        if self.length + t > self.max_len:
+            raise NeoxError(f"KV cache holds {self.max_len} tokens but {self.length + t} were requested; "
+                            "build it with a larger max_len (prompt length + new tokens)")

@@ -1,0 +1,144 @@
+"""Model arithmetic from the config alone (no torch import): sizes, parameter count, FLOPs per token and
+per-rank memory estimates. `neox.config` calls `default_intermediate_size` to resolve `intermediate_size`."""
+
+from __future__ import annotations
+
+import math
+
+from neox.config.schema import GATED_ACTIVATIONS, ModelConfig
+from neox.errors import ConfigError
+
+GATED_MULTIPLE_OF = 256
+
+
+def default_intermediate_size(cfg: ModelConfig) -> int:
+    """MLP width when `intermediate_size` is None: 4*hidden; gated activations keep the parameter count of a
+    4*hidden MLP with three matrices (8/3*hidden) rounded up to a multiple of 256, as GPT-NeoX's LLaMA MLP."""
+    if cfg.activation in GATED_ACTIVATIONS:
+        width = int(2 * 4 * cfg.hidden_size / 3)
+        return GATED_MULTIPLE_OF * math.ceil(width / GATED_MULTIPLE_OF)
+    return 4 * cfg.hidden_size
+
+
+def intermediate_size(cfg: ModelConfig) -> int:
+    return cfg.intermediate_size if cfg.intermediate_size is not None else default_intermediate_size(cfg)
+
+
+def num_kv_heads(cfg: ModelConfig) -> int:
+    return cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_attention_heads
+
+
+def max_positions(cfg: ModelConfig) -> int:
+    return cfg.max_position_embeddings if cfg.max_position_embeddings is not None else cfg.seq_length
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.hidden_size // cfg.num_attention_heads
+
+
+def check_shapes(cfg: ModelConfig) -> None:
+    """Raise a ConfigError naming the key when the head layout cannot be built."""
+    heads, kv = cfg.num_attention_heads, num_kv_heads(cfg)
+    if cfg.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set: resolve it from the tokenizer (neox.config.resolve_vocab) "
+                          "or set model.vocab_size")
+    if heads <= 0 or cfg.hidden_size % heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be a positive multiple of "
+                          f"model.num_attention_heads={heads}")
+    if kv <= 0 or heads % kv:
+        raise ConfigError(f"model.num_attention_heads={heads} must be a multiple of model.num_kv_heads={kv}")
+    if cfg.pos_emb == "rotary":
+        rd = int(head_dim(cfg) * cfg.rotary_pct)
+        if rd <= 0 or rd % 2:
+            raise ConfigError(f"model.rotary_pct={cfg.rotary_pct} gives {rd} rotary dims of head_dim "
+                              f"{head_dim(cfg)}; it must be a positive even number")
+    if cfg.pos_emb == "rpe" and cfg.rpe_max_distance <= cfg.rpe_num_buckets // 2:
+        raise ConfigError(f"model.rpe_max_distance={cfg.rpe_max_distance} must exceed half of "
+                          f"model.rpe_num_buckets={cfg.rpe_num_buckets}")
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    if cfg.norm == "scalenorm":
+        return 1
+    return cfg.hidden_size * (2 if cfg.use_bias_in_norms else 1)
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block."""
+    h, hd, heads, kv = cfg.hidden_size, head_dim(cfg), cfg.num_attention_heads, num_kv_heads(cfg)
+    qkv_out = (heads + 2 * kv) * hd
+    attn = h * qkv_out + heads * hd * h + (qkv_out + h if cfg.use_bias_in_attn_linear else 0)
+    if cfg.pos_emb == "rpe":
+        attn += cfg.rpe_num_buckets * heads
+    inter, mlp_bias = intermediate_size(cfg), cfg.use_bias_in_mlp
+    if cfg.activation in GATED_ACTIVATIONS:
+        mlp = 3 * h * inter + (2 * inter + h if mlp_bias else 0)
+    else:
+        mlp = 2 * h * inter + (inter + h if mlp_bias else 0)
+    norms = 1 if (cfg.gpt_j_residual and cfg.gpt_j_tied) else 2
+    return attn + mlp + norms * _norm_params(cfg)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Total trainable parameters of neox.model.GPT(cfg) (a tied output layer is counted once)."""
+    check_shapes(cfg)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    total = v * h + cfg.num_layers * layer_params(cfg) + _norm_params(cfg)
+    if cfg.pos_emb == "learned":
+        total += max_positions(cfg) * h
+    if cfg.no_weight_tying:
+        total += v * h
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward): 6 * N_matmul + 12 * L * H * T (PaLM appendix B).
+
+    N_matmul counts the parameters that take part in matrix multiplies: every block parameter plus the
+    output projection (V*H, tied or not); the embedding lookup costs no FLOPs. The attention term is the
+    score and weighted-sum matmuls over a full (not causally halved) T x T, the usual convention for MFU.
+    """
+    check_shapes(cfg)
+    t = seq_length if seq_length is not None else cfg.seq_length
+    n_matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    attn_width = cfg.num_attention_heads * head_dim(cfg)
+    return 6 * n_matmul + 12 * cfg.num_layers * attn_width * t
+
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def memory_per_rank(cfg: ModelConfig, *, precision: str = "fp32", bf16_mode: str = "autocast",
+                    optimizer: str = "adamw", micro_batch: int = 1, seq_length: int | None = None,
+                    dp: int = 1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
+                    checkpoint_activations: bool = False) -> dict[str, int]:
+    """Estimated bytes held per rank during training: params, grads, optimizer states, activations.
+
+    Params are divided by tp and pp (the embedding and head live on the first/last stage, so this is the
+    average stage); ZeRO 1 shards optimizer states over dp, 2 also grads, 3 also params. Master weights are
+    fp32 except for pure bf16. Activations follow Korthikanti et al. 2022 for SDPA attention (no stored score
+    matrix): 34*s*b*h bytes per layer at 16-bit (x2 at fp32), divided by tp (sequence parallel assumed),
+    or only the 2-byte-per-element block input when activations are checkpointed, plus fp32 logits.
+    """
+    n = num_params(cfg)
+    s = seq_length if seq_length is not None else cfg.seq_length
+    weight_bytes = 2 if (precision == "bf16" and bf16_mode == "pure") else 4
+    states_per_param = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2)
+    shard_params = n / (tp * pp)
+    params = shard_params * weight_bytes / (dp if zero_stage >= 3 else 1)
+    grads = shard_params * weight_bytes / (dp if zero_stage >= 2 else 1)
+    optim = shard_params * states_per_param * weight_bytes / (dp if zero_stage >= 1 else 1)
+
+    act_bytes = BYTES.get(precision, 4) if not (precision == "bf16" and bf16_mode == "autocast") else 2
+    layers_here = math.ceil(cfg.num_layers / pp)
+    sbh = s * micro_batch * cfg.hidden_size
+    if checkpoint_activations:
+        acts = layers_here * sbh * act_bytes / tp + 34 * sbh * (act_bytes / 2) / tp
+    else:
+        acts = layers_here * 34 * sbh * (act_bytes / 2) / tp
+    # logits and their gradient in fp32 on the last stage
+    acts += 2 * s * micro_batch * cfg.vocab_size * 4 / tp
+    out = {"params": params, "grads": grads, "optimizer": optim, "activations": acts}
+    out = {k: int(v) for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out

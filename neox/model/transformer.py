@@ -1,0 +1,120 @@
+"""The GPT: embeddings, a ModuleDict of blocks, final norm and output layer (names as in docs/architecture.md).
+
+Pipeline stages may set `embed_in`, `embed_pos`, `final_layer_norm` or `embed_out` to None and delete
+entries of `layers`: forward then takes hidden states instead of ids (no embed_in) and returns hidden
+states instead of logits (no final_layer_norm, or no output layer left).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from neox.config.schema import ModelConfig
+from neox.model import info
+from neox.model.attention import Attention, AttentionInputs, build_attention_inputs
+from neox.model.init import init_weights
+from neox.model.layers import MLP, build_norm
+from neox.model.positional import ALiBi, RotaryEmbedding, SinusoidalEmbedding
+
+
+class Block(nn.Module):
+    """Sequential: x + attn(ln1(x)), then + mlp(ln2(.)).
+    Parallel (gpt_j_residual): x + attn(ln1(x)) + mlp(ln2(x)); gpt_j_tied uses ln1 for both."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.parallel = cfg.gpt_j_residual
+        self.input_layernorm = build_norm(cfg)
+        tied_norm = cfg.gpt_j_residual and cfg.gpt_j_tied
+        self.post_attention_layernorm = None if tied_norm else build_norm(cfg)
+        self.attention = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        attn = self.dropout(self.attention(h, inputs, kv_cache))
+        if self.parallel:
+            if self.post_attention_layernorm is not None:
+                h = self.post_attention_layernorm(x)
+            return x + attn + self.dropout(self.mlp(h))
+        x = x + attn
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        info.check_shapes(cfg)
+        self.cfg = cfg
+        self.pos_emb = cfg.pos_emb
+        self.num_layers = cfg.num_layers
+        self.num_kv_heads = info.num_kv_heads(cfg)
+        self.head_dim = info.head_dim(cfg)
+        self.rpe_num_buckets, self.rpe_max_distance = cfg.rpe_num_buckets, cfg.rpe_max_distance
+        self.tied = not cfg.no_weight_tying
+        h, max_pos = cfg.hidden_size, info.max_positions(cfg)
+
+        self.embed_in = nn.Embedding(cfg.vocab_size, h)
+        self.embed_pos = nn.Embedding(max_pos, h) if cfg.pos_emb == "learned" else None
+        # derived fp32 tables: non-persistent buffers, so the state dict holds only the parameters above/below
+        self.sinusoidal = SinusoidalEmbedding(h, max_pos) if cfg.pos_emb == "sinusoidal" else None
+        rotary_ndims = int(self.head_dim * cfg.rotary_pct)
+        self.rotary = (RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base)
+                       if cfg.pos_emb == "rotary" else None)
+        self.alibi = ALiBi(cfg.num_attention_heads) if cfg.pos_emb == "alibi" else None
+        self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
+
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
+        self.final_layer_norm = build_norm(cfg)
+        self.embed_out = None if self.tied else nn.Linear(h, cfg.vocab_size, bias=False)
+        init_weights(self, cfg)
+
+    def reference_param(self) -> torch.Tensor:
+        """A parameter whose dtype/device stand for the whole model (any stage keeps at least one)."""
+        return next(self.parameters())
+
+    def compute_dtype(self) -> torch.dtype:
+        """dtype activations run in: the autocast dtype when autocast is on, else the parameter dtype."""
+        p = self.reference_param()
+        if torch.is_autocast_enabled(p.device.type):
+            return torch.get_autocast_dtype(p.device.type)
+        return p.dtype
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+        """tokens [B, T] ids (or [B, T, H] hidden states on a stage without embed_in) -> logits [B, T, V]
+        (or hidden states on a stage without the head). position_ids [B, T] default to arange (continuing
+        from the cache length); segment_ids [B, T] restrict attention to tokens of the same document."""
+        x = self.embed_in(tokens) if self.embed_in is not None else tokens
+        b, t = x.shape[0], x.shape[1]
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            pos = torch.arange(start, start + t, device=x.device)[None]
+        else:
+            pos = position_ids
+        if self.embed_in is not None:
+            if self.embed_pos is not None:
+                x = x + self.embed_pos(pos)
+            elif self.sinusoidal is not None:
+                x = x + self.sinusoidal(pos).to(x.dtype)
+            x = self.embed_dropout(x)
+
+        inputs = build_attention_inputs(self, b, t, pos, segment_ids, kv_cache,
+                                        self.compute_dtype(), x.device)
+        for layer in self.layers.values():
+            x = layer(x, inputs, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+
+        if self.final_layer_norm is None:
+            return x
+        x = self.final_layer_norm(x)
+        if self.embed_out is not None:
+            return self.embed_out(x)
+        if self.tied and self.embed_in is not None:
+            return nn.functional.linear(x, self.embed_in.weight)
+        return x
