@@ -1,0 +1,391 @@
+"""GPT-NeoX key names and what each one becomes here.
+
+Every GPT-NeoX (and DeepSpeed-in-GPT-NeoX) key that a user may write falls in exactly one table:
+- a schema field (`num_layers`: accepted flat or in its group, see loader.FLAT), or a rename (`RENAMES`);
+- a structured key with a handler (`optimizer: {type, params}`, `fp16: {...}`, `zero_optimization: {...}`, ...);
+- `NO_EFFECT`: accepted because it changes nothing observable here (DeepSpeed bucket sizes, kernel fusion
+  flags: attention always runs through fused SDPA), with the reason, which `neox config show` prints;
+- `ONLY_DEFAULT`: accepted at the values that mean "feature off", rejected otherwise with the reason;
+- `REJECTED`: an error with the reason and, where there is one, what to use instead.
+Keys are in normalised form (hyphens become underscores). docs/config.md lists all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from neox.errors import ConfigError
+
+# Field names that are not accepted flat at the top level because they mean nothing out of their group.
+NOT_FLAT = {"type"}
+
+RENAMES: dict[str, tuple[str, str]] = {
+    "checkpoint_factor": ("checkpoint", "save_interval"),
+    "gas": ("train", "gradient_accumulation_steps"),
+    "batch_size": ("train", "train_micro_batch_size_per_gpu"),
+    "optimizer_type": ("optimizer", "type"),
+    "feedforward_size": ("model", "intermediate_size"),
+    "clip_grad": ("train", "gradient_clipping"),
+    "num_key_value_heads": ("model", "num_kv_heads"),
+}
+
+# (group, key) -> target, for GPT-NeoX spellings written inside one of our groups.
+GROUP_RENAMES: dict[tuple[str, str], tuple[str, str]] = {
+    ("checkpoint", "checkpoint_factor"): ("checkpoint", "save_interval"),
+    ("train", "gas"): ("train", "gradient_accumulation_steps"),
+    ("optimizer", "optimizer_type"): ("optimizer", "type"),
+}
+
+_FUSED = "attention always runs through fused scaled_dot_product_attention; other fusions are torch.compile's job (train.compile)"
+_DEEPSPEED_COMM = "DeepSpeed communication tuning; FSDP2/DDP choose their own buckets and overlap"
+_LAUNCH = "launching is done by `torchrun`/`neox train --nproc` (see neox/parallel/launch.py), not by the config"
+_RUNTIME = "GPT-NeoX fills this in at run time; it is computed here too"
+
+NO_EFFECT: dict[str, str] = {
+    **{k: _FUSED for k in (
+        "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
+        "bias_dropout_fusion", "rope_fusion", "use_flashattn_swiglu", "layernorm_fusion", "rmsnorm_fusion",
+        "use_fused_layer_norm")},
+    **{k: _DEEPSPEED_COMM for k in (
+        "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size", "zero_allgather_bucket_size",
+        "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
+        "zero_allow_untested_optimizer")},
+    **{k: _LAUNCH for k in (
+        "launcher", "hostfile", "include", "exclude", "num_nodes", "num_gpus", "master_port", "master_addr",
+        "deepspeed_slurm", "deepspeed_mpi", "no_ssh_check", "force_multi", "comment", "user_script",
+        "detect_nvlink_pairs", "account", "deepspeed")},
+    **{k: _RUNTIME for k in (
+        "world_size", "is_pipe_parallel", "global_num_gpus", "local_rank", "rank", "iteration", "do_train",
+        "do_valid", "do_test", "save_iters", "git_hash", "padded_vocab_size", "tensorboard_writer")},
+    "distributed_backend": "the backend follows the device (gloo on CPU, nccl on CUDA); set parallel.backend to force one",
+    "partition_activations": "Megatron activation partitioning across tensor-parallel ranks; use parallel.sequence_parallel",
+    "synchronize_each_layer": "a CUDA synchronisation used for debugging DeepSpeed activation checkpointing",
+    "contiguous_checkpointing": "DeepSpeed activation-checkpoint buffer layout; torch.utils.checkpoint needs none",
+    "profile_backward": "DeepSpeed activation-checkpoint profiling",
+    "steps_per_print": "DeepSpeed's own console print interval; log_interval controls logging",
+    "wall_clock_breakdown": "DeepSpeed timer printout; step times are always in metrics.jsonl",
+    "use_cpu_initialization": "weights are always initialised on the CPU-or-meta device chosen by the parallel layout",
+    "attention_softmax_in_fp32": "the SDPA kernels accumulate the softmax in fp32",
+    "fp32_allreduce": "gradients are reduced in the dtype of the fp32 master weights",
+    "data_types": "gradients accumulate in the master-weight dtype (fp32)",
+    "output_layer_parallelism": "the tensor-parallel plan shards the output layer along the vocabulary",
+    "gmlp_attn_dim": "only used by gMLP layers, which are not implemented",
+    "rotary_save_freqs_buffer": "rotary frequencies are recomputed, never stored in checkpoints",
+    "use_shared_fs": "checkpoints are written with torch.distributed.checkpoint, which needs no shared-fs hint",
+    "lazy_mpu_init": "Megatron model-parallel init detail",
+    "onnx_safe": "ONNX export is not part of neox",
+    "deepscale": "deprecated GPT-NeoX flag",
+    "deepscale_config": "deprecated GPT-NeoX flag",
+    "short_seq_prob": "only used by BERT-style data, which GPT-NeoX does not build either",
+    "peak_theoretical_tflops": "MFU is computed against the measured peak",
+    "eval_results_prefix": "lm-eval results are written to the run directory",
+    "param_sharing_style": "only meaningful with num_unique_layers, which is not supported",
+    "checkpoint_scale": "save_interval / extra_save_iters decide when to save",
+    "zero_hpz_partition_size": _DEEPSPEED_COMM,
+}
+
+# key -> (values meaning "off", reason when another value is given)
+ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
+    "checkpoint_num_layers": ((1,), "activation checkpointing recomputes one block at a time"),
+    "sparsity_config": ((None, {}), "sparse attention is not implemented (only global attention)"),
+    "num_unique_layers": ((None,), "layer sharing is not implemented"),
+    "soft_prompt_tuning": ((None, {}, {"enabled": False}), "soft prompt tuning is not implemented"),
+    "opt_pos_emb_offset": ((0,), "OPT's learned position offset is not implemented"),
+    "apply_query_key_layer_scaling": ((False,), "not implemented: SDPA keeps the softmax in fp32, which is what this flag protects"),
+    "fp16_lm_cross_entropy": ((False,), "the loss is always computed in fp32"),
+    "use_bnb_optimizer": ((False,), "bitsandbytes optimizers are not supported"),
+    "override_lr_scheduler": ((False,), "the schedule is always recomputed from the config; resuming restores only the step"),
+    "use_checkpoint_lr_scheduler": ((False,), "the schedule is always recomputed from the config"),
+    "log_grad_pct_zeros": ((False,), "not implemented"),
+    "log_param_norm": ((False,), "not implemented"),
+    "log_optimizer_states": ((False,), "not implemented"),
+    "log_gradient_noise_scale": ((False,), "not implemented"),
+    "gradient_noise_scale_n_batches": ((5,), "gradient noise scale logging is not implemented"),
+    "gradient_noise_scale_cpu_offload": ((False,), "gradient noise scale logging is not implemented"),
+    "log_grad_norm": ((False,), "not implemented as a switch"),
+    "wandb_init_all_ranks": ((False,), "W&B runs on rank 0 only"),
+    "memory_profiling": ((False,), "use torch.profiler / PYTORCH_CUDA_ALLOC_CONF directly"),
+    "profile": ((False,), "use torch.profiler directly"),
+    "adlr_autoresume": ((False,), "NVIDIA ADLR cluster auto-resume is not supported; resume with checkpoint.load"),
+    "exit_interval": ((None,), "stop with train_iters instead"),
+    "use_mup": ((False,), "muP is not implemented"),
+    "coord_check": ((False,), "muP is not implemented"),
+    "save_base_shapes": ((False,), "muP is not implemented"),
+    "moe_num_experts": ((1, None), "mixture of experts is not implemented"),
+    "num_experts": ((1, None), "mixture of experts is not implemented"),
+    "use_qk_layernorm": ((False,), "QK layernorm is not implemented"),
+    "sliding_window_width": ((None,), "sliding-window attention is not implemented (only global attention)"),
+    "mlp_multiple_of": ((1, None), "set intermediate_size explicitly"),
+    "expansion_factor": ((None,), "set intermediate_size explicitly"),
+    "char_level_ppl": ((False,), "not implemented"),
+    "use_comet": ((False,), "Comet logging is not supported (TensorBoard and W&B are)"),
+    "use_tutel": ((False,), "mixture of experts is not implemented"),
+    "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
+    "allow_chopped": ((True,), "the GPT-NeoX packed order always allows chopped samples"),
+    "curriculum_learning": ((None, {}), "curriculum learning is not implemented"),
+    "return_logits": ((False,), "generation returns text"),
+    "prompt_end": (("\n",), "prompts are one per line (or JSONL)"),
+    "model_arch": (("gpt2",), "only decoder-only models are implemented"),
+    "te_columnparallel": ((False,), "TransformerEngine is CUDA-only and not used"),
+    "te_rowparallel": ((False,), "TransformerEngine is CUDA-only and not used"),
+    "te_layernorm_mlp": ((False,), "TransformerEngine is CUDA-only and not used"),
+    "te_mha": ((False,), "TransformerEngine is CUDA-only and not used"),
+    "te_fp8_format": ((None,), "TransformerEngine is CUDA-only and not used"),
+    "checkpoint_validation_with_forward_pass": ((False,), "not implemented"),
+    "dump_state": ((False,), "DeepSpeed state dump is not supported"),
+    "autotuning": ((None, {}), "DeepSpeed autotuning is not supported"),
+    "flops_profiler": ((None, {}), "DeepSpeed flops profiler is not supported; see `neox info` for FLOPs"),
+    "comms_logger": ((None, {}), "DeepSpeed comms logger is not supported"),
+    "elasticity": ((None, {}), "DeepSpeed elasticity is not supported; torchrun restarts failed groups"),
+    "tensorboard": ((None, {}), "DeepSpeed's monitor block; use tensorboard_dir"),
+    "csv_monitor": ((None, {}), "DeepSpeed's CSV monitor; metrics.jsonl is always written"),
+}
+
+REJECTED: dict[str, str] = {
+    "amp": "apex AMP is not used; set precision: fp16 (or bf16)",
+    "scheduler": "the DeepSpeed scheduler block is not used; set lr_decay_style, warmup and min_lr",
+    "wandb_team": "set the WANDB_ENTITY environment variable instead",
+    "wandb_host": "set the WANDB_BASE_URL environment variable instead",
+    "s3_path": "neox does not upload checkpoints (no network at run time); copy checkpoint.save yourself",
+    "s3_chunk_size": "neox does not upload checkpoints",
+    "curriculum_seqlen": "curriculum learning is not implemented",
+    "base_shapes_file": "muP is not implemented",
+    "memory_profiling_path": "memory profiling is not implemented",
+    "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
+    "num_encoder_layers": "only decoder-only models are implemented",
+    "precompute_model_name": "DPO/KTO training is not implemented",
+    "deepspeed_extra_args": "DeepSpeed is not used",
+    "config_files": "pass config files on the command line",
+}
+
+# Values renamed per target (GPT-NeoX spelling -> ours), matched case-insensitively.
+VALUE_RENAMES: dict[tuple[str, str], dict[Any, Any]] = {
+    ("precision", "precision"): {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+                                 "float": "fp32"},
+    ("optimizer", "type"): {"cpu_adam": "adam", "cpu_torch_adam": "adam"},
+    ("parallel", "pipe_parallel_size"): {0: 1},  # GPT-NeoX: 0 = no pipeline engine; here 1 stage = none
+    ("parallel", "pipe_partition_method"): {"type:transformer|mlp": "uniform", "type:transformer": "uniform"},
+}
+
+REJECTED_VALUES: dict[tuple[str, str], dict[str, str]] = {
+    ("optimizer", "type"): {
+        "onebitadam": "DeepSpeed 1-bit Adam is not used; use type adam with parallel.grad_compression: onebit",
+        "sm3": "SM3 is not implemented (adam, adamw, sgd are)",
+        "madgrad_wd": "MADGRAD is not implemented (adam, adamw, sgd are)",
+        "lion": "Lion is not implemented (adam, adamw, sgd are)",
+    },
+}
+
+
+def map_value(target: tuple[str, str], value: Any) -> Any:
+    table = VALUE_RENAMES.get(target)
+    if not table or isinstance(value, bool):
+        return value
+    key = value.lower() if isinstance(value, str) else value
+    return table.get(key, value)
+
+
+def rejected_value(target: tuple[str, str], value: Any) -> str | None:
+    if isinstance(value, str):
+        return REJECTED_VALUES.get(target, {}).get(value.lower())
+    return None
+
+
+# -- structured keys ----------------------------------------------------------------------------------------
+
+def _mapping(c, key: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise c.error(key, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _norm(k: Any) -> Any:
+    return k.strip().replace("-", "_") if isinstance(k, str) else k
+
+
+def _bool(c, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise c.error(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def handle_precision(c, key: str, value: Any) -> None:
+    """`precision: bfloat16` (GPT-NeoX) - the dict form is our group and never reaches here."""
+    c.set(("precision", "precision"), value, key)
+
+
+def handle_optimizer(c, key: str, value: Any) -> None:
+    """`optimizer: {type: Adam, params: {lr, betas, eps, weight_decay}}` and our nested `optimizer: {...}`."""
+    from neox.config.loader import did_you_mean, group_fields
+
+    fields = group_fields("optimizer")
+    for raw, v in _mapping(c, key, value).items():
+        k, shown = _norm(raw), f"{key}.{raw}"
+        if k == "params":
+            for praw, pv in _mapping(c, shown, v).items():
+                pk, pshown = _norm(praw), f"{shown}.{praw}"
+                if pk in fields and pk != "type":
+                    c.set(("optimizer", pk), pv, pshown)
+                elif pk in ("freeze_step", "cuda_aware", "comm_backend_name"):
+                    raise c.error(pshown, "1-bit Adam settings: use parallel.grad_compression: onebit "
+                                          "and parallel.grad_compression_start_iter")
+                else:
+                    raise c.error(pshown, "unknown optimizer parameter" + did_you_mean(pk, fields))
+        elif k in fields:
+            c.set(("optimizer", k), v, shown)
+        elif ("optimizer", k) in GROUP_RENAMES:
+            c.set(GROUP_RENAMES[("optimizer", k)], v, shown)
+        else:
+            raise c.error(shown, "unknown optimizer setting" + did_you_mean(k, list(fields) + ["params"]))
+
+
+_FP16_SCALER = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+
+
+def handle_fp16(c, key: str, value: Any) -> None:
+    """DeepSpeed `fp16: {enabled, loss_scale (0 = dynamic), initial_scale_power, ...}`."""
+    from neox.config.loader import did_you_mean
+
+    d = {_norm(k): (k, v) for k, v in _mapping(c, key, value).items()}
+    enabled = False
+    for flag in ("enabled", "fp16"):  # Pythia configs carry both `fp16: true` and `enabled: true`
+        if flag in d:
+            enabled = enabled or _bool(c, f"{key}.{d[flag][0]}", d[flag][1])
+    dtype = "fp16"
+    for k, (raw, v) in d.items():
+        shown = f"{key}.{raw}"
+        if k in ("enabled", "fp16"):
+            continue
+        if k == "type":  # early GPT-NeoX configs: fp16: {enabled: true, type: bfloat16}
+            dtype = map_value(("precision", "precision"), v)
+            if dtype not in ("fp16", "bf16"):
+                raise c.error(shown, f"expected bfloat16 or float16, got {v!r}")
+        elif k == "loss_scale":
+            # DeepSpeed: 0 means dynamic loss scaling.
+            c.set(("precision", "loss_scale"), None if v == 0 else v, shown)
+        elif k in _FP16_SCALER:
+            c.set(("precision", k), v, shown)
+        elif k == "consecutive_hysteresis":
+            if _bool(c, shown, v):
+                raise c.error(shown, "unsupported value true: the scaler counts overflows, not consecutive ones")
+        elif k == "auto_cast":
+            _bool(c, shown, v)
+            c.note(shown, "fp16 always runs under autocast with fp32 master weights")
+        else:
+            raise c.error(shown, "unknown fp16 setting" + did_you_mean(
+                k, ["enabled", "type", "loss_scale", "consecutive_hysteresis", "auto_cast", *_FP16_SCALER]))
+    if enabled:
+        c.set(("precision", "precision"), dtype, key, ident=("key", key))
+
+
+def handle_bf16(c, key: str, value: Any) -> None:
+    """DeepSpeed `bf16: {enabled: true}`."""
+    for raw, v in _mapping(c, key, value).items():
+        k, shown = _norm(raw), f"{key}.{raw}"
+        if k == "enabled":
+            if _bool(c, shown, v):
+                c.set(("precision", "precision"), "bf16", key, ident=("key", key))
+        elif k in ("immediate_grad_update", "check_grad_overflow", "accumulate_grads_via_hooks"):
+            c.note(shown, "DeepSpeed bf16 optimizer detail; fp32 master weights are updated every step")
+        else:
+            raise c.error(shown, "unknown bf16 setting; only 'enabled' is read")
+
+
+_ZERO_TUNING = (
+    "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter", "reduce_bucket_size",
+    "contiguous_gradients", "round_robin_gradients", "sub_group_size", "elastic_checkpoint",
+    "load_from_fp32_weights", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save", "ignore_unused_parameters", "legacy_stage1",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
+    "cpu_offload_use_pin_memory", "offload_optimizer_config", "memory_efficient_linear",
+)
+
+
+def handle_zero(c, key: str, value: Any) -> None:
+    """DeepSpeed `zero_optimization: {stage, cpu_offload, offload_optimizer: {device}, ...}`."""
+    from neox.config.loader import did_you_mean
+
+    for raw, v in _mapping(c, key, value).items():
+        k, shown = _norm(raw), f"{key}.{raw}"
+        if k == "stage":
+            c.set(("parallel", "zero_stage"), v, shown)
+        elif k in ("cpu_offload", "cpu_offload_params"):
+            if _bool(c, shown, v):
+                c.set(("parallel", "cpu_offload"), True, shown, ident=("key", shown))
+        elif k in ("offload_optimizer", "offload_param"):
+            device = _mapping(c, shown, v).get("device", "none")
+            if device == "cpu":
+                c.set(("parallel", "cpu_offload"), True, shown, ident=("key", shown))
+            elif device == "nvme":
+                raise c.error(f"{shown}.device", "NVMe offload is not supported; use device: cpu")
+            elif device not in ("none", None):
+                raise c.error(f"{shown}.device", f"expected cpu or none, got {device!r}")
+        elif k in _ZERO_TUNING:
+            c.note(shown, _DEEPSPEED_COMM)
+        else:
+            raise c.error(shown, "unknown zero_optimization setting" + did_you_mean(
+                k, ["stage", "cpu_offload", "offload_optimizer", "offload_param", *_ZERO_TUNING]))
+
+
+_GLOBAL_ATTENTION = ("global", "flash")
+
+
+def handle_attention_config(c, key: str, value: Any) -> None:
+    """`attention_config: [[["global"], N]]`: every layer global causal attention (flash is the same math)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise c.error(key, f"expected a list like [[[\"global\"], 12]], got {value!r}")
+    for item in value:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))
+                and isinstance(item[1], int)):
+            raise c.error(key, f"expected entries like [[\"global\"], 12], got {item!r}")
+        for kind in item[0]:
+            if kind not in _GLOBAL_ATTENTION:
+                raise c.error(key, f"attention type {kind!r} is not supported: only global attention "
+                                   "(GPT-NeoX 'global' or 'flash') is implemented")
+    c.note(key, "every layer uses global causal attention through scaled_dot_product_attention")
+
+
+_GATED = {"gelu": "geglu", "relu": "reglu", "silu": "swiglu", "swish": "swiglu",
+          "geglu": "geglu", "reglu": "reglu", "swiglu": "swiglu"}
+
+
+def handle_mlp_type(c, key: str, value: Any) -> None:
+    """GPT-NeoX `mlp_type: llama` = a gated MLP whose gate uses `activation` (silu in LLaMA configs)."""
+    if not isinstance(value, str) or value.lower() not in ("regular", "llama"):
+        raise c.error(key, f"expected 'regular' or 'llama', got {value!r}")
+    c.set(("_neox", "mlp_type"), value.lower(), key)
+
+
+def apply_pseudo_fields(merged: dict) -> None:
+    """Fold values that are not fields (`mlp_type`) into fields, after all sources are merged."""
+    mlp = merged.pop(("_neox", "mlp_type"), None)
+    if mlp is None or mlp.value != "llama":
+        return
+    from neox.config.loader import Assignment
+
+    act = merged.get(("model", "activation"))
+    name = act.value if act is not None and isinstance(act.value, str) else "gelu"
+    gated = _GATED.get(name.lower())
+    if gated is None:
+        raise ConfigError(
+            f"{mlp.source}: key '{mlp.key}': mlp_type llama needs a gated form of activation {name!r}; "
+            "use gelu, relu or silu")
+    src = act or mlp
+    merged[("model", "activation")] = Assignment(("model", "activation"), gated,
+                                                 f"{src.key} (with {mlp.key}: llama)", src.source, ("pseudo",))
+
+
+HANDLERS: dict[str, Callable] = {
+    "precision": handle_precision,
+    "optimizer": handle_optimizer,
+    "fp16": handle_fp16,
+    "bf16": handle_bf16,
+    "zero_optimization": handle_zero,
+    "attention_config": handle_attention_config,
+    "mlp_type": handle_mlp_type,
+}
+# Handlers that also take a mapping value where the key is a group name (`optimizer: {...}` is both forms).
+HANDLER_TAKES_DICT = {"optimizer"}
