@@ -1,0 +1,208 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) shards, written atomically, with a `latest` pointer.
+
+Layout (docs/architecture.md):
+    SAVE/latest                 name of the newest complete checkpoint
+    SAVE/iter_0000020/          DCP shards of {"model", "optim"}; config.yml; trainer_state.pt
+
+A checkpoint is written to `iter_XXXXXXX.tmp` and renamed when every file is in place; `latest` is replaced
+(write-then-rename) after that, so a crash at any point leaves the previous checkpoint as `latest`.
+Model and optimizer go through get_state_dict / set_state_dict, which give parameter-name keys without
+wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) and DTensor shards under FSDP/TP, so a
+checkpoint saved under one parallel layout loads under another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from neox.errors import NeoxError
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yml"
+_NAME = re.compile(r"^iter_(\d+)$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call that it assumes one process when no group exists; that is the intent here."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def list_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `save_dir`, oldest first (unfinished `.tmp` directories are not listed)."""
+    d = Path(save_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory (follows its `latest` pointer) or one checkpoint directory -> the checkpoint directory."""
+    p = Path(path)
+    if (p / LATEST).is_file():
+        name = (p / LATEST).read_text().strip()
+        target = p / name
+        if not (target / ".metadata").is_file():
+            raise NeoxError(f"{p / LATEST} points to {name!r}, which is not a complete checkpoint; "
+                            f"edit {p / LATEST} to name one of: {[c.name for c in list_checkpoints(p)]}")
+        return target
+    if (p / ".metadata").is_file():
+        return p
+    if p.is_dir() and list_checkpoints(p):
+        raise NeoxError(f"{p} has checkpoints but no '{LATEST}' file; pass one of them, e.g. "
+                        f"{list_checkpoints(p)[-1]}")
+    raise NeoxError(f"{p} is not a checkpoint: expected a run directory with a '{LATEST}' file "
+                    f"or a checkpoint directory (iter_XXXXXXX)")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_rng_states() -> list[dict]:
+    """Every rank's RNG state (rank order), so each rank resumes its own dropout stream."""
+    mine = rng_state()
+    if not dist.is_initialized():
+        return [mine]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(save_dir: str | Path, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         trainer_state: dict, config: dict, keep_last_n: int | None = None) -> Path:
+    """Write checkpoint `iteration` (collective when a process group exists); returns its directory."""
+    save_dir = Path(save_dir)
+    final = save_dir / checkpoint_name(iteration)
+    tmp = save_dir / (final.name + ".tmp")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of a crashed save
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rngs = _all_rng_states()
+    if _rank() == 0:
+        torch.save({**trainer_state, "iteration": iteration, "rng": rngs}, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        if final.exists():  # re-saving the same iteration (e.g. end of a run that just saved)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(save_dir / LATEST, final.name + "\n")
+        if keep_last_n:
+            for old in list_checkpoints(save_dir)[:-keep_last_n]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         load_rng: bool = True) -> dict:
+    """Restore model (and optimizer and this rank's RNG, when asked) from a checkpoint or run directory.
+
+    Returns the saved trainer state (iteration, consumed samples, schedule, loss scaler, ...) with
+    "path" added. With optimizer=None only the weights are loaded (fine-tuning).
+    """
+    ckpt = resolve(path)
+    if optimizer is None:
+        load_model_weights(ckpt, model)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        _dcp_load({"model": model_sd, "optim": optim_sd}, ckpt)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    if load_rng:
+        rngs = state["rng"]
+        rank = _rank()
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+    state["path"] = str(ckpt)
+    return state
+
+
+def _dcp_load(state_dict: dict, ckpt: Path) -> None:
+    try:
+        with _single_process_quiet():
+            dcp.load(state_dict, checkpoint_id=str(ckpt))
+    except (Exception, CheckpointException) as e:  # DCP reports key/shape mismatches from its planner
+        msg = str(e).strip().splitlines()
+        raise NeoxError(f"{ckpt}: checkpoint does not match this model/optimizer "
+                        f"({msg[-1] if msg else type(e).__name__}); check the config it was saved with "
+                        f"({ckpt / CONFIG_FILE})") from e
+
+
+def load_model_weights(checkpoint_path: str | Path, model: nn.Module) -> Path:
+    """Load only the weights of a checkpoint (a run dir means its latest) into `model`; returns the dir."""
+    ckpt = resolve(checkpoint_path)
+    model_sd = get_model_state_dict(model)
+    _dcp_load({"model": model_sd}, ckpt)
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    return ckpt
+
+
+def saved_config(checkpoint_path: str | Path) -> dict:
+    """The resolved config (nested dict) a checkpoint was trained with."""
+    ckpt = resolve(checkpoint_path)
+    f = ckpt / CONFIG_FILE
+    if not f.is_file():
+        raise NeoxError(f"{f} is missing; this checkpoint was not written by neox train")
+    return yaml.safe_load(f.read_text())

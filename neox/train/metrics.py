@@ -1,0 +1,175 @@
+"""Where training numbers go: metrics.jsonl (always), console, progress bar, TensorBoard and W&B (optional).
+
+Also the two measurements MFU needs: the device's achievable matmul rate in the training dtype (measured,
+not taken from a spec sheet) and peak memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from neox.config.schema import LoggingConfig
+from neox.errors import NeoxError
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
+    """Best matmul FLOP/s on `device` in `dtype`, from a sub-second square-matmul benchmark.
+
+    The size grows until one product takes a few milliseconds (big enough to reach the kernel's steady
+    rate, small enough that a slow dtype such as bf16 without hardware support does not stall startup).
+    `threads` is part of the cache key because the CPU rate scales with it.
+    """
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best = 0.0
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        a @ b  # warm-up: kernel selection and first-touch of the output
+        sync()
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed > 0.05 or reps >= 50:
+                break
+        best = max(best, 2.0 * n ** 3 * reps / elapsed)
+        if elapsed / reps > 0.005 or n >= 4096:
+            return best
+        n *= 2
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this process: CUDA max allocated on GPU, else the peak resident set size."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _finite(value):
+    """JSON has no NaN/inf; write them as strings so the file stays valid JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Metrics:
+    """Fans one record out to every enabled sink. Only the writing rank should have `enabled=True`."""
+
+    def __init__(self, run_dir: str | Path | None, cfg: LoggingConfig, config_dict: dict | None = None,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = None
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(run_dir) / "metrics.jsonl"
+            self._jsonl = open(self.path, "a", encoding="utf-8")  # appended across resumes
+        if cfg.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise NeoxError("logging.tensorboard_dir is set but TensorBoard is not installed: "
+                                "pip install 'neox[tensorboard]' or remove tensorboard_dir") from None
+            self._tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+        if cfg.use_wandb and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                raise NeoxError("logging.use_wandb is true but wandb is not installed: "
+                                "pip install 'neox[wandb]' or set use_wandb: false") from None
+            self._wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, mode=cfg.wandb_mode,
+                                     dir=str(run_dir) if run_dir else None, config=config_dict or {})
+
+    def log(self, record: dict) -> None:
+        """Write one record (it must carry "iteration")."""
+        if not self.enabled:
+            return
+        step = int(record["iteration"])
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+            self._jsonl.flush()
+        scalars = {k: v for k, v in record.items()
+                   if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def format_record(r: dict, total_iters: int) -> str:
+    """One console line for a training or evaluation record."""
+    parts = [f"iter {r['iteration']:>6}/{total_iters}"]
+    if "val_loss" in r or "test_loss" in r:
+        split = "val" if "val_loss" in r else "test"
+        parts += [f"{split} loss {r[f'{split}_loss']:.4f}", f"{split} ppl {r[f'{split}_ppl']:.2f}"]
+        return " | ".join(parts)
+    parts.append(f"loss {r['loss']:.4f}")
+    parts.append(f"lr {r['lr']:.3e}")
+    parts.append(f"grad {r['grad_norm']:.3f}")
+    parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts.append(f"mem {r['peak_mem_bytes'] / 2**30:.2f} GiB")
+    if "loss_scale" in r:
+        parts.append(f"scale {r['loss_scale']:g}")
+    if r.get("skipped"):
+        parts.append(f"skipped {r['skipped']}")
+    return " | ".join(parts)
+
+
+class Console:
+    """Log lines and an optional tqdm progress bar that the lines print above."""
+
+    def __init__(self, total: int, start: int, show_bar: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and show_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, leave=False)
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

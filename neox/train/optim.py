@@ -1,0 +1,68 @@
+"""Optimizer construction: weight-decay parameter groups and the Adam/AdamW/SGD choice."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neox.config.schema import OptimizerConfig
+from neox.errors import ConfigError
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """GPT-NeoX exempts biases and normalisation weights from weight decay.
+
+    Every norm weight and every bias is a vector (ScaleNorm's gain is a scalar), while every matrix
+    (projections, embeddings, relative-position tables) is decayed, so the rank decides; the name check
+    catches a bias stored with an extra dimension. Working from rank and name rather than module classes
+    keeps this correct after FSDP/TP wrapping, which renames modules but keeps parameter shapes' rank.
+    """
+    return param.ndim < 2 or name.endswith("bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matrices and undecayed vectors; frozen parameters are left out."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def _implementation(params: list[torch.Tensor]) -> dict:
+    """The fastest exact update kernel for these parameters.
+
+    The fused CPU/CUDA Adam kernels do one pass over each tensor instead of ~10 elementwise passes; plain
+    (non-DTensor) tensors on one device type are what they require, so sharded or meta parameters fall back
+    to the multi-tensor `foreach` path.
+    """
+    devices = {p.device.type for p in params}
+    plain = all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in params)
+    if plain and len(devices) == 1 and devices <= {"cpu", "cuda"}:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by cfg.type over `param_groups(model, cfg.weight_decay)`.
+
+    `adam` adds weight decay to the gradient (torch.optim.Adam, L2); `adamw` decays the weights directly
+    (decoupled, what GPT-NeoX's FusedAdam does by default). The learning rate is set by the schedule.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ConfigError("model has no trainable parameters; nothing to optimize")
+    params = [p for g in groups for p in g["params"]]
+    kind = cfg.type.lower()
+    if kind in ("adam", "adamw"):
+        if len(cfg.betas) != 2:
+            raise ConfigError(f"optimizer.betas must be two numbers, got {cfg.betas!r}")
+        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        return cls(groups, lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
+                   **_implementation(params))
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+    raise ConfigError(f"optimizer.type: unknown optimizer {cfg.type!r}; use adam, adamw or sgd")

@@ -1,0 +1,75 @@
+"""fp16 loss scaler (DeepSpeed DynamicLossScaler semantics) and precision modes."""
+
+import pytest
+import torch
+
+from neox.config.schema import PrecisionConfig
+from neox.errors import ConfigError
+from neox.train.precision import LossScaler, Precision
+
+
+def scaler(**kw):
+    return LossScaler(PrecisionConfig(precision="fp16", **{"initial_scale_power": 4, "loss_scale_window": 3,
+                                                           "hysteresis": 2, "min_loss_scale": 2.0, **kw}))
+
+
+def test_overflow_halves_only_after_hysteresis():
+    s = scaler()
+    assert s.scale == 16.0
+    s.update(True)                 # first overflow spends the hysteresis budget
+    assert s.scale == 16.0
+    s.update(True)                 # second overflow halves
+    assert s.scale == 8.0
+    s.update(True)                 # budget stays spent: every further overflow halves
+    assert s.scale == 4.0
+    s.update(True)
+    s.update(True)
+    assert s.scale == 2.0          # floor: min_loss_scale
+
+
+def test_growth_after_window_of_clean_steps_refills_hysteresis():
+    s = scaler(hysteresis=1)
+    s.update(True)                 # iteration 0 overflows -> 8
+    assert s.scale == 8.0
+    s.update(False)
+    s.update(False)
+    assert s.scale == 8.0
+    s.update(False)                # third clean iteration after the overflow -> double
+    assert s.scale == 16.0
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 32.0
+
+
+def test_growth_from_start_waits_a_full_window():
+    s = scaler()
+    for _ in range(2):
+        s.update(False)
+    assert s.scale == 16.0
+    s.update(False)
+    assert s.scale == 32.0 and s.hysteresis_left == 2
+
+
+def test_static_scale_never_changes_and_state_round_trips():
+    s = scaler(loss_scale=128.0)
+    assert not s.dynamic
+    s.update(True)
+    s.update(True)
+    assert s.scale == 128.0
+    d = scaler()
+    d.update(True)
+    e = scaler()
+    e.load_state_dict(d.state_dict())
+    assert e.state_dict() == d.state_dict()
+
+
+def test_precision_modes():
+    model = torch.nn.Linear(4, 4)
+    p = Precision(PrecisionConfig(precision="bf16", bf16_mode="pure"))
+    assert p.prepare(model).weight.dtype == torch.bfloat16 and not p.uses_autocast and p.scaler is None
+    p = Precision(PrecisionConfig(precision="bf16"))
+    with p.autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert Precision(PrecisionConfig(precision="fp16")).scaler.scale == 2.0 ** 16
+    with pytest.raises(ConfigError, match="bf16_mode"):
+        Precision(PrecisionConfig(precision="bf16", bf16_mode="half"))
