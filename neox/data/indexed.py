@@ -244,6 +244,7 @@ class IndexedDatasetBuilder:
         # array('q') holds 8 bytes per entry, a Python list ~36: index memory stays small for big corpora.
         self._sizes = array.array("q")
         self._doc_idx = array.array("q", [0])
+        self._open_size = 0
 
     @property
     def dtype(self) -> np.dtype:
@@ -263,9 +264,18 @@ class IndexedDatasetBuilder:
 
     def add_item(self, tokens) -> None:
         """Append one item (a sequence of token ids)."""
+        self.write_tokens(tokens)
+        self.close_item()
+
+    def write_tokens(self, tokens) -> None:
+        """Append tokens to the item being written; ``close_item`` ends it. Lets a long item arrive in parts."""
         arr = self._as_tokens(tokens)
         self._file.write(arr.tobytes(order="C"))
-        self._sizes.append(arr.size)
+        self._open_size += arr.size
+
+    def close_item(self) -> None:
+        self._sizes.append(self._open_size)
+        self._open_size = 0
 
     def end_document(self) -> None:
         self._doc_idx.append(len(self._sizes))
@@ -276,6 +286,8 @@ class IndexedDatasetBuilder:
 
     def add_documents(self, flat, sizes) -> None:
         """Append many one-item documents in one write: ``flat`` is their tokens back to back."""
+        if self._open_size:
+            raise ValueError("add_documents while an item is open; call close_item first")
         arr = self._as_tokens(flat)
         sizes = np.asarray(sizes, dtype=np.int64)
         if int(sizes.sum()) != arr.size:
@@ -302,6 +314,8 @@ class IndexedDatasetBuilder:
     def finalize(self, index_file: str | None = None) -> None:
         """Write the index and move both files into place (``index_file`` defaults to PREFIX.idx)."""
         idx_path = index_file or self.idx_path
+        if self._open_size:
+            raise ValueError("finalize with an item still open; call close_item first")
         self._file.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if len(self._sizes) else np.zeros(0, np.int64)
         if sizes.size and sizes.max() > np.iinfo(np.int32).max:

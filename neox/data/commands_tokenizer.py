@@ -1,0 +1,87 @@
+"""`neox tokenizer train`: train a byte-level BPE tokenizer (Hugging Face `tokenizers`) on JSONL/text files.
+
+The result is a tokenizer JSON for ``tokenizer_type: HFTokenizer`` with ``<|endoftext|>`` = 0 (EOD) and
+``<|padding|>`` = 1, the layout of GPT-NeoX-20B's tokenizer, and the GPT-2 byte-level pre-tokenizer, so
+preprocessing may split long documents for it (see neox.data.tokenizers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator
+
+from neox.data.readers import BadLine, expand_inputs, iter_pieces
+from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
+from neox.errors import ConfigError
+
+SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer and write its JSON")
+    t.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".jsonl/.txt files (optionally .gz/.zst), globs, directories or comma-separated lists")
+    t.add_argument("--vocab-size", type=int, required=True, help=f"vocabulary size (at least {MIN_VOCAB})")
+    t.add_argument("--out", required=True, help="output tokenizer JSON file")
+    t.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys whose text is used")
+    t.add_argument("--min-frequency", type=int, default=2, help="merges must occur at least this often")
+    t.add_argument("--text-mode", choices=("file", "paragraph", "line"), default="paragraph",
+                   help="how .txt files are cut into training texts (default: paragraph)")
+    t.set_defaults(func=run)
+
+
+def _texts(paths: list, keys: list, text_mode: str, skipped: list) -> Iterator[str]:
+    for piece in iter_pieces(paths, text_mode, segment_chars=1 << 16, splittable=True, bad=skipped):
+        if not piece.is_json:
+            yield piece.data
+            continue
+        try:
+            obj = json.loads(piece.data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            skipped.append(BadLine(piece.path, piece.line, f"not valid UTF-8 JSON ({e})"))
+            continue
+        for key in keys:
+            value = obj.get(key) if isinstance(obj, dict) else None
+            if isinstance(value, str):
+                yield value
+            else:
+                skipped.append(BadLine(piece.path, piece.line, f"no string value for key {key!r}"))
+
+
+def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_frequency: int = 2,
+                    text_mode: str = "paragraph") -> tuple:
+    """Train and save; returns (tokenizer, skipped BadLines)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError(f"--vocab-size: {vocab_size} is below {MIN_VOCAB} (256 bytes + special tokens)")
+    paths = expand_inputs(inputs)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    skipped: list = []
+    tok.train_from_iterator(_texts(paths, list(json_keys), text_mode, skipped), trainer=trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, out)
+    return tok, skipped
+
+
+def run(args) -> int:
+    tok, skipped = train_tokenizer(args.inputs, args.vocab_size, args.out, args.json_keys, args.min_frequency,
+                                   args.text_mode)
+    for b in skipped[:20]:
+        print(f"warning: skipped {b}", file=sys.stderr)
+    print(f"neox tokenizer: wrote {args.out} (vocab {tok.get_vocab_size()}, {EOD_TOKEN}="
+          f"{tok.token_to_id(EOD_TOKEN)}, skipped {len(skipped)} lines)")
+    return 0

@@ -1,0 +1,188 @@
+"""Input files for preprocessing and tokenizer training: JSONL and plain text, optionally .gz / .zst.
+
+Files are streamed line by line, so memory does not grow with the corpus. JSONL lines stay raw bytes here;
+they are decoded and parsed where they are tokenized (in the worker processes), so that the reading process
+does as little as possible.
+
+How plain text becomes documents (``text_mode``):
+- ``file`` (default, as GPT-NeoX's lm_dataformat reader does): the whole file is one document;
+- ``paragraph``: runs of non-blank lines separated by blank lines, each run one document;
+- ``line``: every non-blank line is one document (its newline dropped).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from neox.errors import DataError
+
+TEXT_MODES = ("file", "paragraph", "line")
+_JSONL_EXTS = (".jsonl", ".json", ".ndjson")
+
+
+def expand_inputs(spec) -> list[str]:
+    """Comma-separated paths (GPT-NeoX style), lists of them, globs and directories -> sorted file list."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if not parts:
+        raise DataError("--input: no input files given")
+    files: list[str] = []
+    for p in parts:
+        if any(c in p for c in "*?["):
+            found = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+            if not found:
+                raise DataError(f"--input: {p}: the pattern matches no files")
+            files.extend(found)
+        elif os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if os.path.isfile(os.path.join(p, f)) and _kind(f) is not None)
+            if not found:
+                raise DataError(f"--input: {p}: the directory holds no .jsonl/.txt (.gz/.zst) files")
+            files.extend(found)
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise DataError(f"--input: {p}: no such file")
+    for f in files:
+        if _kind(f) is None:
+            raise DataError(f"{f}: unknown input type; use .jsonl, .json, .txt (optionally .gz or .zst)")
+    return files
+
+
+def _strip_compression(name: str) -> str:
+    for ext in (".gz", ".zst"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _kind(name: str) -> str | None:
+    base = _strip_compression(name.lower())
+    if base.endswith(_JSONL_EXTS):
+        return "jsonl"
+    if base.endswith(".txt") or base.endswith(".text"):
+        return "text"
+    return None
+
+
+def is_jsonl(path: str) -> bool:
+    return _kind(path) == "jsonl"
+
+
+def open_binary(path: str):
+    """The file's decompressed bytes as a buffered binary stream."""
+    try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rb")
+        if path.endswith(".zst"):
+            import zstandard
+
+            raw = open(path, "rb")
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line bytes) for every line; a corrupt compressed stream is a DataError."""
+    f = open_binary(path)
+    lineno = 0
+    try:
+        with f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line
+    except (OSError, EOFError, ValueError) as e:
+        # gzip raises BadGzipFile/EOFError, zstandard ZstdError (a ValueError subclass in practice) or OSError
+        raise DataError(f"{path}: corrupt or truncated compressed data after line {lineno} ({e})") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise DataError(f"{path}: corrupt or truncated zstd data after line {lineno} ({e})") from None
+        raise
+
+
+@dataclass
+class Piece:
+    """One unit of work: a JSONL line (raw bytes) or a text segment (str).
+
+    A plain-text document longer than the segment size arrives as several pieces; ``last`` marks the piece
+    that ends its document.
+    """
+
+    path: str
+    line: int
+    data: object
+    is_json: bool
+    last: bool = True
+
+
+@dataclass
+class BadLine:
+    """A line that was skipped, with where it is and why."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def _safe_cut(prev: str, nxt: str) -> bool:
+    # Cut only between "X\n" and "Y" with X and Y not whitespace: no byte-level BPE pre-token crosses there,
+    # and the trailing "\n" tokenizes the same at the end of a piece as in the middle of the document.
+    return len(prev) >= 2 and prev[-1] == "\n" and not prev[-2].isspace() and nxt[:1] != "" and not nxt[0].isspace()
+
+
+def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
+                     bad: list) -> Iterator[Piece]:
+    """Documents of a plain-text file as Pieces; lines that are not valid UTF-8 are skipped into ``bad``."""
+    if mode not in TEXT_MODES:
+        raise DataError(f"--text-mode: {mode!r} is not one of {', '.join(TEXT_MODES)}")
+    buf: list[str] = []
+    size = 0
+    start = 0
+    for lineno, raw in iter_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(BadLine(path, lineno, f"invalid UTF-8 at byte {e.start}"))
+            continue
+        if mode == "line":
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield Piece(path, lineno, text, False)
+            continue
+        if mode == "paragraph" and not line.strip():
+            if buf:
+                yield Piece(path, start, "".join(buf), False)
+                buf, size = [], 0
+            continue
+        if not buf:
+            start = lineno
+        elif splittable and size >= segment_chars and _safe_cut(buf[-1], line):
+            # A long document leaves in segments so several workers can encode it at once.
+            yield Piece(path, start, "".join(buf), False, last=False)
+            buf, size, start = [], 0, lineno
+        buf.append(line)
+        size += len(line)
+    if buf:
+        yield Piece(path, start, "".join(buf), False)
+
+
+def iter_pieces(paths: list[str], text_mode: str = "file", segment_chars: int = 1 << 16,
+                splittable: bool = True, bad: list | None = None) -> Iterator[Piece]:
+    """All pieces of all files in order. Blank JSONL lines are skipped silently."""
+    bad = [] if bad is None else bad
+    for path in paths:
+        if is_jsonl(path):
+            for lineno, raw in iter_lines(path):
+                if raw.strip():
+                    yield Piece(path, lineno, raw, True)
+        else:
+            yield from iter_text_pieces(path, text_mode, segment_chars, splittable, bad)

@@ -1,0 +1,140 @@
+"""Every tokenizer type: ids, special ids, round trips, the safe-split property, and bad configs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from types import SimpleNamespace as NS
+
+import pytest
+
+from neox.data.readers import iter_text_pieces
+from neox.data.tokenizers import build_tokenizer
+from neox.errors import ConfigError
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "  indented line   \n\ttab\r\nwindows line\n\n\n  \nunicode: naïve café — 東京 🙂\n12345 678,9 end")
+
+
+def tok(kind, vocab=None, merges=None):
+    return build_tokenizer(NS(tokenizer_type=kind, vocab_file=vocab, merge_file=merges))
+
+
+@pytest.fixture(scope="module")
+def sample(shared_data):
+    wiki = (shared_data / "corpora/wikitext-2/valid.txt").read_text(encoding="utf-8")[:20000]
+    shakes = (shared_data / "corpora/tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
+    return wiki + shakes + TEXT
+
+
+def test_gpt2_json_and_vocab_merges_give_identical_ids(shared_data, sample):
+    t = shared_data / "tokenizers"
+    a = tok("HFTokenizer", str(t / "gpt2.json"))
+    b = tok("GPT2BPETokenizer", str(t / "gpt2-vocab.json"), str(t / "gpt2-merges.txt"))
+    assert a.vocab_size == b.vocab_size == 50257
+    assert a.eod_id == b.eod_id == 50256 and a.pad_id == b.pad_id == 50256  # gpt2 has no padding token
+    text = sample + "<|endoftext|>tail"
+    ids = a.encode(text)
+    assert ids == b.encode(text)
+    assert ids[-1 - len(a.encode("tail")):] == [50256] + a.encode("tail")  # special in text: one id
+    assert a.decode(ids) == b.decode(ids) == text
+    assert a.encode_batch([sample, "x y"]) == [ids[: len(a.encode(sample))], a.encode("x y")]
+
+
+def test_20b_tokenizer_ids(shared_data, sample):
+    t = tok("hftokenizer", str(shared_data / "tokenizers/20B_tokenizer.json"))  # type names match any case
+    assert (t.vocab_size, t.eod_id, t.pad_id) == (50277, 0, 1)
+    assert t.decode(t.encode(sample)) == sample
+    assert t.encode("          x")[0] >= 50254  # runs of spaces are single tokens in the 20B vocab
+
+
+@pytest.mark.parametrize("name", ["gpt2.json", "20B_tokenizer.json"])
+def test_cutting_documents_where_preprocess_does_keeps_ids(shared_data, sample, tmp_path, name):
+    t = tok("HFTokenizer", str(shared_data / "tokenizers" / name))
+    assert t.splittable
+    path = tmp_path / "doc.txt"
+    path.write_text(sample, encoding="utf-8")
+    pieces = list(iter_text_pieces(str(path), "file", segment_chars=1, splittable=True, bad=[]))
+    assert len(pieces) > 50 and pieces[-1].last and not pieces[0].last
+    assert "".join(p.data for p in pieces) == sample
+    assert [i for ids in t.encode_batch([p.data for p in pieces]) for i in ids] == t.encode(sample)
+
+
+def test_trained_tokenizer(tmp_path, shared_data):
+    from neox.data.commands_tokenizer import train_tokenizer
+
+    src = tmp_path / "train.jsonl"
+    src.write_text('{"text": "hello world, hello there"}\n{"text": "the world is wide"}\n{"oops": 1}\n')
+    out = tmp_path / "tok.json"
+    _, skipped = train_tokenizer([str(src), str(shared_data / "corpora/enwik8_first100.txt")], 400, str(out))
+    assert [str(s) for s in skipped] == [f"{src}:3: no string value for key 'text'"]
+    t = tok("HFTokenizer", str(out))
+    assert (t.vocab_size, t.eod_id, t.pad_id) == (400, 0, 1) and t.splittable
+    assert t.decode(t.encode(TEXT)) == TEXT
+    assert len(t.encode("hello world")) < len("hello world")  # merges were learned
+    with pytest.raises(ConfigError, match="below 258"):
+        train_tokenizer([str(src)], 100, str(out))
+
+
+def test_char_and_byte_level():
+    c = tok("CharLevelTokenizer")
+    assert (c.vocab_size, c.eod_id, c.pad_id) == (512, 0, 1)  # GPT-NeoX's values
+    assert c.encode("hé") == [104, 0xC3, 0xA9]
+    assert c.decode(c.encode(TEXT)) == TEXT
+    b = tok(None)  # the schema default
+    assert b.name == "ByteLevelTokenizer" and (b.vocab_size, b.eod_id, b.pad_id) == (258, 256, 257)
+    assert b.decode(b.encode(TEXT) + [b.eod_id]) == TEXT
+    assert b.encode_batch(["a", "bc"]) == [[97], [98, 99]]
+
+
+def test_sentencepiece(tmp_path):
+    import sentencepiece as spm
+
+    lines = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)] + [TEXT]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=320,
+                                   user_defined_symbols=["<|endoftext|>"], byte_fallback=True,
+                                   normalization_rule_name="identity", minloglevel=2)
+    path = tmp_path / "m.model"
+    path.write_bytes(model.getvalue())
+    t = tok("SPMTokenizer", str(path))
+    assert t.vocab_size == 320 and not t.splittable
+    assert t.eod_id == t._sp.piece_to_id("<|endoftext|>") != t._sp.unk_id()
+    text = "the lazy fox jumps 🙂"
+    assert t.decode(t.encode(text)) == text
+    assert t.encode_batch([text, "dog"]) == [t.encode(text), t.encode("dog")]
+
+
+def test_tiktoken_file(tmp_path):
+    ranks = {bytes([i]): i for i in range(256)}
+    for tok_bytes in (b"he", b"ll", b"hell", b"hello", b" w", b" wo"):
+        ranks[tok_bytes] = len(ranks)
+    path = tmp_path / "tiny.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+    t = tok("TiktokenTokenizer", str(path))
+    assert t.eod_id == 262 and t.vocab_size == 263
+    assert t.encode("hello wo") == [ranks[b"hello"], ranks[b" wo"]]
+    assert t.decode(t.encode(TEXT)) == TEXT
+    t.limit_threads(1)
+    assert t.encode_batch(["hello", "hell"]) == [[ranks[b"hello"]], [ranks[b"hell"]]]
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ConfigError, match="unknown tokenizer 'BertTokenizer'"):
+        tok("BertTokenizer")
+    with pytest.raises(ConfigError, match="HFTokenizer needs a file; set tokenizer.vocab_file"):
+        tok("HFTokenizer")
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_file: .*missing.json: no such file"):
+        tok("HFTokenizer", str(tmp_path / "missing.json"))
+    vocab = tmp_path / "v.json"
+    vocab.write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer.merge_file: GPT2BPETokenizer needs a file"):
+        tok("GPT2BPETokenizer", str(vocab))
+    with pytest.raises(ConfigError, match="not a tokenizers JSON file"):
+        tok("HFTokenizer", str(vocab))
+    with pytest.raises(ConfigError, match="not a sentencepiece model"):
+        tok("SPMTokenizer", str(vocab))
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("not base64 at all\n")
+    with pytest.raises(ConfigError, match="not a .tiktoken file"):
+        tok("TiktokenTokenizer", str(bad))
