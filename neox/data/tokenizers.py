@@ -73,7 +73,7 @@ class ByteLevelTokenizer(Tokenizer):
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
-class CharLevelTokenizer(Tokenizer):
+class CharLevelTokenizer(ByteLevelTokenizer):
     """GPT-NeoX's CharLevelTokenizer: ids are the UTF-8 bytes of the text, vocab 512, eod 0, pad 1.
 
     (As in GPT-NeoX, eod/pad share ids with the bytes NUL and SOH, which real text does not contain.)
@@ -85,12 +85,6 @@ class CharLevelTokenizer(Tokenizer):
     vocab_size = 512
     eod_id = 0
     pad_id = 1
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer(Tokenizer):
