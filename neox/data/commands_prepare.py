@@ -1,0 +1,50 @@
+"""`neox prepare NAME`: download (or build) a named corpus as JSONL, and optionally tokenize it.
+
+Flags follow GPT-NeoX's prepare_data.py (-d, -f). The corpus is written as ``DIR/NAME.jsonl``
+(DIR = --out, else DATA_DIR/NAME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from neox.errors import NeoxError
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    from neox.data.corpora import BUILTIN, CORPORA, MIRROR_ENV
+
+    listing = "; ".join([f"{c.name}: {c.description}" for c in CORPORA.values()]
+                        + [f"{k}: {v}" for k, v in BUILTIN.items()])
+    parser.add_argument("name", nargs="?", help=f"corpus to prepare ({listing})")
+    parser.add_argument("--list", action="store_true", help="list the known corpora and exit")
+    parser.add_argument("-d", "--data-dir", default=os.environ.get("DATA_DIR", "./data"),
+                        help="parent directory; the corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)")
+    parser.add_argument("--out", default=None, help="write the corpus to exactly this directory instead")
+    parser.add_argument("-f", "--force-redownload", action="store_true",
+                        help="download and convert again even if the files are there")
+    parser.add_argument("--url", default=None, help="fetch the corpus file from this URL (same checksum)")
+    parser.add_argument("--mirror", default=None,
+                        help=f"base URL serving the corpus files by their original names (or set {MIRROR_ENV})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from neox.data import corpora
+
+    if args.list:
+        for name in corpora.names():
+            c = corpora.CORPORA.get(name)
+            print(f"{name:18s} {c.description if c else corpora.BUILTIN[name]}")
+        return 0
+    if not args.name:
+        raise NeoxError(f"name a corpus to prepare: {', '.join(corpora.names())}")
+    out_dir = args.out or os.path.join(args.data_dir, args.name)
+    if args.name == "stdlib" and (args.url or args.mirror):
+        raise NeoxError("stdlib is built from local files; --url/--mirror do not apply")
+    jsonl = corpora.prepare(args.name, out_dir, mirror=args.mirror, url=args.url, force=args.force_redownload,
+                            progress=False if args.quiet else None)
+    print(f"wrote {jsonl}")
+    return 0

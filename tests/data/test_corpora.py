@@ -1,0 +1,176 @@
+"""Corpus downloads against a local HTTP server (Range, resume, sha256), the JSONL forms, and `stdlib`."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import threading
+import zipfile
+
+import pytest
+
+from neox.cli import main as cli
+from neox.data import corpora
+from neox.data.corpora import Corpus, Source, build_stdlib_corpus, download, paragraphs, wiki_pages
+from neox.errors import DataError
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files``; honours Range unless told not to; can drop the connection part-way."""
+
+    def do_GET(self):
+        srv = self.server
+        data = srv.files.get(self.path.lstrip("/"))
+        srv.requests.append((self.path, self.headers.get("Range")))
+        if data is None:
+            self.send_error(404)
+            return
+        start, rng = 0, self.headers.get("Range")
+        if rng and srv.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.cut_after is not None:
+            self.wfile.write(body[:srv.cut_after])
+            self.wfile.flush()
+            self.close_connection = True
+            srv.cut_after = None
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.requests, srv.honour_range, srv.cut_after = {}, [], True, None
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB
+
+
+def test_resume_from_part_file_with_range(server, tmp_path):
+    server.files["f.bin"] = PAYLOAD
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:30000])
+    download(f"{server.base}/f.bin", str(dest), _sha(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD and not (tmp_path / "f.bin.part").exists()
+    assert server.requests == [("/f.bin", "bytes=30000-")]
+
+
+def test_interrupted_download_resumes_on_rerun(server, tmp_path):
+    server.files["f.bin"] = PAYLOAD
+    server.cut_after = 12345
+    dest = tmp_path / "f.bin"
+    with pytest.raises(DataError, match="run the same command again"):
+        download(f"{server.base}/f.bin", str(dest), _sha(PAYLOAD), progress=False)
+    assert (tmp_path / "f.bin.part").stat().st_size == 12345
+    download(f"{server.base}/f.bin", str(dest), _sha(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests[-1] == ("/f.bin", "bytes=12345-")
+
+
+def test_server_without_range_restarts_and_bad_checksum_is_deleted(server, tmp_path):
+    server.files["f.bin"] = PAYLOAD
+    server.honour_range = False
+    (tmp_path / "f.bin.part").write_bytes(b"garbage!")
+    download(f"{server.base}/f.bin", str(tmp_path / "f.bin"), _sha(PAYLOAD), progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+    with pytest.raises(DataError, match="does not match the expected"):
+        download(f"{server.base}/f.bin", str(tmp_path / "g.bin"), _sha(b"something else"), progress=False)
+    assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
+    with pytest.raises(DataError, match="HTTP 404"):
+        download(f"{server.base}/missing", str(tmp_path / "m"), None, progress=False)
+
+
+def test_prepare_jsonl_zst_and_enwik8_forms_via_mirror(server, tmp_path, monkeypatch):
+    import zstandard
+
+    docs = [{"text": f"document {i}\n" * (i + 1), "meta": {"i": i}} for i in range(5)]
+    raw = "".join(json.dumps(d) + "\n" for d in docs).encode()
+    zst = zstandard.ZstdCompressor().compress(raw)
+    wiki = "<mediawiki>\n  <siteinfo/>\n  <page>\n    <title>A</title>\n  </page>\n  <page>\n  B</page>\n"
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("enwik8", wiki.encode())
+    server.files.update({"small.jsonl.zst": zst, "enwik8.zip": zbuf.getvalue()})
+    monkeypatch.setitem(corpora.CORPORA, "small", Corpus(
+        "small", (Source("https://example.invalid/x/small.jsonl.zst", _sha(zst)),), "jsonl.zst", "test corpus"))
+    monkeypatch.setenv(corpora.MIRROR_ENV, server.base + "/")
+
+    out = corpora.prepare("small", str(tmp_path / "small"), progress=False)
+    assert open(out, "rb").read() == raw
+    out = corpora.prepare("enwik8", str(tmp_path / "e"), progress=False)
+    pages = [json.loads(line)["text"] for line in open(out, encoding="utf-8")]
+    assert len(pages) == 3 and "".join(pages) == wiki and pages[1].startswith("  <page>")
+
+
+def test_tinyshakespeare_checksum_and_url_override(server, tmp_path, shared_data):
+    data = (shared_data / "corpora" / "tinyshakespeare.txt").read_bytes()
+    server.files["input.txt"] = data
+    server.files["wrong.txt"] = data[:-1]
+    rc = cli(["prepare", "tinyshakespeare", "-d", str(tmp_path), "--mirror", server.base, "--quiet"])
+    assert rc == 0
+    texts = [json.loads(line)["text"] for line in open(tmp_path / "tinyshakespeare" / "tinyshakespeare.jsonl")]
+    assert "".join(texts) == data.decode() and len(texts) > 1000
+    assert texts[0].startswith("First Citizen:\nBefore we proceed")
+    # --url must still be the same file: the registry checksum applies.
+    rc = cli(["prepare", "tinyshakespeare", "--out", str(tmp_path / "bad"), "--url", f"{server.base}/wrong.txt",
+              "--quiet"])
+    assert rc == 2 and not (tmp_path / "bad" / "tinyshakespeare.jsonl").exists()
+
+
+def test_splitters_round_trip():
+    text = "A:\nhi\n\nB:\nyo\n\n\nC:\nend\n"
+    assert paragraphs(text) == ["A:\nhi\n\n", "B:\nyo\n\n\n", "C:\nend\n"]
+    assert "".join(wiki_pages("x\n<page>1</page>\n <page>2")) == "x\n<page>1</page>\n <page>2"
+
+
+def test_stdlib_corpus_fake_tree(tmp_path):
+    root = tmp_path / "lib"
+    for rel, body in {"b.py": b"b = 1\n", "a/z.py": b"# -*- coding: latin-1 -*-\ns = '\xe9'\n",
+                      "a/y.txt": b"not python", "test/t.py": b"skip", "site-packages/p.py": b"skip",
+                      "a/tests/t.py": b"skip", "a/__init__.py": b""}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(body)
+    out = build_stdlib_corpus(str(tmp_path / "out"), root=str(root))
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [r["path"] for r in rows] == ["a/__init__.py", "a/z.py", "b.py"]
+    assert rows[1]["text"] == "# -*- coding: latin-1 -*-\ns = '\u00e9'\n"
+
+
+def test_stdlib_corpus_is_deterministic(tmp_path):
+    assert cli(["prepare", "stdlib", "--out", str(tmp_path / "one")]) == 0
+    first = (tmp_path / "one" / "stdlib.jsonl").read_bytes()
+    build_stdlib_corpus(str(tmp_path / "two"))
+    assert (tmp_path / "two" / "stdlib.jsonl").read_bytes() == first
+    assert 2e6 < len(first) < 25e6
+    paths = [json.loads(line)["path"] for line in first.decode().splitlines()]
+    assert paths == sorted(paths) and "os.py" in paths
+    assert not any(p.startswith(("test/", "site-packages/")) for p in paths)
