@@ -194,6 +194,10 @@ class IndexedDataset:
         return np.frombuffer(self._bin_buf, dtype=self._dtype, count=length,
                              offset=int(self._pointers[idx]) + offset * self._dtype.itemsize)
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of every item, back to back, as one zero-copy array."""
+        return np.frombuffer(self._bin_buf, dtype=self._dtype)
+
     @property
     def sizes(self) -> np.ndarray:
         return self._sizes
