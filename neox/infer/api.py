@@ -1,0 +1,127 @@
+"""`neox.load(checkpoint) -> (model, tokenizer)`: a trained checkpoint as a ready single-process model.
+
+CHECKPOINT is a run's save directory (its `latest` checkpoint is used) or one checkpoint directory in it
+(the one holding config.yml). DCP checkpoints load into one process whatever layout they were saved with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from neox.errors import NeoxError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def checkpoint_config(ckpt: Path, extra_configs: Iterable[str] = (), overrides: Iterable[str] = ()):
+    """The checkpoint's resolved config, with optional extra YAML files and `--set` overrides applied on top."""
+    from neox.config import load as load_config
+
+    return load_config([str(ckpt / "config.yml"), *extra_configs], list(overrides))
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise NeoxError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_model(cfg, ckpt: Path | None, device="cpu", dtype=None):
+    """GPT for cfg.model with the checkpoint's weights (random init when ckpt is None), in eval mode."""
+    from neox.model import GPT
+
+    model = GPT(cfg.model)
+    if ckpt is not None:
+        from neox.train.checkpoint import load_model_weights
+
+        load_model_weights(str(ckpt), model)
+    dtype = resolve_dtype(dtype)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()
+
+
+def build_tokenizer_for(cfg, ckpt: Path | None = None):
+    """The config's tokenizer; relative tokenizer files are also looked up beside the checkpoint and run dir."""
+    import dataclasses
+
+    from neox.data.tokenizers import build_tokenizer
+
+    tcfg = cfg.tokenizer
+    fixes = {}
+    for key in ("vocab_file", "merge_file"):
+        value = getattr(tcfg, key)
+        if value and not Path(value).exists() and ckpt is not None:
+            for base in (ckpt, ckpt.parent):
+                if (base / value).exists():
+                    fixes[key] = str(base / value)
+                    break
+            else:
+                raise NeoxError(f"{ckpt / 'config.yml'}: tokenizer.{key}={value!r} not found (relative paths resolve "
+                                "against the working directory); run from the training directory or use "
+                                f"--set tokenizer.{key}=PATH")
+    return build_tokenizer(dataclasses.replace(tcfg, **fixes) if fixes else tcfg)
+
+
+class LoadedModel:
+    """A loaded GPT plus its tokenizer and config; attribute access falls through to the GPT, and
+    `generate(...)` takes text (or token ids) and returns text."""
+
+    def __init__(self, module, tokenizer, cfg):
+        self.module, self.tokenizer, self.cfg = module, tokenizer, cfg
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["module"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def generate(self, prompt: str | list[str] | list[int] | list[list[int]] = "", max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, stop_strings: list[str] | None = None,
+                 seed: int | None = None, recompute: bool | None = None, stop_at_eod: bool = True):
+        """Text in, text out (a str prompt gives a str, a list a list); token-id prompts give token-id lists.
+
+        Unset arguments come from the checkpoint's `generation` config group.
+        """
+        from neox.infer.generate import generate
+        from neox.infer.sampling import SamplingParams
+
+        g = self.cfg.generation
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        params = SamplingParams(temperature=pick(temperature, g.temperature), top_k=pick(top_k, g.top_k),
+                                top_p=pick(top_p, g.top_p),
+                                repetition_penalty=pick(repetition_penalty, g.repetition_penalty))
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
+        prompts = [prompt] if single else list(prompt)
+        as_text = isinstance(prompts[0], str)
+        ids = [self.encode_prompt(p) if as_text else list(p) for p in prompts]
+        gen = torch.Generator(device=next(self.module.parameters()).device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
+        result = generate(self.module, ids, max_new_tokens=pick(max_new_tokens, g.maximum_tokens), params=params,
+                          eod_id=self.tokenizer.eod_id if stop_at_eod else None,
+                          stop_strings=pick(stop_strings, g.stop_strings), decode=self.tokenizer.decode,
+                          generator=gen, recompute=pick(recompute, g.recompute))
+        outs = result.texts if as_text else result.tokens
+        return outs[0] if single else outs
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Prompt ids; an empty prompt starts from the end-of-document token, as unconditional sampling does."""
+        return list(self.tokenizer.encode(text)) if text else [self.tokenizer.eod_id]
+
+
+def load(checkpoint: str | Path, device="cpu", dtype=None) -> tuple[LoadedModel, object]:
+    from neox.train.checkpoint import resolve
+
+    ckpt = resolve(checkpoint)
+    cfg = checkpoint_config(ckpt)
+    tokenizer = build_tokenizer_for(cfg, ckpt)
+    return LoadedModel(build_model(cfg, ckpt, device, dtype), tokenizer, cfg), tokenizer

@@ -1,0 +1,157 @@
+"""The generation loop: batched prompts of different lengths, left padded, decoded on a preallocated KV cache.
+
+Prompts are left padded to a common length; each row gets its own position ids (counting from its first real
+token) and the cache is told which slots are padding, so every row computes exactly what it would alone.
+`recompute=True` runs the whole sequence every step with no cache (slow; for checking the cache).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from neox.errors import NeoxError
+from neox.infer.sampling import SamplingParams, choose_next
+from neox.model.cache import KVCache
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt, without the EOD that ended a row
+    finish_reasons: list[str]  # "eod", "stop" (a stop string appeared) or "length"
+    texts: Optional[list[str]] = None  # decoded and cut before the first stop string, when `decode` was given
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model) if not hasattr(model, "layers") else model
+
+
+def _max_positions(model) -> Optional[int]:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.pos_emb not in ("learned", "sinusoidal", "rotary"):
+        return None  # relative encodings have no table to run past
+    return cfg.max_position_embeddings or cfg.seq_length
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
+             eod_id: Optional[int] = None, stop_strings: Sequence[str] = (),
+             decode: Optional[Callable[[list[int]], str]] = None, generator: Optional[torch.Generator] = None,
+             recompute: bool = False, pad_id: int = 0,
+             on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+    A row stops at `eod_id` (when given) or once its decoded output contains a stop string (needs `decode`).
+    `on_tokens(tokens [B], active [B] bool)` is called after every step, for streaming.
+    """
+    model = _unwrap(model)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise NeoxError("every prompt needs at least one token (start unconditional samples from the EOD token)")
+    if stop_strings and decode is None:
+        raise NeoxError("stop strings need a tokenizer to decode the output")
+    device = next(model.parameters()).device
+    batch, lengths = len(prompts), [len(p) for p in prompts]
+    prompt_len = max(lengths)
+    total = prompt_len + max_new_tokens
+    limit = _max_positions(model)
+    if limit is not None and max(lengths) + max_new_tokens > limit:
+        raise NeoxError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                        f"max_position_embeddings={limit}: shorten the prompt or generate fewer tokens")
+
+    # left padding: row b's real tokens occupy slots [pad_b, total); positions count from the first real token
+    pads = torch.tensor([prompt_len - n for n in lengths], device=device)
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, prompt_len - len(p):prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
+    slots = torch.arange(total, device=device)
+    positions = (slots[None, :] - pads[:, None]).clamp(min=0)
+    valid = slots[None, :] >= pads[:, None]
+    padded = bool(pads.any())
+
+    seen = None
+    if params.repetition_penalty != 1.0:
+        vocab = model.cfg.vocab_size
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens[:, :prompt_len], valid[:, :prompt_len])
+
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    reasons = ["length"] * batch
+    texts_done: list[Optional[str]] = [None] * batch
+    ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
+    cache = None
+    if not recompute:
+        cache = KVCache.for_model(model, batch_size=batch, max_len=total)
+        if padded:
+            cache.mark_padding(valid[:, :prompt_len])
+
+    t0 = time.perf_counter()
+    logits = _forward(model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache, padded)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens):
+        cur = prompt_len + step
+        nxt = choose_next(logits[:, -1], params, seen, generator)
+        nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
+        tokens[:, cur] = nxt
+        steps += 1
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], active[:, None])
+        if on_tokens is not None:
+            on_tokens(nxt, active.clone())
+        if eod_id is not None:
+            ended = active & (nxt == eod_id)
+            for b in ended.nonzero().flatten().tolist():
+                reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
+            active &= ~ended
+        if stop_strings:
+            for b in active.nonzero().flatten().tolist():
+                text, hit = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
+                if hit:
+                    reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
+                    active[b] = False
+        if step == max_new_tokens - 1 or not bool(active.any()):
+            break
+        if cache is None:
+            logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None, padded)
+        else:
+            logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
+    decode_s = time.perf_counter() - t0
+
+    out_tokens = []
+    for b in range(batch):
+        row = tokens[b, prompt_len:prompt_len + ends.get(b, steps)].tolist()
+        out_tokens.append(row)
+    texts = None
+    if decode is not None:
+        texts = [texts_done[b] if texts_done[b] is not None else decode(out_tokens[b]) for b in range(batch)]
+    return GenerationResult(out_tokens, reasons, texts, prefill_s, decode_s, steps)
+
+
+def _forward(model, tokens, positions, valid, cache, padded):
+    """A prompt (or, without a cache, the whole sequence so far) through the model.
+
+    Without a cache, padding is hidden by giving it its own segment id: attention stays within a segment.
+    """
+    if cache is not None:
+        return model(tokens, position_ids=positions, kv_cache=cache)
+    return model(tokens, position_ids=positions, segment_ids=valid.long() if padded else None)

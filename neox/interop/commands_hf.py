@@ -1,0 +1,36 @@
+"""`neox export hf CHECKPOINT OUT` and `neox import hf MODEL_DIR OUT` (one module registers both names)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(parser, name):
+    parser.add_argument("format", choices=["hf"], help="hf: Hugging Face transformers (GPTNeoX / Llama)")
+    if name == "export":
+        parser.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
+        parser.add_argument("out", help="directory to write config.json, model.safetensors and tokenizer files to")
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                            help="cast the exported weights (default: as trained)")
+        parser.add_argument("--no-tokenizer", action="store_true", help="export the weights and config only")
+        parser.set_defaults(func=run_export)
+    else:
+        parser.add_argument("model_dir", help="local GPTNeoXForCausalLM or LlamaForCausalLM directory")
+        parser.add_argument("out", help="run directory to write (latest, iter_0000000/, neox.yml)")
+        parser.set_defaults(func=run_import)
+
+
+def run_export(args) -> int:
+    from neox.interop.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, with_tokenizer=not args.no_tokenizer)
+    print(f"exported {args.checkpoint} to {out}", file=sys.stderr)
+    return 0
+
+
+def run_import(args) -> int:
+    from neox.interop.hf import import_hf
+
+    out = import_hf(args.model_dir, args.out)
+    print(f"imported {args.model_dir} to {out} (config: {out / 'neox.yml'})", file=sys.stderr)
+    return 0

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from neox.errors import NeoxError
+from neox.infer.generate import cut_at_stop, generate
+from neox.infer.sampling import SamplingParams
+from tests.infer.tiny import random_model, tiny_config
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+@pytest.mark.parametrize("pos_emb", ["rotary", "learned", "sinusoidal", "alibi", "rpe", "none"])
+def test_cache_equals_recompute_and_batch_equals_single(pos_emb, kv):
+    model = random_model(tiny_config(pos_emb=pos_emb, num_kv_heads=kv, rotary_pct=0.5), scale=0.3)
+    cached = generate(model, PROMPTS, 6)
+    assert cached.tokens == generate(model, PROMPTS, 6, recompute=True).tokens
+    assert cached.tokens == [generate(model, [p], 6).tokens[0] for p in PROMPTS]
+    assert all(len(t) == 6 for t in cached.tokens) and cached.finish_reasons == ["length"] * 3
+
+
+def test_eod_ends_a_row_and_is_not_returned():
+    model = random_model(tiny_config(), scale=0.3)
+    free = generate(model, PROMPTS, 12).tokens
+    eod = free[0][4]
+    first = free[0].index(eod)
+    res = generate(model, PROMPTS, 12, eod_id=eod)
+    assert res.tokens[0] == free[0][:first] and res.finish_reasons[0] == "eod"
+    for row, full, reason in zip(res.tokens, free, res.finish_reasons):  # other rows are unaffected until they stop
+        assert row == (full[:full.index(eod)] if eod in full else full)
+        assert reason == ("eod" if eod in full else "length")
+
+
+def test_stop_strings_cut_the_text():
+    model = random_model(tiny_config(), scale=0.3)
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    free = generate(model, [PROMPTS[0]], 12).tokens[0]
+    stop = f"<{free[3]}>"
+    res = generate(model, [PROMPTS[0]], 12, stop_strings=[stop], decode=decode)
+    upto = free.index(free[3])
+    assert res.finish_reasons == ["stop"]
+    assert res.texts[0] == decode(free[:upto])
+    assert cut_at_stop("abcXdeY", ["Y", "X"]) == ("abc", True)
+
+
+def test_repetition_penalty_prevents_repeats():
+    model = random_model(tiny_config(), scale=0.3)
+    plain = generate(model, [[7]], 30).tokens[0]
+    assert len(set(plain)) < 30  # a random tiny model loops
+    res = generate(model, [[7]], 30, SamplingParams(temperature=0, repetition_penalty=1e4)).tokens[0]
+    assert len(set(res)) == 30 and 7 not in res
+
+
+def test_seed_reproducible_sampling():
+    model = random_model(tiny_config(), scale=0.3)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+    run = lambda s: generate(model, PROMPTS, 8, params, generator=torch.Generator().manual_seed(s)).tokens  # noqa
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_bf16_generation_runs_on_cache():
+    model = random_model(tiny_config(num_kv_heads=2), scale=0.3).to(torch.bfloat16)
+    res = generate(model, PROMPTS, 6)
+    assert [len(t) for t in res.tokens] == [6, 6, 6]
+
+
+def test_too_long_for_the_position_table():
+    model = random_model(tiny_config(pos_emb="learned", seq_length=16))
+    with pytest.raises(NeoxError, match="max_position_embeddings=16"):
+        generate(model, [[1] * 10], 7)
+    with pytest.raises(NeoxError, match="at least one token"):
+        generate(model, [[]], 2)
