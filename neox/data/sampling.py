@@ -146,28 +146,48 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
         raise DataError(f"cannot create the index cache directory {cache_parent}: {e.strerror}; "
                         f"set data.data_cache_dir to a writable directory") from None
 
-    def have_all():
-        return all(os.path.isfile(p) for p in paths.values())
+    expected_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
+    expected = {"doc_idx": (num_epochs * len(documents),), "sample_idx": (expected_samples + 1, 2),
+                "shuffle_idx": (expected_samples,)}
 
-    if not have_all():
-        with _exclusive(cache_prefix + ".lock"):
-            if not have_all():  # another process may have built it while we waited
-                t0 = time.perf_counter()
-                rng = np.random.RandomState(seed=seed)
-                doc_idx = build_doc_idx(documents, num_epochs, rng)
-                sample_idx = build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-                # -1: sample i spans sample_idx[i] .. sample_idx[i + 1].
-                shuffle_idx = build_shuffle_idx(sample_idx.shape[0] - 1, rng)
-                for key, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
-                    _save(paths[key], arr)
-                if verbose:
-                    print(f" > built {name} index for {data_prefix}: {num_epochs} epoch(s), "
-                          f"{sample_idx.shape[0] - 1} samples in {time.perf_counter() - t0:.2f}s")
-    try:
-        return tuple(np.load(paths[k], allow_pickle=True, mmap_mode="r")
-                     for k in ("doc_idx", "sample_idx", "shuffle_idx"))
-    except (ValueError, OSError) as e:
-        raise DataError(f"{cache_prefix}_*.npy: unreadable index cache ({e}); delete these files to rebuild") from None
+    def load():
+        """The cached arrays, or None when missing or built for other data (the name does not say which
+        documents: a changed split or dataset leaves a stale cache under the same name, as in GPT-NeoX)."""
+        if not all(os.path.isfile(p) for p in paths.values()):
+            return None
+        try:
+            arrays = {k: np.load(p, allow_pickle=True, mmap_mode="r") for k, p in paths.items()}
+        except (ValueError, OSError):
+            return None
+        if any(arrays[k].shape != shape for k, shape in expected.items()):
+            return None
+        return arrays["doc_idx"], arrays["sample_idx"], arrays["shuffle_idx"]
+
+    cached = load()
+    if cached is not None:
+        return cached
+    with _exclusive(cache_prefix + ".lock"):
+        cached = load()  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        if any(os.path.isfile(p) for p in paths.values()):
+            warnings.warn(f"{cache_prefix}_*.npy: cached index does not match this data (changed split or "
+                          f"dataset?); rebuilding it", stacklevel=2)
+        t0 = time.perf_counter()
+        rng = np.random.RandomState(seed=seed)
+        doc_idx = build_doc_idx(documents, num_epochs, rng)
+        sample_idx = build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
+        # -1: sample i spans sample_idx[i] .. sample_idx[i + 1].
+        shuffle_idx = build_shuffle_idx(sample_idx.shape[0] - 1, rng)
+        for key, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
+            _save(paths[key], arr)
+        if verbose:
+            print(f" > built {name} index for {data_prefix}: {num_epochs} epoch(s), "
+                  f"{sample_idx.shape[0] - 1} samples in {time.perf_counter() - t0:.2f}s")
+        cached = load()
+    if cached is None:
+        raise DataError(f"{cache_prefix}_*.npy: index cache unreadable right after writing it; check the disk")
+    return cached
 
 
 class GPT2Dataset:

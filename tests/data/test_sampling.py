@@ -182,3 +182,12 @@ def test_index_build_time_100m_tokens():
         build_shuffle_idx(len(sample_idx) - 1, rng)
         print(f"\nindex build: {tokens / 1e6:.0f}M tokens, seq {seq}: {len(sample_idx) - 1} samples in "
               f"{time.perf_counter() - t0:.3f}s")
+
+
+def test_stale_cache_for_other_documents_is_rebuilt(tmp_path):
+    ds = write_dataset(tmp_path / "s", [[1, 2, 3, 4]] * 10)
+    GPT2Dataset("train", ds.prefix, np.arange(8, dtype=np.int32), ds, 5, 3, 1)
+    # Same cache name, different documents (a changed split): GPT-NeoX would silently reuse the old index.
+    with pytest.warns(UserWarning, match="does not match"):
+        again = GPT2Dataset("train", ds.prefix, np.arange(6, dtype=np.int32), ds, 5, 3, 1)
+    assert len(again.doc_idx) % 6 == 0 and set(again.doc_idx) == set(range(6))
