@@ -1,7 +1,8 @@
 """`neox prepare NAME`: download (or build) a named corpus as JSONL, and optionally tokenize it.
 
-Flags follow GPT-NeoX's prepare_data.py (-d, -f). The corpus is written as ``DIR/NAME.jsonl``
-(DIR = --out, else DATA_DIR/NAME).
+Flags follow GPT-NeoX's prepare_data.py (-t, -v, -m, -d, -f, -n). Without -t the corpus is only written as
+``DIR/NAME.jsonl`` (DIR = --out, else DATA_DIR/NAME); with -t it is also tokenized, with EOD appended, into
+``DIR/NAME_text_document.{bin,idx}``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("-d", "--data-dir", default=os.environ.get("DATA_DIR", "./data"),
                         help="parent directory; the corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)")
     parser.add_argument("--out", default=None, help="write the corpus to exactly this directory instead")
+    parser.add_argument("-t", "--tokenizer-type", default=None,
+                        help="also tokenize with this tokenizer type (see `neox preprocess --help`)")
+    parser.add_argument("-v", "--vocab-file", default=None, help="tokenizer file for -t")
+    parser.add_argument("-m", "--merge-file", default=None, help="GPT-2 merges.txt for -t GPT2BPETokenizer")
+    parser.add_argument("-n", "--num-workers", type=int, default=1, help="tokenizer processes for -t")
     parser.add_argument("-f", "--force-redownload", action="store_true",
                         help="download and convert again even if the files are there")
     parser.add_argument("--url", default=None, help="fetch the corpus file from this URL (same checksum)")
@@ -47,4 +53,15 @@ def run(args) -> int:
     jsonl = corpora.prepare(args.name, out_dir, mirror=args.mirror, url=args.url, force=args.force_redownload,
                             progress=False if args.quiet else None)
     print(f"wrote {jsonl}")
+    if args.tokenizer_type:
+        from neox.config.schema import TokenizerConfig
+        from neox.data.preprocess import PreprocessOptions, preprocess
+
+        corpus = corpora.CORPORA.get(args.name)
+        opts = PreprocessOptions(inputs=[jsonl], output_prefix=os.path.join(out_dir, args.name), append_eod=True,
+                                 workers=args.num_workers, num_docs=corpus.num_docs if corpus else None,
+                                 progress=False if args.quiet else None)
+        tok = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+                              merge_file=args.merge_file)
+        print(preprocess(opts, tok).line())
     return 0

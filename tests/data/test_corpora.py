@@ -174,3 +174,18 @@ def test_stdlib_corpus_is_deterministic(tmp_path):
     paths = [json.loads(line)["path"] for line in first.decode().splitlines()]
     assert paths == sorted(paths) and "os.py" in paths
     assert not any(p.startswith(("test/", "site-packages/")) for p in paths)
+
+
+def test_prepare_then_tokenize(server, tmp_path, shared_data):
+    from neox.data.indexed import IndexedDataset
+
+    server.files["input.txt"] = (shared_data / "corpora" / "tinyshakespeare.txt").read_bytes()
+    rc = cli(["prepare", "tinyshakespeare", "-d", str(tmp_path), "--mirror", server.base, "--quiet",
+              "-t", "ByteLevelTokenizer"])
+    assert rc == 0
+    ds = IndexedDataset(str(tmp_path / "tinyshakespeare" / "tinyshakespeare_text_document"))
+    lines = open(tmp_path / "tinyshakespeare" / "tinyshakespeare.jsonl").readlines()
+    assert len(ds) == len(lines)
+    # Byte-level: one token per byte of the speech plus the appended EOD.
+    first = json.loads(lines[0])["text"].encode()
+    assert len(ds[0]) == len(first) + 1
