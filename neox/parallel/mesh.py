@@ -61,6 +61,13 @@ class ParallelDims:
         return f"world={self.world_size} pp={self.pp} {dp} tp={self.tp}{sp} zero={self.zero_stage} ({mode})"
 
     @classmethod
+    def from_mesh(cls, mesh, pcfg) -> "ParallelDims":
+        """The dims of an existing mesh (built by build_mesh) with the config's ZeRO stage and SP flag."""
+        sizes = {name: mesh[name].size() for name in DIM_NAMES}
+        return cls(world_size=mesh.size(), zero_stage=pcfg.zero_stage,
+                   sequence_parallel=bool(pcfg.sequence_parallel), **sizes)
+
+    @classmethod
     def from_config(cls, pcfg, world_size: int, model_cfg=None, source: str = "config") -> "ParallelDims":
         """Validate `pcfg` (ParallelConfig) against `world_size` and, when given, the model's shapes.
 

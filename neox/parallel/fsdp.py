@@ -1,0 +1,89 @@
+"""Data parallelism: DDP for ZeRO stage 0, FSDP2 (`fully_shard`) for stages 1-3, HSDP with dp_replicate.
+
+How GPT-NeoX's zero_optimization.stage maps (docs/parallelism.md has the memory arithmetic):
+- 0: plain DDP; every rank holds all parameters, gradients and optimizer state; gradients all-reduced.
+  With tensor or pipeline parallelism the all-reduce runs through FSDP2's replicate mode, which understands
+  DTensor parameters (DDP does not).
+- 1, 2: FSDP2 with reshard_after_forward=False: optimizer state and gradients are sharded (gradients are
+  reduce-scattered), parameters are gathered once per step and kept through the backward pass. FSDP2 has
+  no mode that shards only the optimizer state, so 1 behaves as 2.
+- 3: FSDP2 with reshard_after_forward=True: parameters are also sharded between forward and backward.
+Each transformer block is its own FSDP unit (one all-gather / reduce-scatter per block); the root unit holds
+the embeddings, final norm and output layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mixed_precision(precision: str, bf16_mode: str = "autocast"):
+    """bf16 compute with fp32 gradient reduction; fp32 otherwise. fp16 runs its loss scaler on fp32 params."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16" and bf16_mode == "autocast":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def offload_policy(cpu_offload: bool, device_type: str):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if not cpu_offload:
+        return OffloadPolicy()
+    # Trap E: pinned memory needs an accelerator; on a CPU-only machine pinning fails.
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda")
+
+
+def dp_mesh_for(dims, mesh):
+    """The mesh FSDP2 shards over: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP."""
+    if dims.dp_replicate > 1 and dims.dp_shard > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"] if dims.dp_shard > 1 else mesh["dp_replicate"]
+
+
+def _units(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    return list(layers.values()) if layers is not None else []
+
+
+def apply_fsdp(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast",
+               cpu_offload: bool = False, device_type: str = "cpu", reshard_after_forward=None) -> nn.Module:
+    """fully_shard each block, then the root. `reshard_after_forward` overrides the stage's choice (pipeline
+    stages pass False: zero-bubble schedules give wrong gradients otherwise, trap A)."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = dims.zero_stage == 3 if reshard_after_forward is None else reshard_after_forward
+    kw = dict(mesh=dp_mesh_for(dims, mesh), mp_policy=mixed_precision(precision, bf16_mode),
+              offload_policy=offload_policy(cpu_offload, device_type))
+    for unit in _units(model):
+        fully_shard(unit, reshard_after_forward=reshard, **kw)
+    # the root's parameters (embeddings, head) are needed again at once by the backward pass
+    fully_shard(model, reshard_after_forward=False, **kw)
+    return model
+
+
+def apply_replicate(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast") -> nn.Module:
+    """ZeRO 0. Without tensor parallelism: DDP (composable form, so the module keeps its class and
+    parameter names; DDP communication hooks from neox.parallel.compress register on it). With DTensor
+    parameters: FSDP2's replicate, which all-reduces DTensor gradients over the data-parallel dim."""
+    if dims.tp == 1:
+        from torch.distributed._composable.replicate import replicate
+
+        return replicate(model, device_mesh=mesh["dp_replicate"])
+    from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_fsdp
+
+    kw = dict(mesh=mesh["dp_replicate"], mp_policy=mixed_precision(precision, bf16_mode))
+    for unit in _units(model):
+        replicate_fsdp(unit, **kw)
+    replicate_fsdp(model, **kw)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip (False) or do (True) the gradient reduction of the next backward: gradient accumulation
+    reduces only on the last micro-batch. A no-op for a model without data parallelism."""
+    fn = getattr(model, "set_requires_gradient_sync", None)
+    if fn is not None:
+        fn(enabled)

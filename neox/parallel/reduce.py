@@ -1,0 +1,137 @@
+"""Numbers that must agree across the mesh: the loss on vocab-sharded logits, the global gradient norm (and
+clipping by it), and metrics averaged over data-parallel ranks.
+
+Gradient norm (trap D): one model can hold plain tensors (replicated: DDP, or norms under TP without SP),
+DTensors on the tp mesh and DTensors on the (dp, tp) mesh at once, and `clip_grad_norm_` refuses the mix.
+Here each group of gradients with the same mesh and placements gets its norm (a DTensor norm reduces over
+exactly the dims it is sharded on), the squares are summed, and pipeline stages add theirs over "pp".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def loss_context(logits_are_sharded: bool):
+    """Wrap forward *and* backward of the loss in this when logits are vocab-sharded (tensor parallel)."""
+    if not logits_are_sharded:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [B, T] (a plain tensor) from logits [B, T, V], plain or vocab-sharded DTensor.
+    A sharded call must run inside `loss_context(True)`."""
+    from torch.distributed.tensor import DTensor
+
+    flat = logits.flatten(0, 1)
+    if not isinstance(logits, DTensor):
+        flat = flat.float()
+    losses = F.cross_entropy(flat, labels.flatten(), reduction="none")
+    if isinstance(losses, DTensor):
+        # replicated over tp: every rank holds the full per-token loss
+        losses = losses.to_local()
+    return losses.view(labels.shape).float()
+
+
+def masked_mean_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross entropy over the tokens loss_mask keeps (GPT-NeoX's per-micro-batch normalisation)."""
+    losses = token_losses(logits, labels)
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _pp_group(mesh):
+    if mesh is None or mesh["pp"].size() == 1:
+        return None
+    return mesh["pp"].get_group()
+
+
+def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all gradients of the whole model (every stage, every shard), the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
+        groups.setdefault(key, []).append(g)
+    inf = math.isinf(norm_type)
+    total = torch.zeros((), dtype=torch.float32)
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, norm_type)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        n = n.detach().float().cpu()
+        total = torch.maximum(total, n) if inf else total + n ** norm_type
+    group = _pp_group(mesh)
+    if group is not None:
+        dev = _collective_device(group)
+        t = total.to(dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        total = t.cpu()
+    return total if inf else total ** (1.0 / norm_type)
+
+
+def clip_grad_norm_(parameters, max_norm: float, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most max_norm (as torch.nn.utils.clip_grad_norm_ does
+    for one process); returns the norm before clipping. max_norm <= 0 only measures."""
+    params = [p for p in parameters if p.grad is not None]
+    total = grad_norm(params, mesh, norm_type)
+    if max_norm > 0:
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+    return total
+
+
+def _collective_device(group) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _all_reduce_sum(t: torch.Tensor, mesh, dim: str) -> tuple[torch.Tensor, int]:
+    if mesh is None:
+        return t, 1
+    from neox.parallel.mesh import submesh
+
+    sub = submesh(mesh, dim)
+    if sub.size() == 1:
+        return t, 1
+    group = sub.get_group()
+    out = t.to(_collective_device(group))
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.cpu(), sub.size()
+
+
+def mean_over(values, mesh, dim: str = "dp") -> torch.Tensor:
+    """Average a metric over one mesh dim (default: all data-parallel ranks); the value on a single process."""
+    total, n = _all_reduce_sum(torch.as_tensor(values, dtype=torch.float32).detach().clone(), mesh, dim)
+    return total / n
+
+
+def sum_over(values, mesh, dim: str = "dp") -> torch.Tensor:
+    """Sum a count (tokens, samples) over one mesh dim."""
+    return _all_reduce_sum(torch.as_tensor(values, dtype=torch.float64).detach().clone(), mesh, dim)[0]
+
+
+def broadcast_from_last_stage(value: torch.Tensor, mesh) -> torch.Tensor:
+    """Under pipeline parallelism only the last stage computes the loss: give every stage the same number."""
+    group = _pp_group(mesh)
+    if group is None:
+        return value
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    src = dist.get_global_rank(group, mesh["pp"].size() - 1)
+    dist.broadcast(t, src=src, group=group)
+    return t
