@@ -185,6 +185,9 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
             print(f" > built {name} index for {data_prefix}: {num_epochs} epoch(s), "
                   f"{sample_idx.shape[0] - 1} samples in {time.perf_counter() - t0:.2f}s")
         cached = load()
+        # Safe to drop while held: a process still waiting on it re-checks and finds the files in place.
+        with contextlib.suppress(OSError):
+            os.remove(cache_prefix + ".lock")
     if cached is None:
         raise DataError(f"{cache_prefix}_*.npy: index cache unreadable right after writing it; check the disk")
     return cached

@@ -191,3 +191,21 @@ def test_stale_cache_for_other_documents_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="does not match"):
         again = GPT2Dataset("train", ds.prefix, np.arange(6, dtype=np.int32), ds, 5, 3, 1)
     assert len(again.doc_idx) % 6 == 0 and set(again.doc_idx) == set(range(6))
+
+
+def test_concurrent_builders_agree(tmp_path):
+    """Processes racing to build the same cache (ranks on one file system) all load one identical index."""
+    import multiprocessing as mp
+
+    ds = write_dataset(tmp_path / "r", [list(range(1, 50))] * 40)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(3) as pool:
+        orders = pool.starmap(_shuffle_of, [(ds.prefix,)] * 3)
+    assert orders[0] == orders[1] == orders[2]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["r.bin", "r.idx"] + [f"r_train_indexmap_300ns_8sl_5s_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")])
+
+
+def _shuffle_of(prefix):
+    ds = IndexedDataset(prefix)
+    return GPT2Dataset("train", prefix, np.arange(len(ds), dtype=np.int32), ds, 300, 8, 5).shuffle_idx.tolist()
