@@ -152,6 +152,7 @@ class ParallelConfig:
     powersgd_rank: int = opt(1, "Rank of PowerSGD approximation.")
     backend: str = opt("auto", "torch.distributed backend: gloo, nccl or auto.")
 
+    grad_compression_start_iter: int = opt(10, "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).")
 
 @dataclass
 class CheckpointConfig:
