@@ -150,9 +150,9 @@ class ParallelConfig:
     pipe_partition_method: str = opt("parameters", "Balance pipeline stages by parameter count or by layer count.", ("parameters", "uniform"))
     grad_compression: str = opt("none", "DDP gradient compression hook.", ("none", "powersgd", "onebit", "fp16"))
     powersgd_rank: int = opt(1, "Rank of PowerSGD approximation.")
+    grad_compression_start_iter: int = opt(10, "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).")
     backend: str = opt("auto", "torch.distributed backend: gloo, nccl or auto.")
 
-    grad_compression_start_iter: int = opt(10, "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).")
 
 @dataclass
 class CheckpointConfig:
