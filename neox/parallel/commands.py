@@ -1,0 +1,26 @@
+"""`neox checkpoint consolidate CKPT OUT.pt`: a sharded (DCP) checkpoint -> one torch.save file of weights."""
+
+from __future__ import annotations
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def register(parser, name: str) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = sub.add_parser("consolidate", help="write a sharded checkpoint's model weights as one state-dict file")
+    c.add_argument("checkpoint", help="run directory (its latest checkpoint) or one iter_XXXXXXX directory")
+    c.add_argument("out", help="output file, e.g. model.pt (loads with GPT(cfg).load_state_dict(torch.load(out)))")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast floating-point weights (default: as saved)")
+    c.set_defaults(func=run_consolidate)
+
+
+def run_consolidate(args) -> int:
+    import torch
+
+    from neox.parallel.dcp import consolidate
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    ckpt = consolidate(args.checkpoint, args.out, dtype)
+    print(f"wrote {args.out} from {ckpt}")
+    return 0
