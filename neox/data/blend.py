@@ -124,6 +124,8 @@ class BlendableDataset:
         if idx < 0:
             raise IndexError(f"negative sample index {idx}")
         if idx >= self.size:
+            if self.size == 0:
+                raise IndexError(f"sample {idx}: the blended datasets have no samples")
             idx %= self.size  # GPT-NeoX wraps out-of-range requests
         chunk, pos = divmod(idx, CHUNK)
         self._ensure(chunk)

@@ -227,6 +227,15 @@ class GPT2Dataset:
         # built. Kept, because blending sizes (and so the blended order) depend on it.
         return min(self.shuffle_idx.shape[0] - 1, self.sample_idx.shape[0] - 1)
 
+    def _wrap(self, idx: int) -> int:
+        if idx < self.shuffle_idx.shape[0]:
+            return idx
+        if len(self) == 0:
+            raise IndexError(f"sample {idx}: the {self.name} dataset has no samples")
+        # GPT-NeoX serves out-of-range requests (a blend asking a small dataset for too many samples)
+        # modulo the length instead of failing.
+        return idx % len(self)
+
     def _pieces(self, dataset, f: int, l: int, off_f: int, off_l: int) -> list[np.ndarray]:
         if f == l:
             return [dataset.get(int(self.doc_idx[f]), offset=off_f, length=off_l - off_f + 1)]
@@ -239,11 +248,7 @@ class GPT2Dataset:
         idx = int(idx)
         if idx < 0:
             raise IndexError(f"negative sample index {idx}")
-        if idx >= self.shuffle_idx.shape[0]:
-            # GPT-NeoX serves out-of-range requests (a blend asking a small dataset for too many samples)
-            # modulo the length instead of failing.
-            idx = idx % len(self)
-        i = int(self.shuffle_idx[idx])
+        i = int(self.shuffle_idx[self._wrap(idx)])
         f, off_f = (int(v) for v in self.sample_idx[i])
         l, off_l = (int(v) for v in self.sample_idx[i + 1])
         want = self.seq_length + 1
@@ -264,10 +269,7 @@ class GPT2Dataset:
 
     def document_ids(self, idx: int) -> np.ndarray:
         """The dataset's document ids that sample ``idx`` draws tokens from, in order."""
-        idx = int(idx)
-        if idx >= self.shuffle_idx.shape[0]:
-            idx = idx % len(self)
-        i = int(self.shuffle_idx[idx])
+        i = int(self.shuffle_idx[self._wrap(int(idx))])
         return np.asarray(self.doc_idx[int(self.sample_idx[i][0]): int(self.sample_idx[i + 1][0]) + 1])
 
 
