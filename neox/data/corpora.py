@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import sysconfig
+import tokenize
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -300,8 +301,6 @@ def stdlib_files(root: str | None = None) -> list[tuple[str, str]]:
 
 
 def _read_source(path: str) -> str:
-    import tokenize
-
     with open(path, "rb") as f:
         raw = f.read()
     try:
