@@ -178,7 +178,8 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     if arch == GPTNEOX:
         _complete_gptneox(cfg, sd)
         for k, v in sd.items():
-            out["lm_head.weight" if k == "embed_out.weight" else f"gpt_neox.{k}"] = v
+            # the head keeps Pythia's name: transformers 4.x has `embed_out`, 5.x maps it to `lm_head`
+            out[k if k == "embed_out.weight" else f"gpt_neox.{k}"] = v
     else:
         for k, v in sd.items():
             if k in _LLAMA_TOP:
@@ -224,7 +225,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict
         for k, v in hf_sd.items():
             if k.endswith((".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq")):
                 continue  # buffers old Pythia checkpoints carry
-            if k == "lm_head.weight":
+            if k in ("lm_head.weight", "embed_out.weight"):
                 out["embed_out.weight"] = v
             elif k.startswith("gpt_neox."):
                 out[k[len("gpt_neox."):]] = v

@@ -1,0 +1,128 @@
+"""Export to / import from transformers: logits, greedy generation, weights and tokenizers must agree."""
+
+import pytest
+import torch
+
+from neox.errors import NeoxError
+from neox.infer.generate import generate
+from neox.interop.hf import export_checkpoint, export_model, import_hf
+from tests.infer.tiny import make_run, random_model, tiny_config
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+from neox.data.tokenizers import build_tokenizer  # noqa: E402
+
+VARIANTS = {
+    "neox_parallel_partial_rotary_tied": dict(gpt_j_residual=True, rotary_pct=0.25),
+    "neox_sequential_untied_nobias_relu": dict(no_weight_tying=True, use_bias_in_attn_linear=False,
+                                               use_bias_in_mlp=False, activation="relu"),
+    "neox_gptj_tied_norm": dict(gpt_j_residual=True, gpt_j_tied=True, use_bias_in_norms=False, rotary_pct=0.5),
+    "llama_gqa_untied": dict(norm="rmsnorm", activation="swiglu", num_kv_heads=2, use_bias_in_attn_linear=False,
+                             use_bias_in_mlp=False, use_bias_in_norms=False, no_weight_tying=True),
+    "llama_biases_geglu_tied": dict(norm="rmsnorm", activation="geglu", use_bias_in_norms=False),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_exported_model_matches_logits_and_greedy_generation(name, tmp_path):
+    cfg = tiny_config(**VARIANTS[name])
+    model = random_model(cfg)
+    tok = build_tokenizer(cfg.tokenizer)
+    export_model(cfg, model.state_dict(), tok, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("LlamaForCausalLM" if name.startswith("llama") else "GPTNeoXForCausalLM")
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+    # greedy generation, batched with left padding, stopping at the exported eos (the EOD token)
+    prompts = [[5, 6, 7, 8, 9], [70, 71]]
+    ours = generate(model, prompts, 8, eod_id=tok.eod_id).tokens
+    pad = tok.pad_id
+    input_ids = torch.tensor([[pad] * (5 - len(p)) + p for p in prompts])
+    mask = (torch.arange(5)[None] >= torch.tensor([5 - len(p) for p in prompts])[:, None]).long()
+    out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for row, theirs in zip(ours, out[:, 5:].tolist()):
+        theirs = theirs[:theirs.index(tok.eod_id)] if tok.eod_id in theirs else theirs
+        assert row == theirs
+
+
+def test_exported_byte_level_tokenizer_matches(tmp_path):
+    cfg = tiny_config()
+    tok = build_tokenizer(cfg.tokenizer)
+    export_model(cfg, random_model(cfg).state_dict(), tok, tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "héllo wörld\n\tdef f():  <|endoftext|> ✓"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.decode(tok.encode(text)) == text
+    assert hf_tok.eos_token_id == tok.eod_id
+
+
+@pytest.mark.parametrize("kind", ["HFTokenizer", "GPT2BPETokenizer"])
+def test_exported_gpt2_tokenizers_match(kind, tmp_path, shared_data):
+    tdir = shared_data / "tokenizers"
+    tcfg = ({"tokenizer_type": kind, "vocab_file": str(tdir / "gpt2.json")} if kind == "HFTokenizer" else
+            {"tokenizer_type": kind, "vocab_file": str(tdir / "gpt2-vocab.json"),
+             "merge_file": str(tdir / "gpt2-merges.txt")})
+    cfg = tiny_config(tokenizer=tcfg, vocab_size=50304, hidden_size=32, num_layers=1)
+    tok = build_tokenizer(cfg.tokenizer)
+    export_model(cfg, random_model(cfg).state_dict(), tok, tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:2000] + "<|endoftext|>"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eod_id == 50256
+
+
+def test_tokenizer_without_hf_equivalent_is_refused_before_writing(tmp_path):
+    cfg = tiny_config(tokenizer={"tokenizer_type": "CharLevelTokenizer"}, vocab_size=512)
+    with pytest.raises(NeoxError, match="CharLevelTokenizer.*--no-tokenizer"):
+        export_model(cfg, random_model(cfg).state_dict(), build_tokenizer(cfg.tokenizer), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _hf_random(kind):
+    if kind == "pythia":
+        conf = transformers.GPTNeoXConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=256, max_position_embeddings=128, rotary_pct=0.25,
+                                          use_parallel_residual=True, tie_word_embeddings=False)
+        return transformers.GPTNeoXForCausalLM(conf)
+    conf = transformers.LlamaConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128,
+                                    tie_word_embeddings=True, rms_norm_eps=1e-6)
+    return transformers.LlamaForCausalLM(conf)
+
+
+@pytest.mark.parametrize("kind", ["pythia", "llama"])
+def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
+    torch.manual_seed(0)
+    hf = _hf_random(kind).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = tiny_config()
+    from neox.interop.hf import export_tokenizer
+    export_tokenizer(build_tokenizer(cfg.tokenizer), tmp_path / "hf")
+
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    assert (run / "latest").is_file() and (run / "neox.yml").is_file()
+    export_checkpoint(run, tmp_path / "back")
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    import neox
+    model, tok = neox.load(run)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    assert isinstance(model.generate("ab", max_new_tokens=4, temperature=0), str)
+
+
+def test_export_checkpoint_refuses_learned_positions(tmp_path):
+    cfg = tiny_config(pos_emb="learned")
+    make_run(tmp_path / "run", cfg)
+    with pytest.raises(NeoxError, match="pos_emb='learned'"):
+        export_checkpoint(tmp_path / "run", tmp_path / "out")
