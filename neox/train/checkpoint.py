@@ -13,7 +13,7 @@ checkpoint saved under one parallel layout loads under another.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import random
 import warnings
@@ -44,6 +44,14 @@ CONFIG_FILE = "config.yml"
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
+
+def _quiet_dcp() -> None:
+    """DCP warns on every call (also from async_save's thread) that with no process group it assumes one
+    process: that is the intent of a single-process run. Installed per call because callers (pytest, for one)
+    may reset the warning filters after import; an identical filter replaces itself rather than piling up."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
@@ -57,13 +65,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns on every call that it assumes one process when no group exists; that is the intent here."""
-    with warnings.catch_warnings():
-        if not dist.is_initialized():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -126,23 +127,41 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(save_dir: str | Path, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         trainer_state: dict, config: dict, keep_last_n: int | None = None) -> Path:
-    """Write checkpoint `iteration` (collective when a process group exists); returns its directory."""
+         trainer_state: dict, config: dict, keep_last_n: int | None = None, saver=None) -> Path:
+    """Write checkpoint `iteration` (collective when a process group exists); returns its final directory.
+
+    With `saver` (a neox.parallel.dcp.AsyncSaver) the shards are written in the background and the rename,
+    `latest` update and pruning happen when that save completes (at the next save or `saver.wait()`).
+    """
+    _quiet_dcp()
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(iteration)
     tmp = save_dir / (final.name + ".tmp")
+    if saver is not None:
+        saver.wait()  # finish the previous save first: it may be the leftover removed below
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # leftover of a crashed save
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     rngs = _all_rng_states()
     if _rank() == 0:
         torch.save({**trainer_state, "iteration": iteration, "rng": rngs}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    finish = functools.partial(_publish, save_dir, tmp, final, keep_last_n)
+    if saver is None:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        finish()
+    else:
+        saver.save({"model": model_sd, "optim": optim_sd}, tmp, on_done=finish)
+    return final
+
+
+def _publish(save_dir: Path, tmp: Path, final: Path, keep_last_n: int | None) -> None:
+    """Every rank has written its shards into `tmp`: move it into place, then point `latest` at it."""
+    _barrier()
+    if _rank() == 0:
         if final.exists():  # re-saving the same iteration (e.g. end of a run that just saved)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -152,7 +171,6 @@ def save(save_dir: str | Path, iteration: int, model: nn.Module, optimizer: torc
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return final
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -180,9 +198,9 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
 
 
 def _dcp_load(state_dict: dict, ckpt: Path) -> None:
+    _quiet_dcp()
     try:
-        with _single_process_quiet():
-            dcp.load(state_dict, checkpoint_id=str(ckpt))
+        dcp.load(state_dict, checkpoint_id=str(ckpt))
     except (Exception, CheckpointException) as e:  # DCP reports key/shape mismatches from its planner
         msg = str(e).strip().splitlines()
         raise NeoxError(f"{ckpt}: checkpoint does not match this model/optimizer "

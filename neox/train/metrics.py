@@ -30,11 +30,12 @@ def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)  # a private generator: measuring must not shift training's RNG
     best = 0.0
     n = 256
     while True:
-        a = torch.randn(n, n, device=dev).to(dtype)
-        b = torch.randn(n, n, device=dev).to(dtype)
+        a = torch.randn(n, n, generator=gen).to(dev, dtype)
+        b = torch.randn(n, n, generator=gen).to(dev, dtype)
         a @ b  # warm-up: kernel selection and first-touch of the output
         sync()
         reps, t0 = 0, time.perf_counter()

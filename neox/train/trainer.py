@@ -1,0 +1,408 @@
+"""The training loop: one loop for pretraining and fine-tuning.
+
+Per optimizer step: `accum` micro-batches through `StepRunner.forward_backward` (loss = mean over
+micro-batches of each one's masked-mean token loss, GPT-NeoX's normalisation), unscale and overflow check
+(fp16), clip, optimizer step, then logging, evaluation and checkpointing on their intervals.
+
+What changes under parallelism is confined to three places so `neox.parallel` can substitute them:
+`Layout` (where this process sits in the mesh), `StepRunner` (the possibly wrapped model and how
+micro-batches run: gradient sync, pipeline schedules) and the reductions imported from
+`neox.parallel.reduce` (loss, gradient norm and clipping, metric averaging), which are mesh-aware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint as recompute
+
+from neox.config import resolve_batch, resolve_vocab, to_dict
+from neox.config.schema import Config
+from neox.data.datasets import build_datasets, num_samples_for
+from neox.data.loader import batches
+from neox.data.tokenizers import build_tokenizer
+from neox.errors import ConfigError, DataError, NeoxError
+from neox.model import GPT, flops_per_token, num_params
+from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over
+from neox.train import checkpoint as ckpt
+from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
+from neox.train.optim import build_optimizer
+from neox.train.precision import Precision
+from neox.train.schedule import LRSchedule
+
+
+@dataclass
+class Layout:
+    """Where this process sits. The default is one process; distributed runs fill it from the mesh."""
+
+    mesh: object = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    world_size: int = 1
+    is_logging_rank: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}; use cpu, cuda or auto") from None
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (train.checkpoint_activations).
+
+    The block's `forward` is wrapped in place rather than the block replaced, so parameter names (and so
+    checkpoints and parallel plans) are unchanged.
+    """
+    for block in model.layers.values():
+        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+
+
+class StepRunner:
+    """Runs micro-batches through the model for one process: plain autograd, gradients accumulate in .grad.
+
+    Parallel layouts subclass this: `sync_gradients(last)` is where DDP/FSDP skip the reduction on all but
+    the last micro-batch, and a pipeline runner replaces `forward_backward` with a schedule.
+    """
+
+    def __init__(self, model: torch.nn.Module, precision: Precision, layout: Layout, cfg: Config,
+                 device: torch.device):
+        self.model = model
+        self.precision = precision
+        self.layout = layout
+        self.device = device
+        self.pass_positions = cfg.data.reset_position_ids
+        self.pass_segments = cfg.data.reset_attention_mask
+
+    def sync_gradients(self, last: bool) -> None:
+        """Hook for data-parallel wrappers: reduce gradients only on the last micro-batch."""
+
+    def loss_context(self):
+        """Context around the loss's forward and backward (tensor parallelism: loss_parallel)."""
+        return contextlib.nullcontext()
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Masked-mean token cross entropy of one micro-batch."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.precision.autocast():
+            logits = self.model(b["tokens"],
+                                position_ids=b.get("position_ids") if self.pass_positions else None,
+                                segment_ids=b.get("segment_ids") if self.pass_segments else None)
+        return masked_mean_loss(logits, b["labels"], b["loss_mask"])
+
+    def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
+        """Accumulate gradients of mean-over-micro-batches loss (times loss_scale); returns the loss."""
+        n = len(micro_batches)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            self.sync_gradients(last=i == n - 1)
+            with self.loss_context():
+                loss = self.loss(mb)
+                (loss * (loss_scale / n)).backward()
+            total += loss.detach()
+        return total / n
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        with self.loss_context():
+            return self.loss(batch).detach()
+
+
+@dataclass
+class _Window:
+    """Sums since the last log line."""
+
+    steps: int = 0
+    loss: float = 0.0
+    seconds: float = 0.0
+    skipped: int = 0
+    grad_norm: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Build everything from a Config, then `fit()`. See the module docstring for the step.
+
+    Parallel runs pass their `layout`, a `parallelize(model) -> model` that wraps/shards the model in place
+    (after precision and activation checkpointing, before the optimizer sees the parameters), and their
+    StepRunner subclass; the defaults are one process.
+    """
+
+    def __init__(self, cfg: Config, layout: Optional[Layout] = None, quiet: bool = False,
+                 parallelize: Optional[Callable] = None, runner_cls: type = StepRunner):
+        self.cfg = cfg = copy.deepcopy(cfg)  # resolved values are written into this copy (and checkpoints)
+        self.layout = layout or Layout()
+        self.quiet = quiet or not self.layout.is_logging_rank
+        self.device = resolve_device(cfg.train.device)
+        self._seed(cfg.train.seed)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        resolve_vocab(cfg, self.tokenizer.vocab_size, tp=cfg.parallel.model_parallel_size)
+        self.micro, self.accum, self.global_batch = resolve_batch(cfg, self.layout.dp_size)
+        tr = cfg.train
+        tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps, tr.train_batch_size = (
+            self.micro, self.accum, self.global_batch)
+        self.seq_length = cfg.model.seq_length
+        self.train_iters = tr.train_iters
+        if self.train_iters < 0:
+            raise ConfigError(f"train.train_iters must be >= 0, got {self.train_iters}")
+
+        self.precision = Precision(cfg.precision, self.device.type)
+        self.model = self.precision.prepare(GPT(cfg.model).to(self.device))
+        if tr.checkpoint_activations:
+            checkpoint_blocks(self.model)
+        if parallelize is not None:
+            self.model = parallelize(self.model)
+        self._seed(tr.seed + self.layout.dp_rank)  # identical init everywhere; a dropout stream per rank
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        wrapped = torch.compile(self.model) if tr.compile else self.model
+        self.runner = runner_cls(wrapped, self.precision, self.layout, cfg, self.device)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.train_iters)
+
+        samples = num_samples_for(self.train_iters, self.global_batch, cfg.eval.eval_interval, cfg.eval.eval_iters)
+        self.train_data, self.valid_data, self.test_data = build_datasets(
+            cfg.data, self.seq_length, tr.seed, samples,
+            return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids)
+
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.losses: list[float] = []  # per optimizer step, this process's run only
+        self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        run_dir = cfg.logging.log_dir or cfg.checkpoint.save
+        self.run_dir = Path(run_dir) if run_dir else None
+        self._last_saved = None
+        self.saver = None
+        if cfg.checkpoint.async_save and self.save_dir is not None:
+            from neox.parallel.dcp import AsyncSaver
+
+            self.saver = AsyncSaver()
+        if cfg.checkpoint.load:
+            self._load(cfg.checkpoint.load)
+
+    # ---------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _seed(seed: int) -> None:
+        # The data order does not depend on these (index files come from the seed alone).
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def _load(self, path: str) -> None:
+        c = self.cfg.checkpoint
+        try:
+            ckpt.resolve(path)
+        except NeoxError:
+            if c.finetune or ckpt.list_checkpoints(path) or Path(path, ckpt.LATEST).exists():
+                raise
+            self._say(f"no checkpoint in {path} yet: starting from scratch")
+            return
+        if c.finetune:
+            where = ckpt.load_model_weights(path, self.model)
+            self._say(f"fine-tuning from the weights of {where} (optimizer, schedule and data start fresh)")
+            return
+        state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer,
+                          load_rng=not c.no_load_rng)
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.precision.scaler is not None and state.get("loss_scaler"):
+            self.precision.scaler.load_state_dict(state["loss_scaler"])
+        changes = self.schedule.changes_from(state.get("schedule", {}))
+        if changes:
+            self._say(f"note: the learning-rate schedule differs from the checkpoint's: {'; '.join(changes)}")
+        self._say(f"resumed from {state['path']} at iteration {self.iteration} "
+                  f"({self.consumed_samples} samples consumed)")
+
+    # ---------------------------------------------------------------- data
+    def _loader(self, dataset, start_sample: int, loop: bool = False) -> Iterator[dict]:
+        d = self.cfg.data
+        return batches(dataset, self.micro, self.layout.dp_rank, self.layout.dp_size, start_sample,
+                       eod_id=self.tokenizer.eod_id, reset_position_ids=d.reset_position_ids,
+                       reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
+                       num_workers=d.num_workers, loop=loop)
+
+    def _next_step_batches(self, it: Iterator[dict]) -> list[dict]:
+        out = []
+        for _ in range(self.accum):
+            try:
+                out.append(next(it))
+            except StopIteration:
+                raise DataError(f"training data ran out at iteration {self.iteration} "
+                                f"({self.consumed_samples} samples); the dataset index was built for "
+                                f"{len(self.train_data)} samples; rebuild it (delete the index cache) or lower "
+                                f"train.train_iters") from None
+        return out
+
+    # ---------------------------------------------------------------- the step
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
+        """One optimizer step; returns (loss, grad norm, skipped)."""
+        lr = self.schedule.apply(self.optimizer, self.iteration)
+        scaler = self.precision.scaler
+        scale = scaler.scale if scaler is not None else 1.0
+        loss = self.runner.forward_backward(micro_batches, loss_scale=scale)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
+        norm = float(clip_grad_norm_(params, self.cfg.train.gradient_clipping, self.layout.mesh))
+        overflow = scaler is not None and not math.isfinite(norm)
+        if not overflow:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update(overflow)
+        self._lr = lr
+        return float(mean_over(loss.detach().cpu(), self.layout.mesh)), norm, overflow
+
+    def evaluate(self, split: str = "valid") -> Optional[dict]:
+        """Mean loss over eval_iters global batches of the valid (next unused slot) or test split."""
+        dataset = self.valid_data if split == "valid" else self.test_data
+        iters = self.cfg.eval.eval_iters
+        if dataset is None or iters <= 0:
+            return None
+        interval = self.cfg.eval.eval_interval
+        slot = self.iteration // interval if split == "valid" and interval > 0 else 0
+        it = self._loader(dataset, slot * iters * self.global_batch, loop=True)
+        self.model.eval()
+        try:
+            losses = [self.runner.eval_loss(next(it)) for _ in range(iters * self.accum)]
+        finally:
+            self.model.train()
+        loss = float(mean_over(torch.stack(losses).mean().cpu(), self.layout.mesh))
+        key = "val" if split == "valid" else "test"
+        return {"iteration": self.iteration, f"{key}_loss": loss, f"{key}_ppl": math.exp(min(loss, 700.0))}
+
+    def save(self) -> Optional[Path]:
+        if self.save_dir is None or self._last_saved == self.iteration:
+            return None
+        state = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                 "schedule": self.schedule.state_dict(),
+                 "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None}
+        path = ckpt.save(self.save_dir, self.iteration, self.model, self.optimizer, state, to_dict(self.cfg),
+                         keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints, saver=self.saver)
+        self._last_saved = self.iteration
+        return path
+
+    def _should_save(self) -> bool:
+        c = self.cfg.checkpoint
+        return self.save_dir is not None and (
+            (c.save_interval and self.iteration % c.save_interval == 0) or self.iteration in c.extra_save_iters)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, stop_at: Optional[int] = None) -> dict:
+        """Train to train_iters and run the final evaluations; returns the last logged numbers.
+
+        `stop_at` ends early at that iteration with a checkpoint and no final evaluation, as a job that hits
+        its time limit would: resuming from that checkpoint continues the same run.
+        """
+        cfg = self.cfg
+        end = self.train_iters if stop_at is None else min(stop_at, self.train_iters)
+        log_every = max(1, cfg.logging.log_interval)
+        eval_every = cfg.eval.eval_interval
+        write = self.layout.is_logging_rank
+        metrics = Metrics(self.run_dir, cfg.logging, to_dict(cfg), enabled=write)
+        console = Console(self.train_iters, self.iteration, cfg.logging.progress_bar, enabled=not self.quiet)
+        tokens_per_step = self.global_batch * self.seq_length
+        fpt = flops_per_token(cfg.model)
+        peak = measure_peak_flops(str(self.device), self.precision.compute_dtype, torch.get_num_threads())
+        self._say(f"model: {num_params(cfg.model) / 1e6:.2f}M parameters | batch {self.micro} x {self.accum} "
+                  f"x dp {self.layout.dp_size} = {self.global_batch} sequences of {self.seq_length} | "
+                  f"{self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s")
+        data = self._loader(self.train_data, self.consumed_samples)
+        window = _Window()
+        summary: dict = {}
+        try:
+            while self.iteration < end:
+                micro_batches = self._next_step_batches(data)
+                t0 = time.perf_counter()
+                loss, norm, skipped = self.train_step(micro_batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                window.seconds += time.perf_counter() - t0
+                self.iteration += 1
+                self.consumed_samples += self.global_batch
+                self.losses.append(loss)
+                window.steps += 1
+                if skipped:
+                    self.skipped_steps += 1
+                    window.skipped += 1
+                else:
+                    window.loss += loss
+                    window.grad_norm += norm
+                console.advance()
+
+                if self.iteration % log_every == 0 or self.iteration == end:
+                    record = self._log_record(window, tokens_per_step, fpt, peak)
+                    metrics.log(record)
+                    console.print(format_record(record, self.train_iters))
+                    summary["loss"] = record["loss"]
+                    window = _Window()
+                if eval_every > 0 and self.iteration % eval_every == 0:
+                    self._eval_and_log("valid", metrics, console, summary)
+                if self._should_save():
+                    self.save()
+            if self.iteration >= self.train_iters:
+                if eval_every <= 0 or self.iteration % eval_every != 0:
+                    self._eval_and_log("valid", metrics, console, summary)
+                self._eval_and_log("test", metrics, console, summary)
+            where = self.save()
+            if where is not None:
+                console.print(f"saved checkpoint {where}")
+        except KeyboardInterrupt:
+            if self.save_dir is not None and self.iteration > 0:
+                console.print(f"interrupted: saving iteration {self.iteration} before exiting")
+                self.save()
+            raise
+        finally:
+            if self.saver is not None:
+                self.saver.wait()  # the last checkpoint is complete (and `latest`) before returning
+            console.close()
+            metrics.close()
+        summary.update(iteration=self.iteration, skipped_steps=self.skipped_steps)
+        return summary
+
+    def _log_record(self, w: _Window, tokens_per_step: int, fpt: int, peak: float) -> dict:
+        counted = w.steps - w.skipped
+        tokens_per_s = tokens_per_step * w.steps / w.seconds if w.seconds > 0 else 0.0
+        record = {
+            "iteration": self.iteration,
+            "loss": w.loss / counted if counted else float("nan"),
+            "lr": self._lr,
+            "grad_norm": w.grad_norm / counted if counted else float("nan"),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * fpt / (peak * self.layout.world_size) if peak > 0 else 0.0,
+            "step_time_s": w.seconds / max(1, w.steps),
+            "peak_mem_bytes": peak_memory_bytes(str(self.device)),
+            "consumed_samples": self.consumed_samples,
+        }
+        if self.precision.scaler is not None:
+            record["loss_scale"] = self.precision.scaler.scale
+            record["skipped"] = w.skipped
+        return record
+
+    def _eval_and_log(self, split: str, metrics: Metrics, console: Console, summary: dict) -> None:
+        record = self.evaluate(split)
+        if record is None:
+            return
+        metrics.log(record)
+        console.print(format_record(record, self.train_iters))
+        summary.update({k: v for k, v in record.items() if k != "iteration"})
