@@ -23,17 +23,17 @@ RENAMES: dict[str, tuple[str, str]] = {
     "checkpoint_factor": ("checkpoint", "save_interval"),
     "gas": ("train", "gradient_accumulation_steps"),
     "batch_size": ("train", "train_micro_batch_size_per_gpu"),
-    "optimizer_type": ("optimizer", "type"),
     "feedforward_size": ("model", "intermediate_size"),
     "clip_grad": ("train", "gradient_clipping"),
     "num_key_value_heads": ("model", "num_kv_heads"),
+    "min_scale": ("precision", "min_loss_scale"),
+    "train_label_data_paths": ("data", "label_data_paths"),
 }
 
 # (group, key) -> target, for GPT-NeoX spellings written inside one of our groups.
 GROUP_RENAMES: dict[tuple[str, str], tuple[str, str]] = {
     ("checkpoint", "checkpoint_factor"): ("checkpoint", "save_interval"),
     ("train", "gas"): ("train", "gradient_accumulation_steps"),
-    ("optimizer", "optimizer_type"): ("optimizer", "type"),
 }
 
 _FUSED = "attention always runs through fused scaled_dot_product_attention; other fusions are torch.compile's job (train.compile)"
@@ -81,7 +81,28 @@ NO_EFFECT: dict[str, str] = {
     "eval_results_prefix": "lm-eval results are written to the run directory",
     "param_sharing_style": "only meaningful with num_unique_layers, which is not supported",
     "checkpoint_scale": "save_interval / extra_save_iters decide when to save",
+    "override_lr_scheduler": "the schedule is always a function of the iteration computed from the config "
+                             "(what GPT-NeoX does with override_lr_scheduler: true)",
     "zero_hpz_partition_size": _DEEPSPEED_COMM,
+    "deepspeed_activation_checkpointing": "checkpoint_activations switches torch.utils.checkpoint on",
+    "activation_checkpointing": "DeepSpeed's activation-checkpointing block; checkpoint_activations switches "
+                                "torch.utils.checkpoint on",
+    "load_universal": "DCP checkpoints load into any parallel layout without conversion",
+    "adlr_autoresume_interval": "only used with adlr_autoresume, which is not supported",
+    "profile_step_start": "only used with profile, which is not supported",
+    "profile_step_stop": "only used with profile, which is not supported",
+    "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
+    **{k: "only used with moe_num_experts > 1, which is not supported" for k in (
+        "moe_top_k", "moe_loss_coeff", "moe_train_capacity_factor", "moe_eval_capacity_factor", "moe_min_capacity",
+        "moe_token_dropping", "create_moe_param_group", "moe_use_residual", "moe_expert_parallel_size", "moe_type",
+        "moe_glu", "moe_lbl_in_fp32", "moe_jitter_eps", "enable_expert_tensor_parallelism", "expert_interval")},
+    **{k: "only used by Mamba / RWKV layers, which are not implemented" for k in (
+        "mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion",
+        "mamba_selective_fp32_params", "mamba_use_bias_in_conv", "mamba_use_bias_in_linears", "dim_att",
+        "head_size", "ffn_dim")},
+    **{k: "only used by DPO/KTO/reward-model training, which is not implemented" for k in (
+        "dpo_fp32", "dpo_reference_free", "dpo_beta", "kto_fp32", "kto_desirable_weight", "kto_undesirable_weight",
+        "kto_beta")},
 }
 
 # key -> (values meaning "off", reason when another value is given)
@@ -94,7 +115,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "apply_query_key_layer_scaling": ((False,), "not implemented: SDPA keeps the softmax in fp32, which is what this flag protects"),
     "fp16_lm_cross_entropy": ((False,), "the loss is always computed in fp32"),
     "use_bnb_optimizer": ((False,), "bitsandbytes optimizers are not supported"),
-    "override_lr_scheduler": ((False,), "the schedule is always recomputed from the config; resuming restores only the step"),
     "use_checkpoint_lr_scheduler": ((False,), "the schedule is always recomputed from the config"),
     "log_grad_pct_zeros": ((False,), "not implemented"),
     "log_param_norm": ((False,), "not implemented"),
@@ -115,10 +135,33 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "num_experts": ((1, None), "mixture of experts is not implemented"),
     "use_qk_layernorm": ((False,), "QK layernorm is not implemented"),
     "sliding_window_width": ((None,), "sliding-window attention is not implemented (only global attention)"),
-    "mlp_multiple_of": ((1, None), "set intermediate_size explicitly"),
-    "expansion_factor": ((None,), "set intermediate_size explicitly"),
     "char_level_ppl": ((False,), "not implemented"),
-    "use_comet": ((False,), "Comet logging is not supported (TensorBoard and W&B are)"),
+    "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
+    **{k: ((None,), "Comet logging is not supported (TensorBoard and W&B are)") for k in (
+        "comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others")},
+    **{k: ((None, []), "DPO/KTO/reward-model datasets are not supported") for k in (
+        "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths", "pos_train_data_paths",
+        "neg_train_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_test_data_paths",
+        "neg_test_data_paths", "pos_train_label_data_paths", "neg_train_label_data_paths",
+        "pos_valid_label_data_paths", "neg_valid_label_data_paths", "pos_test_label_data_paths",
+        "neg_test_label_data_paths")},
+    "valid_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
+    "test_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
+    "dataset_impl": (("gpt2",), "only the GPT-2 style language-model dataset is implemented"),
+    "z_loss": ((0, 0.0), "z-loss is not implemented"),
+    "train_epochs": ((None,), "set train_iters instead"),
+    "no_save_optim": ((False,), "checkpoints always hold the optimizer state (use no_load_optim when loading)"),
+    "no_save_rng": ((False,), "checkpoints always hold the RNG state (use no_load_rng when loading)"),
+    "checkpoint_in_cpu": ((False,), "activation checkpoints are recomputed, never offloaded"),
+    "memory_profiling_path": ((None,), "memory profiling is not implemented"),
+    "sparse_attention": ((None, {}), "sparse attention is not implemented (only global attention)"),
+    "data_efficiency": ((None, {}), "DeepSpeed data efficiency is not supported"),
+    "compression_training": ((None, {}), "DeepSpeed compression training is not supported"),
+    "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
+    "autotuning_run": ((None,), "DeepSpeed autotuning is not supported"),
+    **{k: ((1, 1.0), "muP is not implemented") for k in (
+        "mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult")},
+    "mup_width_scale": ((2,), "muP is not implemented"),
     "use_tutel": ((False,), "mixture of experts is not implemented"),
     "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
     "allow_chopped": ((True,), "the GPT-NeoX packed order always allows chopped samples"),
@@ -150,7 +193,6 @@ REJECTED: dict[str, str] = {
     "s3_chunk_size": "neox does not upload checkpoints",
     "curriculum_seqlen": "curriculum learning is not implemented",
     "base_shapes_file": "muP is not implemented",
-    "memory_profiling_path": "memory profiling is not implemented",
     "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
     "num_encoder_layers": "only decoder-only models are implemented",
     "precompute_model_name": "DPO/KTO training is not implemented",
@@ -162,12 +204,16 @@ REJECTED: dict[str, str] = {
 VALUE_RENAMES: dict[tuple[str, str], dict[Any, Any]] = {
     ("precision", "precision"): {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
                                  "float": "fp32"},
-    ("optimizer", "type"): {"cpu_adam": "adam", "cpu_torch_adam": "adam"},
     ("parallel", "pipe_parallel_size"): {0: 1},  # GPT-NeoX: 0 = no pipeline engine; here 1 stage = none
     ("parallel", "pipe_partition_method"): {"type:transformer|mlp": "uniform", "type:transformer": "uniform"},
+    ("data", "data_impl"): {"infer": "mmap"},
+    ("precision", "loss_scale"): {0: None},  # DeepSpeed / GPT-NeoX: 0 = dynamic
 }
 
 REJECTED_VALUES: dict[tuple[str, str], dict[str, str]] = {
+    ("tokenizer", "tokenizer_type"): {
+        "hfgpt2tokenizer": "use GPT2BPETokenizer (vocab.json + merges.txt) or HFTokenizer (tokenizer.json)",
+    },
     ("optimizer", "type"): {
         "onebitadam": "DeepSpeed 1-bit Adam is not used; use type adam with parallel.grad_compression: onebit",
         "sm3": "SM3 is not implemented (adam, adamw, sgd are)",
@@ -214,14 +260,35 @@ def handle_precision(c, key: str, value: Any) -> None:
     c.set(("precision", "precision"), value, key)
 
 
+# GPT-NeoX optimizer types -> ours. GPT-NeoX's `Adam` is apex FusedAdam (and `cpu_adam` DeepSpeedCPUAdam),
+# both in their default decoupled-weight-decay mode, i.e. AdamW; `cpu_torch_adam` is torch.optim.Adam (L2).
+NEOX_OPTIMIZERS = {"adam": "adamw", "cpu_adam": "adamw", "cpu_torch_adam": "adam", "sgd": "sgd", "adamw": "adamw"}
+
+
+def _neox_optimizer_type(c, key: str, value: Any) -> None:
+    if isinstance(value, str) and value.lower() in NEOX_OPTIMIZERS:
+        value = NEOX_OPTIMIZERS[value.lower()]
+    c.set(("optimizer", "type"), value, key)
+
+
+def handle_optimizer_type(c, key: str, value: Any) -> None:
+    """GPT-NeoX's flat `optimizer_type: adam` (decoupled decay, see NEOX_OPTIMIZERS)."""
+    _neox_optimizer_type(c, key, value)
+
+
 def handle_optimizer(c, key: str, value: Any) -> None:
-    """`optimizer: {type: Adam, params: {lr, betas, eps, weight_decay}}` and our nested `optimizer: {...}`."""
+    """GPT-NeoX `optimizer: {type: Adam, params: {lr, betas, eps, weight_decay}}` and our `optimizer: {type: adamw,
+    lr: ...}`. A `params` mapping marks the GPT-NeoX form, whose `type` is read with GPT-NeoX's meaning."""
     from neox.config.loader import did_you_mean, group_fields
 
     fields = group_fields("optimizer")
-    for raw, v in _mapping(c, key, value).items():
+    mapping = _mapping(c, key, value)
+    neox_form = any(_norm(k) == "params" for k in mapping)
+    for raw, v in mapping.items():
         k, shown = _norm(raw), f"{key}.{raw}"
-        if k == "params":
+        if k == "type" and neox_form:
+            _neox_optimizer_type(c, shown, v)
+        elif k == "params":
             for praw, pv in _mapping(c, shown, v).items():
                 pk, pshown = _norm(praw), f"{shown}.{praw}"
                 if pk in fields and pk != "type":
@@ -359,11 +426,29 @@ def handle_mlp_type(c, key: str, value: Any) -> None:
     c.set(("_neox", "mlp_type"), value.lower(), key)
 
 
-def apply_pseudo_fields(merged: dict) -> None:
-    """Fold values that are not fields (`mlp_type`) into fields, after all sources are merged."""
+def handle_mlp_multiple_of(c, key: str, value: Any) -> None:
+    """GPT-NeoX `mlp_multiple_of`: the derived MLP width is rounded up to a multiple of this."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise c.error(key, f"expected a positive integer, got {value!r}")
+    c.set(("_neox", "mlp_multiple_of"), value, key)
+
+
+def handle_expansion_factor(c, key: str, value: Any) -> None:
+    """GPT-NeoX `expansion_factor`: MLP width = expansion_factor * hidden_size (unless intermediate_size is set)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise c.error(key, f"expected a positive number, got {value!r}")
+    c.set(("_neox", "expansion_factor"), float(value), key)
+
+
+def apply_pseudo_fields(merged: dict) -> dict:
+    """Fold values that are not fields (`mlp_type`) into fields, after all sources are merged; returns the
+    remaining ones that only feed derived defaults ({"mlp_multiple_of": 256})."""
+    extras = {t[1]: merged.pop(t).value for t in [t for t in merged if t[0] == "_neox" and t[1] != "mlp_type"]}
     mlp = merged.pop(("_neox", "mlp_type"), None)
     if mlp is None or mlp.value != "llama":
-        return
+        return extras
     from neox.config.loader import Assignment
 
     act = merged.get(("model", "activation"))
@@ -376,6 +461,7 @@ def apply_pseudo_fields(merged: dict) -> None:
     src = act or mlp
     merged[("model", "activation")] = Assignment(("model", "activation"), gated,
                                                  f"{src.key} (with {mlp.key}: llama)", src.source, ("pseudo",))
+    return extras
 
 
 HANDLERS: dict[str, Callable] = {
@@ -386,6 +472,25 @@ HANDLERS: dict[str, Callable] = {
     "zero_optimization": handle_zero,
     "attention_config": handle_attention_config,
     "mlp_type": handle_mlp_type,
+    "mlp_multiple_of": handle_mlp_multiple_of,
+    "expansion_factor": handle_expansion_factor,
+    "optimizer_type": handle_optimizer_type,
 }
 # Handlers that also take a mapping value where the key is a group name (`optimizer: {...}` is both forms).
 HANDLER_TAKES_DICT = {"optimizer"}
+
+
+# For docs/config.md: the structured GPT-NeoX keys that set each field (flat names and RENAMES are found
+# automatically).
+HANDLER_DOCS: dict[tuple[str, str], list[str]] = {
+    ("precision", "precision"): ["precision: bfloat16|float16|float32", "fp16.enabled", "bf16.enabled"],
+    ("precision", "loss_scale"): ["fp16.loss_scale (0 = dynamic)"],
+    **{("precision", k): [f"fp16.{k}"] for k in _FP16_SCALER},
+    ("optimizer", "type"): ["optimizer.type and optimizer_type (GPT-NeoX Adam/cpu_adam -> adamw, cpu_torch_adam -> adam)"],
+    **{("optimizer", k): [f"optimizer.params.{k}"] for k in ("lr", "betas", "eps", "weight_decay", "momentum")},
+    ("parallel", "zero_stage"): ["zero_optimization.stage"],
+    ("parallel", "cpu_offload"): ["zero_optimization.cpu_offload", "zero_optimization.offload_optimizer.device: cpu",
+                                  "zero_optimization.offload_param.device: cpu"],
+    ("model", "activation"): ["mlp_type: llama (turns gelu/relu/silu into geglu/reglu/swiglu)"],
+    ("model", "intermediate_size"): ["expansion_factor", "mlp_multiple_of"],
+}

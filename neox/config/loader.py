@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import typing
@@ -26,10 +27,12 @@ log = logging.getLogger(__name__)
 GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
+@functools.cache
 def group_fields(group: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(GROUPS[group])}
 
 
+@functools.cache
 def _field_types(group: str) -> dict[str, Any]:
     return typing.get_type_hints(GROUPS[group])
 
@@ -247,7 +250,7 @@ def build(collectors: list[Collector]) -> Resolved:
     for c in collectors:
         merged.update(c.assignments)
         notes.extend(c.notes)
-    aliases.apply_pseudo_fields(merged)
+    extras = aliases.apply_pseudo_fields(merged)
     groups = {}
     for g, cls in GROUPS.items():
         types = _field_types(g)
@@ -265,7 +268,7 @@ def build(collectors: list[Collector]) -> Resolved:
         groups[g] = cls(**kwargs)
     provenance = {t: a for t, a in merged.items() if t[0] in GROUPS}
     resolved = Resolved(Config(**groups), provenance, notes)
-    derive(resolved.config)
+    derive(resolved.config, **extras)
     validate(resolved)
     for n in notes:
         log.info(n)

@@ -25,6 +25,8 @@ POS_EMBS = ("learned", "sinusoidal", "rotary", "alibi", "rpe", "none")
 NORMS = ("layernorm", "rmsnorm", "scalenorm")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "geglu", "swiglu", "reglu", "mish")
 GATED_ACTIVATIONS = ("geglu", "swiglu", "reglu")
+TOKENIZERS = ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "SPMTokenizer", "TiktokenTokenizer",
+              "ByteLevelTokenizer")
 INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal",
                 "orthogonal")
 
@@ -49,7 +51,7 @@ class ModelConfig:
     rms_norm_epsilon: float = opt(1e-8, "Epsilon of rmsnorm.")
     scalenorm_epsilon: float = opt(1e-8, "Epsilon of scalenorm.")
     activation: str = opt("gelu", "MLP activation; geglu/swiglu/reglu are gated (two input projections).", ACTIVATIONS)
-    intermediate_size: Optional[int] = opt(None, "MLP hidden width; None = 4*hidden_size (gated: 8/3*hidden_size rounded up to a multiple of 256).")
+    intermediate_size: Optional[int] = opt(None, "MLP hidden width (of each of w1/w3 when gated); None = 4*hidden_size, or for gated activations 8/3*hidden_size rounded up to a multiple of 256 (LLaMA / GPT-NeoX mlp_type: llama). GPT-NeoX's expansion_factor and mlp_multiple_of are applied when given.")
     gpt_j_residual: bool = opt(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J / Pythia).")
     gpt_j_tied: bool = opt(False, "With gpt_j_residual, use one norm for both attention and MLP.")
     no_weight_tying: bool = opt(False, "Untie the input embedding and the output layer.")
@@ -65,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    tokenizer_type: str = opt("ByteLevelTokenizer", "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.")
+    tokenizer_type: str = opt("ByteLevelTokenizer", "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.", TOKENIZERS)
     vocab_file: Optional[str] = opt(None, "Tokenizer file: HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file.")
     merge_file: Optional[str] = opt(None, "GPT-2 merges.txt (GPT2BPETokenizer).")
 
@@ -108,7 +110,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: str = opt("adamw", "Optimizer.", ("adam", "adamw", "sgd"))
+    type: str = opt("adamw", "Optimizer: adam = torch.optim.Adam (weight decay added to the gradient), adamw = decoupled weight decay (what GPT-NeoX's `type: Adam` runs: apex FusedAdam in AdamW mode, so it loads as adamw), sgd.", ("adam", "adamw", "sgd"))
     lr: float = opt(6e-4, "Peak learning rate.")
     betas: list = opt([0.9, 0.95], "Adam betas.")
     eps: float = opt(1e-8, "Adam epsilon.")

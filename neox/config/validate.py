@@ -7,7 +7,7 @@ files and `--set` overrides the user knows which line to change.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from neox.config.schema import GATED_ACTIVATIONS, Config
 from neox.errors import ConfigError
@@ -20,21 +20,30 @@ if TYPE_CHECKING:
 GATED_MULTIPLE_OF = 256
 
 
-def default_intermediate_size(hidden_size: int, activation: str) -> int:
-    if activation in GATED_ACTIVATIONS:
+def default_intermediate_size(hidden_size: int, activation: str, mlp_multiple_of: Optional[int] = None,
+                              expansion_factor: Optional[float] = None) -> int:
+    """4 * hidden, or for gated activations 8/3 * hidden rounded up to a multiple of 256 (LLaMA, GPT-NeoX's
+    LLaMA MLP); GPT-NeoX's `expansion_factor` replaces the 4 or 8/3, `mlp_multiple_of` the rounding."""
+    gated = activation in GATED_ACTIVATIONS
+    if expansion_factor is not None:
+        ff = int(expansion_factor * hidden_size)
+    elif gated:
         ff = int(2 * hidden_size * 4 / 3)
-        return GATED_MULTIPLE_OF * math.ceil(ff / GATED_MULTIPLE_OF)
-    return 4 * hidden_size
+    else:
+        ff = 4 * hidden_size
+    multiple = mlp_multiple_of or (GATED_MULTIPLE_OF if gated and expansion_factor is None else 1)
+    return multiple * math.ceil(ff / multiple)
 
 
-def derive(cfg: Config) -> None:
+def derive(cfg: Config, mlp_multiple_of: Optional[int] = None, expansion_factor: Optional[float] = None) -> None:
     m = cfg.model
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
     if m.num_kv_heads is None:
         m.num_kv_heads = m.num_attention_heads
     if m.intermediate_size is None:
-        m.intermediate_size = default_intermediate_size(m.hidden_size, m.activation)
+        m.intermediate_size = default_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of,
+                                                        expansion_factor)
 
 
 # (group, field, smallest allowed value) for values that must be positive / non-negative.
