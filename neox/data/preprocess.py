@@ -83,8 +83,8 @@ class Summary:
 _W: dict = {}
 
 
-def _init_worker(tokenizer_cfg: dict, opts: PreprocessOptions, dtype: str, single_thread: bool) -> None:
-    tok = build_tokenizer(_Cfg(**tokenizer_cfg))
+def _init_worker(tok, opts: PreprocessOptions, dtype: str, single_thread: bool) -> None:
+    # The tokenizer object itself is passed: under fork it is inherited for free instead of re-loaded.
     if single_thread:
         tok.limit_threads(1)
     fix = None
@@ -93,11 +93,6 @@ def _init_worker(tokenizer_cfg: dict, opts: PreprocessOptions, dtype: str, singl
 
         fix = ftfy.fix_text
     _W.update(tok=tok, opts=opts, dtype=np.dtype(dtype), fix=fix)
-
-
-class _Cfg:
-    def __init__(self, tokenizer_type=None, vocab_file=None, merge_file=None):
-        self.tokenizer_type, self.vocab_file, self.merge_file = tokenizer_type, vocab_file, merge_file
 
 
 def _texts_of(piece: Piece, keys: list, prompt_key: str | None):
@@ -318,10 +313,7 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
     """Run preprocessing; returns the summary. ``tokenizer_cfg`` is a TokenizerConfig-like object."""
     _check(opts)
     files = expand_inputs(opts.inputs)
-    tcfg = {"tokenizer_type": getattr(tokenizer_cfg, "tokenizer_type", None),
-            "vocab_file": getattr(tokenizer_cfg, "vocab_file", None),
-            "merge_file": getattr(tokenizer_cfg, "merge_file", None)}
-    tok = build_tokenizer(_Cfg(**tcfg))  # fail fast on a bad tokenizer, and learn its size
+    tok = build_tokenizer(tokenizer_cfg)
     dtype = np.dtype(opts.dtype) if opts.dtype else best_fitting_dtype(tok.vocab_size)
     if dtype.kind == "u" and np.iinfo(dtype).max < tok.vocab_size - 1:
         raise ConfigError(f"--dtype {dtype.name} cannot hold ids up to {tok.vocab_size - 1}")
@@ -331,7 +323,7 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
     pieces = iter_pieces(files, opts.text_mode, segment_chars=max(opts.batch_bytes // 4, 1),
                          splittable=tok.splittable, bad=text_bad)
     batches = _batches(pieces, opts.batch_bytes)
-    initargs = (tcfg, opts, dtype.str, opts.workers > 1)
+    initargs = (tok, opts, dtype.str, opts.workers > 1)
 
     summary = Summary(dtype=dtype.name)
     writer = _Writer(opts.output_prefix, list(opts.json_keys), dtype, labels, opts)

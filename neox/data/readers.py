@@ -16,6 +16,7 @@ import glob
 import gzip
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -89,21 +90,40 @@ def open_binary(path: str):
         raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line bytes) for every line; a corrupt compressed stream is a DataError."""
-    f = open_binary(path)
-    lineno = 0
+def _guarded(path: str, chunks):
+    """Pass chunks through, turning a corrupt compressed stream into a DataError naming the file."""
     try:
-        with f:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line
+        yield from chunks
     except (OSError, EOFError, ValueError) as e:
         # gzip raises BadGzipFile/EOFError, zstandard ZstdError (a ValueError subclass in practice) or OSError
-        raise DataError(f"{path}: corrupt or truncated compressed data after line {lineno} ({e})") from None
+        raise DataError(f"{path}: corrupt or truncated compressed data ({e})") from None
     except Exception as e:
         if type(e).__name__ == "ZstdError":
-            raise DataError(f"{path}: corrupt or truncated zstd data after line {lineno} ({e})") from None
+            raise DataError(f"{path}: corrupt or truncated zstd data ({e})") from None
         raise
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line bytes) for every line."""
+    def lines():
+        with open_binary(path) as f:
+            yield from enumerate(f, 1)
+
+    return _guarded(path, lines())
+
+
+def iter_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(line number of its first line, bytes) for blocks of about block_bytes that end at a line end."""
+    def blocks():
+        lineno = 1
+        with open_binary(path) as f:
+            while block := f.read(block_bytes):
+                if not block.endswith(b"\n"):
+                    block += f.readline()
+                yield lineno, block
+                lineno += block.count(b"\n")
+
+    return _guarded(path, blocks())
 
 
 @dataclass
@@ -133,10 +153,45 @@ class BadLine:
         return f"{self.path}:{self.line}: {self.reason}"
 
 
+# Where a document may be cut for a splittable tokenizer: between "X\n" and "Y", X and Y not whitespace.
+# No byte-level BPE pre-token crosses such a point, and a lone trailing "\n" tokenizes the same at the end of
+# a piece as in the middle of the document (a longer trailing whitespace run would not).
+_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
 def _safe_cut(prev: str, nxt: str) -> bool:
-    # Cut only between "X\n" and "Y" with X and Y not whitespace: no byte-level BPE pre-token crosses there,
-    # and the trailing "\n" tokenizes the same at the end of a piece as in the middle of the document.
+    """True when a cut between line ``prev`` and line ``nxt`` is a _CUT point."""
     return len(prev) >= 2 and prev[-1] == "\n" and not prev[-2].isspace() and nxt[:1] != "" and not nxt[0].isspace()
+
+
+def _decode_block(path: str, first: int, block: bytes, bad: list) -> str:
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    good = []
+    for i, raw in enumerate(block.splitlines(keepends=True)):
+        try:
+            good.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad.append(BadLine(path, first + i, f"invalid UTF-8 at byte {e.start}"))
+    return "".join(good)
+
+
+def _file_pieces(path: str, segment_chars: int, splittable: bool, bad: list) -> Iterator[Piece]:
+    # Whole-file documents are read in blocks rather than lines: far less Python work per byte.
+    pending, start = "", 1
+    for first, block in iter_blocks(path, max(segment_chars, 1 << 16)):
+        pending += _decode_block(path, first, block, bad)
+        while splittable and len(pending) >= segment_chars:
+            m = _CUT.search(pending, segment_chars)
+            if m is None:
+                break
+            head, pending = pending[: m.start()], pending[m.start():]
+            yield Piece(path, start, head, False, last=False)
+            start += head.count("\n")
+    if pending:
+        yield Piece(path, start, pending, False)
 
 
 def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
@@ -144,6 +199,9 @@ def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
     """Documents of a plain-text file as Pieces; lines that are not valid UTF-8 are skipped into ``bad``."""
     if mode not in TEXT_MODES:
         raise DataError(f"--text-mode: {mode!r} is not one of {', '.join(TEXT_MODES)}")
+    if mode == "file":
+        yield from _file_pieces(path, segment_chars, splittable, bad)
+        return
     buf: list[str] = []
     size = 0
     start = 0
@@ -158,7 +216,7 @@ def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
             if text.strip():
                 yield Piece(path, lineno, text, False)
             continue
-        if mode == "paragraph" and not line.strip():
+        if not line.strip():
             if buf:
                 yield Piece(path, start, "".join(buf), False)
                 buf, size = [], 0
@@ -166,7 +224,7 @@ def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
         if not buf:
             start = lineno
         elif splittable and size >= segment_chars and _safe_cut(buf[-1], line):
-            # A long document leaves in segments so several workers can encode it at once.
+            # A long paragraph leaves in segments so several workers can encode it at once.
             yield Piece(path, start, "".join(buf), False, last=False)
             buf, size, start = [], 0, lineno
         buf.append(line)
