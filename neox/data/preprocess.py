@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from collections import deque
@@ -188,7 +189,18 @@ def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator
         return
     # fork is cheap and safe here: the parent has not started the tokenizers library's thread pool.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+    # Workers start with the tokenizers library's threads off (N processes already use N cores); set in the
+    # environment they are forked with, so the library does not warn about forking after using threads.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
         pending: deque = deque()
         for it in items:
             pending.append(pool.apply_async(fn, (it,)))

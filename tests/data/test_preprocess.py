@@ -14,7 +14,8 @@ import pytest
 
 from neox.cli import main as cli
 from neox.data.indexed import IndexedDataset
-from neox.data.preprocess import PreprocessOptions, mask_label, preprocess
+from neox.data.preprocess import PreprocessOptions, _ordered_map, mask_label, preprocess
+from neox.data.tokenizers import ByteLevelTokenizer
 from neox.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +51,21 @@ def test_order_and_tokens_any_workers(tmp_path, workers):
     assert (s.documents, s.tokens, s.skipped, s.dtype) == (60, sum(map(len, want)), 0, "uint16")
     assert s.outputs == {"text": str(tmp_path / "out_text_document")}
     assert s.bytes == Path(src).stat().st_size
+
+
+def test_reading_runs_a_bounded_distance_ahead_of_the_workers():
+    # What keeps memory flat: the reader may be at most 2 * workers batches ahead of the writer.
+    consumed = []
+
+    def items():
+        for i in range(40):
+            consumed.append(i)
+            yield -i
+
+    initargs = (ByteLevelTokenizer(), PreprocessOptions(inputs=[], output_prefix=""), "<u2", True)
+    results = _ordered_map(abs, items(), 2, initargs)
+    assert next(results) == 0 and len(consumed) <= 5
+    assert list(results) == list(range(1, 40))
 
 
 def test_compressed_text_modes_lists_and_globs(tmp_path):
@@ -135,6 +151,12 @@ def test_labels_mask_before_token_and_prompt_key(tmp_path):
     assert IndexedDataset(s.outputs["label"])[0].tolist() == [-100, -100] + list(b"A.") + [EOD]
     with pytest.raises(ConfigError, match="exactly one key"):
         _run(tmp_path, [src], json_keys=["a", "b"], prompt_key="p")
+
+
+def test_ftfy_repairs_mojibake(tmp_path):
+    src = _jsonl(tmp_path / "m.jsonl", ["schÃ¶n"])
+    assert _docs(_run(tmp_path, [src], ftfy=True).outputs["text"]) == [list("schön".encode())]
+    assert _docs(_run(tmp_path, [src], name="raw").outputs["text"]) == [list("schÃ¶n".encode())]
 
 
 def test_several_json_keys_make_aligned_datasets(tmp_path):
