@@ -36,6 +36,12 @@ GROUP_RENAMES: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "gas"): ("train", "gradient_accumulation_steps"),
 }
 
+# DeepSpeed's own `checkpoint: {...}` block shares its name with our checkpoint group.
+GROUP_NO_EFFECT: dict[tuple[str, str], str] = {
+    ("checkpoint", k): "DeepSpeed checkpoint option; checkpoints are written by torch.distributed.checkpoint"
+    for k in ("tag_validation", "use_node_local_storage", "parallel_write", "load_universal")
+}
+
 _FUSED = "attention always runs through fused scaled_dot_product_attention; other fusions are torch.compile's job (train.compile)"
 _DEEPSPEED_COMM = "DeepSpeed communication tuning; FSDP2/DDP choose their own buckets and overlap"
 _LAUNCH = "launching is done by `torchrun`/`neox train --nproc` (see neox/parallel/launch.py), not by the config"

@@ -100,7 +100,8 @@ def render() -> str:
     for g in GROUPS:
         parts.append("\n".join(group_table(g)))
     parts.append("## GPT-NeoX keys accepted without effect\n\n| key | why it changes nothing here |\n|---|---|")
-    parts.append("\n".join(f"| `{k}` | {_cell(v)} |" for k, v in sorted(aliases.NO_EFFECT.items())) + "\n")
+    no_effect = {**aliases.NO_EFFECT, **{f"{g}.{k}": v for (g, k), v in aliases.GROUP_NO_EFFECT.items()}}
+    parts.append("\n".join(f"| `{k}` | {_cell(v)} |" for k, v in sorted(no_effect.items())) + "\n")
     parts.append("## GPT-NeoX keys accepted only when off\n\n| key | accepted values | otherwise |\n|---|---|---|")
     parts.append("\n".join(f"| `{k}` | {_cell(', '.join(_show(a) for a in allowed))} | {_cell(why)} |"
                            for k, (allowed, why) in sorted(aliases.ONLY_DEFAULT.items())) + "\n")

@@ -133,6 +133,8 @@ class Collector:
                 self.set((group, key), value, inner)
             elif (group, key) in aliases.GROUP_RENAMES:
                 self.set(aliases.GROUP_RENAMES[(group, key)], value, inner)
+            elif (group, key) in aliases.GROUP_NO_EFFECT:
+                self.note(inner, aliases.GROUP_NO_EFFECT[(group, key)])
             else:
                 raise self.error(inner, f"unknown {group} setting" + did_you_mean(key, fields))
 

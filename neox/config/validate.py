@@ -10,20 +10,16 @@ import math
 from typing import TYPE_CHECKING, Optional
 
 from neox.config.schema import GATED_ACTIVATIONS, Config
+from neox.model.info import GATED_MULTIPLE_OF, default_intermediate_size
 from neox.errors import ConfigError
 
 if TYPE_CHECKING:
     from neox.config.loader import Resolved
 
-# GPT-NeoX's LLaMA MLP (and Meta's LLaMA): 2/3 of 4*hidden, rounded up to a multiple of 256, so that the
-# gated MLP's three matrices hold about as many parameters as a plain 4*hidden MLP's two.
-GATED_MULTIPLE_OF = 256
-
-
-def default_intermediate_size(hidden_size: int, activation: str, mlp_multiple_of: Optional[int] = None,
-                              expansion_factor: Optional[float] = None) -> int:
-    """4 * hidden, or for gated activations 8/3 * hidden rounded up to a multiple of 256 (LLaMA, GPT-NeoX's
-    LLaMA MLP); GPT-NeoX's `expansion_factor` replaces the 4 or 8/3, `mlp_multiple_of` the rounding."""
+def neox_intermediate_size(hidden_size: int, activation: str, mlp_multiple_of: Optional[int],
+                           expansion_factor: Optional[float]) -> int:
+    """GPT-NeoX's MLP width knobs: `expansion_factor` replaces the 4 (8/3 when gated) in the default width,
+    `mlp_multiple_of` replaces its rounding (256 when gated, none otherwise)."""
     gated = activation in GATED_ACTIVATIONS
     if expansion_factor is not None:
         ff = int(expansion_factor * hidden_size)
@@ -42,8 +38,11 @@ def derive(cfg: Config, mlp_multiple_of: Optional[int] = None, expansion_factor:
     if m.num_kv_heads is None:
         m.num_kv_heads = m.num_attention_heads
     if m.intermediate_size is None:
-        m.intermediate_size = default_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of,
-                                                        expansion_factor)
+        if mlp_multiple_of is None and expansion_factor is None:
+            m.intermediate_size = default_intermediate_size(m)  # the model's own rule, so both always agree
+        else:
+            m.intermediate_size = neox_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of,
+                                                         expansion_factor)
 
 
 # (group, field, smallest allowed value) for values that must be positive / non-negative.
@@ -108,8 +107,9 @@ def validate(r: "Resolved") -> None:
         fail("model", "rotary_pct", f"must be in (0, 1], got {m.rotary_pct!r}")
     head_dim = m.hidden_size // m.num_attention_heads
     if m.pos_emb == "rotary" and int(head_dim * m.rotary_pct) % 2:
-        fail("model", "rotary_pct", f"rotates {head_dim * m.rotary_pct:g} of {head_dim} head dimensions; "
-             "rotary needs an even number")
+        blame = "rotary_pct" if ("model", "rotary_pct") in r.provenance else "hidden_size"
+        fail("model", blame, f"rotary would rotate {int(head_dim * m.rotary_pct)} of each head's {head_dim} "
+             f"dimensions (hidden_size / num_attention_heads x rotary_pct {m.rotary_pct:g}); it needs an even number")
     if m.max_position_embeddings < m.seq_length:
         fail("model", "max_position_embeddings", f"{m.max_position_embeddings} is shorter than seq_length "
              f"{m.seq_length} (set in {r.where('model', 'seq_length')})")

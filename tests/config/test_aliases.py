@@ -126,6 +126,13 @@ def test_fusion_flags_accepted_with_a_note(key):
     assert "scaled_dot_product_attention" in r.notes[0]
 
 
+def test_deepspeed_checkpoint_block_in_our_checkpoint_group():
+    r = resolve(dicts=[({"checkpoint": {"tag_validation": "Warn", "save": "ck"}}, "d.yml")])
+    assert r.config.checkpoint.save == "ck"
+    assert r.notes == ["d.yml: key 'checkpoint.tag_validation' has no effect here: "
+                       + aliases.GROUP_NO_EFFECT[("checkpoint", "tag_validation")]]
+
+
 def test_attention_config_only_global():
     assert from_dict({"num_layers": 4, "attention_config": [[["global"], 2], [["flash"], 2]]}).model.num_layers == 4
     with pytest.raises(ConfigError, match=r"key 'attention-config': attention type 'local' is not supported"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from neox.config import from_dict, resolve_batch, resolve_vocab
-from neox.config.validate import default_intermediate_size, split_proportions
+from neox.config.validate import split_proportions
 from neox.errors import ConfigError
 
 
@@ -51,12 +51,16 @@ def test_resolve_vocab_pads_or_checks():
 
 
 def test_intermediate_size_rules():
-    assert default_intermediate_size(768, "gelu") == 3072
-    assert default_intermediate_size(4096, "swiglu") == 11008  # LLaMA-7B
-    assert default_intermediate_size(2048, "swiglu") == 5632  # LLaMA-style 1B width
-    assert default_intermediate_size(100, "gelu", mlp_multiple_of=64) == 448
-    assert default_intermediate_size(100, "swiglu", expansion_factor=3) == 300
-    assert from_dict({"hidden_size": 64, "intermediate_size": 100}).model.intermediate_size == 100
+    def width(**kw):
+        return from_dict({"num_attention_heads": 4, "pos_emb": "learned", **kw}).model.intermediate_size
+
+    assert width(hidden_size=768) == 3072
+    assert width(hidden_size=4096, activation="swiglu") == 11008  # LLaMA-7B
+    assert width(hidden_size=2048, activation="swiglu") == 5632  # LLaMA-style 1B
+    assert width(hidden_size=100, mlp_multiple_of=64) == 448
+    assert width(hidden_size=100, activation="swiglu", expansion_factor=3) == 300
+    assert width(hidden_size=4096, activation="swiglu", mlp_multiple_of=1) == 10922  # GPT-NeoX default rounding
+    assert width(hidden_size=64, intermediate_size=100) == 100
 
 
 @pytest.mark.parametrize("given, message", [
@@ -64,6 +68,8 @@ def test_intermediate_size_rules():
      r"c\.yml: key 'num_attention_heads': 3 heads do not divide hidden_size 100 \(set in c\.yml: key 'hidden_size'\)"),
     ({"num_attention_heads": 4, "num_kv_heads": 3}, r"key 'num_kv_heads': 3 key/value heads do not divide"),
     ({"rotary_pct": 0}, r"key 'rotary_pct': must be in \(0, 1\], got 0.0"),
+    ({"hidden_size": 100, "num_attention_heads": 4}, r"key 'hidden_size': rotary would rotate 25 of each head's 25"),
+    ({"rotary_pct": 0.125, "hidden_size": 96, "num_attention_heads": 4}, r"key 'rotary_pct': rotary would rotate 3 of each head's 24"),
     ({"rotary_pct": 1.5}, r"key 'rotary_pct': must be in \(0, 1\]"),
     ({"seq_length": 256, "max_position_embeddings": 128}, r"key 'max_position_embeddings': 128 is shorter than seq_length 256"),
     ({"num_layers": 0}, r"key 'num_layers': must be at least 1, got 0"),
