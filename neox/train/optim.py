@@ -43,7 +43,10 @@ def _implementation(params: list[torch.Tensor]) -> dict:
     plain = all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in params)
     if plain and len(devices) == 1 and devices <= {"cpu", "cuda"}:
         return {"fused": True}
-    return {"foreach": True}
+    # foreach kernels cannot mix plain tensors with DTensors, nor DTensors on different meshes (tensor
+    # parallelism without sequence parallelism; FSDP + TP): those take the per-tensor path
+    meshes = {getattr(p, "device_mesh", None) for p in params}
+    return {"foreach": len(meshes) == 1}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
