@@ -180,16 +180,18 @@ def _decode_block(path: str, first: int, block: bytes, bad: list) -> str:
 
 def _file_pieces(path: str, segment_chars: int, splittable: bool, bad: list) -> Iterator[Piece]:
     # Whole-file documents are read in blocks rather than lines: far less Python work per byte.
-    pending, start = "", 1
+    pending, start, scan = "", 1, segment_chars
     for first, block in iter_blocks(path, max(segment_chars, 1 << 16)):
         pending += _decode_block(path, first, block, bad)
         while splittable and len(pending) >= segment_chars:
-            m = _CUT.search(pending, segment_chars)
+            m = _CUT.search(pending, scan)
             if m is None:
+                scan = max(len(pending), segment_chars)  # text without cut points is not scanned twice
                 break
             head, pending = pending[: m.start()], pending[m.start():]
             yield Piece(path, start, head, False, last=False)
             start += head.count("\n")
+            scan = segment_chars
     if pending:
         yield Piece(path, start, pending, False)
 

@@ -74,6 +74,11 @@ def test_trained_tokenizer(tmp_path, shared_data):
     assert len(t.encode("hello world")) < len("hello world")  # merges were learned
     with pytest.raises(ConfigError, match="below 258"):
         train_tokenizer([str(src)], 100, str(out))
+    from neox.cli import main as cli
+
+    assert cli(["tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(tmp_path / "c.json")]) == 0
+    assert tok("HFTokenizer", str(tmp_path / "c.json")).vocab_size <= 300
+    assert cli(["tokenizer", "train", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", "x.json"]) == 2
 
 
 def test_char_and_byte_level():

@@ -1,0 +1,42 @@
+"""How input files become pieces: cut points, line numbers, and documents without cut points."""
+
+from __future__ import annotations
+
+import time
+
+from neox.data.readers import iter_pieces, iter_text_pieces
+
+
+def test_cuts_only_between_non_space_line_ends(tmp_path):
+    text = "alpha\n  beta\ngamma  \ndelta\n\nepsilon\nzeta\n"
+    (tmp_path / "t.txt").write_text(text)
+    pieces = list(iter_text_pieces(str(tmp_path / "t.txt"), "file", 1, True, []))
+    # allowed cuts: before "  beta"? no (next starts with space); before "delta"? no ("  \n" before it);
+    # before "epsilon"? no (blank line); before "gamma" and "zeta": yes
+    assert [p.data for p in pieces] == ["alpha\n  beta\n", "gamma  \ndelta\n\nepsilon\n", "zeta\n"]
+    assert [p.line for p in pieces] == [1, 3, 7]
+    assert [p.last for p in pieces] == [False, False, True]
+    whole = list(iter_text_pieces(str(tmp_path / "t.txt"), "file", 1, False, []))  # not splittable
+    assert [p.data for p in whole] == [text]
+
+
+def test_long_paragraphs_are_cut_too(tmp_path):
+    (tmp_path / "p.txt").write_text("a\nb\nc\n\nd\n")
+    pieces = list(iter_text_pieces(str(tmp_path / "p.txt"), "paragraph", 2, True, []))
+    assert [(p.data, p.line, p.last) for p in pieces] == [
+        ("a\n", 1, False), ("b\n", 2, False), ("c\n", 3, True), ("d\n", 5, True)]
+
+
+def test_document_without_cut_points_is_read_in_linear_time(tmp_path):
+    (tmp_path / "one_line.txt").write_text("word " * 400_000)  # 2 MB, no newline at all
+    t0 = time.perf_counter()
+    pieces = list(iter_pieces([str(tmp_path / "one_line.txt")], "file", 1000, True))
+    assert len(pieces) == 1 and len(pieces[0].data) == 2_000_000
+    assert time.perf_counter() - t0 < 5
+
+
+def test_jsonl_lines_stay_raw_with_their_numbers(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "x"}\n\n  \n{"text": "y"}\n')
+    pieces = list(iter_pieces([str(tmp_path / "a.jsonl")]))
+    assert [(p.line, p.data, p.is_json) for p in pieces] == [(1, b'{"text": "x"}\n', True),
+                                                            (4, b'{"text": "y"}\n', True)]
