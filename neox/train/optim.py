@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -49,6 +51,13 @@ def _implementation(params: list[torch.Tensor]) -> dict:
     return {"foreach": len(meshes) == 1}
 
 
+def _keep_kernels(optimizer: torch.optim.Optimizer, impl: dict) -> None:
+    # load_state_dict restores the saving run's fused/foreach flags with the hyper-parameters; this run's
+    # parameters decide them (a checkpoint from one process may resume under tensor parallelism)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = impl.get("fused", False), impl.get("foreach", False)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """The optimizer named by cfg.type over `param_groups(model, cfg.weight_decay)`.
 
@@ -64,8 +73,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         if len(cfg.betas) != 2:
             raise ConfigError(f"optimizer.betas must be two numbers, got {cfg.betas!r}")
         cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-        return cls(groups, lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
-                   **_implementation(params))
+        impl = _implementation(params)
+        opt = cls(groups, lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps, **impl)
+        opt.register_load_state_dict_post_hook(functools.partial(_keep_kernels, impl=impl))
+        return opt
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     raise ConfigError(f"optimizer.type: unknown optimizer {cfg.type!r}; use adam, adamw or sgd")
