@@ -4,17 +4,27 @@ per-rank memory estimates. `neox.config` calls `default_intermediate_size` to re
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from neox.config.schema import GATED_ACTIVATIONS, ModelConfig
 from neox.errors import ConfigError
 
+if TYPE_CHECKING:
+    from neox.config.schema import ModelConfig
+
 GATED_MULTIPLE_OF = 256
+
+
+def is_gated(cfg: ModelConfig) -> bool:
+    # imported here: neox.config imports this module while it initialises, so a top-level import is circular
+    from neox.config.schema import GATED_ACTIVATIONS
+
+    return cfg.activation in GATED_ACTIVATIONS
 
 
 def default_intermediate_size(cfg: ModelConfig) -> int:
     """MLP width when `intermediate_size` is None: 4*hidden; gated activations keep the parameter count of a
     4*hidden MLP with three matrices (8/3*hidden) rounded up to a multiple of 256, as GPT-NeoX's LLaMA MLP."""
-    if cfg.activation in GATED_ACTIVATIONS:
+    if is_gated(cfg):
         width = int(2 * 4 * cfg.hidden_size / 3)
         return GATED_MULTIPLE_OF * math.ceil(width / GATED_MULTIPLE_OF)
     return 4 * cfg.hidden_size
@@ -71,7 +81,7 @@ def layer_params(cfg: ModelConfig) -> int:
     if cfg.pos_emb == "rpe":
         attn += cfg.rpe_num_buckets * heads
     inter, mlp_bias = intermediate_size(cfg), cfg.use_bias_in_mlp
-    if cfg.activation in GATED_ACTIVATIONS:
+    if is_gated(cfg):
         mlp = 3 * h * inter + (2 * inter + h if mlp_bias else 0)
     else:
         mlp = 2 * h * inter + (inter + h if mlp_bias else 0)
@@ -118,26 +128,26 @@ def memory_per_rank(cfg: ModelConfig, *, precision: str = "fp32", bf16_mode: str
     average stage); ZeRO 1 shards optimizer states over dp, 2 also grads, 3 also params. Master weights are
     fp32 except for pure bf16. Activations follow Korthikanti et al. 2022 for SDPA attention (no stored score
     matrix): 34*s*b*h bytes per layer at 16-bit (x2 at fp32), divided by tp (sequence parallel assumed),
-    or only the 2-byte-per-element block input when activations are checkpointed, plus fp32 logits.
+    or only each block's input (plus one block's full set) when activations are checkpointed, plus logits.
     """
     n = num_params(cfg)
     s = seq_length if seq_length is not None else cfg.seq_length
     weight_bytes = 2 if (precision == "bf16" and bf16_mode == "pure") else 4
-    states_per_param = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2)
+    states_per_param = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2)  # Adam m and v; SGD momentum
     shard_params = n / (tp * pp)
     params = shard_params * weight_bytes / (dp if zero_stage >= 3 else 1)
     grads = shard_params * weight_bytes / (dp if zero_stage >= 2 else 1)
     optim = shard_params * states_per_param * weight_bytes / (dp if zero_stage >= 1 else 1)
 
-    act_bytes = BYTES.get(precision, 4) if not (precision == "bf16" and bf16_mode == "autocast") else 2
+    act_bytes = BYTES.get(precision, 4)
     layers_here = math.ceil(cfg.num_layers / pp)
     sbh = s * micro_batch * cfg.hidden_size
     if checkpoint_activations:
         acts = layers_here * sbh * act_bytes / tp + 34 * sbh * (act_bytes / 2) / tp
     else:
         acts = layers_here * 34 * sbh * (act_bytes / 2) / tp
-    # logits and their gradient in fp32 on the last stage
-    acts += 2 * s * micro_batch * cfg.vocab_size * 4 / tp
+    # logits in the activation dtype plus the fp32 copy the loss works on (last stage)
+    acts += s * micro_batch * cfg.vocab_size * (act_bytes + 4) / tp
     out = {"params": params, "grads": grads, "optimizer": optim, "activations": acts}
     out = {k: int(v) for k, v in out.items()}
     out["total"] = sum(out.values())

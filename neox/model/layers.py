@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neox.config.schema import GATED_ACTIVATIONS, ModelConfig
-from neox.model.info import default_intermediate_size, intermediate_size  # noqa: F401  (re-exported)
+from neox.config.schema import ModelConfig
+from neox.model.info import default_intermediate_size, intermediate_size, is_gated  # noqa: F401  (re-exported)
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +70,7 @@ class MLP(nn.Module):
         super().__init__()
         h, inter, bias = cfg.hidden_size, intermediate_size(cfg), cfg.use_bias_in_mlp
         self.act = ACTIVATION_FNS[cfg.activation]
-        self.gated = cfg.activation in GATED_ACTIVATIONS
+        self.gated = is_gated(cfg)
         if self.gated:
             self.w1 = nn.Linear(h, inter, bias=bias)
             self.w3 = nn.Linear(h, inter, bias=bias)

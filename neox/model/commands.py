@@ -1,0 +1,112 @@
+"""`neox info CONFIG... [--set KEY=VALUE]`: parameter count, FLOPs per token and per-rank memory estimates.
+
+Pure arithmetic on the config (neox.model.info): nothing is allocated, so it answers for a 20B model at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from neox.errors import ConfigError, NeoxError
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML/JSON config files, merged in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key after the files (repeatable), e.g. --set model.num_layers=8")
+    parser.add_argument("-d", "--config-dir", default=None, help="directory the CONFIG names are relative to")
+    parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                        help="the tokenizer's vocabulary size, when model.vocab_size is unset and the tokenizer "
+                             "file is not at hand (padded as in training)")
+    parser.add_argument("--dp", type=int, default=1, metavar="N",
+                        help="data-parallel size for the memory estimate (ZeRO shards over it)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _resolve_vocab(cfg, vocab_size: int | None) -> None:
+    from neox.config import resolve_vocab
+
+    tp = cfg.parallel.model_parallel_size
+    if cfg.model.vocab_size is not None:
+        return
+    if vocab_size is None:
+        try:
+            from neox.data.tokenizers import build_tokenizer
+
+            vocab_size = build_tokenizer(cfg.tokenizer).vocab_size
+        except (NeoxError, OSError) as e:
+            raise ConfigError(f"model.vocab_size is unset and the tokenizer could not be loaded ({e}); pass "
+                              "--vocab-size N (the tokenizer's size) or --set model.vocab_size=N") from None
+    resolve_vocab(cfg, vocab_size, tp=tp)
+
+
+def collect(cfg, dp: int = 1) -> dict:
+    """Everything `neox info` reports for a loaded Config, as plain numbers."""
+    from neox.config import resolve_batch
+    from neox.model import info
+
+    m, par = cfg.model, cfg.parallel
+    try:
+        micro = resolve_batch(cfg, dp)[0]
+    except ConfigError:
+        micro = 1  # info needs no batch; a training run would report the missing keys
+    embed = m.vocab_size * m.hidden_size + (info.max_positions(m) * m.hidden_size if m.pos_emb == "learned" else 0)
+    memory = info.memory_per_rank(
+        m, precision=cfg.precision.precision, bf16_mode=cfg.precision.bf16_mode, optimizer=cfg.optimizer.type,
+        micro_batch=micro, dp=dp, tp=par.model_parallel_size, pp=par.pipe_parallel_size,
+        zero_stage=par.zero_stage, checkpoint_activations=cfg.train.checkpoint_activations)
+    return {
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
+        "num_kv_heads": info.num_kv_heads(m), "head_dim": info.head_dim(m),
+        "intermediate_size": info.intermediate_size(m), "vocab_size": m.vocab_size, "seq_length": m.seq_length,
+        "pos_emb": m.pos_emb, "tied": not m.no_weight_tying,
+        "params": info.num_params(m), "params_embedding": embed,
+        "params_blocks": m.num_layers * info.layer_params(m),
+        "flops_per_token": info.flops_per_token(m),
+        "memory": memory,
+        "memory_setup": {"precision": cfg.precision.precision, "micro_batch": micro, "dp": dp,
+                         "tp": par.model_parallel_size, "pp": par.pipe_parallel_size, "zero_stage": par.zero_stage,
+                         "checkpoint_activations": cfg.train.checkpoint_activations},
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:8.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    s = r["memory_setup"]
+    lines = [
+        f"model: {r['num_layers']} layers, hidden {r['hidden_size']}, {r['num_attention_heads']} heads "
+        f"({r['num_kv_heads']} kv, head_dim {r['head_dim']}), ffn {r['intermediate_size']}, "
+        f"vocab {r['vocab_size']}, pos_emb {r['pos_emb']}, {'tied' if r['tied'] else 'untied'} output layer",
+        f"parameters: {r['params']:,} ({_human(r['params'])}); blocks {_human(r['params_blocks'])}, "
+        f"embeddings {_human(r['params_embedding'])}",
+        f"FLOPs per token (forward+backward, seq {r['seq_length']}): {_human(r['flops_per_token'], 'FLOP')}  "
+        "[6 * matmul params + 12 * layers * hidden * seq]",
+        f"memory per rank ({s['precision']}, zero {s['zero_stage']}, dp {s['dp']}, tp {s['tp']}, pp {s['pp']}, "
+        f"micro batch {s['micro_batch']}{', activation checkpointing' if s['checkpoint_activations'] else ''}):",
+    ]
+    lines += [f"  {k:<12}{_gib(v)}" for k, v in r["memory"].items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neox.config import load
+
+    if args.dp < 1:
+        raise ConfigError(f"--dp must be >= 1, got {args.dp}")
+    cfg = load(args.configs, args.overrides, args.config_dir)
+    _resolve_vocab(cfg, args.vocab_size)
+    report = collect(cfg, dp=args.dp)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
