@@ -1,0 +1,65 @@
+"""Resharding: a checkpoint saved under dp2 x tp2 (ZeRO 3 + sequence parallel) resumes under tp2, ZeRO-1 dp2 and
+one process, and each continues with the losses of the uninterrupted single-process run (real Trainer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from neox.train.trainer import Trainer
+from tests.parallel.dist_helpers import torchrun
+from tests.train.tiny_run import make_corpus, tiny_config
+
+ITERS, STOP = 6, 3
+# global batch 4 in every layout (accumulation makes up for fewer data-parallel ranks); the padded vocabulary
+# depends on tp unless it is fixed, and a checkpoint only loads into the same shapes
+BASE = {"eval": {"eval_iters": 0}, "model": {"vocab_size": 384},
+        "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4}}
+
+
+def groups(**extra):
+    out = json.loads(json.dumps(BASE))
+    for k, v in extra.items():
+        out.setdefault(k, {}).update(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), docs=200)
+
+
+def run_here(prefix, stop_at=None, **extra):
+    torch.set_num_threads(1)
+    t = Trainer(tiny_config(prefix, **groups(**extra)), quiet=True)
+    t.fit(stop_at)
+    return t.losses
+
+
+def launch(nproc, prefix, runs, tmp_path, tag):
+    spec, out = tmp_path / f"{tag}.json", tmp_path / f"{tag}-out.json"
+    spec.write_text(json.dumps({"data": prefix, "runs": runs}))
+    torchrun("trainer_worker.py", nproc, str(spec), str(out))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
+    straight = run_here(corpus)
+    assert len(straight) == ITERS and straight[-1] != straight[0]
+
+    save = str(tmp_path / "run")
+    first = launch(4, corpus, [{"name": "dp2xtp2", "stop_at": STOP, "groups": groups(
+        parallel={"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True},
+        checkpoint={"save": save, "save_interval": STOP})}], tmp_path, "save")["dp2xtp2"]
+    assert first == pytest.approx(straight[:STOP], abs=1e-5)
+
+    resumed = launch(2, corpus, [
+        {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
+        {"name": "zero1 dp2", "groups": groups(parallel={"zero_stage": 1}, checkpoint={"load": save})},
+    ], tmp_path, "load")
+    resumed["single process"] = run_here(corpus, checkpoint={"load": save})
+    for name, losses in resumed.items():
+        assert losses == pytest.approx(straight[STOP:], abs=1e-5), name
