@@ -1,0 +1,48 @@
+"""`neox train CONFIG... [-d DIR] [--set KEY=VALUE]`: train or fine-tune from GPT-NeoX-style YAML configs.
+
+With `--nproc N` (or a hostfile / Slurm step) the command re-launches itself under torchrun and every worker
+trains its part of the layout in `parallel`; see neox.parallel.launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    from neox.parallel import launch
+
+    parser.add_argument("configs", nargs="+", metavar="CONFIG",
+                        help="YAML/JSON config files, merged in order (later files override earlier ones)")
+    parser.add_argument("-d", "--config-dir", default=None,
+                        help="directory that relative CONFIG paths are read from (like GPT-NeoX's deepy.py -d)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train_iters=50 --set optimizer.lr=1e-3 "
+                             "(repeatable; applied after the files)")
+    launch.add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from neox.config import load
+    from neox.parallel import launch
+    from neox.parallel.mesh import ParallelDims
+
+    cfg = load(args.configs, args.overrides, config_dir=args.config_dir, training=True)
+    source = ", ".join(args.configs)
+    code = launch.launch(args, sys.argv[1:],
+                         validate=lambda world: ParallelDims.from_config(cfg.parallel, world, cfg.model, source))
+    if code is not None:
+        return code
+
+    from neox.parallel.runtime import trainer_args, with_elastic_resume
+    from neox.train.trainer import Trainer
+
+    cfg = with_elastic_resume(cfg)
+    trainer = Trainer(cfg, **trainer_args(cfg, source))
+    summary = trainer.fit()
+    if not trainer.quiet:
+        parts = [f"{k} {v:.4f}" for k, v in summary.items() if k.endswith(("loss", "ppl"))]
+        print(f"done: iteration {trainer.iteration}" + (" | " + " | ".join(parts) if parts else ""))
+    return 0
