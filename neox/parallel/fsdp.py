@@ -67,8 +67,9 @@ def apply_fsdp(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mo
 def apply_replicate(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast") -> nn.Module:
     """ZeRO 0. Without tensor parallelism: DDP (composable form, so the module keeps its class and
     parameter names; DDP communication hooks from neox.parallel.compress register on it). With DTensor
-    parameters: FSDP2's replicate, which all-reduces DTensor gradients over the data-parallel dim."""
-    if dims.tp == 1:
+    parameters, or on a pipeline stage (the schedule drives FSDP-style gradient sync, not DDP's reducer):
+    FSDP2's replicate, which all-reduces gradients over the data-parallel dim."""
+    if dims.tp == 1 and dims.pp == 1:
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=mesh["dp_replicate"])

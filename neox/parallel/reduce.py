@@ -17,6 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+# Set (by neox.parallel.pipeline) on the last pipeline stage's copy of a tied embedding: it is clipped with
+# everything else but its gradient, equal to the first stage's, must count once in the norm.
+TIED_COPY_ATTR = "_neox_pipeline_tied_copy"
+
+
 def loss_context(logits_are_sharded: bool):
     """Wrap forward *and* backward of the loss in this when logits are vocab-sharded (tensor parallel)."""
     if not logits_are_sharded:
@@ -63,7 +68,7 @@ def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
     groups: dict = {}
     for p in parameters:
         g = p.grad
-        if g is None:
+        if g is None or getattr(p, TIED_COPY_ATTR, False):  # counted once, on the first pipeline stage
             continue
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
         groups.setdefault(key, []).append(g)
