@@ -48,7 +48,10 @@ def translate(argv: list[str]) -> list[str]:
 def main() -> int:
     from neox.cli import main as neox_main
 
-    return neox_main(translate(sys.argv[1:]))
+    argv = translate(sys.argv[1:])
+    # `neox train --nproc N` re-launches itself from sys.argv: make that the translated command line
+    sys.argv = ["neox", *argv]
+    return neox_main(argv)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ def test_unknown_script_is_a_usage_error():
     with pytest.raises(SystemExit, match="usage: deepy.py"):
         deepy.translate(["pretrain_gpt2.py", "a.yml"])
 
+
+
+def test_runs_the_neox_command(tmp_path):
+    import subprocess
+    import sys
+
+    # end to end through the neox CLI: a missing config is a one-line error from `neox train`, exit 2
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "nope.yml"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "nope.yml" in proc.stderr and proc.stderr.startswith("neox train: error:")
