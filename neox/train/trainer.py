@@ -358,12 +358,18 @@ class Trainer:
                     window = _Window()
                 if eval_every > 0 and self.iteration % eval_every == 0:
                     self._eval_and_log("valid", metrics, console, summary)
+                tasks_every = cfg.eval.eval_tasks_interval
+                if cfg.eval.eval_tasks and tasks_every and self.iteration % tasks_every == 0:
+                    self._eval_tasks_and_log(metrics, console, summary)
                 if self._should_save():
                     self.save()
             if self.iteration >= self.train_iters:
                 if eval_every <= 0 or self.iteration % eval_every != 0:
                     self._eval_and_log("valid", metrics, console, summary)
                 self._eval_and_log("test", metrics, console, summary)
+                tasks_every = cfg.eval.eval_tasks_interval
+                if cfg.eval.eval_tasks and not (tasks_every and self.iteration % tasks_every == 0):
+                    self._eval_tasks_and_log(metrics, console, summary)
             where = self.save()
             if where is not None:
                 console.print(f"saved checkpoint {where}")
@@ -398,6 +404,24 @@ class Trainer:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = w.skipped
         return record
+
+    def _eval_tasks_and_log(self, metrics: Metrics, console: Console, summary: dict) -> None:
+        """lm-evaluation-harness tasks (eval.eval_tasks) on the current weights, logged as eval_tasks/TASK/METRIC.
+        Every rank runs the same requests in the same order, so sharded models see matching collectives."""
+        if self.cfg.parallel.pipe_parallel_size > 1:
+            console.print("eval_tasks skipped: lm-eval needs the whole model in each process (no pipeline stages)")
+            return
+        from neox.interop.lm_eval import evaluate_model
+
+        e = self.cfg.eval
+        with torch.no_grad():
+            scores = evaluate_model(self.model, self.tokenizer, list(e.eval_tasks), limit=e.eval_tasks_limit,
+                                    include_path=e.eval_include_path, max_length=self.seq_length)
+        record = {"iteration": self.iteration, **{f"eval_tasks/{k}": v for k, v in scores.items()}}
+        metrics.log(record)
+        console.print(f"iter {self.iteration:>6}/{self.train_iters} | "
+                      + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        summary.update({k: v for k, v in record.items() if k != "iteration"})
 
     def _eval_and_log(self, split: str, metrics: Metrics, console: Console, summary: dict) -> None:
         record = self.evaluate(split)

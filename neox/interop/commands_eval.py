@@ -1,0 +1,48 @@
+"""`neox eval CHECKPOINT --tasks ...`: lm-evaluation-harness tasks on a checkpoint, offline.
+
+Tasks come from the harness registry, from --include-path YAMLs, or are the bundled local tasks
+(lambada_openai_local, piqa_local, wikitext2_local, lambada_gen_local) that read the shared data folder.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(parser, name):
+    parser.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names")
+    parser.add_argument("--limit", type=float, help="examples per task (a fraction below 1)")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="directory of task YAMLs (repeatable)")
+    parser.add_argument("--num-fewshot", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, help="context length (default: the model's)")
+    parser.add_argument("--bootstrap-iters", type=int, default=0, help="stderr bootstrap samples (0 = skip)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--output", metavar="DIR", help="write results.json and results.txt here")
+    parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in results.json")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
+    from neox.infer.commands import _device
+    from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
+    from neox.train.checkpoint import resolve
+
+    ckpt = resolve(args.checkpoint)
+    cfg = checkpoint_config(ckpt)
+    tokenizer = build_tokenizer_for(cfg, ckpt)
+    model = build_model(cfg, ckpt, _device(args.device), args.dtype)
+    lm = NeoxLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_tasks(lm, tasks, limit=limit, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                        seed=args.seed, log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
+    print(results_table(results))
+    if args.output:
+        print(f"wrote {write_results(results, args.output)}", file=sys.stderr)
+    return 0
