@@ -44,7 +44,8 @@ GROUP_NO_EFFECT: dict[tuple[str, str], str] = {
 
 _FUSED = "attention always runs through fused scaled_dot_product_attention; other fusions are torch.compile's job (train.compile)"
 _DEEPSPEED_COMM = "DeepSpeed communication tuning; FSDP2/DDP choose their own buckets and overlap"
-_LAUNCH = "launching is done by `torchrun`/`neox train --nproc` (see neox/parallel/launch.py), not by the config"
+_LAUNCH = ("processes are launched from the command line: `neox train --nproc N`, `--hostfile FILE`, "
+           "`--nnodes/--node-rank/--master-addr/--master-port`, or inside a Slurm step (neox/parallel/launch.py)")
 _RUNTIME = "GPT-NeoX fills this in at run time; it is computed here too"
 
 NO_EFFECT: dict[str, str] = {

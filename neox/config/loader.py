@@ -70,6 +70,7 @@ class Collector:
         self.source = source
         self.assignments: dict[tuple[str, str], Assignment] = {}
         self.notes: list[str] = []
+        self.noted_keys: list[str] = []
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: key '{key}': {message}")
@@ -88,6 +89,7 @@ class Collector:
 
     def note(self, key: str, reason: str) -> None:
         self.notes.append(f"{self.source}: key '{key}' has no effect here: {reason}")
+        self.noted_keys.append(key)
 
     # -- walking a mapping --------------------------------------------------------------------------------
 
@@ -272,8 +274,12 @@ def build(collectors: list[Collector]) -> Resolved:
     resolved = Resolved(Config(**groups), provenance, notes)
     derive(resolved.config, **extras)
     validate(resolved)
-    for n in notes:
-        log.info(n)
+    # Accepted-but-inert keys are never silent: one line per file (stderr by default, via logging's last
+    # resort handler); `neox config show` gives the reason for each.
+    for c in collectors:
+        if c.noted_keys:
+            log.warning("%s: %d key(s) have no effect in neox: %s (`neox config show` says why)",
+                        c.source, len(c.noted_keys), ", ".join(c.noted_keys))
     return resolved
 
 

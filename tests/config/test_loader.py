@@ -180,3 +180,11 @@ def test_missing_data_path_only_when_training(tmp_path):
         load([p], ["data_path=d", "tokenizer_type=HFTokenizer"], training=True)
     with pytest.raises(ConfigError, match=r"x\.yml: key 'train_data_paths': set either data_path"):
         from_dict({"data_path": "a", "train_data_paths": ["b"]}, str(tmp_path / "x.yml"), training=True)
+
+
+def test_no_effect_keys_are_reported_once_per_file(tmp_path, caplog):
+    p = write(tmp_path, "n.yml", "bias-gelu-fusion: true\nsteps_per_print: 10\nnum_layers: 2\n")
+    with caplog.at_level("WARNING", logger="neox.config.loader"):
+        load([p])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{p}: 2 key(s) have no effect in neox: bias-gelu-fusion, steps_per_print (`neox config show` says why)"]
