@@ -21,6 +21,9 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
                              "file is not at hand (padded as in training)")
     parser.add_argument("--dp", type=int, default=1, metavar="N",
                         help="data-parallel size for the memory estimate (ZeRO shards over it)")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="total processes (world size): checks the config's parallel layout for N processes "
+                             "and takes the data-parallel size from it (N / (pipe * model parallel))")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
 
@@ -56,7 +59,9 @@ def collect(cfg, dp: int = 1) -> dict:
     memory = info.memory_per_rank(
         m, precision=cfg.precision.precision, bf16_mode=cfg.precision.bf16_mode, optimizer=cfg.optimizer.type,
         micro_batch=micro, dp=dp, tp=par.model_parallel_size, pp=par.pipe_parallel_size,
-        zero_stage=par.zero_stage, checkpoint_activations=cfg.train.checkpoint_activations)
+        # FSDP2 has no optimizer-only sharding: ZeRO 1 also shards gradients, as 2 does (docs/parallelism.md)
+        zero_stage=2 if par.zero_stage == 1 else par.zero_stage,
+        checkpoint_activations=cfg.train.checkpoint_activations)
     return {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
         "num_kv_heads": info.num_kv_heads(m), "head_dim": info.head_dim(m),
@@ -107,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dp must be >= 1, got {args.dp}")
     cfg = load(args.configs, args.overrides, args.config_dir)
     _resolve_vocab(cfg, args.vocab_size)
-    report = collect(cfg, dp=args.dp)
+    dp = args.dp
+    if args.nproc is not None:
+        from neox.parallel.mesh import ParallelDims
+
+        if args.dp != 1:
+            raise ConfigError("give --nproc or --dp, not both: --nproc derives the data-parallel size")
+        dp = ParallelDims.from_config(cfg.parallel, args.nproc, cfg.model, ", ".join(args.configs)).dp
+    report = collect(cfg, dp=dp)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

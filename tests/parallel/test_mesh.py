@@ -79,3 +79,19 @@ def test_single_process_needs_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d, mesh = init_distributed(ParallelConfig())
     assert d.world_size == 1 and mesh is None
+
+
+
+def test_neox_info_nproc_uses_and_checks_the_layout(tmp_path, capsys):
+    import json
+
+    from neox.cli import main
+
+    cfg = tmp_path / "tiny.yml"
+    cfg.write_text("hidden_size: 64\nnum_attention_heads: 4\nnum_layers: 4\nvocab_size: 512\n"
+                   "model_parallel_size: 2\nzero_optimization: {stage: 3}\n")
+    assert main(["info", str(cfg), "--json", "--nproc", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["memory_setup"]["dp"], report["memory_setup"]["tp"], report["memory_setup"]["zero_stage"]) == (4, 2, 3)
+    assert main(["info", str(cfg), "--nproc", "5"]) == 2
+    assert "world size 5 is not divisible" in capsys.readouterr().err
