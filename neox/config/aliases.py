@@ -232,7 +232,7 @@ REJECTED_VALUES: dict[tuple[str, str], dict[str, str]] = {
 
 def map_value(target: tuple[str, str], value: Any) -> Any:
     table = VALUE_RENAMES.get(target)
-    if not table or isinstance(value, bool):
+    if not table or isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return value
     key = value.lower() if isinstance(value, str) else value
     return table.get(key, value)

@@ -93,13 +93,12 @@ class Collector:
 
     # -- walking a mapping --------------------------------------------------------------------------------
 
-    def walk(self, mapping: dict, prefix: str = "") -> None:
+    def walk(self, mapping: dict) -> None:
         for raw, value in mapping.items():
             key = normalize_key(raw)
-            shown = f"{prefix}{raw}"
             if not isinstance(key, str):
                 raise ConfigError(f"{self.source}: key {raw!r}: config keys must be strings")
-            self.top_level(key, shown, value)
+            self.top_level(key, raw, value)
 
     def top_level(self, key: str, shown: str, value: Any) -> None:
         if key in aliases.HANDLERS and not (key in GROUPS and isinstance(value, dict)

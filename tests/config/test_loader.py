@@ -160,6 +160,10 @@ def test_set_overrides(tmp_path):
         load([p], ["hidden_size=abc"])
     with pytest.raises(ConfigError, match=r"--set hidden_size: expected KEY=VALUE"):
         load([p], ["hidden_size"])
+    with pytest.raises(ConfigError, match=r"key 'pipe_parallel_size': expected an integer, got \[1\]"):
+        load([p], ["pipe_parallel_size=[1]"])
+    with pytest.raises(ConfigError, match=r"key 'model': expected a mapping of model settings, got 3"):
+        load([p], ["model=3"])
 
 
 def test_conflicting_keys_in_one_file():
