@@ -113,7 +113,8 @@ def _texts_of(piece: Piece, keys: list, prompt_key: str | None):
     texts = []
     for key in ([prompt_key] if prompt_key else []) + keys:
         if key not in obj:
-            return BadLine(piece.path, piece.line, f"missing key {key!r} (keys: {', '.join(map(str, obj))})")
+            have = ", ".join(list(map(str, obj))[:5]) + (", ..." if len(obj) > 5 else "")
+            return BadLine(piece.path, piece.line, f"missing key {key!r} (has: {have or 'no keys'})")
         value = obj[key]
         if not isinstance(value, str):
             return BadLine(piece.path, piece.line, f"key {key!r} is {type(value).__name__}, not a string")
