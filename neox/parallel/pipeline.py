@@ -342,13 +342,9 @@ class PipelineRunner:
 
 # ---------------------------------------------------------------- putting it together
 
-def build(model: nn.Module, pcfg, mesh, *, n_micro: int, precision, device: torch.device,
-          parallelize=None, pass_positions: bool = False, pass_segments: bool = False):
-    """Split `model` (a GPT, identical on every rank) into this rank's stages, parallelize each with
-    `parallelize(stage)` (e.g. neox.parallel.apply for tp/dp), and return (local_model, runner).
-
-    `local_model` is what the optimizer, clipping and checkpoints use; the full `model` should be dropped.
-    """
+def split_for_rank(model: nn.Module, pcfg, mesh, n_micro: int, parallelize=None):
+    """This rank's stages of `model` (a GPT, identical on every rank), each passed through `parallelize`
+    (e.g. neox.parallel.apply for tp/dp). Returns (local_model, stages, stage_ids, n_stages, tied)."""
     pp, v = mesh["pp"].size(), pcfg.pipe_stages_per_rank
     validate(pcfg, len(model.layers), n_micro)
     n_stages = pp * v
@@ -361,7 +357,50 @@ def build(model: nn.Module, pcfg, mesh, *, n_micro: int, precision, device: torc
             parallelize(m)
         mark_tied_copy(m)
     tied = model.tied and model.embed_out is None
+    return local_view(model, stages), stages, stage_ids, n_stages, tied
+
+
+def build(model: nn.Module, pcfg, mesh, *, n_micro: int, precision, device: torch.device,
+          parallelize=None, pass_positions: bool = False, pass_segments: bool = False):
+    """`split_for_rank` plus the runner: returns (local_model, runner). `local_model` is what the optimizer,
+    clipping and checkpoints use; the full `model` should be dropped."""
+    local, stages, stage_ids, n_stages, tied = split_for_rank(model, pcfg, mesh, n_micro, parallelize)
     runner = PipelineRunner(stages, stage_ids, n_stages, mesh, n_micro, pcfg.pipe_schedule, precision, device,
                             tied, pass_positions=pass_positions, pass_segments=pass_segments,
                             vocab_parallel=mesh["tp"].size() > 1)
-    return local_view(model, stages), runner
+    return local, runner
+
+
+_STASH = "_neox_pipeline_parts"
+
+
+def trainer_hooks(cfg, mesh, parallelize):
+    """(parallelize, runner_cls) for neox.train.Trainer under pipeline parallelism.
+
+    The Trainer calls `parallelize(model)` and builds its optimizer and checkpoints on the result, then
+    `runner_cls(model, precision, layout, cfg, device)`. Here `parallelize` splits the GPT into this rank's
+    stages (each wrapped by the given tp/dp `parallelize`) and returns their local view; the runner class
+    picks the stages up from that view.
+    """
+    from neox.config import resolve_batch
+
+    if cfg.train.compile:
+        raise ConfigError("train.compile is not supported with pipe_parallel_size > 1 yet; turn one of them off")
+    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+    n_micro = resolve_batch(cfg, dp)[1]  # what the Trainer resolves too: micro-batches per step
+
+    def split(model: nn.Module) -> nn.Module:
+        local, stages, stage_ids, n_stages, tied = split_for_rank(model, cfg.parallel, mesh, n_micro, parallelize)
+        # a plain list attribute: not a registered submodule, so names and state dicts are unchanged
+        object.__setattr__(local, _STASH, (stages, stage_ids, n_stages, tied))
+        return local
+
+    def runner_cls(model, precision, layout, run_cfg, device) -> PipelineRunner:
+        stages, stage_ids, n_stages, tied = getattr(model, _STASH)
+        return PipelineRunner(stages, stage_ids, n_stages, mesh, run_cfg.train.gradient_accumulation_steps,
+                              run_cfg.parallel.pipe_schedule, precision, device, tied,
+                              pass_positions=run_cfg.data.reset_position_ids,
+                              pass_segments=run_cfg.data.reset_attention_mask,
+                              vocab_parallel=mesh["tp"].size() > 1)
+
+    return split, runner_cls

@@ -50,6 +50,12 @@ def trainer_args(cfg, source: str = "config") -> dict:
         return {"layout": layout}
     parallelize = functools.partial(apply, pcfg=cfg.parallel, mesh=layout.mesh, precision=cfg.precision.precision,
                                     bf16_mode=cfg.precision.bf16_mode, device_type=device_type)
+    if layout.mesh["pp"].size() > 1:
+        # stages of the model, each parallelized as above, run by a pipeline schedule
+        from neox.parallel.pipeline import trainer_hooks
+
+        split, runner_cls = trainer_hooks(cfg, layout.mesh, parallelize)
+        return {"layout": layout, "parallelize": split, "runner_cls": runner_cls}
     return {"layout": layout, "parallelize": parallelize, "runner_cls": ParallelStepRunner}
 
 
