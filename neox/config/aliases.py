@@ -222,7 +222,7 @@ REJECTED_VALUES: dict[tuple[str, str], dict[str, str]] = {
         "hfgpt2tokenizer": "use GPT2BPETokenizer (vocab.json + merges.txt) or HFTokenizer (tokenizer.json)",
     },
     ("optimizer", "type"): {
-        "onebitadam": "DeepSpeed 1-bit Adam is not used; use type adam with parallel.grad_compression: onebit",
+        "onebitadam": "DeepSpeed 1-bit Adam is not used; use type adamw with parallel.grad_compression: onebit",
         "sm3": "SM3 is not implemented (adam, adamw, sgd are)",
         "madgrad_wd": "MADGRAD is not implemented (adam, adamw, sgd are)",
         "lion": "Lion is not implemented (adam, adamw, sgd are)",
