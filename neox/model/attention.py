@@ -57,12 +57,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
         b, t, _ = x.shape
         g, hd = self.group, self.head_dim
-        qkv = self.query_key_value(x).view(b, t, self.num_kv_heads, g + 2, hd)
+        # head counts come from the tensor (-1), so a tensor-parallel shard holding some kv groups works too
+        qkv = self.query_key_value(x).view(b, t, -1, g + 2, hd)
         qk = qkv[:, :, :, : g + 1]
         if inputs.rotary is not None:
             # q and k rotated in one op: the cos/sin tables broadcast over groups and heads
             qk = apply_rotary(qk, *inputs.rotary)
-        q = qk[:, :, :, :g].reshape(b, t, self.num_heads, hd).transpose(1, 2)
+        q = qk[:, :, :, :g].reshape(b, t, -1, hd).transpose(1, 2)
         k = qk[:, :, :, g].transpose(1, 2)
         v = qkv[:, :, :, g + 1].transpose(1, 2)
         if kv_cache is not None:
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=inputs.is_causal and mask is None, enable_gqa=g > 1)
-        return self.dense(out.transpose(1, 2).reshape(b, t, self.num_heads * hd))
+        return self.dense(out.transpose(1, 2).reshape(b, t, -1))
 
 
 def build_attention_inputs(model, batch: int, seq: int, positions: torch.Tensor,

@@ -77,12 +77,13 @@ class GPT(nn.Module):
         """A parameter whose dtype/device stand for the whole model (any stage keeps at least one)."""
         return next(self.parameters())
 
-    def compute_dtype(self) -> torch.dtype:
-        """dtype activations run in: the autocast dtype when autocast is on, else the parameter dtype."""
-        p = self.reference_param()
-        if torch.is_autocast_enabled(p.device.type):
-            return torch.get_autocast_dtype(p.device.type)
-        return p.dtype
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """dtype attention runs in: the autocast dtype when autocast is on, else that of the hidden states
+        (which follows FSDP's mixed-precision parameter dtype too)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
@@ -104,7 +105,7 @@ class GPT(nn.Module):
             x = self.embed_dropout(x)
 
         inputs = build_attention_inputs(self, b, t, pos, segment_ids, kv_cache,
-                                        self.compute_dtype(), x.device)
+                                        self.compute_dtype(x), x.device)
         for layer in self.layers.values():
             x = layer(x, inputs, kv_cache)
         if kv_cache is not None:

@@ -173,3 +173,28 @@ def test_matches_transformers_gpt_neox():
 def test_bad_shapes_are_config_errors(kw, key):
     with pytest.raises(ConfigError, match=key):
         GPT(cfg_of(**kw))
+
+
+@pytest.mark.parametrize("pos_emb", ["rotary", "alibi"])
+def test_meta_device_build_then_materialize(pos_emb):
+    # FSDP-style: build on meta, allocate, re-init; the derived tables must come back real (not garbage)
+    ref = build(pos_emb=pos_emb)
+    with torch.device("meta"):
+        model = GPT(cfg_of(pos_emb=pos_emb))
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randint(0, V, (2, 8))
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_forward_traces_without_graph_breaks():
+    import torch._dynamo
+
+    model = build(num_layers=1, pos_emb="rpe", num_kv_heads=2)
+    x = torch.randint(0, V, (2, 8))
+    segments = torch.tensor([[0] * 3 + [1] * 5] * 2)
+    for kwargs in ({}, {"segment_ids": segments}):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x, **kwargs)
+        assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
