@@ -22,6 +22,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -343,7 +344,9 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     from tqdm import tqdm
 
-    bar = tqdm(total=opts.num_docs, unit="doc", disable=not show, file=sys.stderr, dynamic_ncols=True)
+    # shutil falls back to 80x24 where a terminal reports 0x0 (tqdm would then draw nothing at all)
+    cols, rows = shutil.get_terminal_size()
+    bar = tqdm(total=opts.num_docs, unit="doc", disable=not show, file=sys.stderr, ncols=cols, nrows=rows)
     start = time.perf_counter()
     reported = 0
     last_shown = 0
