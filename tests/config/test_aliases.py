@@ -179,3 +179,7 @@ def test_every_table_key_is_handled():
     for i, a in enumerate(tables):
         for b in tables[i + 1:]:
             assert not a & b, a & b  # every key in exactly one table
+    from neox.config.loader import FLAT
+
+    for t in tables:  # a schema field must never be shadowed by (or shadow) a GPT-NeoX table entry
+        assert not (set(FLAT) & t) - {"precision"}, set(FLAT) & t  # precision's handler sets that very field
