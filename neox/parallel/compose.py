@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from neox.parallel import compress
 from neox.parallel.fsdp import apply_fsdp, apply_replicate
 from neox.parallel.mesh import ParallelDims
 from neox.parallel.tensor import apply_tensor_parallel
@@ -18,6 +19,7 @@ def apply(model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: s
     """
     if mesh is None:
         return model
+    compress.validate(pcfg)  # before any wrapping: a layout without DDP cannot take a compression hook
     dims = ParallelDims.from_mesh(mesh, pcfg)
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
@@ -28,4 +30,5 @@ def apply(model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: s
                        device_type=device_type, reshard_after_forward=False if dims.pp > 1 else None)
         else:
             apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode)
+            compress.register(model, pcfg, mesh["dp_replicate"].get_group())
     return model

@@ -12,7 +12,8 @@ Compressed runs begin with `parallel.grad_compression_start_iter` uncompressed s
 after the first step, and error feedback works better once the early large gradients have passed (GPT-NeoX's
 1-bit Adam `freeze_step` plays the same role).
 
-Only plain DDP (zero_stage 0) has communication hooks; FSDP2 reduce-scatters its own gradients.
+Only plain DDP (zero_stage 0, no tensor or pipeline parallelism) has communication hooks: FSDP2 reduces its own
+gradients. `neox.parallel.apply` installs the hook on the data-parallel group.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations as real types.
@@ -39,6 +40,13 @@ def validate(pcfg) -> None:
         raise ConfigError(
             f"parallel.grad_compression: {method} needs plain DDP (zero_stage: 0), got zero_stage: "
             f"{pcfg.zero_stage}; set grad_compression: none or zero_stage: 0"
+        )
+    if pcfg.model_parallel_size > 1 or pcfg.pipe_parallel_size > 1:
+        # with DTensor weights or pipeline schedules gradients are reduced by FSDP2's replicate, not DDP
+        raise ConfigError(
+            f"parallel.grad_compression: {method} works with data parallelism alone; this layout has "
+            f"model_parallel_size {pcfg.model_parallel_size}, pipe_parallel_size {pcfg.pipe_parallel_size}; "
+            f"set grad_compression: none"
         )
     if method == "powersgd" and pcfg.powersgd_rank < 1:
         raise ConfigError(f"parallel.powersgd_rank: must be >= 1, got {pcfg.powersgd_rank}")
