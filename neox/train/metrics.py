@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import platform
 import resource
 import sys
 import time
@@ -20,15 +22,27 @@ from neox.config.schema import LoggingConfig
 from neox.errors import NeoxError
 
 
-@functools.lru_cache(maxsize=None)
-def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
-    """Best matmul FLOP/s on `device` in `dtype`, from a sub-second square-matmul benchmark.
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
-    The size grows until one product takes a few milliseconds (big enough to reach the kernel's steady
-    rate, small enough that a slow dtype such as bf16 without hardware support does not stall startup).
-    `threads` is part of the cache key because the CPU rate scales with it.
-    """
-    dev = torch.device(device)
+
+def _peak_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neox" / "matmul_peak.json"
+
+
+def _measure_matmul(dev: torch.device, dtype: torch.dtype) -> float:
+    """Best square-matmul FLOP/s over sizes that grow until one product takes a few milliseconds (big
+    enough for the kernel's steady rate, small enough that a dtype without hardware support, such as bf16
+    on AVX2, does not stall startup)."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)  # a private generator: measuring must not shift training's RNG
     best = 0.0
@@ -50,6 +64,34 @@ def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
         if elapsed / reps > 0.005 or n >= 4096:
             return best
         n *= 2
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
+    """The matmul FLOP/s MFU is measured against: this device's best rate in `dtype` with `threads` threads.
+
+    Measured once per process (sub-second) and kept on disk per (device model, dtype, threads) as the best
+    ever seen, because on a shared machine a single measurement taken while other jobs run is too low and
+    would inflate MFU. Delete ~/.cache/neox/matmul_peak.json to start over.
+    """
+    dev = torch.device(device)
+    measured = _measure_matmul(dev, dtype)
+    key = f"{_device_name(dev)}|{str(dtype).replace('torch.', '')}|{threads} threads"
+    path = _peak_cache()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    best = max(measured, float(cache.get(key, 0.0)))
+    if best > cache.get(key, 0.0):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cache, key: best}, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs the cache
+    return best
 
 
 def peak_memory_bytes(device: str) -> int:

