@@ -18,6 +18,7 @@ front of the text, and the label is -100 over the prompt tokens. Labels are int3
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -26,6 +27,8 @@ import shutil
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -34,7 +37,7 @@ import numpy as np
 from neox.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
 from neox.data.readers import BadLine, Piece, expand_inputs, iter_pieces
 from neox.data.tokenizers import build_tokenizer
-from neox.errors import ConfigError, DataError
+from neox.errors import ConfigError, DataError, NeoxError
 
 IGNORE_INDEX = -100
 LABEL_KEY = "label"
@@ -182,6 +185,19 @@ def _batches(pieces: Iterable[Piece], batch_bytes: int) -> Iterator[list]:
         yield batch
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator:
     """fn over items in order; with workers > 1 on a process pool with at most 2*workers batches in flight."""
     if workers <= 1:
@@ -191,25 +207,26 @@ def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator
         return
     # fork is cheap and safe here: the parent has not started the tokenizers library's thread pool.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    # Workers start with the tokenizers library's threads off (N processes already use N cores); set in the
-    # environment they are forked with, so the library does not warn about forking after using threads.
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
-    finally:
-        if saved is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
-    with pool:
+    # Workers start with the tokenizers library's threads off (N processes already use N cores): set in the
+    # environment they are forked with (at the first submit), so the library does not warn about the fork.
+    # A process pool from concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory)
+    # fails the run instead of hanging it.
+    with _env("TOKENIZERS_PARALLELISM", "false"), \
+            ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool:
         pending: deque = deque()
-        for it in items:
-            pending.append(pool.apply_async(fn, (it,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for it in items:
+                pending.append(pool.submit(fn, it))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise NeoxError("a preprocessing worker process died (out of memory? try fewer --workers or a "
+                            "smaller --batch-bytes)") from None
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _find(seq: np.ndarray, pattern: np.ndarray) -> int:

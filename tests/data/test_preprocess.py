@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from neox.cli import main as cli
 from neox.data.indexed import IndexedDataset
 from neox.data.preprocess import PreprocessOptions, _ordered_map, mask_label, preprocess
 from neox.data.tokenizers import ByteLevelTokenizer
-from neox.errors import ConfigError, DataError
+from neox.errors import ConfigError, DataError, NeoxError
 
 ROOT = Path(__file__).resolve().parents[2]
 BYTES = NS(tokenizer_type="ByteLevelTokenizer", vocab_file=None, merge_file=None)
@@ -66,6 +67,12 @@ def test_reading_runs_a_bounded_distance_ahead_of_the_workers():
     results = _ordered_map(abs, items(), 2, initargs)
     assert next(results) == 0 and len(consumed) <= 5
     assert list(results) == list(range(1, 40))
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging_it():
+    initargs = (ByteLevelTokenizer(), PreprocessOptions(inputs=[], output_prefix=""), "<u2", True)
+    with pytest.raises(NeoxError, match="worker process died"):
+        list(_ordered_map(os._exit, [3, 3], 2, initargs))
 
 
 def test_compressed_text_modes_lists_and_globs(tmp_path):
