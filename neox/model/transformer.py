@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from neox.config.schema import ModelConfig
+from neox.errors import NeoxError
 from neox.model import info
 from neox.model.attention import Attention, AttentionInputs, build_attention_inputs
 from neox.model.init import init_weights
@@ -57,6 +58,7 @@ class GPT(nn.Module):
         self.rpe_num_buckets, self.rpe_max_distance = cfg.rpe_num_buckets, cfg.rpe_max_distance
         self.tied = not cfg.no_weight_tying
         h, max_pos = cfg.hidden_size, info.max_positions(cfg)
+        self.max_positions = max_pos
 
         self.embed_in = nn.Embedding(cfg.vocab_size, h)
         self.embed_pos = nn.Embedding(max_pos, h) if cfg.pos_emb == "learned" else None
@@ -97,6 +99,12 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + t, device=x.device)[None]
         else:
             pos = position_ids
+        if kv_cache is not None and self.pos_emb in ("learned", "sinusoidal", "rotary"):
+            # generation is where positions outgrow the tables; checked only here to keep training sync-free
+            last = int(pos.max())
+            if last >= self.max_positions:
+                raise NeoxError(f"position {last} is beyond model.max_position_embeddings={self.max_positions} "
+                                f"of this {self.pos_emb} model; shorten the prompt or the number of new tokens")
         if self.embed_in is not None:
             if self.embed_pos is not None:
                 x = x + self.embed_pos(pos)

@@ -64,6 +64,13 @@ def test_cache_overflow_is_a_clear_error():
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
+def test_positions_beyond_the_tables_are_a_clear_error():
+    model = tiny("rotary")  # max_position_embeddings = seq_length = 16
+    cache = KVCache.for_model(model, batch_size=1, max_len=20)
+    with pytest.raises(NeoxError, match="max_position_embeddings=16"):
+        model(torch.zeros(1, 17, dtype=torch.long), kv_cache=cache)
+
+
 def test_cache_dtype_follows_autocast_and_reset():
     model = tiny("alibi")
     with torch.autocast("cpu", dtype=torch.bfloat16):
