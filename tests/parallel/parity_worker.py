@@ -32,7 +32,8 @@ def run_case(case: dict, mesh=None, dims=None) -> list[float]:
     pcfg = ParallelConfig(**case.get("parallel", {}))
     torch.manual_seed(1234)
     model = GPT(mcfg)
-    apply(model, pcfg, mesh)
+    precision = case.get("precision", "fp32")
+    apply(model, pcfg, mesh, precision=precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     micro = GLOBAL_BATCH // dp_size
@@ -42,7 +43,8 @@ def run_case(case: dict, mesh=None, dims=None) -> list[float]:
         tokens, labels = mine[:, :-1], mine[:, 1:]
         mask = torch.ones_like(labels)
         mask[:, : step % 3] = 0  # a masked prefix: the loss normalisation must match too
-        logits = model(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(tokens)
         from neox.parallel import is_vocab_parallel
 
         with loss_context(is_vocab_parallel(logits)):

@@ -1,4 +1,4 @@
-"""Resharding: a checkpoint saved under dp2 x tp2 (ZeRO 3 + sequence parallel) resumes under tp2, ZeRO-1 dp2 and
+"""Resharding: a checkpoint saved under dp2 x tp2 (ZeRO 3 + sequence parallel, async save on its own group) resumes under tp2, ZeRO-1 dp2 and
 one process, and each continues with the losses of the uninterrupted single-process run (real Trainer)."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
     save = str(tmp_path / "run")
     first = launch(4, corpus, [{"name": "dp2xtp2", "stop_at": STOP, "groups": groups(
         parallel={"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True},
-        checkpoint={"save": save, "save_interval": STOP})}], tmp_path, "save")["dp2xtp2"]
+        checkpoint={"save": save, "save_interval": STOP, "async_save": True})}], tmp_path, "save")["dp2xtp2"]
     assert first == pytest.approx(straight[:STOP], abs=1e-5)
 
     resumed = launch(2, corpus, [
