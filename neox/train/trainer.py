@@ -256,7 +256,8 @@ class Trainer:
     # ---------------------------------------------------------------- the step
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
         """One optimizer step; returns (loss, grad norm, skipped)."""
-        lr = self.schedule.apply(self.optimizer, self.iteration)
+        # Steps skipped for fp16 overflow do not advance the schedule (DeepSpeed skips its scheduler step).
+        lr = self.schedule.apply(self.optimizer, self.iteration - self.skipped_steps)
         scaler = self.precision.scaler
         scale = scaler.scale if scaler is not None else 1.0
         loss = self.runner.forward_backward(micro_batches, loss_scale=scale)

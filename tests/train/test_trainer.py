@@ -104,6 +104,8 @@ def test_fp16_overflow_skips_step_and_lowers_scale(corpus, tmp_path):
     assert t.skipped_steps >= 1 and record["skipped"] == t.skipped_steps
     assert t.skipped_steps < 8 and t.precision.scaler.scale == 2.0 ** (22 - t.skipped_steps)
     assert any(not torch.equal(before[k], v) for k, v in weights(t).items())  # later steps did update
+    # skipped steps (all at the start here) do not advance the schedule: the last update used lr(7 - skipped)
+    assert record["lr"] == pytest.approx(t.schedule.lr_at(7 - t.skipped_steps))
 
 
 def test_async_save_publishes_every_checkpoint(corpus, tmp_path):
