@@ -236,6 +236,7 @@ class PipelineRunner:
         self.has_first, self.has_last = 0 in stage_ids, n_stages - 1 in stage_ids
         group = mesh["pp"].get_group()
         self._loss_scale = 1.0
+        self._step_losses: list = []  # this step's per-micro-batch losses (last stage)
 
         def get_mesh(names, layout):
             # activations crossing stages may be DTensors (sequence parallel): rebuild their mesh by name
@@ -300,7 +301,7 @@ class PipelineRunner:
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"pipeline built for {self.n_micro} micro-batches, got {len(micro_batches)}")
         self._loss_scale = loss_scale
-        self._step_losses: list = []
+        self._step_losses = []
         for m in self.stages:
             m.train()
         self._run(self.schedule, micro_batches, train=True)
