@@ -21,6 +21,7 @@ TOKENIZER_TYPES = ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "SPM
                    "TiktokenTokenizer", "ByteLevelTokenizer")
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
+_EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
 
 class Tokenizer:
@@ -90,8 +91,9 @@ class CharLevelTokenizer(ByteLevelTokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` JSON file (e.g. GPT-NeoX-20B / Pythia's 20B_tokenizer.json).
 
-    eod is ``<|endoftext|>`` and pad ``<|padding|>`` (as GPT-NeoX looks them up); a file without a padding
-    token pads with eod.
+    eod is ``<|endoftext|>`` and pad ``<|padding|>`` (as GPT-NeoX looks them up); files without them fall back
+    to another end-of-sequence token (``</s>``, ``<|end_of_text|>``, ``<eos>``) and pad with eod. Text is encoded
+    with the file's post-processor, as GPT-NeoX does (a tokenizer that adds a BOS adds it to every document).
     """
 
     name = "HFTokenizer"
@@ -109,14 +111,16 @@ class HFTokenizer(Tokenizer):
             pre = json.loads(Path(path).read_text(encoding="utf-8")).get("pre_tokenizer") or {}
         except ValueError:
             pre = {}
-        self.splittable = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+        # A post-processor that adds tokens (BOS...) would add them to every piece of a cut document.
+        adds = self._tok.encode("a").ids != self._tok.encode("a", add_special_tokens=False).ids
+        self.splittable = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not adds
 
     def _init_ids(self, source: str) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eod = self._tok.token_to_id(EOD_TOKEN)
+        eod = next((i for i in map(self._tok.token_to_id, _EOD_CANDIDATES) if i is not None), None)
         if eod is None:
-            raise ConfigError(f"tokenizer.vocab_file: {source} has no {EOD_TOKEN} token to end documents with; "
-                              f"add it as a special token")
+            raise ConfigError(f"tokenizer.vocab_file: {source} has none of {', '.join(_EOD_CANDIDATES)} to end "
+                              f"documents with; add {EOD_TOKEN} as a special token")
         self.eod_id = eod
         pad = self._tok.token_to_id(PAD_TOKEN)
         self.pad_id = eod if pad is None else pad
@@ -127,12 +131,12 @@ class HFTokenizer(Tokenizer):
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips computing character offsets, which we never use.
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
+        return [e.ids for e in fast(texts)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

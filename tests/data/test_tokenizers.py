@@ -81,6 +81,22 @@ def test_trained_tokenizer(tmp_path, shared_data):
     assert cli(["tokenizer", "train", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", "x.json"]) == 2
 
 
+def test_hf_post_processor_and_eos_fallback(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    hf = Tokenizer(models.WordLevel({"</s>": 0, "<s>": 1, "a": 2, "b": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf.save(str(tmp_path / "bos.json"))
+    t = tok("HFTokenizer", str(tmp_path / "bos.json"))
+    assert (t.eod_id, t.pad_id) == (0, 0)  # no <|endoftext|>: falls back to </s>; no <|padding|>: pads with eod
+    assert t.encode("a b") == [1, 2, 3] and t.encode_batch(["b"]) == [[1, 3]]  # BOS per document, as GPT-NeoX
+    assert not t.splittable  # cutting a document would put a BOS in its middle
+    hf.add_special_tokens(["<|endoftext|>"])
+    hf.save(str(tmp_path / "eot.json"))
+    assert tok("HFTokenizer", str(tmp_path / "eot.json")).eod_id == 5
+
+
 def test_char_and_byte_level():
     c = tok("CharLevelTokenizer")
     assert (c.vocab_size, c.eod_id, c.pad_id) == (512, 0, 1)  # GPT-NeoX's values
