@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from neox.config import aliases, from_dict
+from neox.config import aliases, from_dict, load, resolve_vocab
 from neox.config.loader import resolve
 from neox.errors import ConfigError
 
@@ -183,3 +183,34 @@ def test_every_table_key_is_handled():
 
     for t in tables:  # a schema field must never be shadowed by (or shadow) a GPT-NeoX table entry
         assert not (set(FLAT) & t) - {"precision"}, set(FLAT) & t  # precision's handler sets that very field
+
+
+def test_gpt_neox_llama_model_plus_train_config(tmp_path):
+    """GPT-NeoX splits LLaMA into a model file and a train file; merged they give the LLaMA-7B shapes."""
+    model = tmp_path / "7B.yml"
+    model.write_text("""{
+  "pipe-parallel-size": 1, "model-parallel-size": 1, "make_vocab_size_divisible_by": 1,
+  "num-layers": 32, "hidden-size": 4096, "num-attention-heads": 32, "seq-length": 2048,
+  "max-position-embeddings": 2048, "pos-emb": "rotary", "rotary-pct": 1, "no-weight-tying": true,
+  "gpt-j-residual": false, "output-layer-parallelism": "column", "norm": "rmsnorm", "rms_norm_epsilon": 1.0e-6,
+  "scaled-upper-triang-masked-softmax-fusion": true, "bias-gelu-fusion": false,
+  "use_bias_in_norms": false, "use_bias_in_attn_linear": false, "mlp_type": "llama", "activation": "silu",
+}""")
+    train = tmp_path / "train_config.yml"
+    train.write_text("""{
+  "finetune": true, "optimizer": {"type": "Adam", "params": {"lr": 0.0002, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+  "min_lr": 0.00002, "override_lr_scheduler": true, "train_micro_batch_size_per_gpu": 4,
+  "checkpoint_activations": true, "checkpoint_num_layers": 1, "partition_activations": true,
+  "fp16": {"fp16": true, "enabled": true, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
+           "min_loss_scale": 1},
+  "train_iters": 320000, "lr_decay_iters": 320000, "lr_decay_style": "cosine", "warmup": 0.01,
+  "checkpoint_factor": 10000, "keep_last_n_checkpoints": 4, "mlp_multiple_of": 256,
+}""")
+    cfg = load([str(model), str(train)])
+    m = cfg.model
+    assert (m.activation, m.intermediate_size, m.norm, m.rms_norm_epsilon) == ("swiglu", 11008, "rmsnorm", 1e-6)
+    assert not (m.use_bias_in_norms or m.use_bias_in_attn_linear) and m.no_weight_tying
+    assert resolve_vocab(cfg, 32000) == 32000  # make_vocab_size_divisible_by: 1 keeps LLaMA's vocabulary
+    assert cfg.checkpoint.finetune and cfg.checkpoint.save_interval == 10000
+    assert (cfg.optimizer.type, cfg.precision.precision) == ("adamw", "fp16")
+
