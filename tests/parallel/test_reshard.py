@@ -1,5 +1,6 @@
-"""Resharding: a checkpoint saved under dp2 x tp2 (ZeRO 3 + sequence parallel, async save on its own group) resumes under tp2, ZeRO-1 dp2 and
-one process, and each continues with the losses of the uninterrupted single-process run (real Trainer)."""
+"""Resharding: a checkpoint saved under dp2 x tp2 (ZeRO 3 + sequence parallel, async save on its own group)
+resumes under tp2, ZeRO-1 dp2 (with activation checkpointing) and one process, and each continues with the
+losses of the uninterrupted single-process run (real Trainer)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
 
     resumed = launch(2, corpus, [
         {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
-        {"name": "zero1 dp2", "groups": groups(parallel={"zero_stage": 1}, checkpoint={"load": save})},
+        {"name": "zero1 dp2 + activation checkpointing", "groups": groups(
+            parallel={"zero_stage": 1}, checkpoint={"load": save}, train={"checkpoint_activations": True})},
     ], tmp_path, "load")
     resumed["single process"] = run_here(corpus, checkpoint={"load": save})
     for name, losses in resumed.items():
