@@ -113,27 +113,36 @@ def batches():
         for row in range(GLOBAL_BATCH):
             # masked prefixes of different lengths: micro-batches normalise by different token counts
             mask[row, : (row + step) % 5] = 0
-        out.append((data[:, :-1], data[:, 1:], mask))
+        # two documents per row (reset_position_ids / reset_attention_mask style), the cut varying by row
+        cut = 3 + torch.arange(GLOBAL_BATCH)[:, None] % 7
+        pos = torch.arange(SEQ)[None].expand(GLOBAL_BATCH, SEQ)
+        seg = (pos >= cut).long()
+        out.append((data[:, :-1], data[:, 1:], mask, torch.where(seg == 1, pos - cut, pos), seg))
     return out
 
 
-def micro_batches(tokens, labels, mask, lo, hi):
-    return [{"tokens": tokens[i:i + MICRO], "labels": labels[i:i + MICRO], "loss_mask": mask[i:i + MICRO]}
-            for i in range(lo, hi, MICRO)]
+def micro_batches(step_data, lo, hi):
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+    return [{k: v[i:i + MICRO] for k, v in zip(keys, step_data)} for i in range(lo, hi, MICRO)]
 
 
-def reference(model_over: dict) -> list[float]:
+def reference(model_over: dict, docs: bool = False) -> list[float]:
     """One process: the trainer's step (mean over micro-batches of masked-mean loss, clip, AdamW)."""
     from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss
 
     model = _model(**model_over)
+
+    def loss_of(mb):
+        extra = {"position_ids": mb["position_ids"], "segment_ids": mb["segment_ids"]} if docs else {}
+        return masked_mean_loss(model(mb["tokens"], **extra), mb["labels"], mb["loss_mask"])
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     losses = []
-    for tokens, labels, mask in batches():
-        mbs = micro_batches(tokens, labels, mask, 0, GLOBAL_BATCH)
+    for step_data in batches():
+        mbs = micro_batches(step_data, 0, GLOBAL_BATCH)
         total = 0.0
         for mb in mbs:
-            loss = masked_mean_loss(model(mb["tokens"]), mb["labels"], mb["loss_mask"])
+            loss = loss_of(mb)
             (loss / len(mbs)).backward()
             total += loss.item()
         clip_grad_norm_(model.parameters(), 0.05)  # small enough to clip every step
@@ -141,8 +150,7 @@ def reference(model_over: dict) -> list[float]:
         opt.zero_grad()
         losses.append(total / len(mbs))
     with torch.no_grad():  # then one evaluation micro-batch, as run_case ends
-        mb = micro_batches(*batches()[0], 0, MICRO)[0]
-        losses.append(masked_mean_loss(model(mb["tokens"]), mb["labels"], mb["loss_mask"]).item())
+        losses.append(loss_of(micro_batches(batches()[0], 0, MICRO)[0]).item())
     return losses
 
 
@@ -154,21 +162,23 @@ def run_case(case: dict, mesh) -> list[float]:
     dp_rank, dp_size = dp_rank_and_size(mesh)
     n_micro = GLOBAL_BATCH // (dp_size * MICRO)
     model = _model(**case.get("model", {}))
+    docs = case.get("docs", False)
     local, runner = pipeline.build(model, pcfg, mesh, n_micro=n_micro, precision=None,
-                                   device=torch.device("cpu"), parallelize=lambda m: apply(m, pcfg, mesh))
+                                   device=torch.device("cpu"), parallelize=lambda m: apply(m, pcfg, mesh),
+                                   pass_positions=docs, pass_segments=docs)
     del model
     opt = torch.optim.AdamW(local.parameters(), lr=1e-2, weight_decay=0.0)
     per_rank = GLOBAL_BATCH // dp_size
     losses = []
-    for tokens, labels, mask in batches():
-        mbs = micro_batches(tokens, labels, mask, dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    for step_data in batches():
+        mbs = micro_batches(step_data, dp_rank * per_rank, (dp_rank + 1) * per_rank)
         loss = runner.forward_backward(mbs)
         clip_grad_norm_([p for p in local.parameters() if p.grad is not None], 0.05, mesh)
         opt.step()
         opt.zero_grad()
         losses.append(float(mean_over(loss, mesh)))
     # evaluation through the pipeline gives the same number on every rank
-    ev = runner.eval_loss(micro_batches(*batches()[0], 0, MICRO)[0])
+    ev = runner.eval_loss(micro_batches(batches()[0], 0, MICRO)[0])
     losses.append(float(mean_over(ev, mesh)))
     return losses
 
@@ -199,6 +209,8 @@ TWO = [
                                                      "pipe_stages_per_rank": 2}},
     {"name": "pp2 1f1b untied learned", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
      "model": {"no_weight_tying": True, "pos_emb": "learned"}},
+    # position ids and document masks reach every stage, not only the first
+    {"name": "pp2 1f1b documents", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}, "docs": True},
 ]
 FOUR = [
     {"name": "pp2 x dp2 (zero0) 1f1b", "parallel": {"pipe_parallel_size": 2}},
@@ -225,9 +237,9 @@ def _check(cases, nproc, tmp_path):
     got = json.loads((tmp_path / "out.json").read_text())
     refs = {}
     for case in cases:
-        key = json.dumps(case.get("model", {}), sort_keys=True)
+        key = json.dumps([case.get("model", {}), case.get("docs", False)], sort_keys=True)
         if key not in refs:
-            refs[key] = reference(case.get("model", {}))
+            refs[key] = reference(case.get("model", {}), case.get("docs", False))
             assert len(set(refs[key])) == STEPS + 1  # the reference really trains
         assert got[case["name"]] == pytest.approx(refs[key], abs=1e-5), case["name"]
 
