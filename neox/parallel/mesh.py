@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
-
 from neox.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -55,7 +53,8 @@ class ParallelDims:
         return self.sequence_parallel and self.tp > 1
 
     def describe(self) -> str:
-        dp = f"dp={self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 and self.dp_shard > 1 else f"dp={self.dp}"
+        hsdp = self.dp_replicate > 1 and self.dp_shard > 1
+        dp = f"dp={self.dp_replicate}x{self.dp_shard}" if hsdp else f"dp={self.dp}"
         mode = "DDP" if not self.fsdp else ("HSDP" if self.dp_replicate > 1 else "FSDP2")
         sp = "+sp" if self.sp else ""
         return f"world={self.world_size} pp={self.pp} {dp} tp={self.tp}{sp} zero={self.zero_stage} ({mode})"

@@ -103,7 +103,9 @@ def clip_grad_norm_(parameters, max_norm: float, mesh=None, norm_type: float = 2
 
 
 def _collective_device(group) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _all_reduce_sum(t: torch.Tensor, mesh, dim: str) -> tuple[torch.Tensor, int]:

@@ -92,6 +92,7 @@ def test_neox_info_nproc_uses_and_checks_the_layout(tmp_path, capsys):
                    "model_parallel_size: 2\nzero_optimization: {stage: 3}\n")
     assert main(["info", str(cfg), "--json", "--nproc", "8"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["memory_setup"]["dp"], report["memory_setup"]["tp"], report["memory_setup"]["zero_stage"]) == (4, 2, 3)
+    setup = report["memory_setup"]
+    assert (setup["dp"], setup["tp"], setup["zero_stage"]) == (4, 2, 3)
     assert main(["info", str(cfg), "--nproc", "5"]) == 2
     assert "world size 5 is not divisible" in capsys.readouterr().err
