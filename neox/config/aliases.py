@@ -86,7 +86,8 @@ NO_EFFECT: dict[str, str] = {
     "deepscale_config": "deprecated GPT-NeoX flag",
     "short_seq_prob": "only used by BERT-style data, which GPT-NeoX does not build either",
     "peak_theoretical_tflops": "MFU is computed against the measured peak",
-    "eval_results_prefix": "lm-eval results are written to the run directory",
+    "eval_results_prefix": "lm-eval results go to `neox eval --output DIR`, and eval_tasks results during "
+                           "training into metrics.jsonl",
     "param_sharing_style": "only meaningful with num_unique_layers, which is not supported",
     "checkpoint_scale": "save_interval / extra_save_iters decide when to save",
     "override_lr_scheduler": "the schedule is always a function of the iteration computed from the config "
