@@ -28,9 +28,11 @@ class _StrictLoader(_Base):  # type: ignore[misc, valid-type]
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # resolve `<<:` merge keys first: a merged key may be overridden
             seen: dict[Any, tuple[Any, int]] = {}
+            # Only the mapping's own keys count: a key it shares with a `<<: *anchor` merge overrides it.
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 nk = normalize_key(key) if isinstance(key, (str, int, float, bool)) else id(key_node)

@@ -76,6 +76,12 @@ def test_duplicate_key_in_one_file(tmp_path, text, line):
         load([p])
 
 
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    p = write(tmp_path, "m.yml", "model:\n  <<: {num_layers: 2, hidden_size: 64}\n  num_layers: 3\n")
+    cfg = load([p])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (3, 64)
+
+
 def test_duplicate_flat_and_nested_in_one_file(tmp_path):
     p = write(tmp_path, "dup.yml", "hidden_size: 64\nmodel:\n  hidden_size: 128\n")
     with pytest.raises(ConfigError, match=r"key 'model.hidden_size': set twice in one file \(also as 'hidden_size'\)"):
