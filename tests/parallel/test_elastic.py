@@ -37,7 +37,8 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 def test_killed_rank_restarts_and_resumes(tmp_path):
     prefix = make_corpus(tmp_path / "corpus", docs=200)
     groups = dict(eval={"eval_iters": 0}, logging={"log_interval": 1},
-                  train={"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 2})
+                  # global batch 4 = 1 x 2 accumulation steps x dp 2: DDP syncs only the last micro-batch
+                  train={"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4})
     torch.set_num_threads(1)
     straight = Trainer(tiny_config(prefix, **groups), quiet=True)
     straight.fit()
