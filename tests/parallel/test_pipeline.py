@@ -213,6 +213,8 @@ TWO = [
     {"name": "pp2 1f1b documents", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}, "docs": True},
 ]
 FOUR = [
+    # middle stages with neither end; the tied pair (ranks 0 and 3) gets a group of its own
+    {"name": "pp4 1f1b", "parallel": {"pipe_parallel_size": 4, "pipe_schedule": "1f1b"}},
     {"name": "pp2 x dp2 (zero0) 1f1b", "parallel": {"pipe_parallel_size": 2}},
     {"name": "pp2 x dp2 zero3 interleaved", "parallel": {"pipe_parallel_size": 2, "zero_stage": 3,
                                                          "pipe_schedule": "interleaved_1f1b",
@@ -250,7 +252,7 @@ def test_pipeline_parity_pp2_schedules(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_parity_pp2_with_dp2_or_tp2(tmp_path):
+def test_pipeline_parity_pp4_and_pp2_with_dp2_or_tp2(tmp_path):
     _check(FOUR, 4, tmp_path)
 
 
