@@ -61,20 +61,33 @@ def _pp_group(mesh):
     return mesh["pp"].get_group()
 
 
+def _by_layout(grads) -> list[list[torch.Tensor]]:
+    """Gradients grouped so each group is all plain tensors (one device) or all DTensors with one mesh and
+    placement: what foreach kernels and DTensor norms accept."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
+        groups.setdefault(key, []).append(g)
+    return list(groups.values())
+
+
+def scale_grads_(parameters, factor: float) -> None:
+    """Multiply every gradient by `factor` (fp16 unscaling), whatever mix of plain tensors and DTensors."""
+    for grads in _by_layout(p.grad for p in parameters if p.grad is not None):
+        torch._foreach_mul_(grads, factor)
+
+
 def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients of the whole model (every stage, every shard), the same on every rank."""
     from torch.distributed.tensor import DTensor
 
-    groups: dict = {}
-    for p in parameters:
-        g = p.grad
-        if g is None or getattr(p, TIED_COPY_ATTR, False):  # counted once, on the first pipeline stage
-            continue
-        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
-        groups.setdefault(key, []).append(g)
+    # a pipeline's tied-embedding copy has the first stage's gradient: counted once, there
+    groups = _by_layout(p.grad for p in parameters if p.grad is not None and not getattr(p, TIED_COPY_ATTR, False))
     inf = math.isinf(norm_type)
     total = torch.zeros((), dtype=torch.float32)
-    for grads in groups.values():
+    for grads in groups:
         n = torch.nn.utils.get_total_norm(grads, norm_type)
         if isinstance(n, DTensor):
             n = n.full_tensor()

@@ -61,7 +61,11 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
         {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
         {"name": "zero1 dp2 + activation checkpointing", "groups": groups(
             parallel={"zero_stage": 1}, checkpoint={"load": save}, train={"checkpoint_activations": True})},
+        # not a resume: fp16 loss scaling unscales a mix of plain and DTensor gradients (TP without SP)
+        {"name": "tp2 fp16", "groups": groups(parallel={"model_parallel_size": 2}, precision={"precision": "fp16"})},
     ], tmp_path, "load")
+    fp16 = resumed.pop("tp2 fp16")
+    assert fp16 == pytest.approx(run_here(corpus, precision={"precision": "fp16"}), abs=1e-2)
     resumed["single process"] = run_here(corpus, checkpoint={"load": save})
     for name, losses in resumed.items():
         assert losses == pytest.approx(straight[STOP:], abs=1e-5), name
