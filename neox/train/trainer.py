@@ -33,7 +33,7 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError
 from neox.model import GPT, flops_per_token, num_params
-from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over
+from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
 from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
 from neox.train.optim import build_optimizer
@@ -263,7 +263,7 @@ class Trainer:
         loss = self.runner.forward_backward(micro_batches, loss_scale=scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
+            scale_grads_(params, 1.0 / scale)  # plain and DTensor gradients may be mixed
         norm = float(clip_grad_norm_(params, self.cfg.train.gradient_clipping, self.layout.mesh))
         overflow = scaler is not None and not math.isfinite(norm)
         if not overflow:
