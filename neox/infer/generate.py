@@ -111,10 +111,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     steps = 0
+    can_stop = eod_id is not None or bool(stop_strings)
+    # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
+    window = 4 * max((len(x) for x in stop_strings), default=0) + 4
     for step in range(max_new_tokens):
         cur = prompt_len + step
         nxt = choose_next(logits[:, -1], params, seen, generator)
-        nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
+        if can_stop:
+            nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
         tokens[:, cur] = nxt
         steps += 1
         if seen is not None:
@@ -123,16 +127,18 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
             on_tokens(nxt, active.clone())
         if eod_id is not None:
             ended = active & (nxt == eod_id)
-            for b in ended.nonzero().flatten().tolist():
-                reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
-            active &= ~ended
+            if bool(ended.any()):
+                for b in ended.nonzero().flatten().tolist():
+                    reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
+                active &= ~ended
         if stop_strings:
             for b in active.nonzero().flatten().tolist():
-                text, hit = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
-                if hit:
+                tail = decode(tokens[b, max(prompt_len, cur + 1 - window):cur + 1].tolist())
+                if any(x and x in tail for x in stop_strings):
+                    text, _ = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
                     reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
                     active[b] = False
-        if step == max_new_tokens - 1 or not bool(active.any()):
+        if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
             break
         if cache is None:
             with _last_position_only(model):
