@@ -17,7 +17,7 @@ from tests.train.tiny_run import make_corpus, tiny_config
 ITERS, STOP = 6, 3
 PRECISIONS = ("bf16", "fp16")
 # groups the extras below (parallel, checkpoint) do not touch
-BASE = {"model": {"vocab_size": 384}, "eval": {"eval_interval": 2, "eval_iters": 1},
+BASE = {"model": {"vocab_size": 384, "num_layers": 4}, "eval": {"eval_interval": 2, "eval_iters": 1},
         "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4}}
 
 
@@ -29,22 +29,28 @@ def test_trainer_pp2_matches_one_process_and_resumes_there(tmp_path):
     straight.fit()
     assert len(straight.losses) == ITERS and straight.losses[-1] != straight.losses[0]
 
-    save = str(tmp_path / "run")
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    pp2 = {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}
-    low = [{"name": p, "stop_at": STOP, "groups": {**BASE, "parallel": pp2, "precision": {"precision": p}}}
+    layouts = {"pp2": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+               # two stages per rank: the optimizer and checkpoints see the rank's view of both
+               "pp2 interleaved": {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b",
+                                   "pipe_stages_per_rank": 2}}
+    saved = [{"name": name, "stop_at": STOP, "groups": {
+        **BASE, "parallel": par, "checkpoint": {"save": str(tmp_path / name), "save_interval": STOP}}}
+        for name, par in layouts.items()]
+    low = [{"name": p, "stop_at": STOP, "groups": {**BASE, "parallel": layouts["pp2"], "precision": {"precision": p}}}
            for p in PRECISIONS]
-    spec.write_text(json.dumps({"data": corpus, "runs": [{"name": "pp2", "stop_at": STOP, "groups": {
-        **BASE, "parallel": pp2, "checkpoint": {"save": save, "save_interval": STOP}}}, *low]}))
+    spec.write_text(json.dumps({"data": corpus, "runs": saved + low}))
     torchrun("trainer_worker.py", 2, str(spec), str(out))
     got = json.loads(out.read_text())
-    assert got["pp2"] == pytest.approx(straight.losses[:STOP], abs=1e-5)
+    for name in layouts:
+        assert got[name] == pytest.approx(straight.losses[:STOP], abs=1e-5), name
     for p in PRECISIONS:  # autocast and the fp16 loss scale pass through the schedule
         one = Trainer(tiny_config(corpus, **BASE, precision={"precision": p}), quiet=True)
         one.fit(STOP)
         assert got[p] == pytest.approx(one.losses, abs=1e-4), p
 
-    resumed = Trainer(tiny_config(corpus, **BASE, checkpoint={"load": save}), quiet=True)
-    assert resumed.iteration == STOP
-    resumed.fit()
-    assert resumed.losses == pytest.approx(straight.losses[STOP:], abs=1e-5)
+    for name in layouts:
+        resumed = Trainer(tiny_config(corpus, **BASE, checkpoint={"load": str(tmp_path / name)}), quiet=True)
+        assert resumed.iteration == STOP
+        resumed.fit()
+        assert resumed.losses == pytest.approx(straight.losses[STOP:], abs=1e-5), name
