@@ -51,8 +51,9 @@ class Attention(nn.Module):
         h, bias = cfg.hidden_size, cfg.use_bias_in_attn_linear
         self.query_key_value = nn.Linear(h, self.num_kv_heads * (self.group + 2) * self.head_dim, bias=bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
-        self.rpe = (RelativePositionBias(cfg.rpe_num_buckets, cfg.rpe_max_distance, self.num_heads)
-                    if cfg.pos_emb == "rpe" else None)
+        self.rpe = None
+        if cfg.pos_emb == "rpe":
+            self.rpe = RelativePositionBias(cfg.rpe_num_buckets, cfg.rpe_max_distance, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
         b, t, _ = x.shape

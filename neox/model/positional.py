@@ -131,13 +131,15 @@ def t5_relative_bucket(relative_position: torch.Tensor, num_buckets: int, max_di
 
 
 class RelativePositionBias(nn.Module):
-    """Learned per-layer T5 bias: one scalar per (bucket, head) added to the attention scores."""
+    """Learned per-layer T5 bias: one scalar per (bucket, head) added to the attention scores, times
+    sqrt(head_dim) as GPT-NeoX scales it, so GPT-NeoX bias tables mean the same here."""
 
-    def __init__(self, num_buckets: int, max_distance: int, num_heads: int):
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, head_dim: int):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.scale = math.sqrt(head_dim)
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         """bucket ids [B|1, T, S] -> bias [B|1, H, T, S]."""
-        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2) * self.scale
