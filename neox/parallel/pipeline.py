@@ -28,7 +28,8 @@ from torch import nn
 from neox.errors import ConfigError
 from neox.parallel.reduce import TIED_COPY_ATTR, broadcast_from_last_stage, loss_context, masked_mean_loss
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
+INTERLEAVED = ("interleaved_1f1b", "interleaved_zero_bubble")
 
 
 # ---------------------------------------------------------------- checks and partitioning
@@ -41,9 +42,9 @@ def validate(pcfg, num_layers: int, n_micro: int, source: str = "config") -> Non
     if pcfg.pipe_partition_method not in ("parameters", "uniform"):
         raise ConfigError(f"{source}: parallel.pipe_partition_method must be parameters or uniform, "
                           f"got {pcfg.pipe_partition_method!r}")
-    if v > 1 and kind != "interleaved_1f1b":
-        raise ConfigError(f"{source}: parallel.pipe_stages_per_rank={v} needs pipe_schedule: interleaved_1f1b "
-                          f"(gpipe and 1f1b run one stage per rank)")
+    if v > 1 and kind not in INTERLEAVED:
+        raise ConfigError(f"{source}: parallel.pipe_stages_per_rank={v} needs pipe_schedule: interleaved_1f1b or "
+                          f"interleaved_zero_bubble (gpipe and 1f1b run one stage per rank)")
     if num_layers < pp * v:
         raise ConfigError(f"{source}: model.num_layers={num_layers} is fewer than the {pp * v} pipeline stages "
                           f"(pipe_parallel_size {pp} * pipe_stages_per_rank {v})")
@@ -51,10 +52,10 @@ def validate(pcfg, num_layers: int, n_micro: int, source: str = "config") -> Non
         # trap G: 1F1B's warm-up needs a micro-batch in flight on every stage
         raise ConfigError(f"{source}: pipe_schedule 1f1b needs gradient_accumulation_steps >= pipe_parallel_size "
                           f"({n_micro} < {pp}); raise gradient_accumulation_steps or use gpipe")
-    if kind == "interleaved_1f1b":
+    if kind in INTERLEAVED:
         rounds = max(1, n_micro // pp)
         if n_micro % rounds:
-            raise ConfigError(f"{source}: interleaved_1f1b needs gradient_accumulation_steps divisible by "
+            raise ConfigError(f"{source}: {kind} needs gradient_accumulation_steps divisible by "
                               f"max(1, accumulation // pipe_parallel_size) = {rounds}; got {n_micro}; use a "
                               f"multiple of pipe_parallel_size={pp}")
 
@@ -210,12 +211,16 @@ def _pair_group(mesh):
 
 def _schedule_class(kind: str, multi: bool):
     from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                              ScheduleLoopedBFS)
+                                              ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
 
     if kind == "gpipe":
         return ScheduleLoopedBFS if multi else ScheduleGPipe
     if kind == "1f1b":
         return Schedule1F1B
+    if kind == "interleaved_zero_bubble":
+        # correct only while FSDP keeps parameters gathered from forward to the weight backward (trap A):
+        # neox.parallel.apply gives pipeline stages reshard_after_forward=False
+        return ScheduleInterleavedZeroBubble
     return ScheduleInterleaved1F1B
 
 
