@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from neox.parallel.dcp import consolidate
 from neox.train.trainer import Trainer
 from tests.parallel.dist_helpers import torchrun
 from tests.train.tiny_run import make_corpus, tiny_config
@@ -56,6 +57,13 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
         parallel={"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True},
         checkpoint={"save": save, "save_interval": STOP, "async_save": True})}], tmp_path, "save")["dp2xtp2"]
     assert first == pytest.approx(straight[:STOP], abs=1e-5)
+
+    # the sharded checkpoint as one file: exactly the weights one process loads from it
+    consolidate(save, tmp_path / "model.pt")
+    single = Trainer(tiny_config(corpus, **groups(checkpoint={"load": save})), quiet=True)
+    full = torch.load(tmp_path / "model.pt")
+    assert full.keys() == single.model.state_dict().keys()
+    assert all(torch.equal(full[k], v) for k, v in single.model.state_dict().items())
 
     resumed = launch(2, corpus, [
         {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
