@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -186,6 +186,9 @@ def commands(plan: Plan, cmd: list[str]) -> list[list[str]]:
     """One command per node this launcher starts: just this node, or every hostfile host."""
     if not plan.hosts:
         return [torchrun_argv(plan, plan.node_rank, cmd)]
+    if plan.master_addr in ("localhost", "127.0.0.1") and not all(_is_local(h) for h in plan.hosts):
+        # other hosts cannot reach our "localhost": give them a name they can resolve
+        plan = replace(plan, master_addr=socket.getfqdn())
     out = []
     for rank, host in enumerate(plan.hosts):
         argv = torchrun_argv(plan, rank, cmd)

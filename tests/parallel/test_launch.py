@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 import pytest
 
@@ -76,6 +77,7 @@ def test_hostfile(tmp_path):
     local, remote = launch.commands(plan, ["train", "a.yml"])
     assert "--node-rank=0" in local and local[0] != "ssh"
     assert remote[:4] == ["ssh", "-o", "BatchMode=yes", "worker-1"] and "--node-rank=1" in remote[4]
+    assert f"--master-addr={socket.getfqdn()}" in remote[4]  # not "localhost": worker-1 must reach it
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in remote[4]
 
 
