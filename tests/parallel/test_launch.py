@@ -109,3 +109,19 @@ def test_resume_dir_after_elastic_restart(tmp_path, monkeypatch):
     (tmp_path / "latest").write_text("iter_0000002")
     assert launch.resume_dir(None, str(tmp_path)) == str(tmp_path)
     assert launch.resume_dir("other", str(tmp_path)) == "other"
+
+
+def test_neox_train_refuses_a_bad_layout_before_starting_torchrun(tmp_path, capsys, monkeypatch):
+    from neox.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a))
+    cfg = tmp_path / "run.yml"
+    cfg.write_text("num_layers: 2\nhidden_size: 32\nnum_attention_heads: 4\nmodel_parallel_size: 2\n"
+                   f"data_path: {tmp_path / 'x_text_document'}\n")
+    assert main(["train", str(cfg), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: world size 3 is not divisible" in err
+    assert not started
