@@ -198,3 +198,13 @@ def test_forward_traces_without_graph_breaks():
         explained = torch._dynamo.explain(model)(x, **kwargs)
         assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kw", [dict(hidden_dropout=0.5), dict(attention_dropout=0.5)])
+def test_dropout_only_in_training_mode(kw):
+    model = build(**kw)
+    x = torch.randint(0, V, (2, 8))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
