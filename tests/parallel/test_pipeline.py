@@ -209,10 +209,9 @@ TWO = [
                                                      "pipe_stages_per_rank": 2}},
     {"name": "pp2 interleaved_zero_bubble x2", "parallel": {"pipe_parallel_size": 2, "pipe_stages_per_rank": 2,
                                                             "pipe_schedule": "interleaved_zero_bubble"}},
-    {"name": "pp2 1f1b untied learned", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
-     "model": {"no_weight_tying": True, "pos_emb": "learned"}},
-    # position ids and document masks reach every stage, not only the first
-    {"name": "pp2 1f1b documents", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}, "docs": True},
+    # untied head; position ids and document masks reach every stage, not only the first
+    {"name": "pp2 1f1b untied learned documents", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+     "model": {"no_weight_tying": True, "pos_emb": "learned"}, "docs": True},
 ]
 FOUR = [
     # middle stages with neither end; the tied pair (ranks 0 and 3) gets a group of its own
