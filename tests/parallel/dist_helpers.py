@@ -18,3 +18,12 @@ def torchrun(script: str, nproc: int, *args: str, timeout: int = 300, extra: tup
     if proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_cases(script: str, nproc: int, cases: list, tmp_path: Path, timeout: int = 300) -> dict:
+    """Hand `cases` to a worker that runs them all in one launch (`script OUT.json CASES.json`); its results."""
+    import json
+
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    torchrun(script, nproc, str(tmp_path / "out.json"), str(tmp_path / "cases.json"), timeout=timeout)
+    return json.loads((tmp_path / "out.json").read_text())

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.parallel.dist_helpers import torchrun
+from tests.parallel.dist_helpers import run_cases
 from tests.parallel.parity_worker import run_case
 
 TWO = [
@@ -36,9 +36,7 @@ FOUR = [
 
 
 def _check(cases, nproc, tmp_path):
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    torchrun("parity_worker.py", nproc, str(tmp_path / "out.json"), str(tmp_path / "cases.json"))
-    got = json.loads((tmp_path / "out.json").read_text())
+    got = run_cases("parity_worker.py", nproc, cases, tmp_path)
     refs = {}
     for case in cases:
         ref_case = {"model": case.get("model", {}), "precision": case.get("precision", "fp32")}
