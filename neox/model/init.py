@@ -37,8 +37,15 @@ def init_fn(name: str, cfg: ModelConfig) -> InitFn:
         return nn.init.xavier_normal_
     if name == "orthogonal":
         # GPT-NeoX's "orthogonal" ends up with gain sqrt(2 / 1): its n_layers argument receives mup_m_width = 1
-        return lambda t: nn.init.orthogonal_(t, gain=math.sqrt(2.0))
+        return lambda t: _orthogonal(t, gain=math.sqrt(2.0))
     raise ValueError(f"unknown init method {name!r}")
+
+
+def _orthogonal(t: torch.Tensor, gain: float) -> torch.Tensor:
+    # QR has no bf16/fp16 kernel: factorise in fp32 and copy (GPT-NeoX patches its orthogonal init likewise)
+    if t.dtype == torch.float32 or t.device.type == "meta":
+        return nn.init.orthogonal_(t, gain=gain)
+    return t.copy_(nn.init.orthogonal_(torch.empty(t.shape, device=t.device), gain=gain))
 
 
 # Submodule names whose weight is a residual-stream output projection.

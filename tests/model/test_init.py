@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neox.config.schema import INIT_METHODS, ModelConfig
-from neox.model import GPT
+from neox.model import GPT, init_weights
 
 H, L = 64, 4
 
@@ -64,3 +64,11 @@ def test_biases_zero_and_norms_one():
             assert not p.any(), name
         elif "norm" in name:
             assert bool((p == 1).all()), name
+
+
+def test_orthogonal_init_on_bf16_weights():
+    # QR has no bf16 kernel; the init factorises in fp32 and copies
+    model = model_with("orthogonal", output_method="orthogonal").to(torch.bfloat16)
+    init_weights(model, model.cfg)
+    w = model.layers["0"].attention.dense.weight.float()
+    torch.testing.assert_close(w @ w.T, 2 * torch.eye(H), atol=0.05, rtol=0)
