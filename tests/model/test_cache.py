@@ -82,3 +82,18 @@ def test_cache_dtype_follows_autocast_and_reset():
     assert cache.has_padding
     cache.reset()
     assert cache.length == 0 and not cache.has_padding and bool(cache.key_valid.all())
+
+
+@pytest.mark.parametrize("pos_emb", ["rotary", "alibi"])
+@pytest.mark.parametrize("mode", ["autocast", "pure"])
+def test_bf16_cached_decoding_tracks_full_forward(pos_emb, mode):
+    model = tiny(pos_emb, num_kv_heads=2)
+    if mode == "pure":
+        model = model.to(torch.bfloat16)
+    x = torch.randint(0, V, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        full = model(x)
+        cache = KVCache.for_model(model, batch_size=2, max_len=8)
+        steps = [model(x[:, :4], kv_cache=cache)] + [model(x[:, i:i + 1], kv_cache=cache) for i in range(4, 8)]
+    assert cache.k[0].dtype == torch.bfloat16
+    assert (torch.cat(steps, 1).float() - full.float()).abs().max().item() < 0.05
