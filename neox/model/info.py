@@ -128,7 +128,8 @@ def memory_per_rank(cfg: ModelConfig, *, precision: str = "fp32", bf16_mode: str
     average stage); ZeRO 1 shards optimizer states over dp, 2 also grads, 3 also params. Master weights are
     fp32 except for pure bf16. Activations follow Korthikanti et al. 2022 for SDPA attention (no stored score
     matrix): 34*s*b*h bytes per layer at 16-bit (x2 at fp32), divided by tp (sequence parallel assumed),
-    or only each block's input (plus one block's full set) when activations are checkpointed, plus logits.
+    or only each block's input (plus one block's full set) when activations are checkpointed, plus logits;
+    with pipelining, times the pp micro-batches a 1F1B first stage holds.
     """
     n = num_params(cfg)
     s = seq_length if seq_length is not None else cfg.seq_length
@@ -141,9 +142,10 @@ def memory_per_rank(cfg: ModelConfig, *, precision: str = "fp32", bf16_mode: str
 
     act_bytes = BYTES.get(precision, 4)
     layers_here = math.ceil(cfg.num_layers / pp)
-    sbh = s * micro_batch * cfg.hidden_size
+    # 1F1B's first stage keeps the activations of pp micro-batches alive before its first backward
+    sbh = s * micro_batch * cfg.hidden_size * pp
     if checkpoint_activations:
-        acts = layers_here * sbh * act_bytes / tp + 34 * sbh * (act_bytes / 2) / tp
+        acts = layers_here * sbh * act_bytes / tp + 34 * sbh / pp * (act_bytes / 2) / tp
     else:
         acts = layers_here * 34 * sbh * (act_bytes / 2) / tp
     # logits in the activation dtype plus the fp32 copy the loss works on (last stage)

@@ -38,6 +38,9 @@ def test_memory_sharding_rules():
     assert z3["params"] == base["params"] // 4 and z3["grads"] == base["grads"] // 4
     tp = memory_per_rank(PYTHIA_160M, micro_batch=2, tp=2)
     assert tp["params"] == base["params"] // 2 and tp["activations"] == base["activations"] // 2
+    pp = memory_per_rank(PYTHIA_160M, micro_batch=2, pp=2)
+    # half the layers, but 1F1B's first stage holds 2 micro-batches: the same activation bytes
+    assert pp["params"] == base["params"] // 2 and pp["activations"] == base["activations"]
     pure = memory_per_rank(PYTHIA_160M, micro_batch=2, precision="bf16", bf16_mode="pure")
     assert pure["params"] == base["params"] // 2
     ckpt = memory_per_rank(PYTHIA_160M, micro_batch=2, checkpoint_activations=True)
