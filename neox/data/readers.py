@@ -8,6 +8,9 @@ How plain text becomes documents (``text_mode``):
 - ``file`` (default, as GPT-NeoX's lm_dataformat reader does): the whole file is one document;
 - ``paragraph``: runs of non-blank lines separated by blank lines, each run one document;
 - ``line``: every non-blank line is one document (its newline dropped).
+
+A ``.json`` file is read as JSON Lines unless it starts with ``[``: then it is one array whose strings are
+documents and whose objects are read like JSON lines (GPT-NeoX's lm_dataformat accepts such files).
 """
 
 from __future__ import annotations
@@ -240,9 +243,36 @@ def iter_pieces(paths: list[str], text_mode: str = "file", segment_chars: int = 
     """All pieces of all files in order. Blank JSONL lines are skipped silently."""
     bad = [] if bad is None else bad
     for path in paths:
-        if is_jsonl(path):
+        if not is_jsonl(path):
+            yield from iter_text_pieces(path, text_mode, segment_chars, splittable, bad)
+        elif _starts_with(path, b"["):
+            yield from _json_array_pieces(path)
+        else:
             for lineno, raw in iter_lines(path):
                 if raw.strip():
                     yield Piece(path, lineno, raw, True)
+
+
+def _starts_with(path: str, char: bytes) -> bool:
+    with open_binary(path) as f:
+        head = f.read(4096)
+    return head.lstrip()[:1] == char
+
+
+def _json_array_pieces(path: str) -> Iterator[Piece]:
+    # A .json file holding one array (what GPT-NeoX's lm_dataformat reader accepts): strings are documents,
+    # objects are read like JSON lines. It is parsed whole; JSON Lines is the format that streams. Pieces are
+    # numbered by their position in the array (reported as "file:N").
+    import json
+
+    with open_binary(path) as f:
+        try:
+            items = json.loads(f.read())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); use one JSON object per line (.jsonl)") from None
+    for n, item in enumerate(items, 1):
+        if isinstance(item, str):
+            if item:
+                yield Piece(path, n, item, False)
         else:
-            yield from iter_text_pieces(path, text_mode, segment_chars, splittable, bad)
+            yield Piece(path, n, json.dumps(item).encode("utf-8"), True)

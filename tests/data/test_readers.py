@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from neox.data.readers import iter_pieces, iter_text_pieces
+from neox.errors import DataError
 
 
 def test_cuts_only_between_non_space_line_ends(tmp_path):
@@ -40,3 +43,13 @@ def test_jsonl_lines_stay_raw_with_their_numbers(tmp_path):
     pieces = list(iter_pieces([str(tmp_path / "a.jsonl")]))
     assert [(p.line, p.data, p.is_json) for p in pieces] == [(1, b'{"text": "x"}\n', True),
                                                             (4, b'{"text": "y"}\n', True)]
+
+
+def test_json_array_files(tmp_path):
+    (tmp_path / "arr.json").write_text(' [ "doc one", "", {"text": "doc two"}, 5 ]')
+    pieces = list(iter_pieces([str(tmp_path / "arr.json")]))
+    assert [(p.line, p.data, p.is_json) for p in pieces] == [
+        (1, "doc one", False), (3, b'{"text": "doc two"}', True), (4, b"5", True)]
+    (tmp_path / "broken.json").write_text('["unterminated')
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
+        list(iter_pieces([str(tmp_path / "broken.json")]))
