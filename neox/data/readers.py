@@ -254,9 +254,11 @@ def iter_pieces(paths: list[str], text_mode: str = "file", segment_chars: int = 
 
 
 def _starts_with(path: str, char: bytes) -> bool:
-    with open_binary(path) as f:
-        head = f.read(4096)
-    return head.lstrip()[:1] == char
+    def head():
+        with open_binary(path) as f:
+            yield f.read(4096)
+
+    return next(_guarded(path, head())).lstrip()[:1] == char
 
 
 def _json_array_pieces(path: str) -> Iterator[Piece]:
