@@ -59,12 +59,28 @@ def trainer_args(cfg, source: str = "config") -> dict:
     return {"layout": layout, "parallelize": parallelize, "runner_cls": ParallelStepRunner}
 
 
-def with_elastic_resume(cfg):
-    """After torchrun restarted the workers (--max-restarts), a run without checkpoint.load resumes from its
-    own save directory's latest checkpoint; otherwise the config is returned as it is."""
+def resume_config(cfg):
+    """The config a run that may resume trains with (a copy when anything changes):
+
+    - after torchrun restarted the workers (--max-restarts), a run without checkpoint.load resumes from its
+      own save directory's latest checkpoint;
+    - when resuming with model.vocab_size unset, the checkpoint's padded vocabulary is kept: padding depends
+      on the tensor-parallel size, and a checkpoint must resume under any other layout.
+    """
+    from neox.errors import NeoxError
+    from neox.train.checkpoint import saved_config
+
     load = resume_dir(cfg.checkpoint.load, cfg.checkpoint.save)
-    if load == cfg.checkpoint.load:
+    vocab = None
+    if load and cfg.model.vocab_size is None:
+        try:
+            vocab = saved_config(load).get("model", {}).get("vocab_size")
+        except NeoxError:
+            pass  # nothing saved there yet: the run starts fresh and pads as usual
+    if load == cfg.checkpoint.load and vocab is None:
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg.checkpoint.load = load
+    if vocab is not None:
+        cfg.model.vocab_size = int(vocab)
     return cfg

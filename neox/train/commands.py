@@ -36,10 +36,10 @@ def run(args) -> int:
     if code is not None:
         return code
 
-    from neox.parallel.runtime import trainer_args, with_elastic_resume
+    from neox.parallel.runtime import resume_config, trainer_args
     from neox.train.trainer import Trainer
 
-    cfg = with_elastic_resume(cfg)
+    cfg = resume_config(cfg)
     trainer = Trainer(cfg, **trainer_args(cfg, source))
     summary = trainer.fit()
     if not trainer.quiet:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from neox.parallel.runtime import trainer_args  # noqa: E402
+from neox.parallel.runtime import resume_config, trainer_args  # noqa: E402
 from neox.train.trainer import Trainer  # noqa: E402
 from tests.train.tiny_run import tiny_config  # noqa: E402
 
@@ -25,7 +25,7 @@ def main(spec_file: str, out_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     results = {}
     for run in spec["runs"]:
-        cfg = tiny_config(spec["data"], **run["groups"])
+        cfg = resume_config(tiny_config(spec["data"], **run["groups"]))
         trainer = Trainer(cfg, quiet=True, **trainer_args(cfg))
         trainer.fit(run.get("stop_at"))
         results[run["name"]] = trainer.losses
