@@ -67,7 +67,7 @@ def resume_config(cfg):
     - when resuming with model.vocab_size unset, the checkpoint's padded vocabulary is kept: padding depends
       on the tensor-parallel size, and a checkpoint must resume under any other layout.
     """
-    from neox.errors import NeoxError
+    from neox.errors import ConfigError, NeoxError
     from neox.train.checkpoint import saved_config
 
     load = resume_dir(cfg.checkpoint.load, cfg.checkpoint.save)
@@ -82,5 +82,9 @@ def resume_config(cfg):
     cfg = copy.deepcopy(cfg)
     cfg.checkpoint.load = load
     if vocab is not None:
+        tp = cfg.parallel.model_parallel_size
+        if int(vocab) % tp:
+            raise ConfigError(f"{load}: the checkpoint's padded vocabulary ({vocab}) cannot be split over "
+                              f"model_parallel_size={tp}; resume with a tensor-parallel size that divides it")
         cfg.model.vocab_size = int(vocab)
     return cfg
