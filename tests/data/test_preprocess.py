@@ -160,6 +160,20 @@ def test_labels_mask_before_token_and_prompt_key(tmp_path):
         _run(tmp_path, [src], json_keys=["a", "b"], prompt_key="p")
 
 
+def test_label_dataset_feeds_gpt2_dataset(tmp_path):
+    from neox.data.sampling import GPT2Dataset
+
+    src = _jsonl(tmp_path / "qa.jsonl", [f"Q{i} A: answer {i}" for i in range(20)])
+    s = _run(tmp_path, [src], append_eod=True, mask_before_token=list(b"A:"))
+    text, label = IndexedDataset(s.outputs["text"]), IndexedDataset(s.outputs["label"])
+    ds = GPT2Dataset("train", s.outputs["text"], np.arange(len(text)), text, 8, 16, 1234, label_dataset=label,
+                     cache_dir=str(tmp_path / "cache"))
+    item = ds[0]
+    assert item["text"].shape == item["label"].shape == (17,)
+    masked = item["label"] == -100
+    assert masked.any() and (item["label"][~masked] == item["text"][~masked]).all()
+
+
 def test_ftfy_repairs_mojibake(tmp_path):
     src = _jsonl(tmp_path / "m.jsonl", ["schÃ¶n"])
     assert _docs(_run(tmp_path, [src], ftfy=True).outputs["text"]) == [list("schön".encode())]
