@@ -202,8 +202,11 @@ def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator
     """fn over items in order; with workers > 1 on a process pool with at most 2*workers batches in flight."""
     if workers <= 1:
         _init_worker(*initargs)
-        for it in items:
-            yield fn(it)
+        try:
+            for it in items:
+                yield fn(it)
+        finally:
+            _W.clear()  # do not keep the tokenizer alive in a long-lived process
         return
     # fork is cheap and safe here: the parent has not started the tokenizers library's thread pool.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
