@@ -48,7 +48,8 @@ def test_killed_rank_restarts_and_resumes(tmp_path):
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(to_dict(cfg)))
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(CRASH_HOOK)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hook"), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(tmp_path / "hook"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "neox.cli", "train", str(tmp_path / "cfg.yml"), "--nproc", "2",
                            "--max-restarts", "1"], env=env, capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
