@@ -127,7 +127,8 @@ def is_vocab_parallel(logits) -> bool:
 
 
 def check_local_heads(model: nn.Module) -> None:
-    """The attention code reshapes by its head-count attributes: make sure they match the sharded weights."""
+    """Each attention module's head counts must describe its shard (the forward takes them from the tensor,
+    but whatever else reads the attributes must see the local numbers)."""
     for name, block in model.layers.items():
         attn = block.attention
         w = attn.query_key_value.weight
