@@ -360,13 +360,13 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
     initargs = (tok, opts, dtype.str, opts.workers > 1)
 
     summary = Summary(dtype=dtype.name)
-    writer = _Writer(opts.output_prefix, list(opts.json_keys), dtype, labels, opts)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     from tqdm import tqdm
 
     # shutil falls back to 80x24 where a terminal reports 0x0 (tqdm would then draw nothing at all)
     cols, rows = shutil.get_terminal_size()
     bar = tqdm(total=opts.num_docs, unit="doc", disable=not show, file=sys.stderr, ncols=cols, nrows=rows)
+    writer = _Writer(opts.output_prefix, list(opts.json_keys), dtype, labels, opts)
     start = time.perf_counter()
     reported = 0
     last_shown = 0
