@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from neox.config import resolve_batch, resolve_vocab, to_dict
@@ -36,6 +37,7 @@ from neox.model import GPT, flops_per_token, num_params
 from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
 from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
+from neox.train.loss import masked_mean_loss as chunked_masked_mean_loss
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.schedule import LRSchedule
@@ -103,7 +105,9 @@ class StepRunner:
             logits = self.model(b["tokens"],
                                 position_ids=b.get("position_ids") if self.pass_positions else None,
                                 segment_ids=b.get("segment_ids") if self.pass_segments else None)
-        return masked_mean_loss(logits, b["labels"], b["loss_mask"])
+        if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
+            return masked_mean_loss(logits, b["labels"], b["loss_mask"])
+        return chunked_masked_mean_loss(logits, b["labels"], b["loss_mask"])
 
     def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
         """Accumulate gradients of mean-over-micro-batches loss (times loss_scale); returns the loss."""
