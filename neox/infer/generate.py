@@ -36,8 +36,11 @@ class GenerationResult:
         return sum(len(t) for t in self.tokens)
 
 
-def _unwrap(model):
-    return getattr(model, "module", model) if not hasattr(model, "layers") else model
+def unwrap(model):
+    """The GPT inside a wrapper (neox.load's LoadedModel, DDP): inference needs none of the wrapping."""
+    while not hasattr(model, "layers") and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _max_positions(model) -> Optional[int]:
@@ -64,7 +67,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     A row stops at `eod_id` (when given) or once its decoded output contains a stop string (needs `decode`).
     `on_tokens(tokens [B], active [B] bool)` is called after every step, for streaming.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise NeoxError("every prompt needs at least one token (start unconditional samples from the EOD token)")
     if stop_strings and decode is None:
@@ -159,16 +162,22 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
 
 
 @contextlib.contextmanager
-def _last_position_only(model):
-    """Only the last position's logits are needed from a multi-token forward: cutting the hidden states to it
-    before the output layer saves a [B, T, V] projection (for a 50k vocabulary, most of a short prompt's cost)."""
+def select_hidden(model, select: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply `select` to the final-norm output [B, T, H] before the output layer, so that only the positions
+    whose logits are needed pay for the [*, V] projection (for a 50k vocabulary, most of a small model's cost).
+    Yields whether the cut is in place (a model without a final norm gives full logits).
+    """
     norm = getattr(model, "final_layer_norm", None)
-    handle = norm.register_forward_hook(lambda mod, inp, out: out[:, -1:]) if norm is not None else None
+    handle = norm.register_forward_hook(lambda mod, inp, out: select(out)) if norm is not None else None
     try:
-        yield
+        yield handle is not None
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _last_position_only(model):
+    return select_hidden(model, lambda h: h[:, -1:])
 
 
 def _forward(model, tokens, positions, valid, cache, padded):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from neox.errors import NeoxError
+from neox.infer.generate import select_hidden, unwrap
 
 # The harness must never reach the network: tasks come from the registry's YAMLs or local --include-path files.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -38,7 +39,7 @@ class NeoxLM(_lm_base()):
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = 256):
         super().__init__()
-        self.model = model.eval()
+        self.model = unwrap(model).eval()
         self.tok = tokenizer
         self.batch_size = int(batch_size)
         cfg = getattr(model, "cfg", None)
@@ -84,13 +85,21 @@ class NeoxLM(_lm_base()):
             batch = torch.zeros(len(rows), width, dtype=torch.long)
             for b, r in enumerate(rows):
                 batch[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            logprobs = F.log_softmax(self.model(batch.to(self._device)).float(), dim=-1)
+            # only the continuation positions go through the output layer: [1, sum of continuation lengths, V]
+            row_ids = torch.cat([torch.full((len(c),), b) for b, c in enumerate(conts)])
+            col_ids = torch.cat([torch.arange(len(r) - len(c), len(r)) for r, c in zip(rows, conts)])
+            with select_hidden(self.model, lambda h: h[row_ids.to(h.device), col_ids.to(h.device)][None]) as cut:
+                logits = self.model(batch.to(self._device))
+            logits = logits[0] if cut else logits[row_ids.to(logits.device), col_ids.to(logits.device)]
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            target = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=logprobs.device)
+            token_lp = logprobs.gather(-1, target[:, None])[:, 0]
+            hits = logprobs.argmax(dim=-1) == target
+            pos = 0
             for b, i in enumerate(idx):
-                n, cont = len(rows[b]), conts[b]
-                lp = logprobs[b, n - len(cont):n]
-                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                answer = (float(lp.gather(-1, target[:, None]).sum()), greedy)
+                end = pos + len(conts[b])
+                answer = (float(token_lp[pos:end].sum()), bool(hits[pos:end].all()))
+                pos = end
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
