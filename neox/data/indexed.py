@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from neox.errors import DataError, NeoxError
+from neox.errors import DataError, NeoxError, ensure_dir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -242,9 +242,12 @@ class IndexedDatasetBuilder:
         self._dtype = np.dtype(dtype)
         self._code = dtype_code(self._dtype)
         self._info = np.iinfo(self._dtype) if self._dtype.kind in "iu" else None
-        os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
+        ensure_dir(os.path.dirname(os.path.abspath(self.bin_path)), "output prefix")
         self._tmp_bin = self.bin_path + ".tmp"
-        self._file = open(self._tmp_bin, "wb")
+        try:
+            self._file = open(self._tmp_bin, "wb")
+        except OSError as e:
+            raise DataError(f"{self._tmp_bin}: cannot write ({e.strerror}); choose a writable output prefix") from None
         # array('q') holds 8 bytes per entry, a Python list ~36: index memory stays small for big corpora.
         self._sizes = array.array("q")
         self._doc_idx = array.array("q", [0])

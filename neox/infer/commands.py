@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from neox.errors import NeoxError
+from neox.errors import NeoxError, ensure_dir
 
 # flag dest -> generation config key
 FLAG_KEYS = {"max_new_tokens": "maximum_tokens", "num_samples": "num_samples", "temperature": "temperature",
@@ -54,7 +54,20 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NeoxError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NeoxError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
     return name
+
+
+def check_positive(**flags) -> None:
+    """One-line errors for count flags that must be >= 1 (given as flag name -> value; None = not given)."""
+    for flag, value in flags.items():
+        if value is not None and value < 1:
+            raise NeoxError(f"--{flag.replace('_', '-')} {value}: must be 1 or more")
 
 
 def _generation_config(cfg, args):
@@ -193,11 +206,16 @@ def run(args) -> int:
     from neox.infer.api import LoadedModel, build_model, build_tokenizer_for, checkpoint_config
     from neox.train.checkpoint import resolve
 
+    # the flags skip the config loader's range checks (generation.maximum_tokens / num_samples are >= 1 there)
+    check_positive(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size)
+    device = _device(args.device)
     ckpt = resolve(args.checkpoint)
     cfg = checkpoint_config(ckpt, args.config, args.overrides)
     gen = _generation_config(cfg, args)
+    if gen.sample_output_file:  # checked before sampling so that no samples are lost to a bad path
+        ensure_dir(Path(gen.sample_output_file).parent, "--output-file's folder")
     tokenizer = build_tokenizer_for(cfg, ckpt)
-    model = LoadedModel(build_model(cfg, ckpt, _device(args.device), args.dtype), tokenizer, cfg)
+    model = LoadedModel(build_model(cfg, ckpt, device, args.dtype), tokenizer, cfg)
     session = Session(model, tokenizer, gen, args)
 
     if gen.text_gen_type == "interactive":
@@ -214,7 +232,6 @@ def run(args) -> int:
             print(r["prompt"] + r["completion"])
     if gen.sample_output_file:
         out = Path(gen.sample_output_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

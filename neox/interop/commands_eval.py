@@ -7,6 +7,9 @@ Tasks come from the harness registry, from --include-path YAMLs, or are the bund
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+from neox.errors import NeoxError, ensure_dir
 
 
 def register(parser, name):
@@ -29,17 +32,29 @@ def register(parser, name):
 
 def run(args) -> int:
     from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
-    from neox.infer.commands import _device
+    from neox.infer.commands import _device, check_positive
     from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
     from neox.train.checkpoint import resolve
 
+    # flag checks come before the checkpoint is loaded, the output folder before the (long) evaluation
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise NeoxError(f"--tasks {args.tasks!r}: no task names; give comma-separated lm-eval task names")
+    if args.limit is not None and args.limit <= 0:
+        raise NeoxError(f"--limit {args.limit:g}: must be > 0 (a count, or a fraction below 1)")
+    check_positive(batch_size=args.batch_size, max_length=args.max_length)
+    for d in args.include_path:
+        if not Path(d).is_dir():
+            raise NeoxError(f"--include-path {d}: no such directory of task YAMLs")
+    if args.output:
+        ensure_dir(args.output, "--output")
+    device = _device(args.device)
     ckpt = resolve(args.checkpoint)
     cfg = checkpoint_config(ckpt)
     tokenizer = build_tokenizer_for(cfg, ckpt)
-    model = build_model(cfg, ckpt, _device(args.device), args.dtype)
+    model = build_model(cfg, ckpt, device, args.dtype)
     lm = NeoxLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_tasks(lm, tasks, limit=limit, include_path=args.include_path, num_fewshot=args.num_fewshot,
                         seed=args.seed, log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
     print(results_table(results))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from neox.errors import NeoxError
+from neox.errors import NeoxError, ensure_dir
 from neox.interop.hf_mapping import from_hf_config, from_hf_state_dict, hf_architecture, to_hf_config, to_hf_state_dict
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,7 +94,7 @@ def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str |
     if tokenizer is not None:
         hf_tokenizer_object(tokenizer)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "OUT")
     sd = to_hf_state_dict(cfg.model, state_dict)
     if dtype is not None:
         if dtype not in TORCH_DTYPES:
@@ -122,6 +122,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     cfg = checkpoint_config(ckpt)
     hf_architecture(cfg.model)  # a config error is reported before the weights are read
     tokenizer = build_tokenizer_for(cfg, ckpt) if with_tokenizer else None
+    ensure_dir(out, "OUT")
     model = build_model(cfg, ckpt)
     return export_model(cfg, model.state_dict(), tokenizer, out, dtype)
 
@@ -175,9 +176,13 @@ def import_hf(model_dir: str | Path, out: str | Path) -> Path:
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():
         raise NeoxError(f"{model_dir}: no config.json; pass a local transformers model directory")
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        hf_cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, OSError) as e:  # no/unknown model_type, or config.json is not JSON
+        raise NeoxError(f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
+                        "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory") from None
     model_group = from_hf_config(hf_cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "OUT")
     nested = {"model": model_group, "tokenizer": _import_tokenizer(model_dir, out),
               "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True}}
     cfg = from_dict(nested, source=str(model_dir / "config.json"))

@@ -88,6 +88,10 @@ def from_hf_config(hf) -> dict:
     """neox `model` group (a dict of ModelConfig fields) for a transformers GPTNeoX or Llama config object."""
     arch = (getattr(hf, "architectures", None) or [""])[0]
     model_type = getattr(hf, "model_type", "")
+    if model_type not in ("gpt_neox", "llama") and arch not in (GPTNEOX, LLAMA):
+        # before reading any field: other architectures lack some of them (GPT-2 has no intermediate_size)
+        raise NeoxError(f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
+                        f"import handles {GPTNEOX} and {LLAMA}")
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise NeoxError(f"config.json: rope_type={rope['rope_type']!r} (RoPE scaling) is not supported by neox models; "
@@ -126,8 +130,7 @@ def from_hf_config(hf) -> dict:
                 "num_kv_heads": hf.num_key_value_heads or hf.num_attention_heads, "rotary_pct": 1.0,
                 "gpt_j_residual": False, "use_bias_in_mlp": bool(getattr(hf, "mlp_bias", False)),
                 "use_bias_in_norms": False}
-    raise NeoxError(f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
-                    f"import handles {GPTNEOX} and {LLAMA}")
+    raise AssertionError("unreachable: the architecture was checked above")
 
 
 def _int_if_whole(x):

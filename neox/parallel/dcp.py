@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from neox.errors import NeoxError
+from neox.errors import NeoxError, ensure_dir
 
 
 class AsyncSaver:
@@ -82,9 +82,9 @@ def consolidate(checkpoint: str | Path, out: str | Path, dtype: Optional[torch.d
     from neox.train.checkpoint import resolve
 
     ckpt = resolve(checkpoint)
-    state = load_full_model_state(ckpt, dtype)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent, "OUT's folder")
+    state = load_full_model_state(ckpt, dtype)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out)
