@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dp < 1:
         raise ConfigError(f"--dp must be >= 1, got {args.dp}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be >= 1, got {args.vocab_size}")
     cfg = load(args.configs, args.overrides, args.config_dir)
     _resolve_vocab(cfg, args.vocab_size)
     dp = args.dp

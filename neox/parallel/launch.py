@@ -107,6 +107,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def plan_from_args(args, environ=None) -> Plan:
     """Resolve flags, hostfile and Slurm variables into one Plan (flags win over Slurm)."""
     env = os.environ if environ is None else environ
+    for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
+        if value is not None and value < 1:  # checked here: the defaulting below reads 0 as "not given"
+            raise NeoxError(f"{flag} {value}: must be 1 or more")
     plan = Plan(max_restarts=args.max_restarts or 0)
     if plan.max_restarts < 0:
         raise NeoxError(f"--max-restarts must be >= 0, got {plan.max_restarts}")
