@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from neox.errors import NeoxError, ensure_dir
@@ -70,7 +71,15 @@ def load_full_model_state(checkpoint_dir: str | Path, dtype: Optional[torch.dtyp
     if not entries:
         raise NeoxError(f"{checkpoint_dir}: the checkpoint holds no model tensors")
     model = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in entries.items()}
-    dcp.load({"model": model}, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    from neox.train.checkpoint import _quiet_dcp
+
+    _quiet_dcp()  # no_dist=True is the intent here, not something to warn about
+    try:
+        dcp.load({"model": model}, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    except (Exception, CheckpointException) as e:  # a shard missing or cut short (DCP wraps the OSError/EOFError)
+        lines = str(e).strip().splitlines()
+        raise NeoxError(f"{checkpoint_dir}: cannot read the checkpoint's shards ({lines[-1] if lines else type(e).__name__}); "
+                        "it is incomplete or damaged: use another checkpoint (or copy it again)") from None
     if dtype is not None:
         model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
     return model

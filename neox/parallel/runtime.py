@@ -75,6 +75,8 @@ def resume_config(cfg):
     if load and cfg.model.vocab_size is None:
         try:
             vocab = saved_config(load).get("model", {}).get("vocab_size")
+        except ConfigError:
+            raise  # a checkpoint is there but its config.yml is damaged: say so rather than train past it
         except NeoxError:
             pass  # nothing saved there yet: the run starts fresh and pads as usual
     if load == cfg.checkpoint.load and vocab is None:

@@ -83,8 +83,9 @@ def resolve(path: str | Path) -> Path:
         name = (p / LATEST).read_text().strip()
         target = p / name
         if not (target / ".metadata").is_file():
-            raise NeoxError(f"{p / LATEST} points to {name!r}, which is not a complete checkpoint; "
-                            f"edit {p / LATEST} to name one of: {[c.name for c in list_checkpoints(p)]}")
+            complete = [c.name for c in list_checkpoints(p) if (c / ".metadata").is_file()]
+            fix = f"edit {p / LATEST} to name one of: {complete}" if complete else "no complete checkpoint is left there"
+            raise NeoxError(f"{p / LATEST} points to {name!r}, which is not a complete checkpoint (no .metadata); {fix}")
         return target
     if (p / ".metadata").is_file():
         return p
@@ -223,4 +224,6 @@ def saved_config(checkpoint_path: str | Path) -> dict:
     f = ckpt / CONFIG_FILE
     if not f.is_file():
         raise NeoxError(f"{f} is missing; this checkpoint was not written by neox train")
-    return yaml.safe_load(f.read_text())
+    from neox.config.yaml_io import read_config_file
+
+    return read_config_file(str(f))  # a damaged file is a one-line ConfigError naming it
