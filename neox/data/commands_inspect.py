@@ -118,6 +118,8 @@ def run_inspect(args) -> int:
     if args.sample:
         if min(args.sample) < 0:
             raise NeoxError("--sample: sample numbers start at 0")
+        if args.seq_length < 1:
+            raise NeoxError(f"--seq-length {args.seq_length}: must be 1 or more")
         for n, tokens, docs in _samples(ds, args.sample, args.seq_length, args.seed):
             print(f"\n--- sample {n} (seq_length {args.seq_length}, seed {args.seed}, documents "
                   f"{', '.join(map(str, docs.tolist()))}) ---")

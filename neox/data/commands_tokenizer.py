@@ -15,7 +15,7 @@ from typing import Iterator
 
 from neox.data.readers import BadLine, expand_inputs, iter_pieces
 from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
-from neox.errors import ConfigError
+from neox.errors import ConfigError, ensure_dir
 
 SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -61,6 +61,7 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"--vocab-size: {vocab_size} is below {MIN_VOCAB} (256 bytes + special tokens)")
     paths = expand_inputs(inputs)
+    ensure_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")  # before training, not after
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -70,7 +71,6 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     skipped: list = []
     tok.train_from_iterator(_texts(paths, list(json_keys), text_mode, skipped), trainer=trainer)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     tok.save(tmp)
     os.replace(tmp, out)
