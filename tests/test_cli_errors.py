@@ -35,6 +35,9 @@ def d(tmp_path_factory):
 
     assert main(["preprocess", "--input", str(d / "corpus.jsonl"), "--output-prefix", str(d / "ds/corpus"),
                  "--append-eod", "--quiet"]) == 0
+    (d / "empty.jsonl").write_text("")
+    assert main(["preprocess", "--input", str(d / "empty.jsonl"), "--output-prefix", str(d / "ds/empty"),
+                 "--quiet"]) == 0
     good = d / "ds/corpus_text_document"
     shutil.copy(f"{good}.idx", d / "cutbin.idx")
     (d / "cutbin.bin").write_bytes(open(f"{good}.bin", "rb").read()[:50])
@@ -105,6 +108,9 @@ CASES = [
     ("train {d}/model.yml --nproc 0", "--nproc"),
     ("train {d}/model.yml --hostfile {d}/nope.hosts", "nope.hosts"),
     ("train {d}/model.yml --set checkpoint.load={d}/badconfig", "config.yml"),
+    ("train {d}/model.yml --set data_path={d}/ds/empty_text_document", "no documents"),
+    ("train {d}/model.yml --set save={d}/afile/run", "checkpoint.save"),
+    ("train {d}/model.yml --set log_dir={d}/afile/logs", "logging.log_dir"),
     # checkpoint
     ("checkpoint consolidate {d}/notckpt {d}/o/m.pt", "notckpt"),
     ("checkpoint consolidate {d}/nolatest {d}/o/m.pt", "'latest'"),

@@ -32,7 +32,7 @@ from neox.config.schema import Config
 from neox.data.datasets import build_datasets, num_samples_for
 from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
-from neox.errors import ConfigError, DataError, NeoxError
+from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.model import GPT, flops_per_token, num_params
 from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
@@ -182,6 +182,9 @@ class Trainer:
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg.data, self.seq_length, tr.seed, samples,
             return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids)
+        if self.train_data is None:
+            raise DataError(f"data: the training split of {cfg.data.data_path or cfg.data.train_data_paths} has no "
+                            "documents; check the dataset (neox data inspect PREFIX) and data.split")
 
         self.iteration = 0
         self.consumed_samples = 0
@@ -190,6 +193,10 @@ class Trainer:
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         run_dir = cfg.logging.log_dir or cfg.checkpoint.save
         self.run_dir = Path(run_dir) if run_dir else None
+        # created now: an unwritable destination must fail before training, not at the first save
+        for path, key in ((self.save_dir, "checkpoint.save"), (self.run_dir, "logging.log_dir")):
+            if path is not None:
+                ensure_dir(path, key)
         self._last_saved = None
         self.saver = None
         if cfg.checkpoint.async_save and self.save_dir is not None:
