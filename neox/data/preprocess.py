@@ -389,6 +389,10 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
                 bar.set_postfix_str(f"{writer.tokens / el:,.0f} tok/s, {summary.bytes / el / 1e6:.2f} MB/s")
         reported = _report(text_bad, reported, opts.strict)
         summary.skipped += len(text_bad)
+        if writer.documents == 0:  # an empty dataset only fails later, at training time, far from the cause
+            raise DataError(f"--input {','.join(map(str, opts.inputs))}: no documents to write "
+                            f"({summary.skipped} malformed lines, {summary.empty} empty documents skipped); "
+                            f"check the files and --json-keys ({' '.join(opts.json_keys)})")
         writer.finalize()
     except BaseException:
         writer.abort()
