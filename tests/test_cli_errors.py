@@ -82,6 +82,7 @@ CASES = [
     ("tokenizer train {d}/nope.txt --vocab-size 300 --out {d}/o/tok.json", "nope.txt"),
     ("tokenizer train {d}/corpus.jsonl --vocab-size 10 --out {d}/o/tok.json", "--vocab-size"),
     ("tokenizer train {d}/corpus.jsonl --vocab-size 300 --out {d}/afile/tok.json", "afile"),
+    ("tokenizer train {d}/empty.jsonl --vocab-size 300 --out {d}/o/tok.json", "no text"),
     # data
     ("data inspect {d}/nope", "nope.idx"),
     ("data inspect {d}/cutbin", "cutbin.bin"),

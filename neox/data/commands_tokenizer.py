@@ -15,7 +15,7 @@ from typing import Iterator
 
 from neox.data.readers import BadLine, expand_inputs, iter_pieces
 from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
-from neox.errors import ConfigError, ensure_dir
+from neox.errors import ConfigError, DataError, ensure_dir
 
 SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -70,7 +70,18 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     skipped: list = []
-    tok.train_from_iterator(_texts(paths, list(json_keys), text_mode, skipped), trainer=trainer)
+    texts = 0
+
+    def counted():
+        nonlocal texts
+        for text in _texts(paths, list(json_keys), text_mode, skipped):
+            texts += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if texts == 0:  # a tokenizer learned from nothing would be written and used without complaint
+        raise DataError(f"{', '.join(map(str, inputs))}: no text to train on ({len(skipped)} lines skipped); "
+                        f"check the files and --json-keys ({' '.join(json_keys)})")
     tmp = out + ".tmp"
     tok.save(tmp)
     os.replace(tmp, out)
