@@ -108,6 +108,7 @@ CASES = [
     ("train {d}/model.yml --set data_path={d}/nope/x", "data.data_path"),
     ("train {d}/model.yml --set data_path={d}/cutbin", "cutbin.bin"),
     ("train {d}/model.yml --set num_attention_heads=3", "num_attention_heads"),
+    ("train {d}/model.yml --set tokenizer_type=HFTokenizer", "--set tokenizer_type=HFTokenizer"),
     ("train {d}/model.yml --set tokenizer_type=HFTokenizer --set vocab_file={d}/nope.json", "nope.json"),
     ("train {d}/model.yml --nproc 0", "--nproc"),
     ("train {d}/model.yml --hostfile {d}/nope.hosts", "nope.hosts"),

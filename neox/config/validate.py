@@ -199,9 +199,12 @@ def validate_training(r: "Resolved") -> None:
     t = cfg.tokenizer
     needs_file = t.tokenizer_type in ("HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "TiktokenTokenizer")
     if needs_file and not t.vocab_file:
-        raise ConfigError(f"{r.where('tokenizer', 'vocab_file')}: tokenizer_type {t.tokenizer_type} needs vocab_file")
+        # blame where the type was chosen: the unset vocab_file has no file or line of its own
+        raise ConfigError(f"{r.where('tokenizer', 'tokenizer_type')}: tokenizer_type {t.tokenizer_type} needs "
+                          "vocab_file; set tokenizer.vocab_file")
     if t.tokenizer_type == "GPT2BPETokenizer" and not t.merge_file:
-        raise ConfigError(f"{r.where('tokenizer', 'merge_file')}: GPT2BPETokenizer needs merge_file (merges.txt)")
+        raise ConfigError(f"{r.where('tokenizer', 'tokenizer_type')}: GPT2BPETokenizer needs merge_file "
+                          "(merges.txt); set tokenizer.merge_file")
 
 
 def resolve_batch(cfg: Config, dp_size: int) -> tuple[int, int, int]:
