@@ -60,6 +60,11 @@ def d(tmp_path_factory):
     (d / "notckpt").mkdir()
     (d / "gpt2").mkdir()
     (d / "gpt2/config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    (d / "neoxcfg").mkdir()  # a config.json alone: the refusals below come before any weights are read
+    (d / "neoxcfg/config.json").write_text(json.dumps(
+        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 32,
+         "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 384,
+         "max_position_embeddings": 128}))
     (d / "notype").mkdir()
     (d / "notype/config.json").write_text("{}")
     return d
@@ -149,6 +154,11 @@ CASES = [
     ("import hf {d}/notckpt {d}/o/imp", "config.json"),
     ("import hf {d}/notype {d}/o/imp", "config.json"),
     ("import hf {d}/gpt2 {d}/o/imp", "model_type='gpt2'"),
+    ("import hf {d}/neoxcfg {d}/run", "already holds checkpoints"),
+    ("import hf {d}/neoxcfg {d}/afile/imp", "afile"),
+    # prepare (the folder is checked before any download)
+    ("prepare nosuchcorpus", "nosuchcorpus"),
+    ("prepare tinyshakespeare --out {d}/afile/ts", "afile"),
 ]
 
 

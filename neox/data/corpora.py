@@ -26,7 +26,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 
-from neox.errors import DataError, NeoxError
+from neox.errors import DataError, NeoxError, ensure_dir
 
 MIRROR_ENV = "NEOX_CORPUS_MIRROR"
 THE_EYE = "https://the-eye.eu/public/AI/pile_preliminary_components"
@@ -268,7 +268,7 @@ def prepare(name: str, out_dir: str, mirror: str | None = None, url: str | None 
         # An explicit URL keeps the registry's checksum: it must be the same file.
         sources = [Source(url, sources[0].sha256)]
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir, "corpus folder")
     files = []
     for src in sources:
         dest = os.path.join(out_dir, sources[0].filename if url else src.filename)
@@ -317,7 +317,7 @@ def build_stdlib_corpus(out_dir: str, root: str | None = None) -> str:
     if not files:
         raise DataError(f"no .py files under {root or sysconfig.get_paths()['stdlib']}; is the standard library "
                         f"source installed (some distributions ship it separately)?")
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir, "corpus folder")
     out_path = os.path.join(out_dir, "stdlib.jsonl")
     _write_jsonl(out_path, ({"text": _read_source(full), "path": rel} for rel, full in files))
     return out_path

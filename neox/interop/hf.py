@@ -182,6 +182,9 @@ def import_hf(model_dir: str | Path, out: str | Path) -> Path:
         raise NeoxError(f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
                         "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory") from None
     model_group = from_hf_config(hf_cfg)
+    if (out / "latest").exists() or any(out.glob("iter_*")):
+        # writing here would move the run's `latest` to the imported weights: a resume would silently switch
+        raise NeoxError(f"OUT {out} already holds checkpoints; import into a new directory")
     ensure_dir(out, "OUT")
     nested = {"model": model_group, "tokenizer": _import_tokenizer(model_dir, out),
               "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True}}
