@@ -182,9 +182,15 @@ class Trainer:
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg.data, self.seq_length, tr.seed, samples,
             return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids)
+        where = cfg.data.data_path or cfg.data.train_data_paths
         if self.train_data is None:
-            raise DataError(f"data: the training split of {cfg.data.data_path or cfg.data.train_data_paths} has no "
-                            "documents; check the dataset (neox data inspect PREFIX) and data.split")
+            raise DataError(f"data: the training split of {where} has no documents; check the dataset "
+                            "(neox data inspect PREFIX) and data.split")
+        if self.train_iters > 0 and len(self.train_data) < self.global_batch:
+            # GPT2Dataset repeats epochs to reach the samples asked for, so a shortfall here means too few tokens
+            raise DataError(f"data: the training split of {where} yields {len(self.train_data)} samples of "
+                            f"seq_length {self.seq_length}, fewer than one global batch ({self.global_batch}); "
+                            "use more data or a shorter seq_length")
 
         self.iteration = 0
         self.consumed_samples = 0
