@@ -1,22 +1,29 @@
 # Two entry points for a fresh machine: `make train` and `make test`.
+# `make train` installs only what training needs (fast on a fresh machine); `make test` adds the dev extras
+# (transformers, lm-eval, sentencepiece, ...) on top of the same .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+DEV := $(VENV)/.installed-dev
 
 .PHONY: train test test-fast install clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: anything looser lets another requirement pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $(CORE)
+
+$(DEV): $(CORE)
 	$(BIN)/pip install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(DEV)
 
-install: $(STAMP)
+install: $(DEV)
 
-train: $(STAMP)
+train: $(CORE)
 	$(BIN)/neox prepare stdlib --out data/stdlib
 	$(BIN)/neox tokenizer train data/stdlib/stdlib.jsonl --vocab-size 4096 --out data/stdlib/tokenizer.json
 	$(BIN)/neox preprocess --input data/stdlib/stdlib.jsonl --tokenizer-type HFTokenizer \
@@ -24,10 +31,10 @@ train: $(STAMP)
 	$(BIN)/neox train configs/tiny-cpu.yml
 	$(BIN)/neox generate runs/tiny-cpu --prompt "def " --max-new-tokens 64 --num-samples 2 --temperature 0.8 --top-p 0.95
 
-test: $(STAMP)
+test: $(DEV)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(DEV)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
