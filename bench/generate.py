@@ -1,7 +1,7 @@
 """Generation throughput: neox's KV-cache loop against transformers' `generate`, same weights, same run.
 
     .venv/bin/python bench/generate.py [--shapes pythia-14m,pythia-70m] [--dtypes fp32,bf16] [--batches 1,8]
-                                       [--prompt-len 32] [--new-tokens 128] [--trials 3] [--threads 2]
+                                       [--prompt-len 32] [--new-tokens 128] [--trials 3] [--threads 1]
 
 For each shape (random weights; Pythia's layout: parallel residual, rotary_pct 0.25, untied head, vocab 50304)
 the neox model is exported to an in-memory GPTNeoXForCausalLM. Both generate greedily with no EOS, so every
@@ -75,7 +75,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    # one thread: with two, every op can stall ~8 ms whenever another process is busy (shared 2-core machine)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
     import torch
