@@ -283,8 +283,9 @@ def prepare(name: str, out_dir: str, mirror: str | None = None, url: str | None 
 
 # ---- stdlib ----------------------------------------------------------------------------------------------------
 
-# Third-party packages and the (large, repetitive) test suites are not the standard library's own code.
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# Third-party packages and the (large, repetitive) test suites are not the standard library's own code; the
+# generated codec tables in encodings/ are mostly hex literals and teach a small model little but table rows.
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
 
 
 def stdlib_files(root: str | None = None) -> list[tuple[str, str]]:
