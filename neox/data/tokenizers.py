@@ -11,6 +11,7 @@ document there and encode the pieces in parallel; sentencepiece does not (it pre
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ PAD_TOKEN = "<|padding|>"
 _EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface. Subclasses set name, vocab_size, eod_id, pad_id and implement encode/decode."""
 
     name: str = "Tokenizer"
@@ -33,14 +34,16 @@ class Tokenizer:
     pad_id: int
     splittable: bool = True
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of one text."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Text of a sequence of token ids."""
 
     def limit_threads(self, n: int) -> None:
         """Use at most n threads per encode_batch call (preprocessing workers already run in parallel)."""

@@ -6,21 +6,24 @@ reset_position_ids all see the same positions a full forward pass would.
 
 from __future__ import annotations
 
+import abc
 import math
+
 
 import torch
 from torch import nn
 
 
-class _DerivedTables(nn.Module):
+class _DerivedTables(nn.Module, metaclass=abc.ABCMeta):
     """Holds fp32 tables derived from hyper-parameters (non-persistent buffers, so not in the state dict).
 
     `model.to(torch.bfloat16)` would round the tables to bf16 and `to_empty()` (meta-device init) would leave
     them as garbage, so after every `_apply` they are rebuilt in fp32 on whatever device the module is now on.
     """
 
+    @abc.abstractmethod
     def _build(self, device: torch.device) -> None:
-        raise NotImplementedError
+        """(Re)compute the fp32 tables on `device`."""
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
