@@ -70,6 +70,8 @@ class TokenizerConfig:
     tokenizer_type: str = opt("ByteLevelTokenizer", "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.", TOKENIZERS)
     vocab_file: Optional[str] = opt(None, "Tokenizer file: HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file.")
     merge_file: Optional[str] = opt(None, "GPT-2 merges.txt (GPT2BPETokenizer).")
+    eod_token: Optional[str] = opt(None, "End-of-document token (appended by preprocessing, stops generation); None = the type's usual lookup (<|endoftext|>, then </s>, <|end_of_text|>, <eos>; sentencepiece: its eos piece). Must be a token of vocab_file.")
+    pad_token: Optional[str] = opt(None, "Padding token; None = <|padding|> when the vocabulary has it (sentencepiece: its pad piece), else the end-of-document token. Must be a token of vocab_file.")
 
 
 @dataclass

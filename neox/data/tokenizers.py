@@ -3,6 +3,10 @@
 Every tokenizer has ``encode(str) -> list[int]``, ``encode_batch(list[str]) -> list[list[int]]``,
 ``decode(list[int]) -> str``, ``vocab_size`` (the unpadded vocabulary), ``eod_id`` and ``pad_id``.
 
+``eod_token`` / ``pad_token`` (TokenizerConfig) name the end-of-document and padding tokens for the tokenizer
+types that read a vocabulary file; unset, each type looks up its usual names. A name missing from the vocabulary
+is a ConfigError naming the key and the file.
+
 ``splittable`` says whether ``encode(a + b) == encode(a) + encode(b)`` whenever ``a`` ends in a newline that
 follows a non-space character and ``b`` starts with a non-space character. Byte-level BPE with the GPT-2
 pre-tokenizer regex has that property (no pre-token crosses such a boundary), so preprocessing may cut a huge
@@ -53,6 +57,24 @@ class Tokenizer(abc.ABC):
         return f"{self.name}(vocab_size={self.vocab_size}, eod_id={self.eod_id}, pad_id={self.pad_id})"
 
 
+def _unknown_token(key: str, token: str, source: str, hint: str = "") -> ConfigError:
+    return ConfigError(f"tokenizer.{key}: {token!r} is not a token of {source}{hint}; set tokenizer.{key} to one "
+                       "of its tokens, or unset it for the default lookup")
+
+
+def _fixed_specials(tokenizer: "Tokenizer", eod_token, pad_token, names: dict[str, int]) -> None:
+    """For file-less tokenizers: only their own special tokens can be named (by name, or not at all)."""
+    for key, token in (("eod_token", eod_token), ("pad_token", pad_token)):
+        if token is None:
+            continue
+        if token not in names:
+            have = (", ".join(f"{n} = {i}" for n, i in names.items())
+                    or f"eod {tokenizer.eod_id} and pad {tokenizer.pad_id}, without names")
+            raise ConfigError(f"tokenizer.{key}: {token!r}: {tokenizer.name} has fixed special tokens ({have}); "
+                              f"unset tokenizer.{key} or use a tokenizer file")
+        setattr(tokenizer, key.replace("_token", "_id"), names[token])
+
+
 def _need_file(path, tokenizer_type: str, key: str = "vocab_file") -> str:
     if path is None:
         raise ConfigError(f"tokenizer.{key}: {tokenizer_type} needs a file; set tokenizer.{key} "
@@ -69,6 +91,12 @@ class ByteLevelTokenizer(Tokenizer):
     vocab_size = 258
     eod_id = 256
     pad_id = 257
+
+    def __init__(self, eod_token: str | None = None, pad_token: str | None = None):
+        _fixed_specials(self, eod_token, pad_token, self._named_specials())
+
+    def _named_specials(self) -> dict[str, int]:
+        return {EOD_TOKEN: 256, PAD_TOKEN: 257}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -90,6 +118,9 @@ class CharLevelTokenizer(ByteLevelTokenizer):
     eod_id = 0
     pad_id = 1
 
+    def _named_specials(self) -> dict[str, int]:
+        return {}  # GPT-NeoX gives its eod/pad ids no token names
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` JSON file (e.g. GPT-NeoX-20B / Pythia's 20B_tokenizer.json).
@@ -101,7 +132,7 @@ class HFTokenizer(Tokenizer):
 
     name = "HFTokenizer"
 
-    def __init__(self, vocab_file: str):
+    def __init__(self, vocab_file: str, eod_token: str | None = None, pad_token: str | None = None):
         from tokenizers import Tokenizer as _HF
 
         path = _need_file(vocab_file, self.name)
@@ -109,7 +140,7 @@ class HFTokenizer(Tokenizer):
             self._tok = _HF.from_file(path)
         except Exception as e:  # the library raises a bare Exception for a malformed file
             raise ConfigError(f"tokenizer.vocab_file: {path}: not a tokenizers JSON file ({e})") from None
-        self._init_ids(path)
+        self._init_ids(path, eod_token, pad_token)
         try:
             pre = json.loads(Path(path).read_text(encoding="utf-8")).get("pre_tokenizer") or {}
         except ValueError:
@@ -118,14 +149,21 @@ class HFTokenizer(Tokenizer):
         adds = self._tok.encode("a").ids != self._tok.encode("a", add_special_tokens=False).ids
         self.splittable = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not adds
 
-    def _init_ids(self, source: str) -> None:
+    def _init_ids(self, source: str, eod_token: str | None, pad_token: str | None) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eod = next((i for i in map(self._tok.token_to_id, _EOD_CANDIDATES) if i is not None), None)
-        if eod is None:
-            raise ConfigError(f"tokenizer.vocab_file: {source} has none of {', '.join(_EOD_CANDIDATES)} to end "
-                              f"documents with; add {EOD_TOKEN} as a special token")
+        if eod_token is not None:
+            eod = self._tok.token_to_id(eod_token)
+            if eod is None:
+                raise _unknown_token("eod_token", eod_token, source)
+        else:
+            eod = next((i for i in map(self._tok.token_to_id, _EOD_CANDIDATES) if i is not None), None)
+            if eod is None:
+                raise ConfigError(f"tokenizer.vocab_file: {source} has none of {', '.join(_EOD_CANDIDATES)} to end "
+                                  f"documents with; set tokenizer.eod_token to its end-of-text token")
         self.eod_id = eod
-        pad = self._tok.token_to_id(PAD_TOKEN)
+        pad = self._tok.token_to_id(pad_token or PAD_TOKEN)
+        if pad is None and pad_token is not None:
+            raise _unknown_token("pad_token", pad_token, source)
         self.pad_id = eod if pad is None else pad
 
     def limit_threads(self, n: int) -> None:
@@ -150,7 +188,8 @@ class GPT2BPETokenizer(HFTokenizer):
 
     name = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str, merge_file: str):
+    def __init__(self, vocab_file: str, merge_file: str, eod_token: str | None = None,
+                 pad_token: str | None = None):
         from tokenizers import Tokenizer as _HF
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -164,21 +203,22 @@ class GPT2BPETokenizer(HFTokenizer):
         tok = _HF(model)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        if tok.token_to_id(EOD_TOKEN) is not None:
-            # Registered as special so "<|endoftext|>" in text maps to one id, as the tokenizer JSON does.
-            tok.add_special_tokens([EOD_TOKEN])
+        specials = [t for t in dict.fromkeys((EOD_TOKEN, eod_token, pad_token)) if t and tok.token_to_id(t) is not None]
+        # Registered as special so "<|endoftext|>" in text maps to one id, as the tokenizer JSON does.
+        tok.add_special_tokens(specials)
         self._tok = tok
-        self._init_ids(vocab)
+        self._init_ids(vocab, eod_token, pad_token)
         self.splittable = True
 
 
 class SPMTokenizer(Tokenizer):
-    """A sentencepiece model. eod is ``<|endoftext|>`` when the model has it, else the model's eos."""
+    """A sentencepiece model. eod is ``<|endoftext|>`` when the model has it, else the model's eos; pad is the
+    model's pad piece, else eod (``eod_token`` / ``pad_token`` name other pieces)."""
 
     name = "SPMTokenizer"
     splittable = False
 
-    def __init__(self, vocab_file: str):
+    def __init__(self, vocab_file: str, eod_token: str | None = None, pad_token: str | None = None):
         import sentencepiece as spm
 
         path = _need_file(vocab_file, self.name)
@@ -187,14 +227,28 @@ class SPMTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             raise ConfigError(f"tokenizer.vocab_file: {path}: not a sentencepiece model ({e})") from None
         self.vocab_size = self._sp.get_piece_size()
-        eod = self._sp.piece_to_id(EOD_TOKEN)
-        if eod == self._sp.unk_id() or self._sp.id_to_piece(eod) != EOD_TOKEN:
-            eod = self._sp.eos_id()
+        if eod_token is not None:
+            eod = self._piece_id("eod_token", eod_token, path)
+        else:
+            eod = self._piece_id(None, EOD_TOKEN, path)
+            eod = self._sp.eos_id() if eod is None else eod
         if eod < 0:
             raise ConfigError(f"tokenizer.vocab_file: {path} has neither {EOD_TOKEN} nor an eos piece; "
-                              f"train it with --eos_id or a {EOD_TOKEN} user symbol")
+                              f"set tokenizer.eod_token, or train it with --eos_id or a {EOD_TOKEN} user symbol")
         self.eod_id = eod
-        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else eod
+        if pad_token is not None:
+            self.pad_id = self._piece_id("pad_token", pad_token, path)
+        else:
+            self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else eod
+
+    def _piece_id(self, key: str | None, piece: str, path: str) -> int | None:
+        """Id of a piece; a missing one is None, or a ConfigError for the config `key` that named it."""
+        i = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(i) == piece:  # unknown pieces map to the unk id, whose piece differs
+            return i
+        if key is None:
+            return None
+        raise _unknown_token(key, piece, path)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -225,11 +279,12 @@ class TiktokenTokenizer(Tokenizer):
     Files named like a public encoding (``cl100k_base.tiktoken``, ``r50k_base.tiktoken``, ...) get that
     encoding's regex and ``<|endoftext|>`` id; others use the cl100k regex with ``<|endoftext|>`` appended
     after the highest rank. Text is encoded as ordinary text (a literal "<|endoftext|>" is not special).
+    ``eod_token`` / ``pad_token`` may name ``<|endoftext|>`` or any token of the file (its UTF-8 text).
     """
 
     name = "TiktokenTokenizer"
 
-    def __init__(self, vocab_file: str):
+    def __init__(self, vocab_file: str, eod_token: str | None = None, pad_token: str | None = None):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
@@ -245,7 +300,18 @@ class TiktokenTokenizer(Tokenizer):
         self._enc = tiktoken.Encoding(name=stem, pat_str=pat, mergeable_ranks=ranks,
                                       special_tokens={EOD_TOKEN: eod})
         self.vocab_size = self._enc.n_vocab
-        self.eod_id = self.pad_id = eod
+
+        def lookup(key, token, default):
+            if token is None:
+                return default
+            if token == EOD_TOKEN:
+                return eod
+            if token.encode("utf-8") not in ranks:
+                raise _unknown_token(key, token, path, f" (nor {EOD_TOKEN})")
+            return ranks[token.encode("utf-8")]
+
+        self.eod_id = lookup("eod_token", eod_token, eod)
+        self.pad_id = lookup("pad_token", pad_token, self.eod_id)
         self.threads = 8  # tiktoken's own default pool size for batch calls
 
     def encode(self, text: str) -> list[int]:
@@ -263,19 +329,20 @@ def build_tokenizer(cfg) -> Tokenizer:
     kind = getattr(cfg, "tokenizer_type", None) or "ByteLevelTokenizer"
     vocab = getattr(cfg, "vocab_file", None)
     merges = getattr(cfg, "merge_file", None)
+    specials = {"eod_token": getattr(cfg, "eod_token", None), "pad_token": getattr(cfg, "pad_token", None)}
     by_lower = {t.lower(): t for t in TOKENIZER_TYPES}
     canonical = by_lower.get(str(kind).lower())
     if canonical is None:
         raise ConfigError(f"tokenizer.tokenizer_type: unknown tokenizer {kind!r}; choose one of "
                           f"{', '.join(TOKENIZER_TYPES)}")
     if canonical == "HFTokenizer":
-        return HFTokenizer(vocab)
+        return HFTokenizer(vocab, **specials)
     if canonical == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(vocab, merges)
+        return GPT2BPETokenizer(vocab, merges, **specials)
     if canonical == "SPMTokenizer":
-        return SPMTokenizer(vocab)
+        return SPMTokenizer(vocab, **specials)
     if canonical == "TiktokenTokenizer":
-        return TiktokenTokenizer(vocab)
+        return TiktokenTokenizer(vocab, **specials)
     if canonical == "CharLevelTokenizer":
-        return CharLevelTokenizer()
-    return ByteLevelTokenizer()
+        return CharLevelTokenizer(**specials)
+    return ByteLevelTokenizer(**specials)

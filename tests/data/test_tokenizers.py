@@ -16,8 +16,8 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "  indented line   \n\ttab\r\nwindows line\n\n\n  \nunicode: naïve café — 東京 🙂\n12345 678,9 end")
 
 
-def tok(kind, vocab=None, merges=None):
-    return build_tokenizer(NS(tokenizer_type=kind, vocab_file=vocab, merge_file=merges))
+def tok(kind, vocab=None, merges=None, eod=None, pad=None):
+    return build_tokenizer(NS(tokenizer_type=kind, vocab_file=vocab, merge_file=merges, eod_token=eod, pad_token=pad))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,10 @@ def test_sentencepiece(tmp_path):
     text = "the lazy fox jumps 🙂"
     assert t.decode(t.encode(text)) == text
     assert t.encode_batch([text, "dog"]) == [t.encode(text), t.encode("dog")]
+    custom = tok("SPMTokenizer", str(path), eod="</s>", pad="<unk>")
+    assert (custom.eod_id, custom.pad_id) == (t._sp.eos_id(), t._sp.unk_id())
+    with pytest.raises(ConfigError, match=r"tokenizer.eod_token: '<\|im_end\|>' is not a token of .*m.model"):
+        tok("SPMTokenizer", str(path), eod="<|im_end|>")
 
 
 def test_tiktoken_file(tmp_path):
@@ -138,6 +142,10 @@ def test_tiktoken_file(tmp_path):
     assert t.decode(t.encode(TEXT)) == TEXT
     t.limit_threads(1)
     assert t.encode_batch(["hello", "hell"]) == [[ranks[b"hello"]], [ranks[b"hell"]]]
+    custom = tok("TiktokenTokenizer", str(path), eod="hello", pad="<|endoftext|>")
+    assert (custom.eod_id, custom.pad_id) == (ranks[b"hello"], 262)
+    with pytest.raises(ConfigError, match="tokenizer.pad_token: 'xyz' is not a token of .*tiny.tiktoken"):
+        tok("TiktokenTokenizer", str(path), pad="xyz")
 
 
 def test_bad_configs(tmp_path):
@@ -159,3 +167,31 @@ def test_bad_configs(tmp_path):
     bad.write_text("not base64 at all\n")
     with pytest.raises(ConfigError, match="not a .tiktoken file"):
         tok("TiktokenTokenizer", str(bad))
+
+
+def test_custom_eod_and_pad_tokens(tmp_path, shared_data):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.WordLevel({"<|im_end|>": 0, "<pad>": 1, "a": 2, "b": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "chat.json"))
+    path = str(tmp_path / "chat.json")
+    with pytest.raises(ConfigError, match="none of <\\|endoftext\\|>.*set tokenizer.eod_token"):
+        tok("HFTokenizer", path)
+    t = tok("HFTokenizer", path, eod="<|im_end|>", pad="<pad>")
+    assert (t.eod_id, t.pad_id) == (0, 1) and t.encode("a b") == [2, 3]
+    with pytest.raises(ConfigError, match=r"tokenizer.pad_token: '<nope>' is not a token of .*chat.json"):
+        tok("HFTokenizer", path, eod="<|im_end|>", pad="<nope>")
+    with pytest.raises(ConfigError, match=r"tokenizer.eod_token: '</s>' is not a token of .*chat.json"):
+        tok("HFTokenizer", path, eod="</s>")
+
+    g = shared_data / "tokenizers"
+    b = tok("GPT2BPETokenizer", str(g / "gpt2-vocab.json"), str(g / "gpt2-merges.txt"), eod="\u010a", pad="!")
+    assert (b.eod_id, b.pad_id) == (198, 0)  # GPT-2's newline token and "!"
+
+    b = tok(None, eod="<|padding|>", pad="<|endoftext|>")
+    assert (b.eod_id, b.pad_id) == (257, 256)
+    with pytest.raises(ConfigError, match="tokenizer.eod_token: '</s>': ByteLevelTokenizer has fixed special tokens"):
+        tok(None, eod="</s>")
+    with pytest.raises(ConfigError, match="tokenizer.pad_token: .*CharLevelTokenizer .*eod 0 and pad 1"):
+        tok("CharLevelTokenizer", pad="<|padding|>")
