@@ -8,13 +8,16 @@ config.yml) plus OUT/neox.yml, a config to continue pre-training or fine-tune fr
 
 from __future__ import annotations
 
-import shutil
+import json
+import re
 from pathlib import Path
 
 import torch
 
 from neox.errors import NeoxError, ensure_dir
 from neox.interop.hf_mapping import from_hf_config, from_hf_state_dict, hf_architecture, to_hf_config, to_hf_state_dict
+from neox.interop.hf_tokenizer import (copy_tokenizer, declared_special_tokens, export_tokenizer, find_tokenizer,
+                                      hf_tokenizer_object)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,72 +30,49 @@ def _transformers():
     return transformers
 
 
-# -- tokenizer -----------------------------------------------------------------------------------------------
-
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (the alphabet of byte-level BPE vocabularies):
-    printable Latin-1 bytes map to themselves, the rest to code points from 256 upward in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _byte_level_hf_tokenizer(eod: str, pad: str):
-    """A tokenizers.Tokenizer giving neox ByteLevelTokenizer's ids: byte b -> id b, then eod, pad."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(eod, special=True), AddedToken(pad, special=True)])
-    return tok
-
-
-def hf_tokenizer_object(tokenizer):
-    """The `tokenizers.Tokenizer` equivalent of a neox tokenizer, or a NeoxError naming the type."""
-    from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
-
-    inner = getattr(tokenizer, "_tok", None)  # HFTokenizer / GPT2BPETokenizer wrap a tokenizers.Tokenizer
-    if inner is not None:
-        return inner
-    if tokenizer.name == "ByteLevelTokenizer":
-        return _byte_level_hf_tokenizer(EOD_TOKEN, PAD_TOKEN)
-    raise NeoxError(f"tokenizer.tokenizer_type={tokenizer.name} has no Hugging Face tokenizer equivalent; "
-                    "export with --no-tokenizer and supply a tokenizer yourself")
-
-
-def export_tokenizer(tokenizer, out: Path) -> None:
-    """Write tokenizer.json + tokenizer_config.json so AutoTokenizer.from_pretrained(out) works."""
-    from transformers import PreTrainedTokenizerFast
-
-    obj = hf_tokenizer_object(tokenizer)
-    eod = obj.id_to_token(tokenizer.eod_id)
-    pad = obj.id_to_token(tokenizer.pad_id)
-    # neox's byte-level tokenizer reads "<|endoftext|>" in text as plain bytes; HF-JSON tokenizers match it
-    literal = getattr(tokenizer, "_tok", None) is None
-    fast = PreTrainedTokenizerFast(tokenizer_object=obj, bos_token=eod, eos_token=eod, unk_token=eod,
-                                   pad_token=pad, split_special_tokens=literal)
-    fast.save_pretrained(str(out))
-
-
 # -- export --------------------------------------------------------------------------------------------------
 
-def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str | Path,
-                 dtype: str | None = None) -> Path:
-    """Write an HF model directory for a neox Config + GPT state dict (+ tokenizer, unless None)."""
-    _transformers()
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
+_SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as transformers reads them
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def parse_shard_size(size: str | int) -> int:
+    """Bytes of a --max-shard-size value: an integer byte count or a number with KB / MB / GB / TB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
+    value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]) if m else 0
+    if value < 1:
+        raise NeoxError(f"--max-shard-size {size!r}: give a size such as 2GB, 500MB or a byte count")
+    return value
+
+
+def save_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    """Write model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json when the
+    weights exceed max_shard_size (split as transformers splits: in key order, a tensor never divided).
+    Weight files of an earlier export to `out` are removed first, so the loader cannot mix old and new."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=parse_shard_size(max_shard_size))
+    for old in [out / WEIGHTS, out / INDEX, *(f for f in out.glob("model-*.safetensors") if _SHARD.fullmatch(f.name))]:
+        old.unlink(missing_ok=True)
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: sd[k].cpu().contiguous() for k in keys}, str(out / name), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return sorted(split.filename_to_tensors)
+
+
+def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str | Path,
+                 dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write an HF model directory for a neox Config + GPT state dict (+ tokenizer, unless None)."""
+    _transformers()
     hf_architecture(cfg.model)  # refuse before writing anything
-    if tokenizer is not None:
-        hf_tokenizer_object(tokenizer)
+    parse_shard_size(max_shard_size)
+    hf_tok = hf_tokenizer_object(tokenizer) if tokenizer is not None else None
     out = Path(out)
     ensure_dir(out, "OUT")
     sd = to_hf_state_dict(cfg.model, state_dict)
@@ -106,69 +86,75 @@ def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str |
         eod, pad = tokenizer.eod_id, tokenizer.pad_id
     hf_cfg = to_hf_config(cfg.model, eos_id=eod, bos_id=eod, pad_id=pad, dtype=dtype_name)
     hf_cfg.save_pretrained(str(out))
-    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_weights(sd, out, max_shard_size)
     if tokenizer is not None:
-        export_tokenizer(tokenizer, out)
+        export_tokenizer(tokenizer, out, hf_tok)
     return out
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None,
-                      with_tokenizer: bool = True) -> Path:
+                      with_tokenizer: bool = True, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
     from neox.train.checkpoint import resolve
 
     ckpt = resolve(checkpoint)
     cfg = checkpoint_config(ckpt)
     hf_architecture(cfg.model)  # a config error is reported before the weights are read
+    parse_shard_size(max_shard_size)
     tokenizer = build_tokenizer_for(cfg, ckpt) if with_tokenizer else None
     ensure_dir(out, "OUT")
     model = build_model(cfg, ckpt)
-    return export_model(cfg, model.state_dict(), tokenizer, out, dtype)
+    return export_model(cfg, model.state_dict(), tokenizer, out, dtype, max_shard_size)
 
 
 # -- import --------------------------------------------------------------------------------------------------
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a local HF model directory (safetensors, sharded or not, else pytorch_model*.bin)."""
+    """All tensors of a local HF model directory: the files its *.index.json lists when it has one (sharded),
+    else every *.safetensors, else pytorch_model*.bin."""
     from safetensors.torch import load_file
 
+    for index_name, loader in ((INDEX, lambda f: load_file(str(f))),
+                               ("pytorch_model.bin.index.json",
+                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise NeoxError(f"{index}: not a weight index (needs a weight_map: {e})") from None
+            missing = [n for n in names if not (model_dir / n).is_file()]
+            if missing:
+                raise NeoxError(f"{index}: lists {missing[0]}, which is not in {model_dir}; download every shard")
+            return _merged(loader(model_dir / n) for n in names)
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(f)))
-        return sd
+        return _merged(load_file(str(f)) for f in files)
     files = sorted(model_dir.glob("pytorch_model*.bin"))
     if not files:
         raise NeoxError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights found")
-    sd = {}
-    for f in files:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return _merged(torch.load(f, map_location="cpu", weights_only=True) for f in files)
+
+
+def _merged(parts) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for part in parts:
+        sd.update(part)
     return sd
 
 
-def _import_tokenizer(model_dir: Path, out: Path) -> dict:
-    """Copy the tokenizer next to the checkpoint; returns the tokenizer config group for it."""
-    if (model_dir / "tokenizer.json").is_file():
-        shutil.copy(model_dir / "tokenizer.json", out / "tokenizer.json")
-        return {"tokenizer_type": "HFTokenizer", "vocab_file": str((out / "tokenizer.json").resolve())}
-    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(model_dir / name, out / name)
-        return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": str((out / "vocab.json").resolve()),
-                "merge_file": str((out / "merges.txt").resolve())}
-    if (model_dir / "tokenizer.model").is_file():
-        shutil.copy(model_dir / "tokenizer.model", out / "tokenizer.model")
-        return {"tokenizer_type": "SPMTokenizer", "vocab_file": str((out / "tokenizer.model").resolve())}
-    raise NeoxError(f"{model_dir}: no tokenizer.json, vocab.json+merges.txt or tokenizer.model to import")
+def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = None,
+              pad_token: str | None = None) -> Path:
+    """Turn a local GPTNeoXForCausalLM / LlamaForCausalLM directory into a neox run directory.
 
-
-def import_hf(model_dir: str | Path, out: str | Path) -> Path:
-    """Turn a local GPTNeoXForCausalLM / LlamaForCausalLM directory into a neox run directory."""
+    The tokenizer's end-of-sequence and padding tokens are those the directory declares (tokenizer_config.json,
+    special_tokens_map.json, config.json), unless eod_token / pad_token are given.
+    """
     import yaml
 
     from neox.config import from_dict, to_dict
+    from neox.data.tokenizers import build_tokenizer
+    from neox.errors import ConfigError
     from neox.model import GPT
     from neox.train.checkpoint import save
 
@@ -185,8 +171,21 @@ def import_hf(model_dir: str | Path, out: str | Path) -> Path:
     if (out / "latest").exists() or any(out.glob("iter_*")):
         # writing here would move the run's `latest` to the imported weights: a resume would silently switch
         raise NeoxError(f"OUT {out} already holds checkpoints; import into a new directory")
+    created = not out.exists()
     ensure_dir(out, "OUT")
-    nested = {"model": model_group, "tokenizer": _import_tokenizer(model_dir, out),
+    try:  # the tokenizer must load (with its end token) before anything is written
+        tok_group = find_tokenizer(model_dir)
+        given = {k: v for k, v in (("eod_token", eod_token), ("pad_token", pad_token)) if v is not None}
+        tok_group.update({**declared_special_tokens(model_dir, tok_group), **given})
+        try:
+            build_tokenizer(from_dict({"tokenizer": tok_group}).tokenizer)
+        except ConfigError as e:
+            raise NeoxError(f"{model_dir}: {e} (import: pass --eod-token / --pad-token)") from None
+    except NeoxError:
+        if created:
+            out.rmdir()
+        raise
+    nested = {"model": model_group, "tokenizer": copy_tokenizer(tok_group, out),
               "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True}}
     cfg = from_dict(nested, source=str(model_dir / "config.json"))
 

@@ -103,7 +103,7 @@ def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     hf.save_pretrained(tmp_path / "hf")
     cfg = tiny_config()
-    from neox.interop.hf import export_tokenizer
+    from neox.interop.hf_tokenizer import export_tokenizer
     export_tokenizer(build_tokenizer(cfg.tokenizer), tmp_path / "hf")
 
     run = import_hf(tmp_path / "hf", tmp_path / "run")
@@ -126,3 +126,73 @@ def test_export_checkpoint_refuses_learned_positions(tmp_path):
     make_run(tmp_path / "run", cfg)
     with pytest.raises(NeoxError, match="pos_emb='learned'"):
         export_checkpoint(tmp_path / "run", tmp_path / "out")
+
+
+def _chat_tokenizer_dir(path):
+    """A tiny HF tokenizer whose only end token is <|im_end|> (none of the names neox looks up by default)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|im_end|>", "<unk>"] + [f"w{i}" for i in range(380)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", unk_token="<unk>").save_pretrained(
+        str(path))
+
+
+def test_import_takes_the_declared_eos_then_loads_and_generates(tmp_path):
+    import yaml
+
+    import neox
+
+    torch.manual_seed(0)
+    hf = _hf_random("llama").eval()
+    hf.config.eos_token_id = 0
+    hf.save_pretrained(tmp_path / "hf")
+    _chat_tokenizer_dir(tmp_path / "hf")
+    with pytest.raises(NeoxError, match="tokenizer.eod_token: '<nope>' is not a token of .*--eod-token"):
+        import_hf(tmp_path / "hf", tmp_path / "bad", eod_token="<nope>")
+    assert not (tmp_path / "bad").exists()
+
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    tokenizer_group = yaml.safe_load((run / "neox.yml").read_text())["tokenizer"]
+    assert tokenizer_group["eod_token"] == "<|im_end|>"
+    model, tok = neox.load(run)
+    assert tok.eod_id == tok.pad_id == 0
+    prompt = tok.encode("w5 w9 w7")
+    ours = model.generate(prompt, max_new_tokens=6, temperature=0)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=0)[0, 3:].tolist()
+    assert ours == (theirs[:theirs.index(0)] if 0 in theirs else theirs)
+    assert isinstance(model.generate("w1 w2", max_new_tokens=3, temperature=0), str)
+
+
+def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
+    import json
+
+    from neox.cli import main as cli
+
+    cfg = tiny_config(num_layers=3)
+    model = random_model(cfg)
+    make_run(tmp_path / "run", cfg, model)
+    out = tmp_path / "hf"
+    assert cli(["export", "hf", str(tmp_path / "run"), str(out), "--max-shard-size", "60KB"]) == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards and index["metadata"]["total_size"] > 60_000
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+    back = import_hf(out, tmp_path / "back")
+    import neox
+    again, _ = neox.load(back)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+    export_model(cfg, model.state_dict(), None, out)  # under the default size: one file, old shards gone
+    assert [p.name for p in out.glob("model*.safetensors*")] == ["model.safetensors"]
+    with pytest.raises(NeoxError, match="--max-shard-size '2 GiB'"):
+        export_model(cfg, model.state_dict(), None, tmp_path / "never", max_shard_size="2 GiB")
+    assert not (tmp_path / "never").exists()
