@@ -297,6 +297,8 @@ class TiktokenTokenizer(Tokenizer):
             raise ConfigError(f"tokenizer.vocab_file: {path}: empty .tiktoken file")
         stem = Path(path).name.split(".")[0]
         pat, eod = _KNOWN_TIKTOKEN.get(stem, (_CL100K_PAT, max(ranks.values()) + 1))
+        # kept for export: the file, its regex and the id given to <|endoftext|>
+        self.vocab_file, self.pattern, self.endoftext_id = path, pat, eod
         self._enc = tiktoken.Encoding(name=stem, pat_str=pat, mergeable_ranks=ranks,
                                       special_tokens={EOD_TOKEN: eod})
         self.vocab_size = self._enc.n_vocab

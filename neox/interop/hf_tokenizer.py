@@ -8,6 +8,7 @@ end-of-sequence and padding, so the generated config names them (`tokenizer.eod_
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,29 @@ def _sentencepiece_hf_tokenizer(tokenizer):
     return tok
 
 
+def _tiktoken_hf_tokenizer(tokenizer):
+    """A byte-level BPE with a tiktoken file's ids: transformers' TikTokenConverter derives the merges from the
+    ranks; the same pre-tokenizer regex; <|endoftext|> at neox's eod id (which may leave a gap, as cl100k's)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from neox.data.tokenizers import EOD_TOKEN
+
+    # Oniguruma (the tokenizers library's regex engine) reads "X{1,3}+" as a repeated repeat, where tiktoken's
+    # engine means a possessive repeat: spell that as an atomic group, which means the same in both.
+    pattern = re.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", tokenizer.pattern)
+    vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(tokenizer.vocab_file)
+    vocab[EOD_TOKEN] = tokenizer.endoftext_id
+    # whole pre-tokens found in the vocabulary are taken as they are, as tiktoken does before merging
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
+    return tok
+
+
 def hf_tokenizer_object(tokenizer):
     """The `tokenizers.Tokenizer` equivalent of a neox tokenizer, or a NeoxError naming the type."""
     from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
@@ -79,9 +103,10 @@ def hf_tokenizer_object(tokenizer):
         return _byte_level_hf_tokenizer(EOD_TOKEN, PAD_TOKEN)
     if tokenizer.name == "SPMTokenizer":
         return _sentencepiece_hf_tokenizer(tokenizer)
-    why = {"TiktokenTokenizer": " (its tiktoken regex and rank-ordered merges are not reproduced faithfully)"}
-    raise NeoxError(f"tokenizer.tokenizer_type={tokenizer.name} has no Hugging Face tokenizer equivalent"
-                    f"{why.get(tokenizer.name, '')}; export with --no-tokenizer and supply a tokenizer yourself")
+    if tokenizer.name == "TiktokenTokenizer":
+        return _tiktoken_hf_tokenizer(tokenizer)
+    raise NeoxError(f"tokenizer.tokenizer_type={tokenizer.name} has no Hugging Face tokenizer equivalent; "
+                    "export with --no-tokenizer and supply a tokenizer yourself")
 
 
 def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
@@ -96,10 +121,10 @@ def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
     if sp is not None:  # sentencepiece keeps its own bos / unk
         specials.update(unk_token=sp.id_to_piece(sp.unk_id()),
                         bos_token=sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
-    # neox's byte-level tokenizer reads "<|endoftext|>" in text as plain bytes; HF-JSON tokenizers match it.
+    # neox's byte-level and tiktoken tokenizers read "<|endoftext|>" in text as plain text; HF-JSON ones match it.
     # sentencepiece matches its user-defined pieces inside the text (the Split pre-tokenizer does that here):
     # cutting the text at special tokens first would give every piece after one its own dummy prefix "▁".
-    literal = tokenizer.name in ("ByteLevelTokenizer", "SPMTokenizer")
+    literal = tokenizer.name in ("ByteLevelTokenizer", "SPMTokenizer", "TiktokenTokenizer")
     fast = PreTrainedTokenizerFast(tokenizer_object=obj, split_special_tokens=literal, **specials)
     fast.save_pretrained(str(out))
     if sp is not None:

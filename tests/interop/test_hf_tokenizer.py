@@ -67,14 +67,25 @@ def test_model_proto_reader_agrees_with_sentencepiece(tmp_path):
         spm_model.read_model_proto(b"\x0a\xff\xff")
 
 
-def test_tiktoken_export_is_refused_with_the_reason(tmp_path):
+@pytest.mark.parametrize("name", ["gpt2.tiktoken", "ranks.tiktoken"])  # r50k regex; cl100k regex (possessive)
+def test_tiktoken_export_encodes_like_neox(tmp_path, shared_data, name):
     import base64
 
-    path = tmp_path / "tiny.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    tok = build_tokenizer(NS(tokenizer_type="TiktokenTokenizer", vocab_file=str(path)))
-    with pytest.raises(NeoxError, match="TiktokenTokenizer has no Hugging Face .*faithfully.*--no-tokenizer"):
-        export_tokenizer(tok, tmp_path / "out")
+    from neox.interop.hf_tokenizer import _byte_to_unicode
+
+    # GPT-2's ranks as a .tiktoken file: vocab.json's byte-level strings turned back into bytes
+    byte_of = {ch: b for b, ch in _byte_to_unicode().items()}
+    vocab = json.loads((shared_data / "tokenizers/gpt2-vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / name).write_text("".join(f"{base64.b64encode(bytes(byte_of[c] for c in t)).decode()} {i}\n"
+                                         for t, i in vocab.items() if t != "<|endoftext|>"))
+    tok = build_tokenizer(NS(tokenizer_type="TiktokenTokenizer", vocab_file=str(tmp_path / name)))
+    export_tokenizer(tok, tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = (shared_data / "corpora/wikitext-2/valid.txt").read_text(encoding="utf-8")[:20000] + TEXT
+    text += " 1904 12345678 <|endoftext|>  x\r\n\t "
+    ids = tok.encode(text)
+    assert hf(text)["input_ids"] == ids
+    assert hf.decode(ids) == text and hf.eos_token_id == tok.eod_id == 50256
 
 
 def test_declared_special_tokens_in_priority_order(tmp_path):
