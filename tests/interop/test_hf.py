@@ -193,6 +193,7 @@ def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
 
     export_model(cfg, model.state_dict(), None, out)  # under the default size: one file, old shards gone
     assert [p.name for p in out.glob("model*.safetensors*")] == ["model.safetensors"]
+    assert cli(["export", "hf", str(tmp_path / "run"), str(tmp_path / "never"), "--max-shard-size", "lots"]) == 2
     with pytest.raises(NeoxError, match="--max-shard-size '2 GiB'"):
         export_model(cfg, model.state_dict(), None, tmp_path / "never", max_shard_size="2 GiB")
     assert not (tmp_path / "never").exists()
