@@ -6,8 +6,10 @@
 For each shape (random weights; Pythia's layout: parallel residual, rotary_pct 0.25, untied head, vocab 50304)
 the neox model is exported to an in-memory GPTNeoXForCausalLM. Both generate greedily with no EOS, so every
 row produces exactly --new-tokens tokens, from the same random 32-token prompts. tokens/s = batch * new tokens
-/ wall time (prefill included). Each point is the best of --trials runs after one warm-up, the two tools
-alternating, because the machine may be shared. Target: neox >= 1.5x transformers at every point.
+/ wall time (prefill included). Each point is the best of --trials runs after one warm-up, the tools
+alternating, because the machine may be shared. neox runs twice: eager, and with `compile=True` (the decode
+step compiled by torch.compile, `neox generate --compile`); the compiled step's first call (the compilation,
+reported as "compile s") is the warm-up and is not timed. Target: neox >= 1.5x transformers at every point.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def build_pair(shape: str, dtype):
     return ours.to(dtype), hf.to(dtype)
 
 
-def time_neox(model, prompts, new_tokens: int) -> tuple[float, list]:
+def time_neox(model, prompts, new_tokens: int, compile: bool = False) -> tuple[float, list]:
     from neox.infer.generate import generate
 
     t0 = time.perf_counter()
-    res = generate(model, prompts, new_tokens)
+    res = generate(model, prompts, new_tokens, compile=compile)
     return time.perf_counter() - t0, res.tokens
 
 
@@ -88,7 +90,8 @@ def main() -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    header = f"{'shape':<11} {'dtype':<5} {'batch':>5} {'neox tok/s':>11} {'hf tok/s':>9} {'ratio':>6}  same tokens"
+    header = (f"{'shape':<11} {'dtype':<5} {'batch':>5} {'hf tok/s':>9} {'neox eager':>10} {'ratio':>6} "
+              f"{'neox compiled':>13} {'ratio':>6} {'compile s':>9}  same tokens (eager, compiled vs hf)")
     print(header)
     print("-" * len(header))
     gen = torch.Generator().manual_seed(1)
@@ -98,17 +101,22 @@ def main() -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 prompts = torch.randint(0, 50000, (batch, args.prompt_len), generator=gen).tolist()
                 time_neox(ours, prompts, 4), time_hf(hf, prompts, 4)  # warm-up
-                best_n = best_h = float("inf")
+                compile_s, _ = time_neox(ours, prompts, args.new_tokens, compile=True)  # compiles this shape
+                best = {"eager": float("inf"), "compiled": float("inf"), "hf": float("inf")}
                 for _ in range(args.trials):
-                    t, toks_n = time_neox(ours, prompts, args.new_tokens)
-                    best_n = min(best_n, t)
+                    t, toks_e = time_neox(ours, prompts, args.new_tokens)
+                    best["eager"] = min(best["eager"], t)
+                    t, toks_c = time_neox(ours, prompts, args.new_tokens, compile=True)
+                    best["compiled"] = min(best["compiled"], t)
                     t, toks_h = time_hf(hf, prompts, args.new_tokens)
-                    best_h = min(best_h, t)
+                    best["hf"] = min(best["hf"], t)
                 n = batch * args.new_tokens
-                # bf16 rounding may flip a near-tie between the two implementations; fp32 should agree
-                same = sum(a == b for a, b in zip(toks_n, toks_h))
-                print(f"{shape:<11} {dname:<5} {batch:>5} {n / best_n:>11.1f} {n / best_h:>9.1f} "
-                      f"{best_h / best_n:>5.2f}x  {same}/{batch} rows", flush=True)
+                # bf16 rounding may flip a near-tie between implementations (fused kernels round differently)
+                same = [sum(a == b for a, b in zip(toks, toks_h)) for toks in (toks_e, toks_c)]
+                print(f"{shape:<11} {dname:<5} {batch:>5} {n / best['hf']:>9.1f} {n / best['eager']:>10.1f} "
+                      f"{best['hf'] / best['eager']:>5.2f}x {n / best['compiled']:>13.1f} "
+                      f"{best['hf'] / best['compiled']:>5.2f}x {compile_s:>9.1f}  {same[0]}/{batch}, {same[1]}/{batch}",
+                      flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
 

@@ -206,6 +206,7 @@ class GenerationConfig:
     repetition_penalty: float = opt(1.0, "Penalty for tokens already present (1 = off).")
     stop_strings: list = opt([], "Stop when one of these appears.")
     recompute: bool = opt(False, "Recompute the whole sequence each step instead of using the KV cache.")
+    compile_decode: bool = opt(False, "Decode with a torch.compile'd step on a fixed-size cache: faster per token, but the first generation of each batch size compiles (seconds to a minute).")
 
 
 @dataclass

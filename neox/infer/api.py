@@ -84,7 +84,8 @@ class LoadedModel:
     def generate(self, prompt: str | list[str] | list[int] | list[list[int]] = "", max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, stop_strings: list[str] | None = None,
-                 seed: int | None = None, recompute: bool | None = None, stop_at_eod: bool = True):
+                 seed: int | None = None, recompute: bool | None = None, stop_at_eod: bool = True,
+                 compile: bool | None = None):
         """Text in, text out (a str prompt gives a str, a list a list); token-id prompts give token-id lists.
 
         Unset arguments come from the checkpoint's `generation` config group.
@@ -109,7 +110,8 @@ class LoadedModel:
         result = generate(self.module, ids, max_new_tokens=pick(max_new_tokens, g.maximum_tokens), params=params,
                           eod_id=self.tokenizer.eod_id if stop_at_eod else None,
                           stop_strings=pick(stop_strings, g.stop_strings), decode=self.tokenizer.decode,
-                          generator=gen, recompute=pick(recompute, g.recompute))
+                          generator=gen, recompute=pick(recompute, g.recompute),
+                          compile=pick(compile, g.compile_decode))
         outs = result.texts if as_text else result.tokens
         return outs[0] if single else outs
 

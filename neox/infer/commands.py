@@ -17,8 +17,8 @@ from neox.errors import NeoxError, ensure_dir
 # flag dest -> generation config key
 FLAG_KEYS = {"max_new_tokens": "maximum_tokens", "num_samples": "num_samples", "temperature": "temperature",
              "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty",
-             "stop": "stop_strings", "recompute": "recompute", "input_file": "sample_input_file",
-             "output_file": "sample_output_file"}
+             "stop": "stop_strings", "recompute": "recompute", "compile": "compile_decode",
+             "input_file": "sample_input_file", "output_file": "sample_output_file"}
 
 
 def register(parser, name):
@@ -42,6 +42,8 @@ def register(parser, name):
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep generating past end-of-document")
     parser.add_argument("--recompute", action="store_true", default=None,
                         help="no KV cache: rerun the whole sequence every step (for comparison)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="decode with a compiled step (faster per token; the first batch compiles for a while)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward in input-file mode")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights/activations dtype")
@@ -128,7 +130,7 @@ class Session:
         res = generate(self.model.module, ids, max_new_tokens=self.gen.maximum_tokens, params=self.params,
                        eod_id=None if self.args.no_stop_at_eod else self.tok.eod_id,
                        stop_strings=self.gen.stop_strings, decode=self.tok.decode, generator=self.generator,
-                       recompute=self.gen.recompute, on_tokens=on_tokens)
+                       recompute=self.gen.recompute, on_tokens=on_tokens, compile=self.gen.compile_decode)
         return res, time.perf_counter() - t0
 
     def records(self, prompts: list[str], res, seconds: float) -> list[dict]:

@@ -15,8 +15,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from neox.errors import NeoxError
+from neox.infer import compiled
+from neox.infer.kernels import fast_bf16_linears
 from neox.infer.sampling import SamplingParams, choose_next
-from neox.model.cache import KVCache
+from neox.model.cache import KVCache, StaticKVCache
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -61,13 +63,26 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
              eod_id: Optional[int] = None, stop_strings: Sequence[str] = (),
              decode: Optional[Callable[[list[int]], str]] = None, generator: Optional[torch.Generator] = None,
              recompute: bool = False, pad_id: int = 0,
-             on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
+             on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+             compile: bool = False) -> GenerationResult:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     A row stops at `eod_id` (when given) or once its decoded output contains a stop string (needs `decode`).
     `on_tokens(tokens [B], active [B] bool)` is called after every step, for streaming.
+    `compile=True` decodes with a torch.compile'd step (neox.infer.compiled): the first call for a batch size
+    and cache length compiles (seconds to a minute), later ones reuse it.
     """
     model = unwrap(model)
+    if compile and recompute:
+        raise NeoxError("compile and recompute cannot be combined: recompute runs the whole sequence every step")
+    mode = fast_bf16_linears(model)
+    with mode if mode is not None else contextlib.nullcontext():
+        return _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator,
+                         recompute, pad_id, on_tokens, compile)
+
+
+def _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator, recompute, pad_id,
+              on_tokens, compile) -> GenerationResult:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise NeoxError("every prompt needs at least one token (start unconditional samples from the EOD token)")
     if stop_strings and decode is None:
@@ -102,10 +117,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     texts_done: list[Optional[str]] = [None] * batch
     ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
     cache = None
-    if not recompute:
+    if compile:
+        cache = StaticKVCache.for_model(model, batch_size=batch, max_len=compiled.bucketed_length(total, limit))
+    elif not recompute:
         cache = KVCache.for_model(model, batch_size=batch, max_len=total)
-        if padded:
-            cache.mark_padding(valid[:, :prompt_len])
+    if cache is not None and padded:
+        cache.mark_padding(valid[:, :prompt_len])
 
     t0 = time.perf_counter()
     with _last_position_only(model):
@@ -117,9 +134,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     can_stop = eod_id is not None or bool(stop_strings)
     # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
     window = 4 * max((len(x) for x in stop_strings), default=0) + 4
+    fused_greedy = params.greedy and seen is None  # the compiled step can return the argmax itself
+    chosen = None
     for step in range(max_new_tokens):
         cur = prompt_len + step
-        nxt = choose_next(logits[:, -1], params, seen, generator)
+        nxt = chosen if chosen is not None else choose_next(logits[:, -1], params, seen, generator)
         if can_stop:
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
         tokens[:, cur] = nxt
@@ -147,6 +166,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
             with _last_position_only(model):
                 logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None,
                                   padded)
+        elif compile:
+            out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
+            if fused_greedy:
+                chosen = out
+            else:
+                logits = out[:, None]
         else:
             logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
     decode_s = time.perf_counter() - t0

@@ -90,33 +90,25 @@ def build_attention_inputs(model, batch: int, seq: int, positions: torch.Tensor,
     Causality is by token order (slot in the cache), never by position value, so left padding and
     reset_position_ids cannot let a token see the future; ALiBi / T5 distances use the position values.
     """
-    start = kv_cache.length if kv_cache is not None else 0
     q_pos = k_pos = positions
-    if kv_cache is not None:
-        k_pos = kv_cache.record_positions(q_pos, batch)
-
     pos_emb = model.pos_emb
     rotary = model.rotary(q_pos, dtype) if pos_emb == "rotary" else None
     has_bias = pos_emb in ("alibi", "rpe")
-    padded = kv_cache is not None and kv_cache.has_padding
-    if segment_ids is not None and kv_cache is not None:
-        raise ValueError("segment_ids cannot be combined with a KV cache; use left padding for batched prompts")
-
-    needs_mask = has_bias or segment_ids is not None or padded or (start > 0 and seq > 1)
-    if not needs_mask:
-        # a fresh sequence is plain causal; one decoded token with nothing to hide sees every cached key
-        return AttentionInputs(is_causal=start == 0, mask=None, rotary=rotary, rpe_buckets=None)
-
-    total = start + seq
-    q_slot = torch.arange(start, total, device=device)
-    k_slot = torch.arange(total, device=device)
-    allowed = (k_slot[None, :] <= q_slot[:, None])[None, None]  # [1, 1, T, S]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    if padded:
-        allowed = allowed & kv_cache.key_valid[:batch, None, None, :total]
-        # a padding query would have no key at all; letting it see itself keeps softmax finite
-        allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None, None]
+    if kv_cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids cannot be combined with a KV cache; use left padding for batched prompts")
+        k_pos = kv_cache.record_positions(q_pos, batch)
+        allowed = kv_cache.visible(seq, batch, always=has_bias)
+        if allowed is None:
+            # a fresh sequence is plain causal; one decoded token with nothing to hide sees every cached key
+            return AttentionInputs(is_causal=kv_cache.length == 0, mask=None, rotary=rotary, rpe_buckets=None)
+    elif has_bias or segment_ids is not None:
+        slot = torch.arange(seq, device=device)
+        allowed = (slot[None, :] <= slot[:, None])[None, None]  # [1, 1, T, T]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    else:
+        return AttentionInputs(is_causal=True, mask=None, rotary=rotary, rpe_buckets=None)
 
     rpe_buckets = None
     if pos_emb == "alibi":

@@ -6,6 +6,9 @@ Usage (left-padded batch of prompts):
     logits = model(prompt_ids, position_ids, kv_cache=cache)        # prefill
     logits = model(next_ids[:, None], next_pos[:, None], kv_cache=cache)   # decode, same code path
 Each forward writes its keys/values at slots [length, length + T) and attends over [0, length + T).
+
+StaticKVCache keeps every shape fixed from step to step (it attends over all max_len slots under a mask and
+tracks its length in a tensor), so one compiled decode step serves the whole generation.
 """
 
 from __future__ import annotations
@@ -60,6 +63,32 @@ class KVCache:
         self.positions[:, self.length:self.length + t] = positions
         return self.positions[:, : self.length + t]
 
+    def next_positions(self, t: int) -> torch.Tensor:
+        """Default position ids [1, T] for the next T tokens: they continue from the cache length."""
+        return torch.arange(self.length, self.length + t, device=self.positions.device)[None]
+
+    def visible(self, t: int, batch: int, always: bool) -> Optional[torch.Tensor]:
+        """Which keys each of the next T queries may attend to: bool [B|1, 1, T, length + T], True = may.
+
+        None when no mask is needed (unless `always`): a fresh cache without padding is plain causal
+        (the caller sets is_causal when length is 0) and a single new token sees every cached key.
+        Causality is by slot, never by position value, so left padding cannot let a token see the future.
+        """
+        if not (always or self.has_padding or (self.length > 0 and t > 1)):
+            return None
+        device = self.key_valid.device
+        q_slot = torch.arange(self.length, self.length + t, device=device)
+        k_slot = torch.arange(self.length + t, device=device)
+        return self._allowed(q_slot, k_slot, batch)
+
+    def _allowed(self, q_slot: torch.Tensor, k_slot: torch.Tensor, batch: int) -> torch.Tensor:
+        allowed = (k_slot[None, :] <= q_slot[:, None])[None, None]  # [1, 1, T, S]
+        if self.has_padding:
+            allowed = allowed & self.key_valid[:batch, None, None, : k_slot.shape[0]]
+            # a padding query would have no key at all; letting it see itself keeps softmax finite
+            allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None, None]
+        return allowed
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, head_dim] at the current length; return all keys/values so far."""
         end = self.length + k.shape[2]
@@ -80,3 +109,53 @@ class KVCache:
         if self.length + t > self.max_len:
             raise NeoxError(f"KV cache holds {self.max_len} tokens but {self.length + t} were requested; "
                             "build it with a larger max_len (prompt length + new tokens)")
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose tensors keep one shape for the whole generation: keys/values are written at a slot held
+    in a tensor and attention always spans all max_len slots, with the slots not yet written masked out.
+
+    Nothing inside forward reads a Python counter, so a compiled decode step (torch.compile, fullgraph) is
+    traced once and replayed every step. Masked slots add exact zeros to the softmax, so the output equals the
+    growing cache's up to summation order.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = torch.zeros((), dtype=torch.long, device=self.key_valid.device)  # = length, as a tensor
+
+    def next_positions(self, t: int) -> torch.Tensor:
+        return (self.slot + torch.arange(t, device=self.slot.device))[None]
+
+    def visible(self, t: int, batch: int, always: bool) -> torch.Tensor:
+        q_slot = self.slot + torch.arange(t, device=self.slot.device)
+        k_slot = torch.arange(self.max_len, device=self.slot.device)
+        return self._allowed(q_slot, k_slot, batch)
+
+    def record_positions(self, positions: torch.Tensor, batch: int) -> torch.Tensor:
+        if batch != self.batch_size:
+            raise ValueError(f"KV cache was built for batch {self.batch_size}, got a batch of {batch}")
+        t = positions.shape[1]
+        self.positions.index_copy_(1, self._slots(t), positions.expand(batch, t))
+        return self.positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self._slots(k.shape[2])
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        self.slot += t
+
+    def sync_length(self) -> int:
+        """The Python-side length, read back from the slot tensor (once, outside the compiled step)."""
+        self.length = int(self.slot)
+        return self.length
+
+    def reset(self) -> None:
+        super().reset()
+        self.slot.zero_()
+
+    def _slots(self, t: int) -> torch.Tensor:
+        return self.slot + torch.arange(t, device=self.slot.device)

@@ -94,13 +94,16 @@ class GPT(nn.Module):
         from the cache length); segment_ids [B, T] restrict attention to tokens of the same document."""
         x = self.embed_in(tokens) if self.embed_in is not None else tokens
         b, t = x.shape[0], x.shape[1]
-        if position_ids is None:
-            start = kv_cache.length if kv_cache is not None else 0
-            pos = torch.arange(start, start + t, device=x.device)[None]
-        else:
+        if position_ids is not None:
             pos = position_ids
-        if kv_cache is not None and self.pos_emb in ("learned", "sinusoidal", "rotary"):
+        elif kv_cache is not None:
+            pos = kv_cache.next_positions(t)
+        else:
+            pos = torch.arange(t, device=x.device)[None]
+        if (kv_cache is not None and self.pos_emb in ("learned", "sinusoidal", "rotary")
+                and not torch.compiler.is_compiling()):
             # generation is where positions outgrow the tables; checked only here to keep training sync-free
+            # (a compiled decode step cannot sync: its caller checks the whole range before the first step)
             last = int(pos.max())
             if last >= self.max_positions:
                 raise NeoxError(f"position {last} is beyond model.max_position_embeddings={self.max_positions} "

@@ -46,6 +46,17 @@ def test_recompute_gives_the_same_greedy_text(run_dir, capsys):
     assert capsys.readouterr().out.split("\n", 1)[1] == cached
 
 
+@pytest.mark.slow  # compiles the decode step
+def test_compiled_decoding_gives_the_same_greedy_text(run_dir, capsys):
+    base = ["generate", str(run_dir), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "8"]
+    main(base)
+    eager = capsys.readouterr().out.split("\n", 1)[1]
+    assert main(base + ["--compile"]) == 0
+    assert capsys.readouterr().out.split("\n", 1)[1] == eager
+    assert main(base + ["--compile", "--recompute"]) == 2
+    assert "compile and recompute cannot be combined" in capsys.readouterr().err
+
+
 def test_interactive_streams_each_prompt(run_dir):
     from neox.infer.api import load
 

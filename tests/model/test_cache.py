@@ -6,6 +6,7 @@ import torch
 from neox.config.schema import POS_EMBS, ModelConfig
 from neox.errors import NeoxError
 from neox.model import GPT, KVCache
+from neox.model.cache import StaticKVCache
 
 V, T = 97, 12
 
@@ -19,21 +20,26 @@ def tiny(pos_emb, **kw):
 
 @pytest.mark.parametrize("pos_emb", POS_EMBS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_prefill_then_decode_equals_full_forward(pos_emb, kv_heads):
+@pytest.mark.parametrize("kind", [KVCache, StaticKVCache])
+def test_prefill_then_decode_equals_full_forward(pos_emb, kv_heads, kind):
     model = tiny(pos_emb, num_kv_heads=kv_heads, rotary_pct=0.5)
     x = torch.randint(0, V, (2, T))
     with torch.no_grad():
         full = model(x)
-        cache = KVCache.for_model(model, batch_size=2, max_len=T)
+        # the static cache is longer than needed: its unwritten slots must stay invisible
+        cache = kind.for_model(model, batch_size=2, max_len=T if kind is KVCache else T + 4)
         steps = [model(x[:, :5], kv_cache=cache)]
         for i in range(5, T):
             steps.append(model(x[:, i:i + 1], kv_cache=cache))
+    if kind is StaticKVCache:
+        assert cache.k[0].shape[2] == T + 4 and cache.sync_length() == T
     assert cache.length == T
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pos_emb", POS_EMBS)
-def test_left_padded_batch_matches_unpadded_rows(pos_emb):
+@pytest.mark.parametrize("kind", [KVCache, StaticKVCache])
+def test_left_padded_batch_matches_unpadded_rows(pos_emb, kind):
     model = tiny(pos_emb, num_kv_heads=2)
     pad, prompt = 3, 8
     x = torch.randint(1, V, (2, T))
@@ -44,7 +50,7 @@ def test_left_padded_batch_matches_unpadded_rows(pos_emb):
     attention_mask[0, :pad] = 0
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        cache = KVCache.for_model(model, batch_size=2, max_len=T)
+        cache = kind.for_model(model, batch_size=2, max_len=T)
         cache.mark_padding(attention_mask[:, :prompt])
         out = [model(padded[:, :prompt], positions[:, :prompt], kv_cache=cache)]
         for i in range(prompt, T):

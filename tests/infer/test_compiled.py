@@ -1,0 +1,52 @@
+"""The compiled decode step (torch.compile on a StaticKVCache) generates what the eager loop generates."""
+
+import pytest
+import torch
+
+from neox.infer import compiled
+from neox.infer.generate import generate
+from neox.infer.sampling import SamplingParams
+from tests.infer.tiny import random_model, tiny_config
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+
+pytestmark = pytest.mark.slow  # each shape compiles with inductor (C++), tens of seconds on 2 cores
+
+
+def test_compiled_greedy_and_processed_logits_equal_eager_and_follow_weight_changes():
+    model = random_model(tiny_config(pos_emb="rotary", num_kv_heads=2, rotary_pct=0.5), scale=0.3)
+    eager = generate(model, PROMPTS, 10)
+    fast = generate(model, PROMPTS, 10, compile=True)
+    assert fast.tokens == eager.tokens
+    # a second call with another prompt length reuses the step: same batch, same cache bucket
+    assert generate(model, [p[:1] for p in PROMPTS], 10, compile=True).tokens == \
+        generate(model, [p[:1] for p in PROMPTS], 10).tokens
+
+    # repetition penalty needs the logits back from the step, then the eager processors
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    assert generate(model, PROMPTS, 10, penalised, compile=True).tokens == generate(model, PROMPTS, 10, penalised).tokens
+
+    # the weights are frozen into the compiled graph: changing them must rebuild it, not reuse stale ones
+    with torch.no_grad():
+        model.final_layer_norm.weight.mul_(-1.0)  # every logit changes sign
+    changed = generate(model, PROMPTS, 10)
+    assert changed.tokens != eager.tokens
+    assert generate(model, PROMPTS, 10, compile=True).tokens == changed.tokens
+
+    # another model of the same shapes must not be served the first one's frozen graph
+    other = random_model(tiny_config(pos_emb="rotary", num_kv_heads=2, rotary_pct=0.5), seed=1, scale=0.3)
+    assert generate(other, PROMPTS, 10, compile=True).tokens == generate(other, PROMPTS, 10).tokens
+
+
+def test_cache_length_is_bucketed_within_the_model_positions():
+    assert compiled.bucketed_length(1, None) == compiled.CACHE_BUCKET
+    assert compiled.bucketed_length(compiled.CACHE_BUCKET + 1, None) == 2 * compiled.CACHE_BUCKET
+    assert compiled.bucketed_length(100, 120) == 120
+
+
+def test_compile_with_recompute_is_refused():
+    from neox.errors import NeoxError
+
+    model = random_model(tiny_config())
+    with pytest.raises(NeoxError, match="recompute"):
+        generate(model, PROMPTS, 2, compile=True, recompute=True)
