@@ -75,10 +75,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     model = unwrap(model)
     if compile and recompute:
         raise NeoxError("compile and recompute cannot be combined: recompute runs the whole sequence every step")
-    mode = fast_bf16_linears(model)
-    with mode if mode is not None else contextlib.nullcontext():
-        return _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator,
-                         recompute, pad_id, on_tokens, compile)
+    return _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator,
+                     recompute, pad_id, on_tokens, compile)
 
 
 def _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator, recompute, pad_id,
@@ -124,8 +122,14 @@ def _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, deco
     if cache is not None and padded:
         cache.mark_padding(valid[:, :prompt_len])
 
+    # bf16 matmuls with several rows, on a CPU without bf16 units: the prefill always, decoding when batched
+    # (a mode costs Python time on every op when eager; a compiled step pays it once, when traced)
+    mode = fast_bf16_linears(model)
+    several_rows = mode if mode is not None else contextlib.nullcontext()
+    per_step = mode if mode is not None and (batch > 1 or compile) else contextlib.nullcontext()
+
     t0 = time.perf_counter()
-    with _last_position_only(model):
+    with _last_position_only(model), several_rows:
         logits = _forward(model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache,
                           padded)
     prefill_s = time.perf_counter() - t0
@@ -163,17 +167,19 @@ def _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, deco
         if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
             break
         if cache is None:
-            with _last_position_only(model):
+            with _last_position_only(model), several_rows:
                 logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None,
                                   padded)
         elif compile:
-            out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
+            with per_step:
+                out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
             if fused_greedy:
                 chosen = out
             else:
                 logits = out[:, None]
         else:
-            logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
+            with per_step:
+                logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
     decode_s = time.perf_counter() - t0
 
     out_tokens = []

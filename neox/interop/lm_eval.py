@@ -6,6 +6,7 @@ left padding for generation), so a model exported to HF scores the same numbers 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from neox.errors import NeoxError
 from neox.infer.generate import select_hidden, unwrap
+from neox.infer.kernels import fast_bf16_linears
 
 # The harness must never reach the network: tasks come from the registry's YAMLs or local --include-path files.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -88,7 +90,9 @@ class NeoxLM(_lm_base()):
             # only the continuation positions go through the output layer: [1, sum of continuation lengths, V]
             row_ids = torch.cat([torch.full((len(c),), b) for b, c in enumerate(conts)])
             col_ids = torch.cat([torch.arange(len(r) - len(c), len(r)) for r, c in zip(rows, conts)])
-            with select_hidden(self.model, lambda h: h[row_ids.to(h.device), col_ids.to(h.device)][None]) as cut:
+            mode = fast_bf16_linears(self.model) or contextlib.nullcontext()  # bf16 on a CPU without bf16 units
+            with select_hidden(self.model, lambda h: h[row_ids.to(h.device), col_ids.to(h.device)][None]) as cut, \
+                    mode:
                 logits = self.model(batch.to(self._device))
             logits = logits[0] if cut else logits[row_ids.to(logits.device), col_ids.to(logits.device)]
             logprobs = F.log_softmax(logits.float(), dim=-1)

@@ -84,3 +84,19 @@ def test_results_table_lists_metrics_with_stderr():
     assert table[2].split() == ["piqa_local", "acc", "0.5000", "0.1000"]
     assert table[3].split() == ["piqa_local", "acc_norm", "0.2500"]
     assert flat_scores(res) == {"piqa_local/acc": 0.5, "piqa_local/acc_norm": 0.25}
+
+
+def test_bf16_loglikelihoods_track_fp32():
+    """A pure-bf16 model scores like its fp32 self (on a CPU without bf16 units, through the fp32-block matmul)."""
+    import torch
+
+    from neox.interop.lm_eval import NeoxLM
+
+    cfg = tiny_config()
+    model = random_model(cfg, scale=0.3)
+    tok = _tokenizer(cfg)
+    requests = [SimpleNamespace(args=("The cat sat on", " the mat")), SimpleNamespace(args=("One two", " three"))]
+    fp32 = NeoxLM(model, tok).loglikelihood(requests)
+    bf16 = NeoxLM(random_model(cfg, scale=0.3).to(torch.bfloat16), tok).loglikelihood(requests)
+    for (a, _), (b, _) in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=0.05, abs=0.1)
