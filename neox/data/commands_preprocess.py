@@ -10,13 +10,17 @@ from neox.errors import ConfigError
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser, default: str | None = "ByteLevelTokenizer") -> None:
-    """--tokenizer-type / --vocab-file / --merge-file, as GPT-NeoX spells them (shared with `neox data`)."""
+    """--tokenizer-type / --vocab-file / --merge-file as GPT-NeoX spells them, and --eod-token / --pad-token
+    (tokenizer.eod_token / pad_token); shared with `neox data`."""
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default=default,
                    help=f"one of {', '.join(TOKENIZER_TYPES)} (default {default})")
     g.add_argument("--vocab-file", default=None,
                    help="HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    g.add_argument("--eod-token", default=None,
+                   help="end-of-document token, when the file has none of <|endoftext|>, </s>, ... (e.g. <|im_end|>)")
+    g.add_argument("--pad-token", default=None, help="padding token (default <|padding|>, else the EOD token)")
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:

@@ -221,3 +221,23 @@ def test_cli_and_gpt_neox_shim(tmp_path, capsys):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert _docs(str(tmp_path / "g_text_document")) == _docs(str(tmp_path / "c_text_document"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_eod_token_names_the_end_of_document_token(tmp_path, capsys, workers):
+    """A tokenizer file whose end token is none of the usual names: --eod-token says which one --append-eod adds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<|im_end|>": 1, "hello": 2, "world": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "chat.json"))
+    src = _jsonl(tmp_path / "a.jsonl", ["hello world", "world"])
+    base = ["preprocess", "--input", src, "--output-prefix", str(tmp_path / "c"), "--append-eod",
+            "--tokenizer-type", "HFTokenizer", "--vocab-file", str(tmp_path / "chat.json"), "--workers", str(workers)]
+    assert cli(base) == 2
+    assert "set tokenizer.eod_token" in capsys.readouterr().err
+    assert cli(base + ["--eod-token", "<|im_end|>"]) == 0
+    assert _docs(str(tmp_path / "c_text_document")) == [[2, 3, 1], [3, 1]]
+    assert cli(base + ["--eod-token", "<|eot|>"]) == 2
+    assert "tokenizer.eod_token: '<|eot|>' is not a token of" in capsys.readouterr().err
