@@ -27,12 +27,10 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args) -> int:
     from neox.config import load
     from neox.parallel import launch
-    from neox.parallel.mesh import ParallelDims
 
     cfg = load(args.configs, args.overrides, config_dir=args.config_dir, training=True)
     source = ", ".join(args.configs)
-    code = launch.launch(args, sys.argv[1:],
-                         validate=lambda world: ParallelDims.from_config(cfg.parallel, world, cfg.model, source))
+    code = launch.launch(args, sys.argv[1:], validate=lambda world: check_layout(cfg, world, source))
     if code is not None:
         return code
 
@@ -46,3 +44,17 @@ def run(args) -> int:
         parts = [f"{k} {v:.4f}" for k, v in summary.items() if k.endswith(("loss", "ppl"))]
         print(f"done: iteration {trainer.iteration}" + (" | " + " | ".join(parts) if parts else ""))
     return 0
+
+
+def check_layout(cfg, world_size: int, source: str) -> None:
+    """Everything about the parallel layout that can be wrong, for `world_size` processes, before any starts:
+    the mesh, the batch triple at that data-parallel size, and the pipeline schedule's constraints (which
+    would otherwise fail on every rank at Trainer start)."""
+    from neox.config import resolve_batch
+    from neox.parallel import pipeline
+    from neox.parallel.mesh import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size, cfg.model, source)
+    accum = resolve_batch(cfg, dims.dp)[1]
+    if cfg.parallel.pipe_parallel_size > 1:
+        pipeline.validate(cfg.parallel, cfg.model.num_layers, accum, source)

@@ -125,3 +125,34 @@ def test_neox_train_refuses_a_bad_layout_before_starting_torchrun(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{cfg}: world size 3 is not divisible" in err
     assert not started
+
+
+def test_pipeline_schedule_errors_come_before_the_launch(tmp_path, monkeypatch, capsys):
+    """`neox train --nproc N` checks the schedule against the batch triple at that data-parallel size, before
+    torchrun starts, instead of every rank failing at Trainer start."""
+    from neox.cli import main
+    from neox.config import from_dict
+    from neox.errors import ConfigError
+    from neox.train.commands import check_layout
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    model = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 64}
+    cfg = from_dict({"model": model, "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+                     "train": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}})
+    with pytest.raises(ConfigError, match=r"1f1b needs gradient_accumulation_steps >= pipe_parallel_size \(1 < 2\)"):
+        check_layout(cfg, 2, "a.yml")
+    check_layout(from_dict({**{"model": model}, "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "gpipe"},
+                            "train": {"train_micro_batch_size_per_gpu": 2}}), 2, "a.yml")
+
+    (tmp_path / "c.txt").write_text("some text to train on\n" * 20)
+    assert main(["preprocess", "--input", str(tmp_path / "c.txt"), "--output-prefix", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    yml = tmp_path / "pp.yml"
+    yml.write_text(f"data-path: {tmp_path / 'c_text_document'}\n"
+                   "num-layers: 4\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 16\npipe-parallel-size: 2\n"
+                   "pipe-schedule: 1f1b\ntrain_micro_batch_size_per_gpu: 2\ngradient_accumulation_steps: 1\n"
+                   "train-iters: 2\n")
+    assert main(["train", str(yml), "--nproc", "2", "--print-launch"]) == 2
+    captured = capsys.readouterr()
+    assert "1f1b needs gradient_accumulation_steps" in captured.err and "torch.distributed.run" not in captured.out
