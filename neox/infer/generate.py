@@ -16,7 +16,7 @@ import torch
 
 from neox.errors import NeoxError
 from neox.infer import compiled
-from neox.infer.kernels import fast_bf16_linears
+from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.infer.sampling import SamplingParams, choose_next
 from neox.model.cache import KVCache, StaticKVCache
 

@@ -6,6 +6,7 @@ not taken from a spec sheet) and peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from neox.config.schema import LoggingConfig
 from neox.errors import NeoxError
+from neox.kernels.bf16_cpu import bf16_training_mode
 
 
 def _device_name(dev: torch.device) -> str:
@@ -41,7 +43,14 @@ def _peak_cache() -> Path:
 
 
 def _measure_matmul(dev: torch.device, dtype: torch.dtype) -> float:
-    """Best square-matmul (F.linear) FLOP/s over growing sizes (sub-second in all)."""
+    """Best square-matmul (F.linear) FLOP/s over growing sizes (sub-second in all), through the same bf16
+    path training takes (neox.kernels.bf16_cpu on CPUs without bf16 arithmetic)."""
+    mode = bf16_training_mode(dtype, dev.type)
+    with mode if mode is not None else contextlib.nullcontext():
+        return _best_linear_rate(dev, dtype)
+
+
+def _best_linear_rate(dev: torch.device, dtype: torch.dtype) -> float:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)  # a private generator: measuring must not shift training's RNG
     # Up to 1024 (CPU) / 4096 (GPU), where kernels reach their steady rate; not bigger once one product
@@ -81,7 +90,8 @@ def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """
     dev = torch.device(device)
     measured = _measure_matmul(dev, dtype)
-    key = f"{_device_name(dev)}|{str(dtype).replace('torch.', '')}|{threads} threads"
+    path_name = "|fp32 blocks" if bf16_training_mode(dtype, dev.type) is not None else ""
+    key = f"{_device_name(dev)}|{str(dtype).replace('torch.', '')}{path_name}|{threads} threads"
     path = _peak_cache()
     try:
         cache = json.loads(path.read_text())

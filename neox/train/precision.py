@@ -17,6 +17,7 @@ from torch import nn
 
 from neox.config.schema import PrecisionConfig
 from neox.errors import ConfigError
+from neox.kernels.bf16_cpu import bf16_training_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,9 +94,15 @@ class Precision:
         return model.to(self.param_dtype) if self.pure else model
 
     def autocast(self):
-        if not self.uses_autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+        """The context forward passes run in: autocast over fp32 weights for bf16/fp16, and on a CPU without
+        bf16 arithmetic the fp32-block bf16 matmul (neox.kernels.bf16_cpu) for pure and autocast bf16."""
+        stack = contextlib.ExitStack()
+        if self.uses_autocast:
+            stack.enter_context(torch.autocast(self.device_type, dtype=self.compute_dtype))
+        mode = bf16_training_mode(self.compute_dtype, self.device_type)
+        if mode is not None:
+            stack.enter_context(mode)
+        return stack
 
     def label(self) -> str:
         return f"bf16-{'pure' if self.pure else 'autocast'}" if self.name == "bf16" else self.name

@@ -73,3 +73,22 @@ def test_precision_modes():
     assert Precision(PrecisionConfig(precision="fp16")).scaler.scale == 2.0 ** 16
     with pytest.raises(ConfigError, match="bf16_mode"):
         Precision(PrecisionConfig(precision="bf16", bf16_mode="half"))
+
+
+@pytest.mark.parametrize("mode", ["autocast", "pure"])
+def test_bf16_forward_uses_fp32_block_matmuls_on_cpus_without_bf16(mode, monkeypatch):
+    from neox.kernels import bf16_cpu
+
+    calls = []
+    real = bf16_cpu.bf16_linear_fp32_blocks
+    monkeypatch.setattr(bf16_cpu, "bf16_linear_fp32_blocks", lambda *a: calls.append(1) or real(*a))
+    prec = Precision(PrecisionConfig(precision="bf16", bf16_mode=mode))
+    lin = prec.prepare(torch.nn.Linear(16, 8))
+    with prec.autocast():
+        out = lin(torch.randn(4, 16).to(prec.param_dtype))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and lin.weight.grad is not None
+    assert len(calls) == (1 if bf16_cpu.cpu_lacks_bf16() else 0)
+    with Precision(PrecisionConfig(precision="fp32")).autocast():
+        torch.nn.Linear(16, 8)(torch.randn(4, 16))
+    assert len(calls) == (1 if bf16_cpu.cpu_lacks_bf16() else 0)  # fp32 never takes it
