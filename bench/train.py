@@ -201,7 +201,7 @@ def main() -> int:
     for shape in shapes:
         best = {e: max((r["tokens_per_s"] for r in results if r["shape"] == shape and r["engine"] == e), default=0)
                 for e in ("neox", "hf")}
-        if best["hf"]:
+        if best["hf"] and best["neox"]:  # both engines ran
             print(f"{shape}: best neox {best['neox']:.0f} tok/s vs best HF {best['hf']:.0f} tok/s "
                   f"= {best['neox'] / best['hf']:.2f}x")
     if args.json:
