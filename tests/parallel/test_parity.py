@@ -33,6 +33,10 @@ FOUR = [
     {"name": "dp2 x tp2 zero3 sp", "parallel": {"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True}},
     {"name": "hsdp 2x2", "parallel": {"zero_stage": 3, "dp_replicate": 2}},
 ]
+EIGHT = [
+    {"name": "hsdp 2x2 x tp2 sp", "parallel": {"zero_stage": 3, "dp_replicate": 2, "model_parallel_size": 2,
+                                                "sequence_parallel": True}},
+]
 
 
 def _check(cases, nproc, tmp_path):
@@ -58,3 +62,8 @@ def test_parity_two_processes(tmp_path):
 @pytest.mark.slow
 def test_parity_four_processes(tmp_path):
     _check(FOUR, 4, tmp_path)
+
+
+@pytest.mark.slow
+def test_parity_eight_processes_hsdp_with_tp(tmp_path):
+    _check(EIGHT, 8, tmp_path)
