@@ -18,6 +18,8 @@ import torch
 import torch._inductor.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from neox.errors import NeoxError
+
 
 CACHE_BUCKET = 128
 # CPU: let inductor's C++ GEMM template compete with MKL/oneDNN; GPUs keep inductor's defaults
@@ -86,5 +88,12 @@ def step_for(model) -> CompiledStep:
 def decode(model, tokens, positions, cache, greedy: bool):
     """One compiled decode step: [B] next tokens when greedy, else [B, V] logits."""
     step = step_for(model)
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(step.options):
-        return step.fn(tokens, positions, cache, greedy)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                torch._inductor.config.patch(step.options):
+            return step.fn(tokens, positions, cache, greedy)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        # e.g. no working C++ compiler for inductor's CPU code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NeoxError(f"compiling the decode step failed ({type(e).__name__}: {first[:300]}); "
+                        "generate without --compile (compile_decode: false)") from e

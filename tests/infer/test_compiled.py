@@ -60,3 +60,14 @@ def test_compiled_bf16_decoding_runs_the_cpu_bf16_matmul_inside_the_graph():
     fast = generate(model, PROMPTS, 8, compile=True).tokens
     same = sum(a == b for row_e, row_f in zip(eager, fast) for a, b in zip(row_e, row_f))
     assert same >= 20, (eager, fast)  # of 24; they are all equal on the development machine
+
+
+def test_a_compiler_failure_is_a_one_line_error(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from neox.errors import NeoxError
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    model = random_model(tiny_config(num_layers=1), seed=2)
+    with pytest.raises(NeoxError, match="compiling the decode step failed .* generate without --compile"):
+        generate(model, PROMPTS, 3, compile=True)
