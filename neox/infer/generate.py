@@ -75,12 +75,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     model = unwrap(model)
     if compile and recompute:
         raise NeoxError("compile and recompute cannot be combined: recompute runs the whole sequence every step")
-    return _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator,
-                     recompute, pad_id, on_tokens, compile)
-
-
-def _generate(model, prompts, max_new_tokens, params, eod_id, stop_strings, decode, generator, recompute, pad_id,
-              on_tokens, compile) -> GenerationResult:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise NeoxError("every prompt needs at least one token (start unconditional samples from the EOD token)")
     if stop_strings and decode is None:
