@@ -16,6 +16,7 @@ import torch
 
 from neox.errors import NeoxError
 from neox.infer import compiled
+from neox.infer.gemv_layout import transposed_output_weight
 from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.infer.sampling import SamplingParams, choose_next
 from neox.model.cache import KVCache, StaticKVCache
@@ -122,59 +123,63 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     several_rows = mode if mode is not None else contextlib.nullcontext()
     per_step = mode if mode is not None and (batch > 1 or compile) else contextlib.nullcontext()
 
-    t0 = time.perf_counter()
-    with _last_position_only(model), several_rows:
-        logits = _forward(model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache,
-                          padded)
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    steps = 0
-    can_stop = eod_id is not None or bool(stop_strings)
-    # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
-    window = 4 * max((len(x) for x in stop_strings), default=0) + 4
-    fused_greedy = params.greedy and seen is None  # the compiled step can return the argmax itself
-    chosen = None
-    for step in range(max_new_tokens):
-        cur = prompt_len + step
-        nxt = chosen if chosen is not None else choose_next(logits[:, -1], params, seen, generator)
-        if can_stop:
-            nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
-        tokens[:, cur] = nxt
-        steps += 1
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], active[:, None])
-        if on_tokens is not None:
-            on_tokens(nxt, active.clone())
-        if eod_id is not None:
-            ended = active & (nxt == eod_id)
-            if bool(ended.any()):
-                for b in ended.nonzero().flatten().tolist():
-                    reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
-                active &= ~ended
-        if stop_strings:
-            for b in active.nonzero().flatten().tolist():
-                tail = decode(tokens[b, max(prompt_len, cur + 1 - window):cur + 1].tolist())
-                if any(x and x in tail for x in stop_strings):
-                    text, _ = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
-                    reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
-                    active[b] = False
-        if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
-            break
-        if cache is None:
-            with _last_position_only(model), several_rows:
-                logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None,
-                                  padded)
-        elif compile:
-            with per_step:
-                out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
-            if fused_greedy:
-                chosen = out
+    # eager decoding of one sequence on CPU: the output weight in the layout MKL's one-row product reads fastest
+    # (a compiled step chooses its own layouts, and its frozen weights must not move)
+    layout = contextlib.nullcontext() if compile else transposed_output_weight(model, batch, max_new_tokens)
+    with layout:
+        t0 = time.perf_counter()
+        with _last_position_only(model), several_rows:
+            logits = _forward(model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache,
+                              padded)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        steps = 0
+        can_stop = eod_id is not None or bool(stop_strings)
+        # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
+        window = 4 * max((len(x) for x in stop_strings), default=0) + 4
+        fused_greedy = params.greedy and seen is None  # the compiled step can return the argmax itself
+        chosen = None
+        for step in range(max_new_tokens):
+            cur = prompt_len + step
+            nxt = chosen if chosen is not None else choose_next(logits[:, -1], params, seen, generator)
+            if can_stop:
+                nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
+            tokens[:, cur] = nxt
+            steps += 1
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], active[:, None])
+            if on_tokens is not None:
+                on_tokens(nxt, active.clone())
+            if eod_id is not None:
+                ended = active & (nxt == eod_id)
+                if bool(ended.any()):
+                    for b in ended.nonzero().flatten().tolist():
+                        reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
+                    active &= ~ended
+            if stop_strings:
+                for b in active.nonzero().flatten().tolist():
+                    tail = decode(tokens[b, max(prompt_len, cur + 1 - window):cur + 1].tolist())
+                    if any(x and x in tail for x in stop_strings):
+                        text, _ = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
+                        reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
+                        active[b] = False
+            if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
+                break
+            if cache is None:
+                with _last_position_only(model), several_rows:
+                    logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None,
+                                      padded)
+            elif compile:
+                with per_step:
+                    out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
+                if fused_greedy:
+                    chosen = out
+                else:
+                    logits = out[:, None]
             else:
-                logits = out[:, None]
-        else:
-            with per_step:
-                logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
-    decode_s = time.perf_counter() - t0
+                with per_step:
+                    logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
+        decode_s = time.perf_counter() - t0
 
     out_tokens = []
     for b in range(batch):
