@@ -93,16 +93,17 @@ class Precision:
         """Cast weights to the storage dtype (a no-op except for pure bf16)."""
         return model.to(self.param_dtype) if self.pure else model
 
+    @contextlib.contextmanager
     def autocast(self):
         """The context forward passes run in: autocast over fp32 weights for bf16/fp16, and on a CPU without
         bf16 arithmetic the fp32-block bf16 matmul (neox.kernels.bf16_cpu) for pure and autocast bf16."""
-        stack = contextlib.ExitStack()
-        if self.uses_autocast:
-            stack.enter_context(torch.autocast(self.device_type, dtype=self.compute_dtype))
-        mode = bf16_training_mode(self.compute_dtype, self.device_type)
-        if mode is not None:
-            stack.enter_context(mode)
-        return stack
+        with contextlib.ExitStack() as stack:
+            if self.uses_autocast:
+                stack.enter_context(torch.autocast(self.device_type, dtype=self.compute_dtype))
+            mode = bf16_training_mode(self.compute_dtype, self.device_type)
+            if mode is not None:
+                stack.enter_context(mode)
+            yield
 
     def label(self) -> str:
         return f"bf16-{'pure' if self.pure else 'autocast'}" if self.name == "bf16" else self.name
