@@ -42,6 +42,8 @@ class NeoxLM(_lm_base()):
                  max_gen_toks: int = 256):
         super().__init__()
         self.model = unwrap(model).eval()
+        # bf16 on a CPU without bf16 units: multi-row matmuls through neox.kernels.bf16_cpu
+        self._matmuls = fast_bf16_linears(self.model) or contextlib.nullcontext()
         self.tok = tokenizer
         self.batch_size = int(batch_size)
         cfg = getattr(model, "cfg", None)
@@ -90,9 +92,8 @@ class NeoxLM(_lm_base()):
             # only the continuation positions go through the output layer: [1, sum of continuation lengths, V]
             row_ids = torch.cat([torch.full((len(c),), b) for b, c in enumerate(conts)])
             col_ids = torch.cat([torch.arange(len(r) - len(c), len(r)) for r, c in zip(rows, conts)])
-            mode = fast_bf16_linears(self.model) or contextlib.nullcontext()  # bf16 on a CPU without bf16 units
             with select_hidden(self.model, lambda h: h[row_ids.to(h.device), col_ids.to(h.device)][None]) as cut, \
-                    mode:
+                    self._matmuls:
                 logits = self.model(batch.to(self._device))
             logits = logits[0] if cut else logits[row_ids.to(logits.device), col_ids.to(logits.device)]
             logprobs = F.log_softmax(logits.float(), dim=-1)

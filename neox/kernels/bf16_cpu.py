@@ -135,17 +135,15 @@ def _route(x, weight, bias=None):
     return bf16_linear_fp32_blocks(x, weight, bias)
 
 
+def bf16_matmul_mode(dtype: torch.dtype, device_type: str) -> TorchFunctionMode | None:
+    """The mode for work computing in `dtype` on `device_type` (training steps, the MFU peak measurement), or
+    None when it would change nothing (not bf16, not the CPU, or a CPU with bf16 arithmetic)."""
+    if dtype != torch.bfloat16 or device_type != "cpu" or not cpu_lacks_bf16():
+        return None
+    return Bf16LinearOnCpu()
+
+
 def fast_bf16_linears(model) -> TorchFunctionMode | None:
-    """The mode to run `model`'s inference under, or None when it would change nothing (fp32, a GPU, or a CPU
-    with native bf16)."""
+    """bf16_matmul_mode for `model`'s inference, judged by its parameters' dtype and device."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype != torch.bfloat16 or not cpu_lacks_bf16():
-        return None
-    return Bf16LinearOnCpu()
-
-
-def bf16_training_mode(compute_dtype: torch.dtype, device_type: str) -> TorchFunctionMode | None:
-    """The mode for training steps computing in `compute_dtype` on `device_type`, or None."""
-    if compute_dtype != torch.bfloat16 or device_type != "cpu" or not cpu_lacks_bf16():
-        return None
-    return Bf16LinearOnCpu()
+    return bf16_matmul_mode(param.dtype, param.device.type) if param is not None else None

@@ -56,8 +56,7 @@ class KVCache:
 
     def record_positions(self, positions: torch.Tensor, batch: int) -> torch.Tensor:
         """Store the position ids [B|1, T] of the tokens about to be written; return those of all keys [B, S]."""
-        if batch != self.batch_size:
-            raise ValueError(f"KV cache was built for batch {self.batch_size}, got a batch of {batch}")
+        self._check_batch(batch)
         t = positions.shape[1]
         self._check_room(t)
         self.positions[:, self.length:self.length + t] = positions
@@ -105,6 +104,10 @@ class KVCache:
         self.key_valid.fill_(True)
         self.has_padding = False
 
+    def _check_batch(self, batch: int) -> None:
+        if batch != self.batch_size:
+            raise ValueError(f"KV cache was built for batch {self.batch_size}, got a batch of {batch}")
+
     def _check_room(self, t: int) -> None:
         if self.length + t > self.max_len:
             raise NeoxError(f"KV cache holds {self.max_len} tokens but {self.length + t} were requested; "
@@ -125,16 +128,13 @@ class StaticKVCache(KVCache):
         self.slot = torch.zeros((), dtype=torch.long, device=self.key_valid.device)  # = length, as a tensor
 
     def next_positions(self, t: int) -> torch.Tensor:
-        return (self.slot + torch.arange(t, device=self.slot.device))[None]
+        return self._slots(t)[None]
 
     def visible(self, t: int, batch: int, always: bool) -> torch.Tensor:
-        q_slot = self.slot + torch.arange(t, device=self.slot.device)
-        k_slot = torch.arange(self.max_len, device=self.slot.device)
-        return self._allowed(q_slot, k_slot, batch)
+        return self._allowed(self._slots(t), torch.arange(self.max_len, device=self.slot.device), batch)
 
     def record_positions(self, positions: torch.Tensor, batch: int) -> torch.Tensor:
-        if batch != self.batch_size:
-            raise ValueError(f"KV cache was built for batch {self.batch_size}, got a batch of {batch}")
+        self._check_batch(batch)
         t = positions.shape[1]
         self.positions.index_copy_(1, self._slots(t), positions.expand(batch, t))
         return self.positions

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from neox.config.schema import LoggingConfig
 from neox.errors import NeoxError
-from neox.kernels.bf16_cpu import bf16_training_mode
+from neox.kernels.bf16_cpu import bf16_matmul_mode
 
 
 def _device_name(dev: torch.device) -> str:
@@ -45,7 +45,7 @@ def _peak_cache() -> Path:
 def _measure_matmul(dev: torch.device, dtype: torch.dtype) -> float:
     """Best square-matmul (F.linear) FLOP/s over growing sizes (sub-second in all), through the same bf16
     path training takes (neox.kernels.bf16_cpu on CPUs without bf16 arithmetic)."""
-    mode = bf16_training_mode(dtype, dev.type)
+    mode = bf16_matmul_mode(dtype, dev.type)
     with mode if mode is not None else contextlib.nullcontext():
         return _best_linear_rate(dev, dtype)
 
@@ -90,7 +90,7 @@ def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """
     dev = torch.device(device)
     measured = _measure_matmul(dev, dtype)
-    path_name = "|fp32 blocks" if bf16_training_mode(dtype, dev.type) is not None else ""
+    path_name = "|fp32 blocks" if bf16_matmul_mode(dtype, dev.type) is not None else ""
     key = f"{_device_name(dev)}|{str(dtype).replace('torch.', '')}{path_name}|{threads} threads"
     path = _peak_cache()
     try:

@@ -17,7 +17,7 @@ from torch import nn
 
 from neox.config.schema import PrecisionConfig
 from neox.errors import ConfigError
-from neox.kernels.bf16_cpu import bf16_training_mode
+from neox.kernels.bf16_cpu import bf16_matmul_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,7 +100,7 @@ class Precision:
         with contextlib.ExitStack() as stack:
             if self.uses_autocast:
                 stack.enter_context(torch.autocast(self.device_type, dtype=self.compute_dtype))
-            mode = bf16_training_mode(self.compute_dtype, self.device_type)
+            mode = bf16_matmul_mode(self.compute_dtype, self.device_type)
             if mode is not None:
                 stack.enter_context(mode)
             yield
