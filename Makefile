@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
 
-.PHONY: train test test-fast install clean
+.PHONY: train test test-fast lint install clean
 
 $(CORE): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,12 @@ train: $(CORE)
 	$(BIN)/neox train configs/tiny-cpu.yml
 	$(BIN)/neox generate runs/tiny-cpu --prompt "def " --max-new-tokens 64 --num-samples 2 --temperature 0.8 --top-p 0.95
 
-test: $(DEV)
+# ruff (lint, import order, formatting) and import-linter (the layers contract in pyproject.toml)
+lint: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(DEV) lint
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
 
 test-fast: $(DEV)

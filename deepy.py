@@ -20,8 +20,10 @@ RENAMED = {"--num_gpus": "--nproc", "--num-gpus": "--nproc", "--num_nodes": "--n
 def translate(argv: list[str]) -> list[str]:
     """deepy.py arguments -> `neox` arguments."""
     if not argv or os.path.basename(argv[0]) not in SCRIPTS:
-        raise SystemExit(f"usage: deepy.py {{{','.join(SCRIPTS)}}} [-d CONF_DIR] CONFIG.yml ... "
-                         f"(got {argv[0] if argv else 'nothing'})")
+        raise SystemExit(
+            f"usage: deepy.py {{{','.join(SCRIPTS)}}} [-d CONF_DIR] CONFIG.yml ... "
+            f"(got {argv[0] if argv else 'nothing'})"
+        )
     command, rest = SCRIPTS[os.path.basename(argv[0])], argv[1:]
     conf_dir, configs, passthrough = None, [], []
     i = 0

@@ -27,8 +27,9 @@ SHAPES = {  # Pythia's published sizes
     "pythia-14m": dict(num_layers=6, hidden_size=128, num_attention_heads=4),
     "pythia-70m": dict(num_layers=6, hidden_size=512, num_attention_heads=8),
 }
-PYTHIA = dict(vocab_size=50304, seq_length=2048, pos_emb="rotary", rotary_pct=0.25, gpt_j_residual=True,
-              no_weight_tying=True)
+PYTHIA = dict(
+    vocab_size=50304, seq_length=2048, pos_emb="rotary", rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True
+)
 
 
 def build_pair(shape: str, dtype):
@@ -64,9 +65,16 @@ def time_hf(model, prompts, new_tokens: int) -> tuple[float, list]:
     ids = torch.tensor(prompts)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
 
 
 def main() -> int:
@@ -88,10 +96,14 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    header = (f"{'shape':<11} {'dtype':<5} {'batch':>5} {'hf tok/s':>9} {'neox eager':>10} {'ratio':>6} "
-              f"{'neox compiled':>13} {'ratio':>6} {'compile s':>9}  same tokens (eager, compiled vs hf)")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
+    header = (
+        f"{'shape':<11} {'dtype':<5} {'batch':>5} {'hf tok/s':>9} {'neox eager':>10} {'ratio':>6} "
+        f"{'neox compiled':>13} {'ratio':>6} {'compile s':>9}  same tokens (eager, compiled vs hf)"
+    )
     print(header)
     print("-" * len(header))
     gen = torch.Generator().manual_seed(1)
@@ -113,10 +125,12 @@ def main() -> int:
                 n = batch * args.new_tokens
                 # bf16 rounding may flip a near-tie between implementations (fused kernels round differently)
                 same = [sum(a == b for a, b in zip(toks, toks_h)) for toks in (toks_e, toks_c)]
-                print(f"{shape:<11} {dname:<5} {batch:>5} {n / best['hf']:>9.1f} {n / best['eager']:>10.1f} "
-                      f"{best['hf'] / best['eager']:>5.2f}x {n / best['compiled']:>13.1f} "
-                      f"{best['hf'] / best['compiled']:>5.2f}x {compile_s:>9.1f}  {same[0]}/{batch}, {same[1]}/{batch}",
-                      flush=True)
+                print(
+                    f"{shape:<11} {dname:<5} {batch:>5} {n / best['hf']:>9.1f} {n / best['eager']:>10.1f} "
+                    f"{best['hf'] / best['eager']:>5.2f}x {n / best['compiled']:>13.1f} "
+                    f"{best['hf'] / best['compiled']:>5.2f}x {compile_s:>9.1f}  {same[0]}/{batch}, {same[1]}/{batch}",
+                    flush=True,
+                )
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
 

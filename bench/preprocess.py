@@ -30,8 +30,11 @@ TOKENIZERS = {"20b": "tokenizers/20B_tokenizer.json", "gpt2": "tokenizers/gpt2.j
 
 
 def corpus_files(repeat: int) -> list[str]:
-    files = [SHARED / "corpora/wikitext-2/test_articles.jsonl", SHARED / "corpora/wikitext-2/valid_articles.jsonl",
-             SHARED / "corpora/tinyshakespeare.txt"]
+    files = [
+        SHARED / "corpora/wikitext-2/test_articles.jsonl",
+        SHARED / "corpora/wikitext-2/valid_articles.jsonl",
+        SHARED / "corpora/tinyshakespeare.txt",
+    ]
     for f in files:
         if not f.is_file():
             sys.exit(f"bench/preprocess.py: {f} not found (set NEOX_SHARED to the shared folder)")
@@ -62,15 +65,22 @@ def raw_trial(vocab: str, files: list[str], batch_bytes: int) -> dict:
             cur, size = [], 0
     batches += [cur] if cur else []
     out = {}
-    for method, groups in (("encode_batch, one call", [texts]), ("encode_batch, batches", batches),
-                           ("encode_batch_fast, batches", batches)):
+    for method, groups in (
+        ("encode_batch, one call", [texts]),
+        ("encode_batch, batches", batches),
+        ("encode_batch_fast, batches", batches),
+    ):
         fn = getattr(tok, method.split(",")[0])
         c0, t0 = _cpu(), time.perf_counter()
         tokens = 0
         for group in groups:
             tokens += sum(len(e.ids) for e in fn(group, add_special_tokens=False))
-        out["raw " + method] = {"seconds": time.perf_counter() - t0, "cpu": _cpu() - c0, "tokens": tokens,
-                                "bytes": nbytes}
+        out["raw " + method] = {
+            "seconds": time.perf_counter() - t0,
+            "cpu": _cpu() - c0,
+            "tokens": tokens,
+            "bytes": nbytes,
+        }
     return out
 
 
@@ -81,12 +91,23 @@ def e2e_trial(vocab: str, files: list[str], workers: int, batch_bytes: int) -> d
 
     c0 = _cpu()
     with tempfile.TemporaryDirectory(prefix="neox-bench-") as out:
-        opts = PreprocessOptions(inputs=files, output_prefix=os.path.join(out, "bench"), workers=workers,
-                                 batch_bytes=batch_bytes, append_eod=True, progress=False)
+        opts = PreprocessOptions(
+            inputs=files,
+            output_prefix=os.path.join(out, "bench"),
+            workers=workers,
+            batch_bytes=batch_bytes,
+            append_eod=True,
+            progress=False,
+        )
         s = preprocess(opts, SimpleNamespace(tokenizer_type="HFTokenizer", vocab_file=vocab, merge_file=None))
     # EOD tokens are added by the pipeline, not by the raw tokenizer: leave them out of the comparison.
-    return {"seconds": s.seconds, "cpu": _cpu() - c0, "tokens": s.tokens - s.documents, "bytes": s.bytes,
-            "docs": s.documents}
+    return {
+        "seconds": s.seconds,
+        "cpu": _cpu() - c0,
+        "tokens": s.tokens - s.documents,
+        "bytes": s.bytes,
+        "docs": s.documents,
+    }
 
 
 def _cpu() -> float:
@@ -96,10 +117,21 @@ def _cpu() -> float:
 
 
 def _child(kind: str, args) -> dict:
-    env = dict(os.environ, RAYON_NUM_THREADS=str(args.workers), TOKENIZERS_PARALLELISM="true",
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--_child", kind, "--tokenizer", args.tokenizer, "--workers", str(args.workers),
-           "--repeat", str(args.repeat), "--batch-bytes", str(args.batch_bytes)]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.workers), TOKENIZERS_PARALLELISM="true", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_child",
+        kind,
+        "--tokenizer",
+        args.tokenizer,
+        "--workers",
+        str(args.workers),
+        "--repeat",
+        str(args.repeat),
+        "--batch-bytes",
+        str(args.batch_bytes),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         sys.exit(f"bench/preprocess.py: {kind} trial failed:\n{res.stderr}")
@@ -138,17 +170,24 @@ def main() -> None:
     base_s = min(r["seconds"] for r in raws)
     base_cpu = min(r["cpu"] for r in raws)
     docs = e2e["docs"]
-    print(f"corpus: WikiText-2 test+valid articles + tinyshakespeare, x{args.repeat}: {docs} documents, "
-          f"{e2e['bytes'] / 1e6:.1f} MB, {e2e['tokens']:,} tokens ({args.tokenizer} tokenizer); "
-          f"{args.workers} workers / threads; best of {args.trials}; cpu_count {os.cpu_count()}")
-    print(f"{'':32} {'seconds':>8} {'docs/s':>9} {'tokens/s':>11} {'MB/s':>7} {'ratio':>6} "
-          f"{'cpu s':>7} {'cpu ratio':>9}")
+    print(
+        f"corpus: WikiText-2 test+valid articles + tinyshakespeare, x{args.repeat}: {docs} documents, "
+        f"{e2e['bytes'] / 1e6:.1f} MB, {e2e['tokens']:,} tokens ({args.tokenizer} tokenizer); "
+        f"{args.workers} workers / threads; best of {args.trials}; cpu_count {os.cpu_count()}"
+    )
+    print(
+        f"{'':32} {'seconds':>8} {'docs/s':>9} {'tokens/s':>11} {'MB/s':>7} {'ratio':>6} {'cpu s':>7} {'cpu ratio':>9}"
+    )
     for name, r in best.items():
         s = r["seconds"]
-        print(f"{name:32} {s:8.2f} {docs / s:9.1f} {r['tokens'] / s:11,.0f} {r['bytes'] / s / 1e6:7.2f} "
-              f"{base_s / s:6.2f} {r['cpu']:7.2f} {base_cpu / r['cpu']:9.2f}")
-    print("ratio = fastest raw seconds / these seconds (wall clock); cpu ratio = the same with CPU seconds "
-          "(all threads and worker processes), which a busy shared machine distorts less")
+        print(
+            f"{name:32} {s:8.2f} {docs / s:9.1f} {r['tokens'] / s:11,.0f} {r['bytes'] / s / 1e6:7.2f} "
+            f"{base_s / s:6.2f} {r['cpu']:7.2f} {base_cpu / r['cpu']:9.2f}"
+        )
+    print(
+        "ratio = fastest raw seconds / these seconds (wall clock); cpu ratio = the same with CPU seconds "
+        "(all threads and worker processes), which a busy shared machine distorts less"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"14m": "pythia-14m.yml", "70m": "pythia-70m.yml"}
 CASES = [  # (engine, precision label) in the order they run
-    ("neox", "fp32"), ("hf", "fp32"),
-    ("neox", "bf16-autocast"), ("neox", "bf16-pure"), ("hf", "bf16-autocast"), ("hf", "bf16-pure"),
+    ("neox", "fp32"),
+    ("hf", "fp32"),
+    ("neox", "bf16-autocast"),
+    ("neox", "bf16-pure"),
+    ("hf", "bf16-autocast"),
+    ("hf", "bf16-pure"),
 ]
 
 
@@ -40,10 +44,22 @@ def model_config(shape: str, seq: int, micro: int, precision: str):
     from neox.config import load
 
     prec, _, mode = precision.partition("-")
-    sets = [f"seq_length={seq}", f"max_position_embeddings={seq}", f"train_micro_batch_size_per_gpu={micro}",
-            "gradient_accumulation_steps=1", "train_batch_size=null", "checkpoint_activations=false",
-            "zero_stage=0", "pipe_parallel_size=1", "model_parallel_size=1", f"precision={prec}",
-            "tokenizer_type=ByteLevelTokenizer", "vocab_file=null", "merge_file=null", "device=auto"]
+    sets = [
+        f"seq_length={seq}",
+        f"max_position_embeddings={seq}",
+        f"train_micro_batch_size_per_gpu={micro}",
+        "gradient_accumulation_steps=1",
+        "train_batch_size=null",
+        "checkpoint_activations=false",
+        "zero_stage=0",
+        "pipe_parallel_size=1",
+        "model_parallel_size=1",
+        f"precision={prec}",
+        "tokenizer_type=ByteLevelTokenizer",
+        "vocab_file=null",
+        "merge_file=null",
+        "device=auto",
+    ]
     if mode:
         sets.append(f"bf16_mode={mode}")
     cfg = load([str(ROOT / "configs" / SHAPES[shape])], sets)
@@ -100,12 +116,21 @@ def run_hf(cfg, steps: int, warmup: int, precision: str) -> list[float]:
 
     m = cfg.model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = GPTNeoXConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-                           num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
-                           rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
-                           max_position_embeddings=m.max_position_embeddings, use_parallel_residual=m.gpt_j_residual,
-                           tie_word_embeddings=not m.no_weight_tying, layer_norm_eps=m.layernorm_epsilon,
-                           hidden_dropout=0.0, attention_dropout=0.0)
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size,
+        rotary_pct=m.rotary_pct,
+        rotary_emb_base=m.rotary_emb_base,
+        max_position_embeddings=m.max_position_embeddings,
+        use_parallel_residual=m.gpt_j_residual,
+        tie_word_embeddings=not m.no_weight_tying,
+        layer_norm_eps=m.layernorm_epsilon,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(hf_cfg).to(device)
@@ -113,8 +138,9 @@ def run_hf(cfg, steps: int, warmup: int, precision: str) -> list[float]:
         model = model.to(torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-autocast"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext()
+    )
     b, t = cfg.train.train_micro_batch_size_per_gpu, m.seq_length
     gen = torch.Generator().manual_seed(0)
     times = []
@@ -152,9 +178,16 @@ def one_case(args) -> dict:
     tokens = args.micro * args.seq
     tps = tokens / statistics.median(times)
     peak = measure_peak_flops(device, dtype, torch.get_num_threads())
-    return {"engine": args.case_engine, "shape": args.case_shape, "precision": args.case_precision,
-            "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg.model) / peak, "peak_flops": peak,
-            "peak_mem_bytes": peak_memory_bytes(device), "step_times_s": times}
+    return {
+        "engine": args.case_engine,
+        "shape": args.case_shape,
+        "precision": args.case_precision,
+        "tokens_per_s": tps,
+        "mfu": tps * flops_per_token(cfg.model) / peak,
+        "peak_flops": peak,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "step_times_s": times,
+    }
 
 
 def main() -> int:
@@ -186,9 +219,24 @@ def main() -> int:
         for engine, precision in CASES:
             if engine not in engines or precision.split("-")[0] not in precisions:
                 continue
-            cmd = [sys.executable, __file__, "--case", engine, shape, precision, "--seq", str(args.seq),
-                   "--micro", str(args.micro), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                engine,
+                shape,
+                precision,
+                "--seq",
+                str(args.seq),
+                "--micro",
+                str(args.micro),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{shape:>5} {engine:>6} {precision:>14}  failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -196,14 +244,21 @@ def main() -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["load_avg"] = os.getloadavg()[0]
             results.append(r)
-            print(f"{shape:>5} {engine:>6} {precision:>14} {r['tokens_per_s']:>9.0f} {100 * r['mfu']:>5.1f}% "
-                  f"{r['peak_mem_bytes'] / 2**30:>7.2f}GB  {r['load_avg']:.1f}", flush=True)
+            print(
+                f"{shape:>5} {engine:>6} {precision:>14} {r['tokens_per_s']:>9.0f} {100 * r['mfu']:>5.1f}% "
+                f"{r['peak_mem_bytes'] / 2**30:>7.2f}GB  {r['load_avg']:.1f}",
+                flush=True,
+            )
     for shape in shapes:
-        best = {e: max((r["tokens_per_s"] for r in results if r["shape"] == shape and r["engine"] == e), default=0)
-                for e in ("neox", "hf")}
+        best = {
+            e: max((r["tokens_per_s"] for r in results if r["shape"] == shape and r["engine"] == e), default=0)
+            for e in ("neox", "hf")
+        }
         if best["hf"] and best["neox"]:  # both engines ran
-            print(f"{shape}: best neox {best['neox']:.0f} tok/s vs best HF {best['hf']:.0f} tok/s "
-                  f"= {best['neox'] / best['hf']:.2f}x")
+            print(
+                f"{shape}: best neox {best['neox']:.0f} tok/s vs best HF {best['hf']:.0f} tok/s "
+                f"= {best['neox'] / best['hf']:.2f}x"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

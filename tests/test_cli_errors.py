@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from neox.cli import main
 from neox.data.indexed import IndexedDatasetBuilder
 from tests.infer.tiny import make_run, tiny_config
 
-TINY_MODEL = ("num_layers: 2\nhidden_size: 32\nnum_attention_heads: 2\nseq_length: 32\nprecision: fp32\n"
-              "train_micro_batch_size_per_gpu: 2\n")
+TINY_MODEL = (
+    "num_layers: 2\nhidden_size: 32\nnum_attention_heads: 2\nseq_length: 32\nprecision: fp32\n"
+    "train_micro_batch_size_per_gpu: 2\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +38,27 @@ def d(tmp_path_factory):
     (d / "prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": oops\n')
     (d / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:20])
 
-    assert main(["preprocess", "--input", str(d / "corpus.jsonl"), "--output-prefix", str(d / "ds/corpus"),
-                 "--append-eod", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(d / "corpus.jsonl"),
+                "--output-prefix",
+                str(d / "ds/corpus"),
+                "--append-eod",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (d / "empty.jsonl").write_text("")
     IndexedDatasetBuilder(str(d / "ds/empty_text_document"), np.uint16).finalize()  # preprocess refuses to
     good = d / "ds/corpus_text_document"
     shutil.copy(f"{good}.idx", d / "cutbin.idx")
-    (d / "cutbin.bin").write_bytes(open(f"{good}.bin", "rb").read()[:50])
+    (d / "cutbin.bin").write_bytes(Path(f"{good}.bin").read_bytes()[:50])
     shutil.copy(f"{good}.bin", d / "cutidx.bin")
-    (d / "cutidx.idx").write_bytes(open(f"{good}.idx", "rb").read()[:20])
+    (d / "cutidx.idx").write_bytes(Path(f"{good}.idx").read_bytes()[:20])
 
     run = make_run(d / "run", tiny_config(hidden_size=32))
     make_run(d / "alibi", tiny_config(hidden_size=32, pos_emb="alibi"))
@@ -61,10 +76,20 @@ def d(tmp_path_factory):
     (d / "gpt2").mkdir()
     (d / "gpt2/config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     (d / "neoxcfg").mkdir()  # a config.json alone: the refusals below come before any weights are read
-    (d / "neoxcfg/config.json").write_text(json.dumps(
-        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 32,
-         "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 384,
-         "max_position_embeddings": 128}))
+    (d / "neoxcfg/config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "architectures": ["GPTNeoXForCausalLM"],
+                "hidden_size": 32,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 2,
+                "intermediate_size": 128,
+                "vocab_size": 384,
+                "max_position_embeddings": 128,
+            }
+        )
+    )
     (d / "notype").mkdir()
     (d / "notype/config.json").write_text("{}")
     return d
@@ -77,8 +102,11 @@ CASES = [
     ("preprocess --input {d}/bad.jsonl --output-prefix {d}/o/b --strict", "bad.jsonl:2"),
     ("preprocess --input {d}/cut.jsonl.gz --output-prefix {d}/o/c", "cut.jsonl.gz"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/d --tokenizer-type Bogus", "tokenizer_type"),
-    ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/e --tokenizer-type HFTokenizer "
-     "--vocab-file {d}/nope.json", "nope.json"),
+    (
+        "preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/e --tokenizer-type HFTokenizer "
+        "--vocab-file {d}/nope.json",
+        "nope.json",
+    ),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/f --workers 0", "--workers"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/afile/x", "afile"),
     ("preprocess --input {d}/empty.jsonl --output-prefix {d}/o/g", "no documents"),
@@ -174,4 +202,3 @@ def test_bad_input_is_one_line_error(d, capsys, argv, named):
     assert code == 2 and len(lines) == 1 and err.strip().endswith(lines[0]), err
     assert lines[0].startswith(f"neox {args[0]}: error: "), lines[0]
     assert named in lines[0], lines[0]
-

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox.cli import main  # noqa: E402
+from neox.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["data", "merge", *sys.argv[1:]]))

@@ -7,4 +7,4 @@ from neox.config.loader import from_dict, load, to_dict
 from neox.config.schema import Config
 from neox.config.validate import resolve_batch, resolve_vocab
 
-__all__ = ["Config", "load", "from_dict", "to_dict", "resolve_batch", "resolve_vocab"]
+__all__ = ["Config", "from_dict", "load", "resolve_batch", "resolve_vocab", "to_dict"]

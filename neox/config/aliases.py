@@ -12,7 +12,8 @@ Keys are in normalised form (hyphens become underscores). docs/config.md lists a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from neox.errors import ConfigError
 
@@ -44,26 +45,81 @@ GROUP_NO_EFFECT: dict[tuple[str, str], str] = {
 
 _FUSED = "attention always runs through fused scaled_dot_product_attention; other fusions are torch.compile's job (train.compile)"
 _DEEPSPEED_COMM = "DeepSpeed communication tuning; FSDP2/DDP choose their own buckets and overlap"
-_LAUNCH = ("processes are launched from the command line: `neox train --nproc N`, `--hostfile FILE`, "
-           "`--nnodes/--node-rank/--master-addr/--master-port`, or inside a Slurm step (neox/parallel/launch.py)")
+_LAUNCH = (
+    "processes are launched from the command line: `neox train --nproc N`, `--hostfile FILE`, "
+    "`--nnodes/--node-rank/--master-addr/--master-port`, or inside a Slurm step (neox/parallel/launch.py)"
+)
 _RUNTIME = "GPT-NeoX fills this in at run time; it is computed here too"
 
 NO_EFFECT: dict[str, str] = {
-    **{k: _FUSED for k in (
-        "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
-        "bias_dropout_fusion", "rope_fusion", "use_flashattn_swiglu", "layernorm_fusion", "rmsnorm_fusion",
-        "use_fused_layer_norm")},
-    **{k: _DEEPSPEED_COMM for k in (
-        "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size", "zero_allgather_bucket_size",
-        "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
-        "zero_allow_untested_optimizer")},
-    **{k: _LAUNCH for k in (
-        "launcher", "hostfile", "include", "exclude", "num_nodes", "num_gpus", "master_port", "master_addr",
-        "deepspeed_slurm", "deepspeed_mpi", "no_ssh_check", "force_multi", "comment", "user_script",
-        "detect_nvlink_pairs", "account", "deepspeed")},
-    **{k: _RUNTIME for k in (
-        "world_size", "is_pipe_parallel", "global_num_gpus", "local_rank", "rank", "iteration", "do_train",
-        "do_valid", "do_test", "save_iters", "git_hash", "padded_vocab_size", "tensorboard_writer")},
+    **dict.fromkeys(
+        (
+            "scaled_upper_triang_masked_softmax_fusion",
+            "scaled_masked_softmax_fusion",
+            "bias_gelu_fusion",
+            "bias_dropout_fusion",
+            "rope_fusion",
+            "use_flashattn_swiglu",
+            "layernorm_fusion",
+            "rmsnorm_fusion",
+            "use_fused_layer_norm",
+        ),
+        _FUSED,
+    ),
+    **dict.fromkeys(
+        (
+            "zero_reduce_scatter",
+            "zero_contiguous_gradients",
+            "zero_reduce_bucket_size",
+            "zero_allgather_bucket_size",
+            "prescale_gradients",
+            "gradient_predivide_factor",
+            "sparse_gradients",
+            "communication_data_type",
+            "zero_allow_untested_optimizer",
+        ),
+        _DEEPSPEED_COMM,
+    ),
+    **dict.fromkeys(
+        (
+            "launcher",
+            "hostfile",
+            "include",
+            "exclude",
+            "num_nodes",
+            "num_gpus",
+            "master_port",
+            "master_addr",
+            "deepspeed_slurm",
+            "deepspeed_mpi",
+            "no_ssh_check",
+            "force_multi",
+            "comment",
+            "user_script",
+            "detect_nvlink_pairs",
+            "account",
+            "deepspeed",
+        ),
+        _LAUNCH,
+    ),
+    **dict.fromkeys(
+        (
+            "world_size",
+            "is_pipe_parallel",
+            "global_num_gpus",
+            "local_rank",
+            "rank",
+            "iteration",
+            "do_train",
+            "do_valid",
+            "do_test",
+            "save_iters",
+            "git_hash",
+            "padded_vocab_size",
+            "tensorboard_writer",
+        ),
+        _RUNTIME,
+    ),
     "distributed_backend": "the backend follows the device (gloo on CPU, nccl on CUDA); set parallel.backend to force one",
     "partition_activations": "Megatron activation partitioning across tensor-parallel ranks; use parallel.sequence_parallel",
     "synchronize_each_layer": "a CUDA synchronisation used for debugging DeepSpeed activation checkpointing",
@@ -87,31 +143,66 @@ NO_EFFECT: dict[str, str] = {
     "short_seq_prob": "only used by BERT-style data, which GPT-NeoX does not build either",
     "peak_theoretical_tflops": "MFU is computed against the measured peak",
     "eval_results_prefix": "lm-eval results go to `neox eval --output DIR`, and eval_tasks results during "
-                           "training into metrics.jsonl",
+    "training into metrics.jsonl",
     "param_sharing_style": "only meaningful with num_unique_layers, which is not supported",
     "checkpoint_scale": "save_interval / extra_save_iters decide when to save",
     "override_lr_scheduler": "the schedule is always a function of the iteration computed from the config "
-                             "(what GPT-NeoX does with override_lr_scheduler: true)",
+    "(what GPT-NeoX does with override_lr_scheduler: true)",
     "zero_hpz_partition_size": _DEEPSPEED_COMM,
     "deepspeed_activation_checkpointing": "checkpoint_activations switches torch.utils.checkpoint on",
     "activation_checkpointing": "DeepSpeed's activation-checkpointing block; checkpoint_activations switches "
-                                "torch.utils.checkpoint on",
+    "torch.utils.checkpoint on",
     "load_universal": "DCP checkpoints load into any parallel layout without conversion",
     "adlr_autoresume_interval": "only used with adlr_autoresume, which is not supported",
     "profile_step_start": "only used with profile, which is not supported",
     "profile_step_stop": "only used with profile, which is not supported",
     "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
-    **{k: "only used with moe_num_experts > 1, which is not supported" for k in (
-        "moe_top_k", "moe_loss_coeff", "moe_train_capacity_factor", "moe_eval_capacity_factor", "moe_min_capacity",
-        "moe_token_dropping", "create_moe_param_group", "moe_use_residual", "moe_expert_parallel_size", "moe_type",
-        "moe_glu", "moe_lbl_in_fp32", "moe_jitter_eps", "enable_expert_tensor_parallelism", "expert_interval")},
-    **{k: "only used by Mamba / RWKV layers, which are not implemented" for k in (
-        "mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion",
-        "mamba_selective_fp32_params", "mamba_use_bias_in_conv", "mamba_use_bias_in_linears", "dim_att",
-        "head_size", "ffn_dim")},
-    **{k: "only used by DPO/KTO/reward-model training, which is not implemented" for k in (
-        "dpo_fp32", "dpo_reference_free", "dpo_beta", "kto_fp32", "kto_desirable_weight", "kto_undesirable_weight",
-        "kto_beta")},
+    **dict.fromkeys(
+        (
+            "moe_top_k",
+            "moe_loss_coeff",
+            "moe_train_capacity_factor",
+            "moe_eval_capacity_factor",
+            "moe_min_capacity",
+            "moe_token_dropping",
+            "create_moe_param_group",
+            "moe_use_residual",
+            "moe_expert_parallel_size",
+            "moe_type",
+            "moe_glu",
+            "moe_lbl_in_fp32",
+            "moe_jitter_eps",
+            "enable_expert_tensor_parallelism",
+            "expert_interval",
+        ),
+        "only used with moe_num_experts > 1, which is not supported",
+    ),
+    **dict.fromkeys(
+        (
+            "mamba_selective_scan_fusion",
+            "mamba_causal_conv_fusion",
+            "mamba_inner_func_fusion",
+            "mamba_selective_fp32_params",
+            "mamba_use_bias_in_conv",
+            "mamba_use_bias_in_linears",
+            "dim_att",
+            "head_size",
+            "ffn_dim",
+        ),
+        "only used by Mamba / RWKV layers, which are not implemented",
+    ),
+    **dict.fromkeys(
+        (
+            "dpo_fp32",
+            "dpo_reference_free",
+            "dpo_beta",
+            "kto_fp32",
+            "kto_desirable_weight",
+            "kto_undesirable_weight",
+            "kto_beta",
+        ),
+        "only used by DPO/KTO/reward-model training, which is not implemented",
+    ),
 }
 
 # key -> (values meaning "off", reason when another value is given)
@@ -121,7 +212,10 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "num_unique_layers": ((None,), "layer sharing is not implemented"),
     "soft_prompt_tuning": ((None, {}, {"enabled": False}), "soft prompt tuning is not implemented"),
     "opt_pos_emb_offset": ((0,), "OPT's learned position offset is not implemented"),
-    "apply_query_key_layer_scaling": ((False,), "not implemented: SDPA keeps the softmax in fp32, which is what this flag protects"),
+    "apply_query_key_layer_scaling": (
+        (False,),
+        "not implemented: SDPA keeps the softmax in fp32, which is what this flag protects",
+    ),
     "fp16_lm_cross_entropy": ((False,), "the loss is always computed in fp32"),
     "use_bnb_optimizer": ((False,), "bitsandbytes optimizers are not supported"),
     "use_checkpoint_lr_scheduler": ((False,), "the schedule is always recomputed from the config"),
@@ -145,14 +239,30 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "sliding_window_width": ((None,), "sliding-window attention is not implemented (only global attention)"),
     "char_level_ppl": ((False,), "not implemented"),
     "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
-    **{k: ((None,), "Comet logging is not supported (TensorBoard and W&B are)") for k in (
-        "comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others")},
-    **{k: ((None, []), "DPO/KTO/reward-model datasets are not supported") for k in (
-        "train_reward_data_paths", "valid_reward_data_paths", "test_reward_data_paths", "pos_train_data_paths",
-        "neg_train_data_paths", "pos_valid_data_paths", "neg_valid_data_paths", "pos_test_data_paths",
-        "neg_test_data_paths", "pos_train_label_data_paths", "neg_train_label_data_paths",
-        "pos_valid_label_data_paths", "neg_valid_label_data_paths", "pos_test_label_data_paths",
-        "neg_test_label_data_paths")},
+    **dict.fromkeys(
+        ("comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others"),
+        ((None,), "Comet logging is not supported (TensorBoard and W&B are)"),
+    ),
+    **{
+        k: ((None, []), "DPO/KTO/reward-model datasets are not supported")
+        for k in (
+            "train_reward_data_paths",
+            "valid_reward_data_paths",
+            "test_reward_data_paths",
+            "pos_train_data_paths",
+            "neg_train_data_paths",
+            "pos_valid_data_paths",
+            "neg_valid_data_paths",
+            "pos_test_data_paths",
+            "neg_test_data_paths",
+            "pos_train_label_data_paths",
+            "neg_train_label_data_paths",
+            "pos_valid_label_data_paths",
+            "neg_valid_label_data_paths",
+            "pos_test_label_data_paths",
+            "neg_test_label_data_paths",
+        )
+    },
     "valid_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
     "test_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
     "dataset_impl": (("gpt2",), "only the GPT-2 style language-model dataset is implemented"),
@@ -167,8 +277,10 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "compression_training": ((None, {}), "DeepSpeed compression training is not supported"),
     "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
     "autotuning_run": ((None,), "DeepSpeed autotuning is not supported"),
-    **{k: ((1, 1.0), "muP is not implemented") for k in (
-        "mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult")},
+    **dict.fromkeys(
+        ("mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult"),
+        ((1, 1.0), "muP is not implemented"),
+    ),
     "mup_width_scale": ((2,), "muP is not implemented"),
     "use_tutel": ((False,), "mixture of experts is not implemented"),
     "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
@@ -210,8 +322,13 @@ REJECTED: dict[str, str] = {
 
 # Values renamed per target (GPT-NeoX spelling -> ours), matched case-insensitively.
 VALUE_RENAMES: dict[tuple[str, str], dict[Any, Any]] = {
-    ("precision", "precision"): {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
-                                 "float": "fp32"},
+    ("precision", "precision"): {
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "half": "fp16",
+        "float32": "fp32",
+        "float": "fp32",
+    },
     ("parallel", "pipe_parallel_size"): {0: 1},  # GPT-NeoX: 0 = no pipeline engine; here 1 stage = none
     ("parallel", "pipe_partition_method"): {"type:transformer|mlp": "uniform", "type:transformer": "uniform"},
     ("data", "data_impl"): {"infer": "mmap"},
@@ -246,6 +363,7 @@ def rejected_value(target: tuple[str, str], value: Any) -> str | None:
 
 
 # -- structured keys ----------------------------------------------------------------------------------------
+
 
 def _mapping(c, key: str, value: Any) -> dict:
     if not isinstance(value, dict):
@@ -302,8 +420,11 @@ def handle_optimizer(c, key: str, value: Any) -> None:
                 if pk in fields and pk != "type":
                     c.set(("optimizer", pk), pv, pshown)
                 elif pk in ("freeze_step", "cuda_aware", "comm_backend_name"):
-                    raise c.error(pshown, "1-bit Adam settings: use parallel.grad_compression: onebit "
-                                          "and parallel.grad_compression_start_iter")
+                    raise c.error(
+                        pshown,
+                        "1-bit Adam settings: use parallel.grad_compression: onebit "
+                        "and parallel.grad_compression_start_iter",
+                    )
                 else:
                     raise c.error(pshown, "unknown optimizer parameter" + did_you_mean(pk, fields))
         elif k in fields:
@@ -347,8 +468,13 @@ def handle_fp16(c, key: str, value: Any) -> None:
             _bool(c, shown, v)
             c.note(shown, "fp16 always runs under autocast with fp32 master weights")
         else:
-            raise c.error(shown, "unknown fp16 setting" + did_you_mean(
-                k, ["enabled", "type", "loss_scale", "consecutive_hysteresis", "auto_cast", *_FP16_SCALER]))
+            raise c.error(
+                shown,
+                "unknown fp16 setting"
+                + did_you_mean(
+                    k, ["enabled", "type", "loss_scale", "consecutive_hysteresis", "auto_cast", *_FP16_SCALER]
+                ),
+            )
     if enabled:
         c.set(("precision", "precision"), dtype, key, ident=("key", key))
 
@@ -367,13 +493,31 @@ def handle_bf16(c, key: str, value: Any) -> None:
 
 
 _ZERO_TUNING = (
-    "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter", "reduce_bucket_size",
-    "contiguous_gradients", "round_robin_gradients", "sub_group_size", "elastic_checkpoint",
-    "load_from_fp32_weights", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-    "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
-    "stage3_gather_fp16_weights_on_model_save", "ignore_unused_parameters", "legacy_stage1",
-    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
-    "cpu_offload_use_pin_memory", "offload_optimizer_config", "memory_efficient_linear",
+    "allgather_partitions",
+    "allgather_bucket_size",
+    "overlap_comm",
+    "reduce_scatter",
+    "reduce_bucket_size",
+    "contiguous_gradients",
+    "round_robin_gradients",
+    "sub_group_size",
+    "elastic_checkpoint",
+    "load_from_fp32_weights",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save",
+    "ignore_unused_parameters",
+    "legacy_stage1",
+    "zero_hpz_partition_size",
+    "zero_quantized_weights",
+    "zero_quantized_gradients",
+    "mics_shard_size",
+    "cpu_offload_use_pin_memory",
+    "offload_optimizer_config",
+    "memory_efficient_linear",
 )
 
 
@@ -399,8 +543,11 @@ def handle_zero(c, key: str, value: Any) -> None:
         elif k in _ZERO_TUNING:
             c.note(shown, _DEEPSPEED_COMM)
         else:
-            raise c.error(shown, "unknown zero_optimization setting" + did_you_mean(
-                k, ["stage", "cpu_offload", "offload_optimizer", "offload_param", *_ZERO_TUNING]))
+            raise c.error(
+                shown,
+                "unknown zero_optimization setting"
+                + did_you_mean(k, ["stage", "cpu_offload", "offload_optimizer", "offload_param", *_ZERO_TUNING]),
+            )
 
 
 _GLOBAL_ATTENTION = ("global", "flash")
@@ -411,20 +558,34 @@ def handle_attention_config(c, key: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, list):
-        raise c.error(key, f"expected a list like [[[\"global\"], 12]], got {value!r}")
+        raise c.error(key, f'expected a list like [[["global"], 12]], got {value!r}')
     for item in value:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))
-                and isinstance(item[1], int)):
-            raise c.error(key, f"expected entries like [[\"global\"], 12], got {item!r}")
+        if not (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and isinstance(item[0], (list, tuple))
+            and isinstance(item[1], int)
+        ):
+            raise c.error(key, f'expected entries like [["global"], 12], got {item!r}')
         for kind in item[0]:
             if kind not in _GLOBAL_ATTENTION:
-                raise c.error(key, f"attention type {kind!r} is not supported: only global attention "
-                                   "(GPT-NeoX 'global' or 'flash') is implemented")
+                raise c.error(
+                    key,
+                    f"attention type {kind!r} is not supported: only global attention "
+                    "(GPT-NeoX 'global' or 'flash') is implemented",
+                )
     c.note(key, "every layer uses global causal attention through scaled_dot_product_attention")
 
 
-_GATED = {"gelu": "geglu", "relu": "reglu", "silu": "swiglu", "swish": "swiglu",
-          "geglu": "geglu", "reglu": "reglu", "swiglu": "swiglu"}
+_GATED = {
+    "gelu": "geglu",
+    "relu": "reglu",
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "geglu": "geglu",
+    "reglu": "reglu",
+    "swiglu": "swiglu",
+}
 
 
 def handle_mlp_type(c, key: str, value: Any) -> None:
@@ -465,10 +626,12 @@ def apply_pseudo_fields(merged: dict) -> dict:
     if gated is None:
         raise ConfigError(
             f"{mlp.source}: key '{mlp.key}': mlp_type llama needs a gated form of activation {name!r}; "
-            "use gelu, relu or silu")
+            "use gelu, relu or silu"
+        )
     src = act or mlp
-    merged[("model", "activation")] = Assignment(("model", "activation"), gated,
-                                                 f"{src.key} (with {mlp.key}: llama)", src.source, ("pseudo",))
+    merged[("model", "activation")] = Assignment(
+        ("model", "activation"), gated, f"{src.key} (with {mlp.key}: llama)", src.source, ("pseudo",)
+    )
     return extras
 
 
@@ -494,11 +657,16 @@ HANDLER_DOCS: dict[tuple[str, str], list[str]] = {
     ("precision", "precision"): ["precision: bfloat16|float16|float32", "fp16.enabled", "bf16.enabled"],
     ("precision", "loss_scale"): ["fp16.loss_scale (0 = dynamic)"],
     **{("precision", k): [f"fp16.{k}"] for k in _FP16_SCALER},
-    ("optimizer", "type"): ["optimizer.type and optimizer_type (GPT-NeoX Adam/cpu_adam -> adamw, cpu_torch_adam -> adam)"],
+    ("optimizer", "type"): [
+        "optimizer.type and optimizer_type (GPT-NeoX Adam/cpu_adam -> adamw, cpu_torch_adam -> adam)"
+    ],
     **{("optimizer", k): [f"optimizer.params.{k}"] for k in ("lr", "betas", "eps", "weight_decay", "momentum")},
     ("parallel", "zero_stage"): ["zero_optimization.stage"],
-    ("parallel", "cpu_offload"): ["zero_optimization.cpu_offload", "zero_optimization.offload_optimizer.device: cpu",
-                                  "zero_optimization.offload_param.device: cpu"],
+    ("parallel", "cpu_offload"): [
+        "zero_optimization.cpu_offload",
+        "zero_optimization.offload_optimizer.device: cpu",
+        "zero_optimization.offload_param.device: cpu",
+    ],
     ("model", "activation"): ["mlp_type: llama (turns gelu/relu/silu into geglu/reglu/swiglu)"],
     ("model", "intermediate_size"): ["expansion_factor", "mlp_multiple_of"],
 }

@@ -10,8 +10,14 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="print the merged, validated config as YAML")
     show.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML/JSON files, merged in order")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override one key after the files (repeatable); VALUE is read as YAML")
+    show.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key after the files (repeatable); VALUE is read as YAML",
+    )
     show.add_argument("-d", "--config-dir", default=None, help="directory the CONFIG names are relative to")
     show.add_argument("--training", action="store_true", help="also apply the checks a training run needs")
     docs = sub.add_parser("docs", help="regenerate docs/config.md from the schema")

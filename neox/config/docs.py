@@ -82,16 +82,29 @@ def _aliases_of(group: str, name: str) -> list[str]:
 
 def group_table(group: str) -> list[str]:
     types = _field_types(group)
-    lines = [f"## `{group}`", "", "| key | type | default | choices | help | GPT-NeoX / flat keys |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## `{group}`",
+        "",
+        "| key | type | default | choices | help | GPT-NeoX / flat keys |",
+        "|---|---|---|---|---|---|",
+    ]
     for f in dataclasses.fields(GROUPS[group]):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         choices = f.metadata.get("choices")
-        lines.append("| " + " | ".join([
-            f"`{group}.{f.name}`", _type_name(types[f.name]), _cell(_show(default)),
-            _cell(", ".join(_show(c) for c in choices)) if choices else "",
-            _cell(f.metadata.get("help", "")), _cell(", ".join(_aliases_of(group, f.name))),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{group}.{f.name}`",
+                    _type_name(types[f.name]),
+                    _cell(_show(default)),
+                    _cell(", ".join(_show(c) for c in choices)) if choices else "",
+                    _cell(f.metadata.get("help", "")),
+                    _cell(", ".join(_aliases_of(group, f.name))),
+                ]
+            )
+            + " |"
+        )
     return lines + [""]
 
 
@@ -103,13 +116,24 @@ def render() -> str:
     no_effect = {**aliases.NO_EFFECT, **{f"{g}.{k}": v for (g, k), v in aliases.GROUP_NO_EFFECT.items()}}
     parts.append("\n".join(f"| `{k}` | {_cell(v)} |" for k, v in sorted(no_effect.items())) + "\n")
     parts.append("## GPT-NeoX keys accepted only when off\n\n| key | accepted values | otherwise |\n|---|---|---|")
-    parts.append("\n".join(f"| `{k}` | {_cell(', '.join(_show(a) for a in allowed))} | {_cell(why)} |"
-                           for k, (allowed, why) in sorted(aliases.ONLY_DEFAULT.items())) + "\n")
+    parts.append(
+        "\n".join(
+            f"| `{k}` | {_cell(', '.join(_show(a) for a in allowed))} | {_cell(why)} |"
+            for k, (allowed, why) in sorted(aliases.ONLY_DEFAULT.items())
+        )
+        + "\n"
+    )
     parts.append("## GPT-NeoX keys rejected\n\n| key | reason |\n|---|---|")
     parts.append("\n".join(f"| `{k}` | {_cell(v)} |" for k, v in sorted(aliases.REJECTED.items())) + "\n")
     parts.append("## Values rejected\n\n| key | value | reason |\n|---|---|---|")
-    parts.append("\n".join(f"| `{g}.{n}` | `{v}` | {_cell(why)} |"
-                           for (g, n), table in aliases.REJECTED_VALUES.items() for v, why in table.items()) + "\n")
+    parts.append(
+        "\n".join(
+            f"| `{g}.{n}` | `{v}` | {_cell(why)} |"
+            for (g, n), table in aliases.REJECTED_VALUES.items()
+            for v, why in table.items()
+        )
+        + "\n"
+    )
     return "\n".join(parts)
 
 

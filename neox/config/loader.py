@@ -13,8 +13,9 @@ import functools
 import logging
 import os
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from neox.config import aliases
 from neox.config.schema import Config
@@ -75,15 +76,18 @@ class Collector:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: key '{key}': {message}")
 
-    def set(self, target: tuple[str, str], value: Any, key: str, ident: Optional[tuple] = None) -> None:
+    def set(self, target: tuple[str, str], value: Any, key: str, ident: tuple | None = None) -> None:
         ident = ident or ("field", target)
         old = self.assignments.get(target)
         if old is not None:
             if old.ident == ident:
                 raise self.error(key, f"set twice in one file (also as '{old.key}'); keep one")
             if aliases.map_value(target, old.value) != aliases.map_value(target, value):
-                raise self.error(key, f"{value!r} conflicts with '{old.key}': {old.value!r} (both set "
-                                      f"{target[0]}.{target[1]}); remove one")
+                raise self.error(
+                    key,
+                    f"{value!r} conflicts with '{old.key}': {old.value!r} (both set "
+                    f"{target[0]}.{target[1]}); remove one",
+                )
             return
         self.assignments[target] = Assignment(target, value, key, self.source, ident)
 
@@ -101,8 +105,9 @@ class Collector:
             self.top_level(key, raw, value)
 
     def top_level(self, key: str, shown: str, value: Any) -> None:
-        if key in aliases.HANDLERS and not (key in GROUPS and isinstance(value, dict)
-                                            and key not in aliases.HANDLER_TAKES_DICT):
+        if key in aliases.HANDLERS and not (
+            key in GROUPS and isinstance(value, dict) and key not in aliases.HANDLER_TAKES_DICT
+        ):
             aliases.HANDLERS[key](self, shown, value)
         elif key in GROUPS:
             if not isinstance(value, dict):
@@ -141,8 +146,15 @@ class Collector:
 
 
 def known_top_level_keys() -> list[str]:
-    return sorted(set(GROUPS) | set(FLAT) | set(aliases.RENAMES) | set(aliases.HANDLERS)
-                  | set(aliases.NO_EFFECT) | set(aliases.ONLY_DEFAULT) | set(aliases.REJECTED))
+    return sorted(
+        set(GROUPS)
+        | set(FLAT)
+        | set(aliases.RENAMES)
+        | set(aliases.HANDLERS)
+        | set(aliases.NO_EFFECT)
+        | set(aliases.ONLY_DEFAULT)
+        | set(aliases.REJECTED)
+    )
 
 
 def did_you_mean(key: str, candidates: Iterable[str]) -> str:
@@ -154,12 +166,19 @@ def did_you_mean(key: str, candidates: Iterable[str]) -> str:
 
 # -- type checking ------------------------------------------------------------------------------------------
 
+
 def _describe(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a list", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a mapping",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def coerce(value: Any, tp: Any, choices: Optional[tuple], where: str) -> Any:
+def coerce(value: Any, tp: Any, choices: tuple | None, where: str) -> Any:
     """`value` checked against the field type `tp` (and choices); raises with `where` ("file: key 'k'")."""
     optional = False
     if typing.get_origin(tp) is typing.Union:
@@ -224,6 +243,7 @@ def _choose(value: Any, choices: tuple, where: str) -> Any:
 
 # -- building -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Resolved:
     config: Config
@@ -277,13 +297,22 @@ def build(collectors: list[Collector]) -> Resolved:
     # resort handler); `neox config show` gives the reason for each.
     for c in collectors:
         if c.noted_keys:
-            log.warning("%s: %d key(s) have no effect in neox: %s (`neox config show` says why)",
-                        c.source, len(c.noted_keys), ", ".join(c.noted_keys))
+            log.warning(
+                "%s: %d key(s) have no effect in neox: %s (`neox config show` says why)",
+                c.source,
+                len(c.noted_keys),
+                ", ".join(c.noted_keys),
+            )
     return resolved
 
 
-def resolve(paths: Iterable[str] = (), overrides: Iterable[str] = (), config_dir: Optional[str] = None,
-            dicts: Iterable[tuple[dict, str]] = (), training: bool = False) -> Resolved:
+def resolve(
+    paths: Iterable[str] = (),
+    overrides: Iterable[str] = (),
+    config_dir: str | None = None,
+    dicts: Iterable[tuple[dict, str]] = (),
+    training: bool = False,
+) -> Resolved:
     """Files (optionally under `config_dir`, like GPT-NeoX's `deepy.py -d`), then dicts, then `--set` items."""
     collectors = []
     for p in paths:
@@ -302,8 +331,9 @@ def resolve(paths: Iterable[str] = (), overrides: Iterable[str] = (), config_dir
     return resolved
 
 
-def load(paths: Iterable[str] | str, overrides: Iterable[str] = (), config_dir: Optional[str] = None,
-         training: bool = False) -> Config:
+def load(
+    paths: Iterable[str] | str, overrides: Iterable[str] = (), config_dir: str | None = None, training: bool = False
+) -> Config:
     """Config from files merged in order, then `--set KEY=VALUE` overrides; `training` adds the checks a
     training run needs (a dataset, a tokenizer file)."""
     if isinstance(paths, str):
@@ -317,10 +347,12 @@ def from_dict(d: dict, source: str = "<dict>", training: bool = False) -> Config
 
 def to_dict(cfg: Config) -> dict:
     """Nested plain dict (lists, not tuples) that `yaml.safe_dump` writes and `from_dict` reads back."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return plain(dataclasses.asdict(cfg))

@@ -8,10 +8,10 @@ documentation: `docs/config.md` is generated from the `help` metadata below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
-def opt(default: Any, help: str, choices: Optional[tuple] = None, **meta):
+def opt(default: Any, help: str, choices: tuple | None = None, **meta):
     """A config field with its documentation attached (read by docs generation and validation)."""
     md = {"help": help, **meta}
     if choices is not None:
@@ -25,10 +25,15 @@ POS_EMBS = ("learned", "sinusoidal", "rotary", "alibi", "rpe", "none")
 NORMS = ("layernorm", "rmsnorm", "scalenorm")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "geglu", "swiglu", "reglu", "mish")
 GATED_ACTIVATIONS = ("geglu", "swiglu", "reglu")
-TOKENIZERS = ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "SPMTokenizer", "TiktokenTokenizer",
-              "ByteLevelTokenizer")
-INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal",
-                "orthogonal")
+TOKENIZERS = (
+    "HFTokenizer",
+    "GPT2BPETokenizer",
+    "CharLevelTokenizer",
+    "SPMTokenizer",
+    "TiktokenTokenizer",
+    "ByteLevelTokenizer",
+)
+INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal", "orthogonal")
 
 
 @dataclass
@@ -36,11 +41,15 @@ class ModelConfig:
     num_layers: int = opt(2, "Number of transformer blocks.")
     hidden_size: int = opt(64, "Model width (d_model).")
     num_attention_heads: int = opt(4, "Number of query heads.")
-    num_kv_heads: Optional[int] = opt(None, "Key/value heads for grouped-query attention; None = num_attention_heads.")
+    num_kv_heads: int | None = opt(None, "Key/value heads for grouped-query attention; None = num_attention_heads.")
     seq_length: int = opt(128, "Training sequence length in tokens.")
-    max_position_embeddings: Optional[int] = opt(None, "Longest position the model supports; None = seq_length.")
-    vocab_size: Optional[int] = opt(None, "Padded vocabulary size; None = derived from the tokenizer, padded to make_vocab_size_divisible_by.")
-    make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
+    max_position_embeddings: int | None = opt(None, "Longest position the model supports; None = seq_length.")
+    vocab_size: int | None = opt(
+        None, "Padded vocabulary size; None = derived from the tokenizer, padded to make_vocab_size_divisible_by."
+    )
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size)."
+    )
     pos_emb: str = opt("rotary", "Positional encoding.", POS_EMBS)
     rotary_pct: float = opt(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
     rotary_emb_base: int = opt(10000, "Rotary embedding base (theta).")
@@ -51,7 +60,10 @@ class ModelConfig:
     rms_norm_epsilon: float = opt(1e-8, "Epsilon of rmsnorm.")
     scalenorm_epsilon: float = opt(1e-8, "Epsilon of scalenorm.")
     activation: str = opt("gelu", "MLP activation; geglu/swiglu/reglu are gated (two input projections).", ACTIVATIONS)
-    intermediate_size: Optional[int] = opt(None, "MLP hidden width (of each of w1/w3 when gated); None = 4*hidden_size, or for gated activations 8/3*hidden_size rounded up to a multiple of 256 (LLaMA / GPT-NeoX mlp_type: llama). GPT-NeoX's expansion_factor and mlp_multiple_of are applied when given.")
+    intermediate_size: int | None = opt(
+        None,
+        "MLP hidden width (of each of w1/w3 when gated); None = 4*hidden_size, or for gated activations 8/3*hidden_size rounded up to a multiple of 256 (LLaMA / GPT-NeoX mlp_type: llama). GPT-NeoX's expansion_factor and mlp_multiple_of are applied when given.",
+    )
     gpt_j_residual: bool = opt(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J / Pythia).")
     gpt_j_tied: bool = opt(False, "With gpt_j_residual, use one norm for both attention and MLP.")
     no_weight_tying: bool = opt(False, "Untie the input embedding and the output layer.")
@@ -67,16 +79,30 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    tokenizer_type: str = opt("ByteLevelTokenizer", "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.", TOKENIZERS)
-    vocab_file: Optional[str] = opt(None, "Tokenizer file: HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file.")
-    merge_file: Optional[str] = opt(None, "GPT-2 merges.txt (GPT2BPETokenizer).")
-    eod_token: Optional[str] = opt(None, "End-of-document token (appended by preprocessing, stops generation); None = the type's usual lookup (<|endoftext|>, then </s>, <|end_of_text|>, <eos>; sentencepiece: its eos piece). Must be a token of vocab_file.")
-    pad_token: Optional[str] = opt(None, "Padding token; None = <|padding|> when the vocabulary has it (sentencepiece: its pad piece), else the end-of-document token. Must be a token of vocab_file.")
+    tokenizer_type: str = opt(
+        "ByteLevelTokenizer",
+        "Tokenizer: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, SPMTokenizer, TiktokenTokenizer, ByteLevelTokenizer.",
+        TOKENIZERS,
+    )
+    vocab_file: str | None = opt(
+        None, "Tokenizer file: HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file."
+    )
+    merge_file: str | None = opt(None, "GPT-2 merges.txt (GPT2BPETokenizer).")
+    eod_token: str | None = opt(
+        None,
+        "End-of-document token (appended by preprocessing, stops generation); None = the type's usual lookup (<|endoftext|>, then </s>, <|end_of_text|>, <eos>; sentencepiece: its eos piece). Must be a token of vocab_file.",
+    )
+    pad_token: str | None = opt(
+        None,
+        "Padding token; None = <|padding|> when the vocabulary has it (sentencepiece: its pad piece), else the end-of-document token. Must be a token of vocab_file.",
+    )
 
 
 @dataclass
 class DataConfig:
-    data_path: Optional[str] = opt(None, "One dataset prefix (PREFIX_text_document) split into train/valid/test by `split`.")
+    data_path: str | None = opt(
+        None, "One dataset prefix (PREFIX_text_document) split into train/valid/test by `split`."
+    )
     train_data_paths: list = opt([], "Training dataset prefixes (blended by train_data_weights).")
     valid_data_paths: list = opt([], "Validation dataset prefixes.")
     test_data_paths: list = opt([], "Test dataset prefixes.")
@@ -94,15 +120,15 @@ class DataConfig:
     reset_attention_mask: bool = opt(False, "Forbid attention across document boundaries.")
     eod_mask_loss: bool = opt(False, "Do not train on predicting the end-of-document token.")
     num_workers: int = opt(0, "Data-loader worker processes.")
-    data_cache_dir: Optional[str] = opt(None, "Where the sampling index .npy files are cached; None = next to the data.")
+    data_cache_dir: str | None = opt(None, "Where the sampling index .npy files are cached; None = next to the data.")
 
 
 @dataclass
 class TrainConfig:
     train_iters: int = opt(100, "Optimizer steps to train for.")
-    train_micro_batch_size_per_gpu: Optional[int] = opt(None, "Sequences per micro-batch per data-parallel rank.")
-    gradient_accumulation_steps: Optional[int] = opt(None, "Micro-batches per optimizer step.")
-    train_batch_size: Optional[int] = opt(None, "Global batch = micro * accumulation * data-parallel size.")
+    train_micro_batch_size_per_gpu: int | None = opt(None, "Sequences per micro-batch per data-parallel rank.")
+    gradient_accumulation_steps: int | None = opt(None, "Micro-batches per optimizer step.")
+    train_batch_size: int | None = opt(None, "Global batch = micro * accumulation * data-parallel size.")
     seed: int = opt(1234, "Seed for initialisation, dropout and data order.")
     gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
     checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
@@ -112,7 +138,11 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: str = opt("adamw", "Optimizer: adam = torch.optim.Adam (weight decay added to the gradient), adamw = decoupled weight decay (what GPT-NeoX's `type: Adam` runs: apex FusedAdam in AdamW mode, so it loads as adamw), sgd.", ("adam", "adamw", "sgd"))
+    type: str = opt(
+        "adamw",
+        "Optimizer: adam = torch.optim.Adam (weight decay added to the gradient), adamw = decoupled weight decay (what GPT-NeoX's `type: Adam` runs: apex FusedAdam in AdamW mode, so it loads as adamw), sgd.",
+        ("adam", "adamw", "sgd"),
+    )
     lr: float = opt(6e-4, "Peak learning rate.")
     betas: list = opt([0.9, 0.95], "Adam betas.")
     eps: float = opt(1e-8, "Adam epsilon.")
@@ -123,18 +153,20 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     lr_decay_style: str = opt("cosine", "LR decay after warmup.", ("constant", "linear", "cosine", "exponential"))
-    lr_decay_iters: Optional[int] = opt(None, "Iterations over which to decay; None = train_iters.")
-    lr_decay_fraction: Optional[float] = opt(None, "Decay over this fraction of train_iters (overrides lr_decay_iters).")
+    lr_decay_iters: int | None = opt(None, "Iterations over which to decay; None = train_iters.")
+    lr_decay_fraction: float | None = opt(None, "Decay over this fraction of train_iters (overrides lr_decay_iters).")
     min_lr: float = opt(0.0, "Floor of the learning rate.")
     warmup: float = opt(0.01, "Warmup as a fraction of lr_decay_iters.")
-    warmup_iters: Optional[int] = opt(None, "Warmup in iterations (overrides warmup).")
+    warmup_iters: int | None = opt(None, "Warmup in iterations (overrides warmup).")
 
 
 @dataclass
 class PrecisionConfig:
     precision: str = opt("fp32", "Training precision.", ("fp32", "bf16", "fp16"))
-    bf16_mode: str = opt("autocast", "bf16 via autocast (fp32 master weights) or pure bf16 weights.", ("autocast", "pure"))
-    loss_scale: Optional[float] = opt(None, "fp16 static loss scale; None = dynamic.")
+    bf16_mode: str = opt(
+        "autocast", "bf16 via autocast (fp32 master weights) or pure bf16 weights.", ("autocast", "pure")
+    )
+    loss_scale: float | None = opt(None, "fp16 static loss scale; None = dynamic.")
     initial_scale_power: int = opt(16, "fp16 dynamic scale starts at 2**this.")
     loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
     hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.")
@@ -146,25 +178,38 @@ class ParallelConfig:
     pipe_parallel_size: int = opt(1, "Pipeline stages.")
     model_parallel_size: int = opt(1, "Tensor-parallel degree.")
     sequence_parallel: bool = opt(False, "Shard norms/dropout along the sequence across tensor-parallel ranks.")
-    zero_stage: int = opt(0, "ZeRO stage: 0 = DDP, 1/2 = FSDP2 without resharding after forward, 3 = full FSDP2 sharding.", (0, 1, 2, 3))
-    dp_replicate: int = opt(1, "HSDP: replicas across which FSDP shards are replicated (data-parallel = dp_replicate * dp_shard).")
+    zero_stage: int = opt(
+        0, "ZeRO stage: 0 = DDP, 1/2 = FSDP2 without resharding after forward, 3 = full FSDP2 sharding.", (0, 1, 2, 3)
+    )
+    dp_replicate: int = opt(
+        1, "HSDP: replicas across which FSDP shards are replicated (data-parallel = dp_replicate * dp_shard)."
+    )
     cpu_offload: bool = opt(False, "Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).")
-    pipe_schedule: str = opt("1f1b", "Pipeline schedule (interleaved_zero_bubble: ZB1P, splits each backward into input and weight parts to fill the bubble).", ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble"))
+    pipe_schedule: str = opt(
+        "1f1b",
+        "Pipeline schedule (interleaved_zero_bubble: ZB1P, splits each backward into input and weight parts to fill the bubble).",
+        ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble"),
+    )
     pipe_stages_per_rank: int = opt(1, "Virtual stages per pipeline rank (interleaved_1f1b, interleaved_zero_bubble).")
-    pipe_partition_method: str = opt("parameters", "Balance pipeline stages by parameter count or by layer count.", ("parameters", "uniform"))
+    pipe_partition_method: str = opt(
+        "parameters", "Balance pipeline stages by parameter count or by layer count.", ("parameters", "uniform")
+    )
     grad_compression: str = opt("none", "DDP gradient compression hook.", ("none", "powersgd", "onebit", "fp16"))
     powersgd_rank: int = opt(1, "Rank of PowerSGD approximation.")
-    grad_compression_start_iter: int = opt(10, "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).")
+    grad_compression_start_iter: int = opt(
+        10,
+        "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).",
+    )
     backend: str = opt("auto", "torch.distributed backend: gloo, nccl or auto.")
 
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = opt(None, "Directory checkpoints are saved to (also the run directory).")
-    load: Optional[str] = opt(None, "Directory to resume from (its latest checkpoint).")
-    save_interval: Optional[int] = opt(None, "Save every this many iterations (GPT-NeoX checkpoint_factor).")
+    save: str | None = opt(None, "Directory checkpoints are saved to (also the run directory).")
+    load: str | None = opt(None, "Directory to resume from (its latest checkpoint).")
+    save_interval: int | None = opt(None, "Save every this many iterations (GPT-NeoX checkpoint_factor).")
     extra_save_iters: list = opt([], "Additional iterations to save at.")
-    keep_last_n_checkpoints: Optional[int] = opt(None, "Delete older checkpoints beyond this many.")
+    keep_last_n_checkpoints: int | None = opt(None, "Delete older checkpoints beyond this many.")
     finetune: bool = opt(False, "Load weights only; start optimizer, schedule and data from zero.")
     no_load_optim: bool = opt(False, "Do not restore optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore RNG state.")
@@ -173,13 +218,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_dir: Optional[str] = opt(None, "Run directory for metrics.jsonl and writers; None = checkpoint save dir.")
+    log_dir: str | None = opt(None, "Run directory for metrics.jsonl and writers; None = checkpoint save dir.")
     log_interval: int = opt(10, "Log every this many iterations.")
     progress_bar: bool = opt(True, "Show a progress bar on interactive terminals.")
-    tensorboard_dir: Optional[str] = opt(None, "Write TensorBoard events here (needs the tensorboard extra).")
+    tensorboard_dir: str | None = opt(None, "Write TensorBoard events here (needs the tensorboard extra).")
     use_wandb: bool = opt(False, "Log to Weights & Biases (needs the wandb extra).")
     wandb_project: str = opt("neox", "W&B project.")
-    wandb_group: Optional[str] = opt(None, "W&B group.")
+    wandb_group: str | None = opt(None, "W&B group.")
     wandb_mode: str = opt("offline", "W&B mode: online or offline.", ("online", "offline", "disabled"))
 
 
@@ -188,16 +233,16 @@ class EvalConfig:
     eval_interval: int = opt(1000, "Evaluate on the validation split every this many iterations.")
     eval_iters: int = opt(10, "Batches per evaluation.")
     eval_tasks: list = opt([], "lm-evaluation-harness tasks to run during training.")
-    eval_tasks_interval: Optional[int] = opt(None, "Run eval_tasks every this many iterations; None = at the end.")
-    eval_tasks_limit: Optional[int] = opt(None, "Examples per task (lm-eval --limit).")
-    eval_include_path: Optional[str] = opt(None, "Directory of local lm-eval task YAMLs.")
+    eval_tasks_interval: int | None = opt(None, "Run eval_tasks every this many iterations; None = at the end.")
+    eval_tasks_limit: int | None = opt(None, "Examples per task (lm-eval --limit).")
+    eval_include_path: str | None = opt(None, "Directory of local lm-eval task YAMLs.")
 
 
 @dataclass
 class GenerationConfig:
     text_gen_type: str = opt("unconditional", "Generation mode.", ("unconditional", "input-file", "interactive"))
-    sample_input_file: Optional[str] = opt(None, "Prompts, one per line or JSONL with a prompt key.")
-    sample_output_file: Optional[str] = opt(None, "Where input-file mode writes JSONL.")
+    sample_input_file: str | None = opt(None, "Prompts, one per line or JSONL with a prompt key.")
+    sample_output_file: str | None = opt(None, "Where input-file mode writes JSONL.")
     num_samples: int = opt(1, "Unconditional samples.")
     maximum_tokens: int = opt(64, "Maximum new tokens.")
     temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
@@ -206,7 +251,10 @@ class GenerationConfig:
     repetition_penalty: float = opt(1.0, "Penalty for tokens already present (1 = off).")
     stop_strings: list = opt([], "Stop when one of these appears.")
     recompute: bool = opt(False, "Recompute the whole sequence each step instead of using the KV cache.")
-    compile_decode: bool = opt(False, "Decode with a torch.compile'd step on a fixed-size cache: faster per token, but the first generation of each batch size compiles (seconds to a minute).")
+    compile_decode: bool = opt(
+        False,
+        "Decode with a torch.compile'd step on a fixed-size cache: faster per token, but the first generation of each batch size compiles (seconds to a minute).",
+    )
 
 
 @dataclass

@@ -7,17 +7,19 @@ files and `--set` overrides the user knows which line to change.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from neox.config.schema import GATED_ACTIVATIONS, Config
-from neox.model.info import GATED_MULTIPLE_OF, default_intermediate_size
 from neox.errors import ConfigError
+from neox.model.info import GATED_MULTIPLE_OF, default_intermediate_size
 
 if TYPE_CHECKING:
     from neox.config.loader import Resolved
 
-def neox_intermediate_size(hidden_size: int, activation: str, mlp_multiple_of: Optional[int],
-                           expansion_factor: Optional[float]) -> int:
+
+def neox_intermediate_size(
+    hidden_size: int, activation: str, mlp_multiple_of: int | None, expansion_factor: float | None
+) -> int:
     """GPT-NeoX's MLP width knobs: `expansion_factor` replaces the 4 (8/3 when gated) in the default width,
     `mlp_multiple_of` replaces its rounding (256 when gated, none otherwise)."""
     gated = activation in GATED_ACTIVATIONS
@@ -31,7 +33,7 @@ def neox_intermediate_size(hidden_size: int, activation: str, mlp_multiple_of: O
     return multiple * math.ceil(ff / multiple)
 
 
-def derive(cfg: Config, mlp_multiple_of: Optional[int] = None, expansion_factor: Optional[float] = None) -> None:
+def derive(cfg: Config, mlp_multiple_of: int | None = None, expansion_factor: float | None = None) -> None:
     m = cfg.model
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
@@ -41,37 +43,70 @@ def derive(cfg: Config, mlp_multiple_of: Optional[int] = None, expansion_factor:
         if mlp_multiple_of is None and expansion_factor is None:
             m.intermediate_size = default_intermediate_size(m)  # the model's own rule, so both always agree
         else:
-            m.intermediate_size = neox_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of,
-                                                         expansion_factor)
+            m.intermediate_size = neox_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of, expansion_factor)
 
 
 # (group, field, smallest allowed value) for values that must be positive / non-negative.
 _AT_LEAST = [
-    ("model", "num_layers", 1), ("model", "hidden_size", 1), ("model", "num_attention_heads", 1),
-    ("model", "num_kv_heads", 1), ("model", "seq_length", 1), ("model", "max_position_embeddings", 1),
-    ("model", "vocab_size", 1), ("model", "make_vocab_size_divisible_by", 1), ("model", "intermediate_size", 1),
-    ("model", "rotary_emb_base", 1), ("model", "rpe_num_buckets", 1), ("model", "rpe_max_distance", 1),
-    ("model", "layernorm_epsilon", 0), ("model", "rms_norm_epsilon", 0), ("model", "init_method_std", 0),
-    ("train", "train_iters", 0), ("train", "train_micro_batch_size_per_gpu", 1),
-    ("train", "gradient_accumulation_steps", 1), ("train", "train_batch_size", 1),
-    ("train", "gradient_clipping", 0), ("data", "num_workers", 0), ("data", "weighted_sampler_alpha", 0),
-    ("optimizer", "lr", 0), ("optimizer", "eps", 0), ("optimizer", "weight_decay", 0), ("optimizer", "momentum", 0),
-    ("schedule", "lr_decay_iters", 1), ("schedule", "min_lr", 0), ("schedule", "warmup_iters", 0),
-    ("precision", "initial_scale_power", 0), ("precision", "loss_scale_window", 1), ("precision", "hysteresis", 1),
-    ("precision", "min_loss_scale", 0), ("precision", "loss_scale", 0),
-    ("parallel", "pipe_parallel_size", 1), ("parallel", "model_parallel_size", 1), ("parallel", "dp_replicate", 1),
-    ("parallel", "pipe_stages_per_rank", 1), ("parallel", "powersgd_rank", 1),
-    ("checkpoint", "save_interval", 1), ("checkpoint", "keep_last_n_checkpoints", 1),
-    ("logging", "log_interval", 1), ("eval", "eval_interval", 1), ("eval", "eval_iters", 0),
-    ("eval", "eval_tasks_interval", 1), ("eval", "eval_tasks_limit", 1),
-    ("generation", "num_samples", 1), ("generation", "maximum_tokens", 1), ("generation", "temperature", 0),
-    ("generation", "top_k", 0), ("generation", "repetition_penalty", 0),
+    ("model", "num_layers", 1),
+    ("model", "hidden_size", 1),
+    ("model", "num_attention_heads", 1),
+    ("model", "num_kv_heads", 1),
+    ("model", "seq_length", 1),
+    ("model", "max_position_embeddings", 1),
+    ("model", "vocab_size", 1),
+    ("model", "make_vocab_size_divisible_by", 1),
+    ("model", "intermediate_size", 1),
+    ("model", "rotary_emb_base", 1),
+    ("model", "rpe_num_buckets", 1),
+    ("model", "rpe_max_distance", 1),
+    ("model", "layernorm_epsilon", 0),
+    ("model", "rms_norm_epsilon", 0),
+    ("model", "init_method_std", 0),
+    ("train", "train_iters", 0),
+    ("train", "train_micro_batch_size_per_gpu", 1),
+    ("train", "gradient_accumulation_steps", 1),
+    ("train", "train_batch_size", 1),
+    ("train", "gradient_clipping", 0),
+    ("data", "num_workers", 0),
+    ("data", "weighted_sampler_alpha", 0),
+    ("optimizer", "lr", 0),
+    ("optimizer", "eps", 0),
+    ("optimizer", "weight_decay", 0),
+    ("optimizer", "momentum", 0),
+    ("schedule", "lr_decay_iters", 1),
+    ("schedule", "min_lr", 0),
+    ("schedule", "warmup_iters", 0),
+    ("precision", "initial_scale_power", 0),
+    ("precision", "loss_scale_window", 1),
+    ("precision", "hysteresis", 1),
+    ("precision", "min_loss_scale", 0),
+    ("precision", "loss_scale", 0),
+    ("parallel", "pipe_parallel_size", 1),
+    ("parallel", "model_parallel_size", 1),
+    ("parallel", "dp_replicate", 1),
+    ("parallel", "pipe_stages_per_rank", 1),
+    ("parallel", "powersgd_rank", 1),
+    ("checkpoint", "save_interval", 1),
+    ("checkpoint", "keep_last_n_checkpoints", 1),
+    ("logging", "log_interval", 1),
+    ("eval", "eval_interval", 1),
+    ("eval", "eval_iters", 0),
+    ("eval", "eval_tasks_interval", 1),
+    ("eval", "eval_tasks_limit", 1),
+    ("generation", "num_samples", 1),
+    ("generation", "maximum_tokens", 1),
+    ("generation", "temperature", 0),
+    ("generation", "top_k", 0),
+    ("generation", "repetition_penalty", 0),
 ]
 
 # (group, field, low, high) closed-open or closed intervals written out in the message.
 _FRACTIONS = [
-    ("model", "hidden_dropout", 0.0, 1.0, "[0, 1)"), ("model", "attention_dropout", 0.0, 1.0, "[0, 1)"),
-    ("schedule", "warmup", 0.0, 1.0, "[0, 1]"), ("generation", "top_p", 0.0, 1.0, "[0, 1]"),
+    ("model", "hidden_dropout", 0.0, 1.0, "[0, 1)"),
+    ("model", "attention_dropout", 0.0, 1.0, "[0, 1)"),
+    ("schedule", "warmup", 0.0, 1.0, "[0, 1]"),
+    ("generation", "top_p", 0.0, 1.0, "[0, 1]"),
 ]
 
 
@@ -81,9 +116,9 @@ def _in(value: float, low: float, high: float, interval: str) -> bool:
     return low <= value <= high
 
 
-def validate(r: "Resolved") -> None:
+def validate(r: Resolved) -> None:
     cfg = r.config
-    m, tr, p = cfg.model, cfg.train, cfg.parallel
+    m, p = cfg.model, cfg.parallel
 
     def fail(group: str, name: str, message: str) -> None:
         raise ConfigError(f"{r.where(group, name)}: {message}")
@@ -98,40 +133,66 @@ def validate(r: "Resolved") -> None:
             fail(g, name, f"must be in {interval}, got {v!r}")
 
     if m.hidden_size % m.num_attention_heads:
-        fail("model", "num_attention_heads", f"{m.num_attention_heads} heads do not divide hidden_size "
-             f"{m.hidden_size} (set in {r.where('model', 'hidden_size')}); pick a divisor")
+        fail(
+            "model",
+            "num_attention_heads",
+            f"{m.num_attention_heads} heads do not divide hidden_size "
+            f"{m.hidden_size} (set in {r.where('model', 'hidden_size')}); pick a divisor",
+        )
     if m.num_attention_heads % m.num_kv_heads:
-        fail("model", "num_kv_heads", f"{m.num_kv_heads} key/value heads do not divide num_attention_heads "
-             f"{m.num_attention_heads}; pick a divisor")
+        fail(
+            "model",
+            "num_kv_heads",
+            f"{m.num_kv_heads} key/value heads do not divide num_attention_heads "
+            f"{m.num_attention_heads}; pick a divisor",
+        )
     if not 0.0 < m.rotary_pct <= 1.0:
         fail("model", "rotary_pct", f"must be in (0, 1], got {m.rotary_pct!r}")
     head_dim = m.hidden_size // m.num_attention_heads
     if m.pos_emb == "rotary" and int(head_dim * m.rotary_pct) % 2:
         blame = "rotary_pct" if ("model", "rotary_pct") in r.provenance else "hidden_size"
-        fail("model", blame, f"rotary would rotate {int(head_dim * m.rotary_pct)} of each head's {head_dim} "
-             f"dimensions (hidden_size / num_attention_heads x rotary_pct {m.rotary_pct:g}); it needs an even number")
+        fail(
+            "model",
+            blame,
+            f"rotary would rotate {int(head_dim * m.rotary_pct)} of each head's {head_dim} "
+            f"dimensions (hidden_size / num_attention_heads x rotary_pct {m.rotary_pct:g}); it needs an even number",
+        )
     if m.max_position_embeddings < m.seq_length:
-        fail("model", "max_position_embeddings", f"{m.max_position_embeddings} is shorter than seq_length "
-             f"{m.seq_length} (set in {r.where('model', 'seq_length')})")
+        fail(
+            "model",
+            "max_position_embeddings",
+            f"{m.max_position_embeddings} is shorter than seq_length "
+            f"{m.seq_length} (set in {r.where('model', 'seq_length')})",
+        )
     if m.gpt_j_tied and not m.gpt_j_residual:
         fail("model", "gpt_j_tied", "needs gpt_j_residual: true")
 
     tp = p.model_parallel_size
     if m.num_attention_heads % tp:
-        fail("parallel", "model_parallel_size", f"tensor-parallel size {tp} does not divide num_attention_heads "
-             f"{m.num_attention_heads}")
+        fail(
+            "parallel",
+            "model_parallel_size",
+            f"tensor-parallel size {tp} does not divide num_attention_heads {m.num_attention_heads}",
+        )
     if m.num_kv_heads % tp:
-        fail("parallel", "model_parallel_size", f"tensor-parallel size {tp} does not divide num_kv_heads "
-             f"{m.num_kv_heads}")
+        fail(
+            "parallel",
+            "model_parallel_size",
+            f"tensor-parallel size {tp} does not divide num_kv_heads {m.num_kv_heads}",
+        )
     if p.pipe_parallel_size * p.pipe_stages_per_rank > m.num_layers:
-        fail("parallel", "pipe_parallel_size", f"{p.pipe_parallel_size} stages x {p.pipe_stages_per_rank} per rank "
-             f"is more than num_layers {m.num_layers}")
+        fail(
+            "parallel",
+            "pipe_parallel_size",
+            f"{p.pipe_parallel_size} stages x {p.pipe_stages_per_rank} per rank is more than num_layers {m.num_layers}",
+        )
 
     _check_batch_at_load(r)
 
     betas = cfg.optimizer.betas
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                  for b in betas):
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
         fail("optimizer", "betas", f"expected two numbers in [0, 1), got {betas!r}")
     cfg.optimizer.betas = [float(b) for b in betas]
     if cfg.schedule.min_lr > cfg.optimizer.lr:
@@ -143,7 +204,7 @@ def validate(r: "Resolved") -> None:
     _check_data(r)
 
 
-def _check_batch_at_load(r: "Resolved") -> None:
+def _check_batch_at_load(r: Resolved) -> None:
     """What can be checked without the data-parallel size: the global batch must split into micro * accum."""
     tr = r.config.train
     micro, accum, total = tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps, tr.train_batch_size
@@ -153,22 +214,28 @@ def _check_batch_at_load(r: "Resolved") -> None:
     if (micro is not None or accum is not None) and total % per_rank:
         raise ConfigError(
             f"{r.where('train', 'train_batch_size')}: {total} is not a multiple of train_micro_batch_size_per_gpu"
-            f" {micro} x gradient_accumulation_steps {accum} (= micro x accum x data-parallel size); fix one of them")
+            f" {micro} x gradient_accumulation_steps {accum} (= micro x accum x data-parallel size); fix one of them"
+        )
 
 
-def _check_data(r: "Resolved") -> None:
+def _check_data(r: Resolved) -> None:
     d = r.config.data
     for kind in ("train", "valid", "test"):
         paths, weights = getattr(d, f"{kind}_data_paths"), getattr(d, f"{kind}_data_weights")
         if weights and len(weights) != len(paths):
-            raise ConfigError(f"{r.where('data', f'{kind}_data_weights')}: {len(weights)} weights for "
-                              f"{len(paths)} {kind}_data_paths; give one weight per path")
+            raise ConfigError(
+                f"{r.where('data', f'{kind}_data_weights')}: {len(weights)} weights for "
+                f"{len(paths)} {kind}_data_paths; give one weight per path"
+            )
         if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights):
-            raise ConfigError(f"{r.where('data', f'{kind}_data_weights')}: weights must be non-negative numbers, "
-                              f"got {weights!r}")
+            raise ConfigError(
+                f"{r.where('data', f'{kind}_data_weights')}: weights must be non-negative numbers, got {weights!r}"
+            )
     if d.label_data_paths and len(d.label_data_paths) != len(d.train_data_paths):
-        raise ConfigError(f"{r.where('data', 'label_data_paths')}: {len(d.label_data_paths)} label datasets for "
-                          f"{len(d.train_data_paths)} train_data_paths; give one per training path")
+        raise ConfigError(
+            f"{r.where('data', 'label_data_paths')}: {len(d.label_data_paths)} label datasets for "
+            f"{len(d.train_data_paths)} train_data_paths; give one per training path"
+        )
     split_proportions(d.split, r.where("data", "split"))
 
 
@@ -186,25 +253,33 @@ def split_proportions(split: str, where: str = "data.split") -> list[float]:
     return [v / total for v in values]
 
 
-def validate_training(r: "Resolved") -> None:
+def validate_training(r: Resolved) -> None:
     """Rules that only apply when training: there must be data to train on and a tokenizer file to read it."""
     cfg = r.config
     d = cfg.data
     if not d.data_path and not d.train_data_paths:
-        raise ConfigError(f"{r.where('data', 'data_path')}: training needs data: set data_path (a "
-                          "PREFIX_text_document built by `neox preprocess`) or train_data_paths")
+        raise ConfigError(
+            f"{r.where('data', 'data_path')}: training needs data: set data_path (a "
+            "PREFIX_text_document built by `neox preprocess`) or train_data_paths"
+        )
     if d.data_path and d.train_data_paths:
-        raise ConfigError(f"{r.where('data', 'train_data_paths')}: set either data_path (split by 'split') or "
-                          f"train_data_paths, not both (data_path is set in {r.where('data', 'data_path')})")
+        raise ConfigError(
+            f"{r.where('data', 'train_data_paths')}: set either data_path (split by 'split') or "
+            f"train_data_paths, not both (data_path is set in {r.where('data', 'data_path')})"
+        )
     t = cfg.tokenizer
     needs_file = t.tokenizer_type in ("HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "TiktokenTokenizer")
     if needs_file and not t.vocab_file:
         # blame where the type was chosen: the unset vocab_file has no file or line of its own
-        raise ConfigError(f"{r.where('tokenizer', 'tokenizer_type')}: tokenizer_type {t.tokenizer_type} needs "
-                          "vocab_file; set tokenizer.vocab_file")
+        raise ConfigError(
+            f"{r.where('tokenizer', 'tokenizer_type')}: tokenizer_type {t.tokenizer_type} needs "
+            "vocab_file; set tokenizer.vocab_file"
+        )
     if t.tokenizer_type == "GPT2BPETokenizer" and not t.merge_file:
-        raise ConfigError(f"{r.where('tokenizer', 'tokenizer_type')}: GPT2BPETokenizer needs merge_file "
-                          "(merges.txt); set tokenizer.merge_file")
+        raise ConfigError(
+            f"{r.where('tokenizer', 'tokenizer_type')}: GPT2BPETokenizer needs merge_file "
+            "(merges.txt); set tokenizer.merge_file"
+        )
 
 
 def resolve_batch(cfg: Config, dp_size: int) -> tuple[int, int, int]:
@@ -216,19 +291,23 @@ def resolve_batch(cfg: Config, dp_size: int) -> tuple[int, int, int]:
     keys = "train_batch_size / train_micro_batch_size_per_gpu / gradient_accumulation_steps"
     if micro is not None and accum is not None and total is not None:
         if micro * accum * dp_size != total:
-            raise ConfigError(f"config: keys {keys}: inconsistent: micro {micro} x accum {accum} x data-parallel "
-                              f"{dp_size} = {micro * accum * dp_size}, not train_batch_size {total}; "
-                              "set two of the three")
+            raise ConfigError(
+                f"config: keys {keys}: inconsistent: micro {micro} x accum {accum} x data-parallel "
+                f"{dp_size} = {micro * accum * dp_size}, not train_batch_size {total}; "
+                "set two of the three"
+            )
         return micro, accum, total
     if total is not None and micro is not None:
         if total % (micro * dp_size):
-            raise ConfigError(f"config: key 'train_batch_size': {total} is not divisible by micro {micro} x "
-                              f"data-parallel {dp_size}")
+            raise ConfigError(
+                f"config: key 'train_batch_size': {total} is not divisible by micro {micro} x data-parallel {dp_size}"
+            )
         return micro, total // (micro * dp_size), total
     if total is not None and accum is not None:
         if total % (accum * dp_size):
-            raise ConfigError(f"config: key 'train_batch_size': {total} is not divisible by accum {accum} x "
-                              f"data-parallel {dp_size}")
+            raise ConfigError(
+                f"config: key 'train_batch_size': {total} is not divisible by accum {accum} x data-parallel {dp_size}"
+            )
         return total // (accum * dp_size), accum, total
     if micro is not None:
         accum = accum or 1
@@ -237,8 +316,10 @@ def resolve_batch(cfg: Config, dp_size: int) -> tuple[int, int, int]:
         if total % dp_size:
             raise ConfigError(f"config: key 'train_batch_size': {total} is not divisible by data-parallel {dp_size}")
         return total // dp_size, 1, total
-    raise ConfigError(f"config: keys {keys}: the batch size is not set; set train_micro_batch_size_per_gpu "
-                      "(and gradient_accumulation_steps or train_batch_size) or train_batch_size")
+    raise ConfigError(
+        f"config: keys {keys}: the batch size is not set; set train_micro_batch_size_per_gpu "
+        "(and gradient_accumulation_steps or train_batch_size) or train_batch_size"
+    )
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab_size: int, tp: int = 1) -> int:
@@ -248,9 +329,13 @@ def resolve_vocab(cfg: Config, tokenizer_vocab_size: int, tp: int = 1) -> int:
         multiple = m.make_vocab_size_divisible_by * tp
         m.vocab_size = multiple * math.ceil(tokenizer_vocab_size / multiple)
     elif m.vocab_size < tokenizer_vocab_size:
-        raise ConfigError(f"config: key 'model.vocab_size': {m.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tokenizer_vocab_size}); raise it or leave it unset to derive it")
+        raise ConfigError(
+            f"config: key 'model.vocab_size': {m.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer_vocab_size}); raise it or leave it unset to derive it"
+        )
     elif m.vocab_size % tp:
-        raise ConfigError(f"config: key 'model.vocab_size': {m.vocab_size} is not divisible by the tensor-parallel "
-                          f"size {tp}; leave it unset to derive a padded size")
+        raise ConfigError(
+            f"config: key 'model.vocab_size': {m.vocab_size} is not divisible by the tensor-parallel "
+            f"size {tp}; leave it unset to derive a padded size"
+        )
     return m.vocab_size

@@ -41,7 +41,8 @@ class _StrictLoader(_Base):  # type: ignore[misc, valid-type]
                     also = "" if first == key else f" as '{first}'"
                     raise ConfigError(
                         f"{self.source}: line {line}: key '{key}' appears twice in one mapping "
-                        f"(first on line {first_line}{also}); keep one")
+                        f"(first on line {first_line}{also}); keep one"
+                    )
                 seen[nk] = (key, line)
         return super().construct_mapping(node, deep)
 
@@ -72,6 +73,7 @@ def _json_pairs(source: str):
             seen[nk] = k
             out[k] = v
         return out
+
     return hook
 
 

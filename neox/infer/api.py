@@ -6,15 +6,21 @@ CHECKPOINT is a run's save directory (its `latest` checkpoint is used) or one ch
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from neox.errors import NeoxError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def checkpoint_config(ckpt: Path, extra_configs: Iterable[str] = (), overrides: Iterable[str] = ()):
@@ -62,9 +68,11 @@ def build_tokenizer_for(cfg, ckpt: Path | None = None):
                     fixes[key] = str(base / value)
                     break
             else:
-                raise NeoxError(f"{ckpt / 'config.yml'}: tokenizer.{key}={value!r} not found (relative paths resolve "
-                                "against the working directory); run from the training directory or use "
-                                f"--set tokenizer.{key}=PATH")
+                raise NeoxError(
+                    f"{ckpt / 'config.yml'}: tokenizer.{key}={value!r} not found (relative paths resolve "
+                    "against the working directory); run from the training directory or use "
+                    f"--set tokenizer.{key}=PATH"
+                )
     return build_tokenizer(dataclasses.replace(tcfg, **fixes) if fixes else tcfg)
 
 
@@ -81,11 +89,20 @@ class LoadedModel:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def generate(self, prompt: str | list[str] | list[int] | list[list[int]] = "", max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, stop_strings: list[str] | None = None,
-                 seed: int | None = None, recompute: bool | None = None, stop_at_eod: bool = True,
-                 compile: bool | None = None):
+    def generate(
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]] = "",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_strings: list[str] | None = None,
+        seed: int | None = None,
+        recompute: bool | None = None,
+        stop_at_eod: bool = True,
+        compile: bool | None = None,
+    ):
         """Text in, text out (a str prompt gives a str, a list a list); token-id prompts give token-id lists.
 
         Unset arguments come from the checkpoint's `generation` config group.
@@ -95,9 +112,12 @@ class LoadedModel:
 
         g = self.cfg.generation
         pick = lambda v, d: d if v is None else v  # noqa: E731
-        params = SamplingParams(temperature=pick(temperature, g.temperature), top_k=pick(top_k, g.top_k),
-                                top_p=pick(top_p, g.top_p),
-                                repetition_penalty=pick(repetition_penalty, g.repetition_penalty))
+        params = SamplingParams(
+            temperature=pick(temperature, g.temperature),
+            top_k=pick(top_k, g.top_k),
+            top_p=pick(top_p, g.top_p),
+            repetition_penalty=pick(repetition_penalty, g.repetition_penalty),
+        )
         single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
         as_text = isinstance(prompts[0], str)
@@ -107,11 +127,18 @@ class LoadedModel:
             gen.manual_seed(seed)
         else:
             gen.seed()
-        result = generate(self.module, ids, max_new_tokens=pick(max_new_tokens, g.maximum_tokens), params=params,
-                          eod_id=self.tokenizer.eod_id if stop_at_eod else None,
-                          stop_strings=pick(stop_strings, g.stop_strings), decode=self.tokenizer.decode,
-                          generator=gen, recompute=pick(recompute, g.recompute),
-                          compile=pick(compile, g.compile_decode))
+        result = generate(
+            self.module,
+            ids,
+            max_new_tokens=pick(max_new_tokens, g.maximum_tokens),
+            params=params,
+            eod_id=self.tokenizer.eod_id if stop_at_eod else None,
+            stop_strings=pick(stop_strings, g.stop_strings),
+            decode=self.tokenizer.decode,
+            generator=gen,
+            recompute=pick(recompute, g.recompute),
+            compile=pick(compile, g.compile_decode),
+        )
         outs = result.texts if as_text else result.tokens
         return outs[0] if single else outs
 

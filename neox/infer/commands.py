@@ -15,18 +15,38 @@ from pathlib import Path
 from neox.errors import NeoxError, ensure_dir
 
 # flag dest -> generation config key
-FLAG_KEYS = {"max_new_tokens": "maximum_tokens", "num_samples": "num_samples", "temperature": "temperature",
-             "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty",
-             "stop": "stop_strings", "recompute": "recompute", "compile": "compile_decode",
-             "input_file": "sample_input_file", "output_file": "sample_output_file"}
+FLAG_KEYS = {
+    "max_new_tokens": "maximum_tokens",
+    "num_samples": "num_samples",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "stop": "stop_strings",
+    "recompute": "recompute",
+    "compile": "compile_decode",
+    "input_file": "sample_input_file",
+    "output_file": "sample_output_file",
+}
 
 
 def register(parser, name):
     parser.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="extra config file(s) applied over the checkpoint's config (generation keys)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="config override, e.g. --set generation.top_k=40")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="extra config file(s) applied over the checkpoint's config (generation keys)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set generation.top_k=40",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="continue this text (num-samples completions)")
     mode.add_argument("--input-file", help="prompts, one per line or JSONL with a 'prompt' (or 'text') key")
@@ -40,10 +60,18 @@ def register(parser, name):
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep generating past end-of-document")
-    parser.add_argument("--recompute", action="store_true", default=None,
-                        help="no KV cache: rerun the whole sequence every step (for comparison)")
-    parser.add_argument("--compile", action="store_true", default=None,
-                        help="decode with a compiled step (faster per token; the first batch compiles for a while)")
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        default=None,
+        help="no KV cache: rerun the whole sequence every step (for comparison)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="decode with a compiled step (faster per token; the first batch compiles for a while)",
+    )
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward in input-file mode")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights/activations dtype")
@@ -127,17 +155,34 @@ class Session:
 
         ids = [self.model.encode_prompt(p) for p in prompts]
         t0 = time.perf_counter()
-        res = generate(self.model.module, ids, max_new_tokens=self.gen.maximum_tokens, params=self.params,
-                       eod_id=None if self.args.no_stop_at_eod else self.tok.eod_id,
-                       stop_strings=self.gen.stop_strings, decode=self.tok.decode, generator=self.generator,
-                       recompute=self.gen.recompute, on_tokens=on_tokens, compile=self.gen.compile_decode)
+        res = generate(
+            self.model.module,
+            ids,
+            max_new_tokens=self.gen.maximum_tokens,
+            params=self.params,
+            eod_id=None if self.args.no_stop_at_eod else self.tok.eod_id,
+            stop_strings=self.gen.stop_strings,
+            decode=self.tok.decode,
+            generator=self.generator,
+            recompute=self.gen.recompute,
+            on_tokens=on_tokens,
+            compile=self.gen.compile_decode,
+        )
         return res, time.perf_counter() - t0
 
     def records(self, prompts: list[str], res, seconds: float) -> list[dict]:
-        return [{"prompt": p, "completion": text, "tokens": len(toks), "finish_reason": reason,
-                 "time_s": round(seconds, 4), "batch_size": len(prompts),
-                 "tokens_per_s": round(res.new_tokens / seconds, 2) if seconds > 0 else None}
-                for p, text, toks, reason in zip(prompts, res.texts, res.tokens, res.finish_reasons)]
+        return [
+            {
+                "prompt": p,
+                "completion": text,
+                "tokens": len(toks),
+                "finish_reason": reason,
+                "time_s": round(seconds, 4),
+                "batch_size": len(prompts),
+                "tokens_per_s": round(res.new_tokens / seconds, 2) if seconds > 0 else None,
+            }
+            for p, text, toks, reason in zip(prompts, res.texts, res.tokens, res.finish_reasons)
+        ]
 
     def samples(self, prompt: str) -> list[dict]:
         out = []
@@ -152,7 +197,7 @@ class Session:
         prompts = read_prompts(path)
         out = []
         for start in range(0, len(prompts), self.args.batch_size):
-            chunk = prompts[start:start + self.args.batch_size]
+            chunk = prompts[start : start + self.args.batch_size]
             res, seconds = self.run_batch(chunk)
             out += self.records(chunk, res, seconds)
         return out
@@ -193,7 +238,7 @@ class _Streamer:
 
     def _show(self, text: str):
         if text.startswith(self.shown):
-            self.stdout.write(text[len(self.shown):])
+            self.stdout.write(text[len(self.shown) :])
             self.stdout.flush()
             self.shown = text
 

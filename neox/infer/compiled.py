@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neox.errors import NeoxError
 
-
 CACHE_BUCKET = 128
 # CPU: let inductor's C++ GEMM template compete with MKL/oneDNN; GPUs keep inductor's defaults
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
@@ -61,8 +60,12 @@ class CompiledStep:
         self.options = CPU_OPTIONS if next(model.parameters()).device.type == "cpu" else {}
         # guards on every parameter cost ~0.35 ms a step at 70M parameters; weight changes are caught by
         # `stale` instead
-        self.fn = torch.compile(_Decode(model), fullgraph=True, dynamic=False,
-                                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.fn = torch.compile(
+            _Decode(model),
+            fullgraph=True,
+            dynamic=False,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
 
     @staticmethod
     def _versions(model) -> tuple:
@@ -89,11 +92,12 @@ def decode(model, tokens, positions, cache, greedy: bool):
     """One compiled decode step: [B] next tokens when greedy, else [B, V] logits."""
     step = step_for(model)
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
-                torch._inductor.config.patch(step.options):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(step.options):
             return step.fn(tokens, positions, cache, greedy)
     except torch._dynamo.exc.TorchDynamoException as e:
         # e.g. no working C++ compiler for inductor's CPU code
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NeoxError(f"compiling the decode step failed ({type(e).__name__}: {first[:300]}); "
-                        "generate without --compile (compile_decode: false)") from e
+        raise NeoxError(
+            f"compiling the decode step failed ({type(e).__name__}: {first[:300]}); "
+            "generate without --compile (compile_decode: false)"
+        ) from e

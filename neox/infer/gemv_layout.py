@@ -29,8 +29,14 @@ def transposed_output_weight(model, batch: int, new_tokens: int):
     """Within the block the output weight is stored transposed (values and shape unchanged) when that pays:
     CPU, fp32, a batch of one, at least MIN_NEW_TOKENS tokens. The original storage is put back after."""
     weight = output_weight(model)
-    if (weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32 or batch != 1
-            or new_tokens < MIN_NEW_TOKENS or not weight.is_contiguous()):
+    if (
+        weight is None
+        or weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or batch != 1
+        or new_tokens < MIN_NEW_TOKENS
+        or not weight.is_contiguous()
+    ):
         yield
         return
     original = weight.data

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 
 from neox.errors import NeoxError
 from neox.infer import compiled
 from neox.infer.gemv_layout import transposed_output_weight
-from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.infer.sampling import SamplingParams, choose_next
+from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.model.cache import KVCache, StaticKVCache
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -28,7 +28,7 @@ GREEDY = SamplingParams(temperature=0.0)
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per prompt, without the EOD that ended a row
     finish_reasons: list[str]  # "eod", "stop" (a stop string appeared) or "length"
-    texts: Optional[list[str]] = None  # decoded and cut before the first stop string, when `decode` was given
+    texts: list[str] | None = None  # decoded and cut before the first stop string, when `decode` was given
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
@@ -46,7 +46,7 @@ def unwrap(model):
     return model
 
 
-def _max_positions(model) -> Optional[int]:
+def _max_positions(model) -> int | None:
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.pos_emb not in ("learned", "sinusoidal", "rotary"):
         return None  # relative encodings have no table to run past
@@ -60,12 +60,20 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
-             eod_id: Optional[int] = None, stop_strings: Sequence[str] = (),
-             decode: Optional[Callable[[list[int]], str]] = None, generator: Optional[torch.Generator] = None,
-             recompute: bool = False, pad_id: int = 0,
-             on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-             compile: bool = False) -> GenerationResult:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    params: SamplingParams = GREEDY,
+    eod_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+    recompute: bool = False,
+    pad_id: int = 0,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    compile: bool = False,
+) -> GenerationResult:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     A row stops at `eod_id` (when given) or once its decoded output contains a stop string (needs `decode`).
@@ -86,14 +94,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     total = prompt_len + max_new_tokens
     limit = _max_positions(model)
     if limit is not None and max(lengths) + max_new_tokens > limit:
-        raise NeoxError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"max_position_embeddings={limit}: shorten the prompt or generate fewer tokens")
+        raise NeoxError(
+            f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={limit}: shorten the prompt or generate fewer tokens"
+        )
 
     # left padding: row b's real tokens occupy slots [pad_b, total); positions count from the first real token
     pads = torch.tensor([prompt_len - n for n in lengths], device=device)
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
-        tokens[b, prompt_len - len(p):prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
+        tokens[b, prompt_len - len(p) : prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
     slots = torch.arange(total, device=device)
     positions = (slots[None, :] - pads[:, None]).clamp(min=0)
     valid = slots[None, :] >= pads[:, None]
@@ -107,7 +117,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
 
     active = torch.ones(batch, dtype=torch.bool, device=device)
     reasons = ["length"] * batch
-    texts_done: list[Optional[str]] = [None] * batch
+    texts_done: list[str | None] = [None] * batch
     ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
     cache = None
     if compile:
@@ -129,8 +139,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     with layout:
         t0 = time.perf_counter()
         with _last_position_only(model), several_rows:
-            logits = _forward(model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache,
-                              padded)
+            logits = _forward(
+                model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache, padded
+            )
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         steps = 0
@@ -158,32 +169,35 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
                     active &= ~ended
             if stop_strings:
                 for b in active.nonzero().flatten().tolist():
-                    tail = decode(tokens[b, max(prompt_len, cur + 1 - window):cur + 1].tolist())
+                    tail = decode(tokens[b, max(prompt_len, cur + 1 - window) : cur + 1].tolist())
                     if any(x and x in tail for x in stop_strings):
-                        text, _ = cut_at_stop(decode(tokens[b, prompt_len:cur + 1].tolist()), stop_strings)
+                        text, _ = cut_at_stop(decode(tokens[b, prompt_len : cur + 1].tolist()), stop_strings)
                         reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
                         active[b] = False
             if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
                 break
             if cache is None:
                 with _last_position_only(model), several_rows:
-                    logits = _forward(model, tokens[:, :cur + 1], positions[:, :cur + 1], valid[:, :cur + 1], None,
-                                      padded)
+                    logits = _forward(
+                        model, tokens[:, : cur + 1], positions[:, : cur + 1], valid[:, : cur + 1], None, padded
+                    )
             elif compile:
                 with per_step:
-                    out = compiled.decode(model, tokens[:, cur:cur + 1], positions[:, cur:cur + 1], cache, fused_greedy)
+                    out = compiled.decode(
+                        model, tokens[:, cur : cur + 1], positions[:, cur : cur + 1], cache, fused_greedy
+                    )
                 if fused_greedy:
                     chosen = out
                 else:
                     logits = out[:, None]
             else:
                 with per_step:
-                    logits = model(tokens[:, cur:cur + 1], position_ids=positions[:, cur:cur + 1], kv_cache=cache)
+                    logits = model(tokens[:, cur : cur + 1], position_ids=positions[:, cur : cur + 1], kv_cache=cache)
         decode_s = time.perf_counter() - t0
 
     out_tokens = []
     for b in range(batch):
-        row = tokens[b, prompt_len:prompt_len + ends.get(b, steps)].tolist()
+        row = tokens[b, prompt_len : prompt_len + ends.get(b, steps)].tolist()
         out_tokens.append(row)
     texts = None
     if decode is not None:

@@ -80,8 +80,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return apply_top_p(logits, params.top_p)
 
 
-def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token per row, [B] int64: argmax when greedy, otherwise a draw from the processed distribution."""
     logits = process_logits(logits, params, seen)
     if params.greedy:

@@ -16,8 +16,9 @@ def register(parser, name):
     parser.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
     parser.add_argument("--tasks", required=True, help="comma-separated task names")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction below 1)")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                        help="directory of task YAMLs (repeatable)")
+    parser.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="directory of task YAMLs (repeatable)"
+    )
     parser.add_argument("--num-fewshot", type=int)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, help="context length (default: the model's)")
@@ -55,8 +56,16 @@ def run(args) -> int:
     model = build_model(cfg, ckpt, device, args.dtype)
     lm = NeoxLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    results = run_tasks(lm, tasks, limit=limit, include_path=args.include_path, num_fewshot=args.num_fewshot,
-                        seed=args.seed, log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
+    results = run_tasks(
+        lm,
+        tasks,
+        limit=limit,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        seed=args.seed,
+        log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters,
+    )
     print(results_table(results))
     if args.output:
         print(f"wrote {write_results(results, args.output)}", file=sys.stderr)

@@ -29,13 +29,18 @@ def find_data_dir() -> Path:
         candidates.append(Path(os.environ["NEOX_SHARED_DATA"]))
     if os.environ.get("NEOX_SHARED"):
         candidates.append(Path(os.environ["NEOX_SHARED"]) / "data")
-    candidates += [Path(__file__).resolve().parents[3] / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                   Path.cwd() / "shared" / "data"]
+    candidates += [
+        Path(__file__).resolve().parents[3] / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+    ]
     for c in candidates:
         if (c / "eval").is_dir():
             return c.resolve()
-    raise NeoxError("local eval tasks need the shared data folder (eval/, corpora/): set NEOX_SHARED_DATA "
-                    f"to it; looked in {', '.join(str(c) for c in candidates)}")
+    raise NeoxError(
+        "local eval tasks need the shared data folder (eval/, corpora/): set NEOX_SHARED_DATA "
+        f"to it; looked in {', '.join(str(c) for c in candidates)}"
+    )
 
 
 def materialize(data_dir: Path | None = None) -> Path:

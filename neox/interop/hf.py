@@ -16,8 +16,13 @@ import torch
 
 from neox.errors import NeoxError, ensure_dir
 from neox.interop.hf_mapping import from_hf_config, from_hf_state_dict, hf_architecture, to_hf_config, to_hf_state_dict
-from neox.interop.hf_tokenizer import (copy_tokenizer, declared_special_tokens, export_tokenizer, find_tokenizer,
-                                      hf_tokenizer_object)
+from neox.interop.hf_tokenizer import (
+    copy_tokenizer,
+    declared_special_tokens,
+    export_tokenizer,
+    find_tokenizer,
+    hf_tokenizer_object,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,15 +52,18 @@ def parse_shard_size(size: str | int) -> int:
     return value
 
 
-def save_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+def save_weights(
+    sd: dict[str, torch.Tensor], out: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
+) -> list[str]:
     """Write model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json when the
     weights exceed max_shard_size (split as transformers splits: in key order, a tensor never divided).
     Weight files of an earlier export to `out` are removed first, so the loader cannot mix old and new."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=parse_shard_size(max_shard_size))
+    split = split_torch_state_dict_into_shards(
+        sd, filename_pattern="model{suffix}.safetensors", max_shard_size=parse_shard_size(max_shard_size)
+    )
     for old in [out / WEIGHTS, out / INDEX, *(f for f in out.glob("model-*.safetensors") if _SHARD.fullmatch(f.name))]:
         old.unlink(missing_ok=True)
     for name, keys in split.filename_to_tensors.items():
@@ -66,8 +74,14 @@ def save_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_size: str | i
     return sorted(split.filename_to_tensors)
 
 
-def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str | Path,
-                 dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_model(
+    cfg,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer,
+    out: str | Path,
+    dtype: str | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write an HF model directory for a neox Config + GPT state dict (+ tokenizer, unless None)."""
     _transformers()
     hf_architecture(cfg.model)  # refuse before writing anything
@@ -92,8 +106,13 @@ def export_model(cfg, state_dict: dict[str, torch.Tensor], tokenizer, out: str |
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None,
-                      with_tokenizer: bool = True, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    with_tokenizer: bool = True,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
     from neox.train.checkpoint import resolve
 
@@ -109,14 +128,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
 
 # -- import --------------------------------------------------------------------------------------------------
 
+
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a local HF model directory: the files its *.index.json lists when it has one (sharded),
     else every *.safetensors, else pytorch_model*.bin."""
     from safetensors.torch import load_file
 
-    for index_name, loader in ((INDEX, lambda f: load_file(str(f))),
-                               ("pytorch_model.bin.index.json",
-                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+    for index_name, loader in (
+        (INDEX, lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
         index = model_dir / index_name
         if index.is_file():
             try:
@@ -143,8 +164,9 @@ def _merged(parts) -> dict[str, torch.Tensor]:
     return sd
 
 
-def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = None,
-              pad_token: str | None = None) -> Path:
+def import_hf(
+    model_dir: str | Path, out: str | Path, eod_token: str | None = None, pad_token: str | None = None
+) -> Path:
     """Turn a local GPTNeoXForCausalLM / LlamaForCausalLM directory into a neox run directory.
 
     The tokenizer's end-of-sequence and padding tokens are those the directory declares (tokenizer_config.json,
@@ -165,8 +187,10 @@ def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = No
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, OSError) as e:  # no/unknown model_type, or config.json is not JSON
-        raise NeoxError(f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
-                        "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory") from None
+        raise NeoxError(
+            f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
+            "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory"
+        ) from None
     model_group = from_hf_config(hf_cfg)
     if (out / "latest").exists() or any(out.glob("iter_*")):
         # writing here would move the run's `latest` to the imported weights: a resume would silently switch
@@ -185,8 +209,11 @@ def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = No
         if created:
             out.rmdir()
         raise
-    nested = {"model": model_group, "tokenizer": copy_tokenizer(tok_group, out),
-              "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True}}
+    nested = {
+        "model": model_group,
+        "tokenizer": copy_tokenizer(tok_group, out),
+        "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True},
+    }
     cfg = from_dict(nested, source=str(model_dir / "config.json"))
 
     sd = from_hf_state_dict(cfg.model, read_hf_weights(model_dir))
@@ -194,8 +221,9 @@ def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = No
         model = GPT(cfg.model)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
-        raise NeoxError(f"{model_dir}: weights do not match its config.json (missing {missing[:4]}, "
-                        f"unexpected {unexpected[:4]})")
+        raise NeoxError(
+            f"{model_dir}: weights do not match its config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     # fp32 master weights, as the trainer keeps them (non-persistent tables stay on meta: they are not saved)
     model = model.float()
     optimizer = torch.optim.AdamW(model.parameters())  # empty state: the layout the trainer writes and reads
@@ -203,6 +231,8 @@ def import_hf(model_dir: str | Path, out: str | Path, eod_token: str | None = No
     (out / "neox.yml").write_text(
         f"# Imported from {model_dir.resolve()} ({hf_cfg.architectures[0] if hf_cfg.architectures else ''}).\n"
         "# Add data paths and training settings, then: neox train THIS_FILE\n"
-        + yaml.safe_dump({k: v for k, v in to_dict(cfg).items() if k in ("model", "tokenizer", "checkpoint")},
-                         sort_keys=False))
+        + yaml.safe_dump(
+            {k: v for k, v in to_dict(cfg).items() if k in ("model", "tokenizer", "checkpoint")}, sort_keys=False
+        )
+    )
     return out

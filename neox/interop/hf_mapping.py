@@ -56,31 +56,54 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return arch
 
 
-def to_hf_config(cfg: ModelConfig, eos_id: int | None = None, bos_id: int | None = None,
-                 pad_id: int | None = None, dtype: str = "float32"):
+def to_hf_config(
+    cfg: ModelConfig,
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+    pad_id: int | None = None,
+    dtype: str = "float32",
+):
     """A transformers config object for `cfg` (GPTNeoXConfig or LlamaConfig)."""
     from transformers import GPTNeoXConfig, LlamaConfig
 
     arch = hf_architecture(cfg)
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads, intermediate_size=intermediate_size(cfg),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=intermediate_size(cfg),
         max_position_embeddings=max_positions(cfg),
-        initializer_range=cfg.init_method_std, tie_word_embeddings=not cfg.no_weight_tying,
-        attention_bias=cfg.use_bias_in_attn_linear, attention_dropout=cfg.attention_dropout,
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, architectures=[arch], dtype=dtype,
+        initializer_range=cfg.init_method_std,
+        tie_word_embeddings=not cfg.no_weight_tying,
+        attention_bias=cfg.use_bias_in_attn_linear,
+        attention_dropout=cfg.attention_dropout,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        architectures=[arch],
+        dtype=dtype,
     )
     if arch == LLAMA:
         return LlamaConfig(
-            **common, num_key_value_heads=cfg.num_kv_heads or cfg.num_attention_heads,
-            hidden_act=_LLAMA_ACT[cfg.activation], rms_norm_eps=cfg.rms_norm_epsilon, mlp_bias=cfg.use_bias_in_mlp,
+            **common,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_attention_heads,
+            hidden_act=_LLAMA_ACT[cfg.activation],
+            rms_norm_eps=cfg.rms_norm_epsilon,
+            mlp_bias=cfg.use_bias_in_mlp,
             rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
         )
     return GPTNeoXConfig(
-        **common, hidden_act=_NEOX_ACT[cfg.activation], layer_norm_eps=cfg.layernorm_epsilon,
-        use_parallel_residual=cfg.gpt_j_residual, hidden_dropout=cfg.hidden_dropout,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base),
-                         "partial_rotary_factor": float(cfg.rotary_pct)},
+        **common,
+        hidden_act=_NEOX_ACT[cfg.activation],
+        layer_norm_eps=cfg.layernorm_epsilon,
+        use_parallel_residual=cfg.gpt_j_residual,
+        hidden_dropout=cfg.hidden_dropout,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(cfg.rotary_emb_base),
+            "partial_rotary_factor": float(cfg.rotary_pct),
+        },
     )
 
 
@@ -90,17 +113,26 @@ def from_hf_config(hf) -> dict:
     model_type = getattr(hf, "model_type", "")
     if model_type not in ("gpt_neox", "llama") and arch not in (GPTNEOX, LLAMA):
         # before reading any field: other architectures lack some of them (GPT-2 has no intermediate_size)
-        raise NeoxError(f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
-                        f"import handles {GPTNEOX} and {LLAMA}")
+        raise NeoxError(
+            f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
+            f"import handles {GPTNEOX} and {LLAMA}"
+        )
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
-        raise NeoxError(f"config.json: rope_type={rope['rope_type']!r} (RoPE scaling) is not supported by neox models; "
-                        "only plain rotary embeddings import")
+        raise NeoxError(
+            f"config.json: rope_type={rope['rope_type']!r} (RoPE scaling) is not supported by neox models; "
+            "only plain rotary embeddings import"
+        )
     base = dict(
-        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
-        vocab_size=hf.vocab_size, max_position_embeddings=hf.max_position_embeddings,
-        seq_length=min(hf.max_position_embeddings, 2048), intermediate_size=hf.intermediate_size,
-        pos_emb="rotary", rotary_emb_base=_int_if_whole(rope.get("rope_theta", 10000)),
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        num_attention_heads=hf.num_attention_heads,
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        seq_length=min(hf.max_position_embeddings, 2048),
+        intermediate_size=hf.intermediate_size,
+        pos_emb="rotary",
+        rotary_emb_base=_int_if_whole(rope.get("rope_theta", 10000)),
         no_weight_tying=not getattr(hf, "tie_word_embeddings", False),
         use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
@@ -109,27 +141,47 @@ def from_hf_config(hf) -> dict:
     if model_type == "gpt_neox" or arch == GPTNEOX:
         act = {v: k for k, v in _NEOX_ACT.items() if k != "swish"}.get(hf.hidden_act)
         if act is None:
-            raise NeoxError(f"config.json: hidden_act={hf.hidden_act!r} has no neox equivalent; "
-                            f"supported: {sorted(set(_NEOX_ACT.values()))}")
-        return {**base, "norm": "layernorm", "layernorm_epsilon": hf.layer_norm_eps, "activation": act,
-                "rotary_pct": float(rope.get("partial_rotary_factor", 1.0)),
-                "gpt_j_residual": bool(hf.use_parallel_residual), "use_bias_in_mlp": True,
-                "use_bias_in_norms": True, "hidden_dropout": float(getattr(hf, "hidden_dropout", 0.0) or 0.0)}
+            raise NeoxError(
+                f"config.json: hidden_act={hf.hidden_act!r} has no neox equivalent; "
+                f"supported: {sorted(set(_NEOX_ACT.values()))}"
+            )
+        return {
+            **base,
+            "norm": "layernorm",
+            "layernorm_epsilon": hf.layer_norm_eps,
+            "activation": act,
+            "rotary_pct": float(rope.get("partial_rotary_factor", 1.0)),
+            "gpt_j_residual": bool(hf.use_parallel_residual),
+            "use_bias_in_mlp": True,
+            "use_bias_in_norms": True,
+            "hidden_dropout": float(getattr(hf, "hidden_dropout", 0.0) or 0.0),
+        }
     if model_type == "llama" or arch == LLAMA:
         act = {v: k for k, v in _LLAMA_ACT.items()}.get(hf.hidden_act)
         if act is None:
-            raise NeoxError(f"config.json: hidden_act={hf.hidden_act!r} has no neox gated equivalent; "
-                            f"supported: {sorted(_LLAMA_ACT.values())}")
+            raise NeoxError(
+                f"config.json: hidden_act={hf.hidden_act!r} has no neox gated equivalent; "
+                f"supported: {sorted(_LLAMA_ACT.values())}"
+            )
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         if head_dim * hf.num_attention_heads != hf.hidden_size:
-            raise NeoxError(f"config.json: head_dim={head_dim} * num_attention_heads != hidden_size; "
-                            "neox models need head_dim = hidden_size / num_attention_heads")
+            raise NeoxError(
+                f"config.json: head_dim={head_dim} * num_attention_heads != hidden_size; "
+                "neox models need head_dim = hidden_size / num_attention_heads"
+            )
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
             raise NeoxError("config.json: partial_rotary_factor != 1 is not Llama's rotary; cannot import")
-        return {**base, "norm": "rmsnorm", "rms_norm_epsilon": hf.rms_norm_eps, "activation": act,
-                "num_kv_heads": hf.num_key_value_heads or hf.num_attention_heads, "rotary_pct": 1.0,
-                "gpt_j_residual": False, "use_bias_in_mlp": bool(getattr(hf, "mlp_bias", False)),
-                "use_bias_in_norms": False}
+        return {
+            **base,
+            "norm": "rmsnorm",
+            "rms_norm_epsilon": hf.rms_norm_eps,
+            "activation": act,
+            "num_kv_heads": hf.num_key_value_heads or hf.num_attention_heads,
+            "rotary_pct": 1.0,
+            "gpt_j_residual": False,
+            "use_bias_in_mlp": bool(getattr(hf, "mlp_bias", False)),
+            "use_bias_in_norms": False,
+        }
     raise AssertionError("unreachable: the architecture was checked above")
 
 
@@ -165,12 +217,18 @@ _LLAMA_LAYER = {  # neox name inside a layer -> Llama name inside a layer (besid
     "post_attention_layernorm.weight": "post_attention_layernorm.weight",
     "attention.dense.weight": "self_attn.o_proj.weight",
     "attention.dense.bias": "self_attn.o_proj.bias",
-    "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w1.bias": "mlp.gate_proj.bias",
-    "mlp.w3.weight": "mlp.up_proj.weight", "mlp.w3.bias": "mlp.up_proj.bias",
-    "mlp.w2.weight": "mlp.down_proj.weight", "mlp.w2.bias": "mlp.down_proj.bias",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w1.bias": "mlp.gate_proj.bias",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w3.bias": "mlp.up_proj.bias",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+    "mlp.w2.bias": "mlp.down_proj.bias",
 }
-_LLAMA_TOP = {"embed_in.weight": "model.embed_tokens.weight", "final_layer_norm.weight": "model.norm.weight",
-              "embed_out.weight": "lm_head.weight"}
+_LLAMA_TOP = {
+    "embed_in.weight": "model.embed_tokens.weight",
+    "final_layer_norm.weight": "model.norm.weight",
+    "embed_out.weight": "lm_head.weight",
+}
 
 
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,7 +289,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict
             if k in ("lm_head.weight", "embed_out.weight"):
                 out["embed_out.weight"] = v
             elif k.startswith("gpt_neox."):
-                out[k[len("gpt_neox."):]] = v
+                out[k[len("gpt_neox.") :]] = v
             else:
                 raise NeoxError(f"weight {k!r} is not a GPTNeoXForCausalLM weight")
     else:

@@ -58,14 +58,21 @@ def _sentencepiece_hf_tokenizer(tokenizer):
     elif kind == spm_model.BPE:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     else:
-        raise NeoxError(f"tokenizer.vocab_file: sentencepiece model_type {kind} (word/char) has no Hugging Face "
-                        "equivalent here (unigram and bpe export); export with --no-tokenizer")
+        raise NeoxError(
+            f"tokenizer.vocab_file: sentencepiece model_type {kind} (word/char) has no Hugging Face "
+            "equivalent here (unigram and bpe export); export with --no-tokenizer"
+        )
     # legacy=True puts the dummy prefix on the whole text, as sentencepiece does, also when the normalizer has
     # already removed leading spaces (the "first" scheme then adds none).
     tok = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     # Control and unknown pieces are special tokens for HF (eos/bos/unk; skipped by decode(skip_special_tokens)).
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
-                            if p.type in (spm_model.UNKNOWN, spm_model.CONTROL)])
+    tok.add_special_tokens(
+        [
+            AddedToken(p.piece, special=True, normalized=False)
+            for p in proto.pieces
+            if p.type in (spm_model.UNKNOWN, spm_model.CONTROL)
+        ]
+    )
     return tok
 
 
@@ -84,9 +91,12 @@ def _tiktoken_hf_tokenizer(tokenizer):
     vocab[EOD_TOKEN] = tokenizer.endoftext_id
     # whole pre-tokens found in the vocabulary are taken as they are, as tiktoken does before merging
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
     return tok
@@ -105,8 +115,10 @@ def hf_tokenizer_object(tokenizer):
         return _sentencepiece_hf_tokenizer(tokenizer)
     if tokenizer.name == "TiktokenTokenizer":
         return _tiktoken_hf_tokenizer(tokenizer)
-    raise NeoxError(f"tokenizer.tokenizer_type={tokenizer.name} has no Hugging Face tokenizer equivalent; "
-                    "export with --no-tokenizer and supply a tokenizer yourself")
+    raise NeoxError(
+        f"tokenizer.tokenizer_type={tokenizer.name} has no Hugging Face tokenizer equivalent; "
+        "export with --no-tokenizer and supply a tokenizer yourself"
+    )
 
 
 def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
@@ -119,8 +131,9 @@ def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
     specials = dict(bos_token=eod, eos_token=eod, unk_token=eod, pad_token=obj.id_to_token(tokenizer.pad_id))
     sp = getattr(tokenizer, "_sp", None)
     if sp is not None:  # sentencepiece keeps its own bos / unk
-        specials.update(unk_token=sp.id_to_piece(sp.unk_id()),
-                        bos_token=sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
+        specials.update(
+            unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
+        )
     # neox's byte-level and tiktoken tokenizers read "<|endoftext|>" in text as plain text; HF-JSON ones match it.
     # sentencepiece matches its user-defined pieces inside the text (the Split pre-tokenizer does that here):
     # cutting the text at special tokens first would give every piece after one its own dummy prefix "▁".
@@ -133,13 +146,17 @@ def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
 
 # -- import --------------------------------------------------------------------------------------------------
 
+
 def find_tokenizer(model_dir: Path) -> dict:
     """The tokenizer config group (type and files, in model_dir) for a model directory's tokenizer files."""
     if (model_dir / "tokenizer.json").is_file():
         return {"tokenizer_type": "HFTokenizer", "vocab_file": str((model_dir / "tokenizer.json").resolve())}
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
-        return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": str((model_dir / "vocab.json").resolve()),
-                "merge_file": str((model_dir / "merges.txt").resolve())}
+        return {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": str((model_dir / "vocab.json").resolve()),
+            "merge_file": str((model_dir / "merges.txt").resolve()),
+        }
     if (model_dir / "tokenizer.model").is_file():
         return {"tokenizer_type": "SPMTokenizer", "vocab_file": str((model_dir / "tokenizer.model").resolve())}
     raise NeoxError(f"{model_dir}: no tokenizer.json, vocab.json+merges.txt or tokenizer.model to import")

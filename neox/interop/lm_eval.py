@@ -38,8 +38,7 @@ class NeoxLM(_lm_base()):
 
     backend = "causal"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None, max_gen_toks: int = 256):
         super().__init__()
         self.model = unwrap(model).eval()
         # bf16 on a CPU without bf16 units: multi-row matmuls through neox.kernels.bf16_cpu
@@ -78,22 +77,26 @@ class NeoxLM(_lm_base()):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             rows, conts = [], []
             for i in idx:
                 _, ctx, cont = requests[i]
                 # the harness hf backend's truncation: keep the last max_length+1 tokens, drop the final one
-                rows.append((ctx + cont)[-(self.max_length + 1):][:-1])
+                rows.append((ctx + cont)[-(self.max_length + 1) :][:-1])
                 conts.append(cont)
             width = max(len(r) for r in rows)
             batch = torch.zeros(len(rows), width, dtype=torch.long)
             for b, r in enumerate(rows):
-                batch[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+                batch[b, : len(r)] = torch.tensor(r, dtype=torch.long)
             # only the continuation positions go through the output layer: [1, sum of continuation lengths, V]
             row_ids = torch.cat([torch.full((len(c),), b) for b, c in enumerate(conts)])
             col_ids = torch.cat([torch.arange(len(r) - len(c), len(r)) for r, c in zip(rows, conts)])
-            with select_hidden(self.model, lambda h: h[row_ids.to(h.device), col_ids.to(h.device)][None]) as cut, \
-                    self._matmuls:
+            with (
+                select_hidden(
+                    self.model, lambda h, r=row_ids, c=col_ids: h[r.to(h.device), c.to(h.device)][None]
+                ) as cut,
+                self._matmuls,
+            ):
                 logits = self.model(batch.to(self._device))
             logits = logits[0] if cut else logits[row_ids.to(logits.device), col_ids.to(logits.device)]
             logprobs = F.log_softmax(logits.float(), dim=-1)
@@ -116,8 +119,10 @@ class NeoxLM(_lm_base()):
         windows, owner = [], []
         for n, req in enumerate(requests):
             (text,) = req.args
-            for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+            for ctx, pred in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1),
+            ):
                 windows.append((None, ctx, pred))
                 owner.append(n)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=True)
@@ -145,24 +150,35 @@ class NeoxLM(_lm_base()):
             max_gen = int(kwargs.pop("max_gen_toks"))
             if max_gen >= self.max_length:
                 raise NeoxError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
-            params = SamplingParams(temperature=float(kwargs.get("temperature", 0.0) or 0.0)
-                                    if kwargs.get("do_sample") else 0.0,
-                                    top_p=float(kwargs.get("top_p") or 0.0), top_k=int(kwargs.get("top_k") or 0))
-            enc = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members}
+            params = SamplingParams(
+                temperature=float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0,
+                top_p=float(kwargs.get("top_p") or 0.0),
+                top_k=int(kwargs.get("top_k") or 0),
+            )
+            enc = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen) :] for i in members}
             members = sorted(members, key=lambda i: -len(enc[i]))
             for start in range(0, len(members), self.batch_size):
-                idx = members[start:start + self.batch_size]
-                result = generate(self.model, [enc[i] for i in idx], max_new_tokens=max_gen, params=params,
-                                  eod_id=self.eot_token_id, stop_strings=until, decode=self.tok_decode)
+                idx = members[start : start + self.batch_size]
+                result = generate(
+                    self.model,
+                    [enc[i] for i in idx],
+                    max_new_tokens=max_gen,
+                    params=params,
+                    eod_id=self.eot_token_id,
+                    stop_strings=until,
+                    decode=self.tok_decode,
+                )
                 for i, toks in zip(idx, result.tokens):
-                    text = postprocess_generated_text(generation=self.tok_decode(toks), stop=until,
-                                                      think_end_token=None)
+                    text = postprocess_generated_text(
+                        generation=self.tok_decode(toks), stop=until, think_end_token=None
+                    )
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]
 
 
 # -- running tasks -------------------------------------------------------------------------------------------
+
 
 def set_offline_env() -> None:
     for k, v in OFFLINE_ENV.items():
@@ -179,9 +195,16 @@ def task_manager(include_paths: tuple[str, ...] = ()):
     return TaskManager(include_path=list(include_paths) or None)
 
 
-def run_tasks(lm, tasks: list[str], limit: float | None = None, include_path: str | list[str] | None = None,
-              num_fewshot: int | None = None, seed: int = 1234, log_samples: bool = False,
-              bootstrap_iters: int = 0) -> dict[str, Any]:
+def run_tasks(
+    lm,
+    tasks: list[str],
+    limit: float | None = None,
+    include_path: str | list[str] | None = None,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+    bootstrap_iters: int = 0,
+) -> dict[str, Any]:
     """simple_evaluate on an LM object; returns the harness's result dict (JSON-safe)."""
     set_offline_env()
     from lm_eval import simple_evaluate
@@ -193,9 +216,19 @@ def run_tasks(lm, tasks: list[str], limit: float | None = None, include_path: st
     missing = [t for t in tasks if not manager.match_tasks([t])]
     if missing:
         raise NeoxError(f"unknown lm-eval task(s) {missing}: check the names (lm_eval ls tasks) or --include-path")
-    res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                          log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
+    res = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
+    )
     return json.loads(json.dumps(res, default=str))
 
 
@@ -211,9 +244,16 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], limit: float | None = None,
-                   include_path: str | None = None, batch_size: int = 8, max_length: int | None = None,
-                   seed: int = 1234) -> dict[str, float]:
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: float | None = None,
+    include_path: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    seed: int = 1234,
+) -> dict[str, float]:
     """What the trainer calls every eval_tasks_interval: scores as {"task/metric": value}.
 
     The model is put in eval mode for the run and given back in the mode it came in.

@@ -40,12 +40,12 @@ def _fields(buf: bytes):
         if wire == 0:
             value, i = _varint(buf, i)
         elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+            value, i = buf[i : i + 8], i + 8
         elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+            value, i = buf[i : i + 4], i + 4
         elif wire == 2:
             n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
+            value, i = buf[i : i + n], i + n
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield number, value
@@ -59,8 +59,9 @@ def read_model_proto(data: bytes) -> SimpleNamespace:
     """pieces (piece, score, type), trainer_spec and normalizer_spec of a serialized sentencepiece model."""
     pieces = []
     trainer = SimpleNamespace(model_type=UNIGRAM, byte_fallback=False, unk_id=0, unk_piece="<unk>")
-    normalizer = SimpleNamespace(precompiled_charsmap=b"", add_dummy_prefix=True, remove_extra_whitespaces=True,
-                                 escape_whitespaces=True)
+    normalizer = SimpleNamespace(
+        precompiled_charsmap=b"", add_dummy_prefix=True, remove_extra_whitespaces=True, escape_whitespaces=True
+    )
     try:
         for number, value in _fields(data):
             if number == 1:
@@ -88,8 +89,11 @@ def read_model_proto(data: bytes) -> SimpleNamespace:
                     if n == 2:
                         normalizer.precompiled_charsmap = bytes(v)
                     elif n in (3, 4, 5):
-                        setattr(normalizer, {3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
-                                             5: "escape_whitespaces"}[n], bool(v))
+                        setattr(
+                            normalizer,
+                            {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}[n],
+                            bool(v),
+                        )
     except (IndexError, ValueError, struct.error) as e:
         raise NeoxError(f"sentencepiece model: cannot read its protobuf ({e})") from None
     return SimpleNamespace(pieces=pieces, trainer_spec=trainer, normalizer_spec=normalizer)

@@ -13,7 +13,6 @@ GEMV, which the native path runs well, so it is left to it.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -22,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 BLOCK_BYTES = 2 << 20  # fp32 weight block per matmul: fits a core's share of L2/L3 on the CPUs this is for
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_lacks_bf16() -> bool:
     """True on an x86 Linux CPU whose flags show neither avx512_bf16 nor amx_bf16. Elsewhere (other OSes,
     ARM) the answer is unknown and the native path is kept."""
@@ -39,7 +38,7 @@ def _block(features: int) -> int:
 
 
 @torch.library.custom_op("neox::bf16_linear_fp32_blocks", mutates_args=())
-def bf16_linear_fp32_blocks(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def bf16_linear_fp32_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 tensors on CPU, computed in fp32 over cache-sized weight blocks."""
     with torch.autocast("cpu", enabled=False):  # the fp32 products must stay fp32 inside an autocast region
         rows = x.reshape(-1, x.shape[-1]).float()
@@ -47,10 +46,10 @@ def bf16_linear_fp32_blocks(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
         step = _block(weight.shape[1])
         for i in range(0, out_features, step):
-            block = rows @ weight[i:i + step].float().t()
+            block = rows @ weight[i : i + step].float().t()
             if bias is not None:
-                block += bias[i:i + step]
-            out[:, i:i + step] = block
+                block += bias[i : i + step]
+            out[:, i : i + step] = block
     return out.view(*x.shape[:-1], out_features)
 
 
@@ -60,8 +59,9 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("neox::bf16_linear_fp32_blocks_backward", mutates_args=())
-def _backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
-                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias) of the op above, each accumulated in fp32 over weight-row blocks and
     rounded once; an unneeded one comes back empty."""
     with torch.autocast("cpu", enabled=False):
@@ -71,11 +71,11 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need
         gw = torch.empty_like(weight) if need_w else weight.new_empty(0)
         step = _block(weight.shape[1])
         for i in range(0, weight.shape[0], step):
-            gb = g[:, i:i + step].float()
+            gb = g[:, i : i + step].float()
             if need_x:
-                gx.addmm_(gb, weight[i:i + step].float())
+                gx.addmm_(gb, weight[i : i + step].float())
             if need_w:
-                gw[i:i + step] = gb.t() @ rows
+                gw[i : i + step] = gb.t() @ rows
         grad_x = gx.to(x.dtype).view(x.shape) if need_x else x.new_empty(0)
         grad_b = g.float().sum(0).to(grad.dtype) if need_b else grad.new_empty(0)
     return grad_x, gw, grad_b
@@ -83,8 +83,11 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need
 
 @_backward_op.register_fake
 def _(grad, x, weight, need_x, need_w, need_b):
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0), weight.new_empty(weight.shape if need_w else 0),
-            grad.new_empty(weight.shape[0] if need_b else 0))
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        weight.new_empty(weight.shape if need_w else 0),
+        grad.new_empty(weight.shape[0] if need_b else 0),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,8 +127,13 @@ class Bf16LinearOnCpu(TorchFunctionMode):
 
 # a function, not a staticmethod of the mode: dynamo (torch 2.13) fails building a guard on the latter
 def _route(x, weight, bias=None):
-    if (x.device.type != "cpu" or x.dim() < 2 or x.numel() <= x.shape[-1]
-            or isinstance(x, DTensor) or isinstance(weight, DTensor)):
+    if (
+        x.device.type != "cpu"
+        or x.dim() < 2
+        or x.numel() <= x.shape[-1]
+        or isinstance(x, DTensor)
+        or isinstance(weight, DTensor)
+    ):
         return None
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)

@@ -8,7 +8,6 @@ interleave, and a tensor-parallel column split by kv groups keeps each rank's he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,9 @@ class AttentionInputs:
     """
 
     is_causal: bool
-    mask: Optional[torch.Tensor]
-    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
-    rpe_buckets: Optional[torch.Tensor]
+    mask: torch.Tensor | None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    rpe_buckets: torch.Tensor | None
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -76,14 +75,27 @@ class Attention(nn.Module):
         if self.rpe is not None:
             mask = self.rpe(inputs.rpe_buckets).to(q.dtype) + mask
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=inputs.is_causal and mask is None, enable_gqa=g > 1)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=inputs.is_causal and mask is None,
+            enable_gqa=g > 1,
+        )
         return self.dense(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def build_attention_inputs(model, batch: int, seq: int, positions: torch.Tensor,
-                           segment_ids: Optional[torch.Tensor], kv_cache, dtype: torch.dtype,
-                           device: torch.device) -> AttentionInputs:
+def build_attention_inputs(
+    model,
+    batch: int,
+    seq: int,
+    positions: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    kv_cache,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AttentionInputs:
     """Masks and positional tables for one forward of `model` (a neox.model.GPT).
 
     positions: [B, T] position ids, or [1, T] when the whole batch shares them.
@@ -114,8 +126,9 @@ def build_attention_inputs(model, batch: int, seq: int, positions: torch.Tensor,
     if pos_emb == "alibi":
         mask = (model.alibi(q_pos, k_pos) + additive(allowed, torch.float32)).to(dtype)
     elif pos_emb == "rpe":
-        rpe_buckets = t5_relative_bucket(k_pos[:, None, :] - q_pos[:, :, None], model.rpe_num_buckets,
-                                         model.rpe_max_distance)
+        rpe_buckets = t5_relative_bucket(
+            k_pos[:, None, :] - q_pos[:, :, None], model.rpe_num_buckets, model.rpe_max_distance
+        )
         mask = additive(allowed, dtype)
     else:
         mask = allowed

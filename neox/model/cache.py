@@ -13,16 +13,22 @@ tracks its length in a tensor), so one compiled decode step serves the whole gen
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from neox.errors import NeoxError
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -35,15 +41,15 @@ class KVCache:
         self.has_padding = False
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                  device: Optional[torch.device] = None) -> "KVCache":
+    def for_model(
+        cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> KVCache:
         """A cache shaped for `model` (a neox.model.GPT). dtype defaults to the dtype attention runs in:
         the autocast dtype when autocast is on for the model's device, else the model's parameter dtype."""
         param = model.reference_param()
         device = device or param.device
         if dtype is None:
-            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                     else param.dtype)
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param.dtype
         return cls(model.num_layers, batch_size, max_len, model.num_kv_heads, model.head_dim, dtype, device)
 
     def mark_padding(self, attention_mask: torch.Tensor) -> None:
@@ -51,7 +57,7 @@ class KVCache:
         n = attention_mask.shape[1]
         self._check_room(n)
         valid = attention_mask.to(device=self.key_valid.device, dtype=torch.bool)
-        self.key_valid[:, self.length:self.length + n] = valid
+        self.key_valid[:, self.length : self.length + n] = valid
         self.has_padding = self.has_padding or not bool(valid.all())
 
     def record_positions(self, positions: torch.Tensor, batch: int) -> torch.Tensor:
@@ -59,14 +65,14 @@ class KVCache:
         self._check_batch(batch)
         t = positions.shape[1]
         self._check_room(t)
-        self.positions[:, self.length:self.length + t] = positions
+        self.positions[:, self.length : self.length + t] = positions
         return self.positions[:, : self.length + t]
 
     def next_positions(self, t: int) -> torch.Tensor:
         """Default position ids [1, T] for the next T tokens: they continue from the cache length."""
         return torch.arange(self.length, self.length + t, device=self.positions.device)[None]
 
-    def visible(self, t: int, batch: int, always: bool) -> Optional[torch.Tensor]:
+    def visible(self, t: int, batch: int, always: bool) -> torch.Tensor | None:
         """Which keys each of the next T queries may attend to: bool [B|1, 1, T, length + T], True = may.
 
         None when no mask is needed (unless `always`): a fresh cache without padding is plain causal
@@ -91,8 +97,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, head_dim] at the current length; return all keys/values so far."""
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
@@ -110,8 +116,10 @@ class KVCache:
 
     def _check_room(self, t: int) -> None:
         if self.length + t > self.max_len:
-            raise NeoxError(f"KV cache holds {self.max_len} tokens but {self.length + t} were requested; "
-                            "build it with a larger max_len (prompt length + new tokens)")
+            raise NeoxError(
+                f"KV cache holds {self.max_len} tokens but {self.length + t} were requested; "
+                "build it with a larger max_len (prompt length + new tokens)"
+            )
 
 
 class StaticKVCache(KVCache):

@@ -13,17 +13,38 @@ from neox.errors import ConfigError, NeoxError
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML/JSON config files, merged in order")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key after the files (repeatable), e.g. --set model.num_layers=8")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key after the files (repeatable), e.g. --set model.num_layers=8",
+    )
     parser.add_argument("-d", "--config-dir", default=None, help="directory the CONFIG names are relative to")
-    parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
-                        help="the tokenizer's vocabulary size, when model.vocab_size is unset and the tokenizer "
-                             "file is not at hand (padded as in training)")
-    parser.add_argument("--dp", type=int, default=1, metavar="N",
-                        help="data-parallel size for the memory estimate (ZeRO shards over it)")
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
-                        help="total processes (world size): checks the config's parallel layout for N processes "
-                             "and takes the data-parallel size from it (N / (pipe * model parallel))")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the tokenizer's vocabulary size, when model.vocab_size is unset and the tokenizer "
+        "file is not at hand (padded as in training)",
+    )
+    parser.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel size for the memory estimate (ZeRO shards over it)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="total processes (world size): checks the config's parallel layout for N processes "
+        "and takes the data-parallel size from it (N / (pipe * model parallel))",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
 
@@ -40,8 +61,10 @@ def _resolve_vocab(cfg, vocab_size: int | None) -> None:
 
             vocab_size = build_tokenizer(cfg.tokenizer).vocab_size
         except (NeoxError, OSError) as e:
-            raise ConfigError(f"model.vocab_size is unset and the tokenizer could not be loaded ({e}); pass "
-                              "--vocab-size N (the tokenizer's size) or --set model.vocab_size=N") from None
+            raise ConfigError(
+                f"model.vocab_size is unset and the tokenizer could not be loaded ({e}); pass "
+                "--vocab-size N (the tokenizer's size) or --set model.vocab_size=N"
+            ) from None
     resolve_vocab(cfg, vocab_size, tp=tp)
 
 
@@ -57,23 +80,43 @@ def collect(cfg, dp: int = 1) -> dict:
         micro = 1  # info needs no batch; a training run would report the missing keys
     embed = m.vocab_size * m.hidden_size + (info.max_positions(m) * m.hidden_size if m.pos_emb == "learned" else 0)
     memory = info.memory_per_rank(
-        m, precision=cfg.precision.precision, bf16_mode=cfg.precision.bf16_mode, optimizer=cfg.optimizer.type,
-        micro_batch=micro, dp=dp, tp=par.model_parallel_size, pp=par.pipe_parallel_size,
+        m,
+        precision=cfg.precision.precision,
+        bf16_mode=cfg.precision.bf16_mode,
+        optimizer=cfg.optimizer.type,
+        micro_batch=micro,
+        dp=dp,
+        tp=par.model_parallel_size,
+        pp=par.pipe_parallel_size,
         # FSDP2 has no optimizer-only sharding: ZeRO 1 also shards gradients, as 2 does (docs/parallelism.md)
         zero_stage=2 if par.zero_stage == 1 else par.zero_stage,
-        checkpoint_activations=cfg.train.checkpoint_activations)
+        checkpoint_activations=cfg.train.checkpoint_activations,
+    )
     return {
-        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
-        "num_kv_heads": info.num_kv_heads(m), "head_dim": info.head_dim(m),
-        "intermediate_size": info.intermediate_size(m), "vocab_size": m.vocab_size, "seq_length": m.seq_length,
-        "pos_emb": m.pos_emb, "tied": not m.no_weight_tying,
-        "params": info.num_params(m), "params_embedding": embed,
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "num_kv_heads": info.num_kv_heads(m),
+        "head_dim": info.head_dim(m),
+        "intermediate_size": info.intermediate_size(m),
+        "vocab_size": m.vocab_size,
+        "seq_length": m.seq_length,
+        "pos_emb": m.pos_emb,
+        "tied": not m.no_weight_tying,
+        "params": info.num_params(m),
+        "params_embedding": embed,
         "params_blocks": m.num_layers * info.layer_params(m),
         "flops_per_token": info.flops_per_token(m),
         "memory": memory,
-        "memory_setup": {"precision": cfg.precision.precision, "micro_batch": micro, "dp": dp,
-                         "tp": par.model_parallel_size, "pp": par.pipe_parallel_size, "zero_stage": par.zero_stage,
-                         "checkpoint_activations": cfg.train.checkpoint_activations},
+        "memory_setup": {
+            "precision": cfg.precision.precision,
+            "micro_batch": micro,
+            "dp": dp,
+            "tp": par.model_parallel_size,
+            "pp": par.pipe_parallel_size,
+            "zero_stage": par.zero_stage,
+            "checkpoint_activations": cfg.train.checkpoint_activations,
+        },
     }
 
 
@@ -85,7 +128,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2 ** 30:8.2f} GiB"
+    return f"{n / 2**30:8.2f} GiB"
 
 
 def format_report(r: dict) -> str:

@@ -50,21 +50,28 @@ def check_shapes(cfg: ModelConfig) -> None:
     """Raise a ConfigError naming the key when the head layout cannot be built."""
     heads, kv = cfg.num_attention_heads, num_kv_heads(cfg)
     if cfg.vocab_size is None:
-        raise ConfigError("model.vocab_size is not set: resolve it from the tokenizer (neox.config.resolve_vocab) "
-                          "or set model.vocab_size")
+        raise ConfigError(
+            "model.vocab_size is not set: resolve it from the tokenizer (neox.config.resolve_vocab) "
+            "or set model.vocab_size"
+        )
     if heads <= 0 or cfg.hidden_size % heads:
-        raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be a positive multiple of "
-                          f"model.num_attention_heads={heads}")
+        raise ConfigError(
+            f"model.hidden_size={cfg.hidden_size} must be a positive multiple of model.num_attention_heads={heads}"
+        )
     if kv <= 0 or heads % kv:
         raise ConfigError(f"model.num_attention_heads={heads} must be a multiple of model.num_kv_heads={kv}")
     if cfg.pos_emb == "rotary":
         rd = int(head_dim(cfg) * cfg.rotary_pct)
         if rd <= 0 or rd % 2:
-            raise ConfigError(f"model.rotary_pct={cfg.rotary_pct} gives {rd} rotary dims of head_dim "
-                              f"{head_dim(cfg)}; it must be a positive even number")
+            raise ConfigError(
+                f"model.rotary_pct={cfg.rotary_pct} gives {rd} rotary dims of head_dim "
+                f"{head_dim(cfg)}; it must be a positive even number"
+            )
     if cfg.pos_emb == "rpe" and cfg.rpe_max_distance <= cfg.rpe_num_buckets // 2:
-        raise ConfigError(f"model.rpe_max_distance={cfg.rpe_max_distance} must exceed half of "
-                          f"model.rpe_num_buckets={cfg.rpe_num_buckets}")
+        raise ConfigError(
+            f"model.rpe_max_distance={cfg.rpe_max_distance} must exceed half of "
+            f"model.rpe_num_buckets={cfg.rpe_num_buckets}"
+        )
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -118,10 +125,20 @@ def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def memory_per_rank(cfg: ModelConfig, *, precision: str = "fp32", bf16_mode: str = "autocast",
-                    optimizer: str = "adamw", micro_batch: int = 1, seq_length: int | None = None,
-                    dp: int = 1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
-                    checkpoint_activations: bool = False) -> dict[str, int]:
+def memory_per_rank(
+    cfg: ModelConfig,
+    *,
+    precision: str = "fp32",
+    bf16_mode: str = "autocast",
+    optimizer: str = "adamw",
+    micro_batch: int = 1,
+    seq_length: int | None = None,
+    dp: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    zero_stage: int = 0,
+    checkpoint_activations: bool = False,
+) -> dict[str, int]:
     """Estimated bytes held per rank during training: params, grads, optimizer states, activations.
 
     Params are divided by tp and pp (the embedding and head live on the first/last stage, so this is the

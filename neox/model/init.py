@@ -6,7 +6,7 @@ ones for norm scales."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -7,8 +7,6 @@ states instead of logits (no final_layer_norm, or no output layer left).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -65,8 +63,7 @@ class GPT(nn.Module):
         # derived fp32 tables: non-persistent buffers, so the state dict holds only the parameters above/below
         self.sinusoidal = SinusoidalEmbedding(h, max_pos) if cfg.pos_emb == "sinusoidal" else None
         rotary_ndims = int(self.head_dim * cfg.rotary_pct)
-        self.rotary = (RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base)
-                       if cfg.pos_emb == "rotary" else None)
+        self.rotary = RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base) if cfg.pos_emb == "rotary" else None
         self.alibi = ALiBi(cfg.num_attention_heads) if cfg.pos_emb == "alibi" else None
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -87,8 +84,13 @@ class GPT(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        kv_cache=None,
+    ) -> torch.Tensor:
         """tokens [B, T] ids (or [B, T, H] hidden states on a stage without embed_in) -> logits [B, T, V]
         (or hidden states on a stage without the head). position_ids [B, T] default to arange (continuing
         from the cache length); segment_ids [B, T] restrict attention to tokens of the same document."""
@@ -100,14 +102,19 @@ class GPT(nn.Module):
             pos = kv_cache.next_positions(t)
         else:
             pos = torch.arange(t, device=x.device)[None]
-        if (kv_cache is not None and self.pos_emb in ("learned", "sinusoidal", "rotary")
-                and not torch.compiler.is_compiling()):
+        if (
+            kv_cache is not None
+            and self.pos_emb in ("learned", "sinusoidal", "rotary")
+            and not torch.compiler.is_compiling()
+        ):
             # generation is where positions outgrow the tables; checked only here to keep training sync-free
             # (a compiled decode step cannot sync: its caller checks the whole range before the first step)
             last = int(pos.max())
             if last >= self.max_positions:
-                raise NeoxError(f"position {last} is beyond model.max_position_embeddings={self.max_positions} "
-                                f"of this {self.pos_emb} model; shorten the prompt or the number of new tokens")
+                raise NeoxError(
+                    f"position {last} is beyond model.max_position_embeddings={self.max_positions} "
+                    f"of this {self.pos_emb} model; shorten the prompt or the number of new tokens"
+                )
         if self.embed_in is not None:
             if self.embed_pos is not None:
                 x = x + self.embed_pos(pos)
@@ -115,8 +122,7 @@ class GPT(nn.Module):
                 x = x + self.sinusoidal(pos).to(x.dtype)
             x = self.embed_dropout(x)
 
-        inputs = build_attention_inputs(self, b, t, pos, segment_ids, kv_cache,
-                                        self.compute_dtype(x), x.device)
+        inputs = build_attention_inputs(self, b, t, pos, segment_ids, kv_cache, self.compute_dtype(x), x.device)
         for layer in self.layers.values():
             x = layer(x, inputs, kv_cache)
         if kv_cache is not None:

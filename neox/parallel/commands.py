@@ -10,8 +10,9 @@ def register(parser, name: str) -> None:
     c = sub.add_parser("consolidate", help="write a sharded checkpoint's model weights as one state-dict file")
     c.add_argument("checkpoint", help="run directory (its latest checkpoint) or one iter_XXXXXXX directory")
     c.add_argument("out", help="output file, e.g. model.pt (loads with GPT(cfg).load_state_dict(torch.load(out)))")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="cast floating-point weights (default: as saved)")
+    c.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: as saved)"
+    )
     c.set_defaults(func=run_consolidate)
 
 

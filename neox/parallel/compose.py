@@ -10,8 +10,9 @@ from neox.parallel.mesh import ParallelDims
 from neox.parallel.tensor import apply_tensor_parallel
 
 
-def apply(model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast",
-          device_type: str = "cpu") -> nn.Module:
+def apply(
+    model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast", device_type: str = "cpu"
+) -> nn.Module:
     """Parallelize `model` (a GPT, or one pipeline stage of it) in place for `mesh`; returns it.
 
     mesh None (one process) leaves the model as it is. The module keeps its class behaviour and
@@ -26,8 +27,16 @@ def apply(model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: s
     if dims.dp > 1:
         if dims.fsdp:
             # pipeline stages keep parameters gathered between forward and backward (trap A)
-            apply_fsdp(model, dims, mesh, precision=precision, bf16_mode=bf16_mode, cpu_offload=pcfg.cpu_offload,
-                       device_type=device_type, reshard_after_forward=False if dims.pp > 1 else None)
+            apply_fsdp(
+                model,
+                dims,
+                mesh,
+                precision=precision,
+                bf16_mode=bf16_mode,
+                cpu_offload=pcfg.cpu_offload,
+                device_type=device_type,
+                reshard_after_forward=False if dims.pp > 1 else None,
+            )
         else:
             apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode)
             compress.register(model, pcfg, mesh["dp_replicate"].get_group())

@@ -51,8 +51,7 @@ def validate(pcfg) -> None:
     if method == "powersgd" and pcfg.powersgd_rank < 1:
         raise ConfigError(f"parallel.powersgd_rank: must be >= 1, got {pcfg.powersgd_rank}")
     if pcfg.grad_compression_start_iter < 0:
-        raise ConfigError(
-            f"parallel.grad_compression_start_iter: must be >= 0, got {pcfg.grad_compression_start_iter}")
+        raise ConfigError(f"parallel.grad_compression_start_iter: must be >= 0, got {pcfg.grad_compression_start_iter}")
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:

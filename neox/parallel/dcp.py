@@ -8,8 +8,8 @@ DTensors under FSDP/TP, and DCP records each shard's offset in the global tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,9 +32,9 @@ class AsyncSaver:
 
     def __init__(self):
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self._pending: Optional[tuple] = None
+        self._pending: tuple | None = None
 
-    def save(self, state_dict: dict, path: str | Path, on_done: Optional[Callable[[], None]] = None) -> None:
+    def save(self, state_dict: dict, path: str | Path, on_done: Callable[[], None] | None = None) -> None:
         self.wait()
         # the state is copied to CPU memory before this returns, so the optimizer may step right away
         future = dcp.async_save(state_dict, checkpoint_id=str(path), process_group=self.group)
@@ -60,11 +60,14 @@ def tensor_entries(checkpoint_dir: str | Path, prefix: str = "model.") -> dict[s
     if not (path / ".metadata").is_file():
         raise NeoxError(f"{path} is not a DCP checkpoint directory (no .metadata file)")
     meta = FileSystemReader(str(path)).read_metadata()
-    return {k[len(prefix):]: v for k, v in meta.state_dict_metadata.items()
-            if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in meta.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
 
 
-def load_full_model_state(checkpoint_dir: str | Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def load_full_model_state(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The whole model state dict (parameter name -> full tensor) of a sharded checkpoint, read in one
     process without torch.distributed, whatever layout saved it."""
     entries = tensor_entries(checkpoint_dir)
@@ -78,14 +81,16 @@ def load_full_model_state(checkpoint_dir: str | Path, dtype: Optional[torch.dtyp
         dcp.load({"model": model}, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
     except (Exception, CheckpointException) as e:  # a shard missing or cut short (DCP wraps the OSError/EOFError)
         lines = str(e).strip().splitlines()
-        raise NeoxError(f"{checkpoint_dir}: cannot read the checkpoint's shards ({lines[-1] if lines else type(e).__name__}); "
-                        "it is incomplete or damaged: use another checkpoint (or copy it again)") from None
+        raise NeoxError(
+            f"{checkpoint_dir}: cannot read the checkpoint's shards ({lines[-1] if lines else type(e).__name__}); "
+            "it is incomplete or damaged: use another checkpoint (or copy it again)"
+        ) from None
     if dtype is not None:
         model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
     return model
 
 
-def consolidate(checkpoint: str | Path, out: str | Path, dtype: Optional[torch.dtype] = None) -> Path:
+def consolidate(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the model weights of `checkpoint` (a run directory: its latest; or one iter_* directory) to one
     torch.save file that `GPT(cfg).load_state_dict(torch.load(out))` accepts."""
     from neox.train.checkpoint import resolve

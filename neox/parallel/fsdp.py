@@ -48,15 +48,27 @@ def _units(model: nn.Module) -> list[nn.Module]:
     return list(layers.values()) if layers is not None else []
 
 
-def apply_fsdp(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast",
-               cpu_offload: bool = False, device_type: str = "cpu", reshard_after_forward=None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    dims,
+    mesh,
+    *,
+    precision: str = "fp32",
+    bf16_mode: str = "autocast",
+    cpu_offload: bool = False,
+    device_type: str = "cpu",
+    reshard_after_forward=None,
+) -> nn.Module:
     """fully_shard each block, then the root. `reshard_after_forward` overrides the stage's choice (pipeline
     stages pass False: zero-bubble schedules give wrong gradients otherwise, trap A)."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = dims.zero_stage == 3 if reshard_after_forward is None else reshard_after_forward
-    kw = dict(mesh=dp_mesh_for(dims, mesh), mp_policy=mixed_precision(precision, bf16_mode),
-              offload_policy=offload_policy(cpu_offload, device_type))
+    kw = dict(
+        mesh=dp_mesh_for(dims, mesh),
+        mp_policy=mixed_precision(precision, bf16_mode),
+        offload_policy=offload_policy(cpu_offload, device_type),
+    )
     for unit in _units(model):
         fully_shard(unit, reshard_after_forward=reshard, **kw)
     # the root's parameters (embeddings, head) are needed again at once by the backward pass

@@ -20,33 +20,51 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
 
 from neox.errors import NeoxError
 
 # option -> takes a value; these are removed from the worker's command line.
-LAUNCH_OPTIONS = {"--nproc": True, "--nnodes": True, "--node-rank": True, "--master-addr": True,
-                  "--master-port": True, "--hostfile": True, "--max-restarts": True, "--print-launch": False}
+LAUNCH_OPTIONS = {
+    "--nproc": True,
+    "--nnodes": True,
+    "--node-rank": True,
+    "--master-addr": True,
+    "--master-port": True,
+    "--hostfile": True,
+    "--max-restarts": True,
+    "--print-launch": False,
+}
 DEFAULT_PORT = 29500
 
 
 def add_arguments(parser) -> None:
     """The launch flags a command that can run distributed accepts (`neox train`)."""
     g = parser.add_argument_group("launch (torchrun)")
-    g.add_argument("--nproc", type=int, default=None,
-                   help="processes per node; > 1 starts torchrun (default 1, or the hostfile's slots)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes per node; > 1 starts torchrun (default 1, or the hostfile's slots)",
+    )
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes (multi-node without a hostfile)")
     g.add_argument("--node-rank", type=int, default=None, help="this node's rank, 0..nnodes-1")
     g.add_argument("--master-addr", default=None, help="address of node 0 (rendezvous host)")
     g.add_argument("--master-port", type=int, default=None, help=f"rendezvous port (default {DEFAULT_PORT})")
-    g.add_argument("--hostfile", default=None,
-                   help="GPT-NeoX/DeepSpeed hostfile ('host slots=N' per line): start every host over ssh")
-    g.add_argument("--max-restarts", type=int, default=0,
-                   help="restart all workers this many times after a failure; they resume from the last checkpoint")
-    g.add_argument("--print-launch", action="store_true",
-                   help="print the launch command(s) instead of running them")
+    g.add_argument(
+        "--hostfile",
+        default=None,
+        help="GPT-NeoX/DeepSpeed hostfile ('host slots=N' per line): start every host over ssh",
+    )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart all workers this many times after a failure; they resume from the last checkpoint",
+    )
+    g.add_argument("--print-launch", action="store_true", help="print the launch command(s) instead of running them")
 
 
 @dataclass
@@ -54,7 +72,7 @@ class Plan:
     nproc: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: Optional[str] = None
+    master_addr: str | None = None
     master_port: int = DEFAULT_PORT
     max_restarts: int = 0
     hosts: tuple = ()  # hostfile hosts, in node-rank order
@@ -119,8 +137,10 @@ def plan_from_args(args, environ=None) -> Plan:
         hosts = parse_hostfile(args.hostfile)
         slots = {s for _, s in hosts}
         if args.nproc is None and len(slots) > 1:
-            raise NeoxError(f"hostfile {args.hostfile}: hosts have different slots {sorted(slots)}; torchrun "
-                            f"starts the same number per node, so give --nproc")
+            raise NeoxError(
+                f"hostfile {args.hostfile}: hosts have different slots {sorted(slots)}; torchrun "
+                f"starts the same number per node, so give --nproc"
+            )
         plan.hosts = tuple(h for h, _ in hosts)
         plan.nproc = args.nproc or hosts[0][1]
         plan.nnodes = len(hosts)
@@ -135,8 +155,10 @@ def plan_from_args(args, environ=None) -> Plan:
         plan.nnodes = args.nnodes or 1
         if plan.nnodes > 1:
             if args.node_rank is None or args.master_addr is None:
-                raise NeoxError("--nnodes > 1 needs --node-rank and --master-addr on every node "
-                                "(or use --hostfile, or run inside a Slurm step)")
+                raise NeoxError(
+                    "--nnodes > 1 needs --node-rank and --master-addr on every node "
+                    "(or use --hostfile, or run inside a Slurm step)"
+                )
             plan.node_rank, plan.master_addr = args.node_rank, args.master_addr
     if plan.nproc < 1 or plan.nnodes < 1:
         raise NeoxError(f"--nproc and --nnodes must be >= 1, got {plan.nproc} and {plan.nnodes}")
@@ -162,14 +184,23 @@ def worker_argv(argv: list[str]) -> list[str]:
 
 
 def torchrun_argv(plan: Plan, node_rank: int, cmd: list[str]) -> list[str]:
-    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.nproc}",
-            f"--max-restarts={plan.max_restarts}"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={plan.nproc}",
+        f"--max-restarts={plan.max_restarts}",
+    ]
     if plan.nnodes == 1:
         # a private rendezvous on a free port, so concurrent single-node jobs never collide
         base.append("--standalone")
     else:
-        base += [f"--nnodes={plan.nnodes}", f"--node-rank={node_rank}", f"--master-addr={plan.master_addr}",
-                 f"--master-port={plan.master_port}"]
+        base += [
+            f"--nnodes={plan.nnodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={plan.master_addr}",
+            f"--master-port={plan.master_port}",
+        ]
     return base + ["-m", "neox.cli"] + cmd
 
 
@@ -196,15 +227,18 @@ def commands(plan: Plan, cmd: list[str]) -> list[list[str]]:
     for rank, host in enumerate(plan.hosts):
         argv = torchrun_argv(plan, rank, cmd)
         if not _is_local(host):
-            keep = " ".join(f"{k}={shlex.quote(v)}" for k, v in worker_env().items()
-                            if k in ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS", "PYTHONPATH"))
+            keep = " ".join(
+                f"{k}={shlex.quote(v)}"
+                for k, v in worker_env().items()
+                if k in ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS", "PYTHONPATH")
+            )
             remote = f"cd {shlex.quote(os.getcwd())} && env {keep} {shlex.join(argv)}"
             argv = ["ssh", "-o", "BatchMode=yes", host, remote]
         out.append(argv)
     return out
 
 
-def launch(args, argv: list[str], validate: Optional[Callable[[int], None]] = None) -> Optional[int]:
+def launch(args, argv: list[str], validate: Callable[[int], None] | None = None) -> int | None:
     """If the flags ask for more than one process, start them and return the exit code; else return None
     and the caller runs in this process. `validate(world_size)` checks the layout before anything starts."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
@@ -236,7 +270,7 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def resume_dir(load: Optional[str], save: Optional[str]) -> Optional[str]:
+def resume_dir(load: str | None, save: str | None) -> str | None:
     """Where to resume from: checkpoint.load if set; after an elastic restart, the run's own save directory
     when it holds a complete checkpoint (so `--max-restarts` continues from the last save)."""
     if load:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 from neox.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -60,14 +61,15 @@ class ParallelDims:
         return f"world={self.world_size} pp={self.pp} {dp} tp={self.tp}{sp} zero={self.zero_stage} ({mode})"
 
     @classmethod
-    def from_mesh(cls, mesh, pcfg) -> "ParallelDims":
+    def from_mesh(cls, mesh, pcfg) -> ParallelDims:
         """The dims of an existing mesh (built by build_mesh) with the config's ZeRO stage and SP flag."""
         sizes = {name: mesh[name].size() for name in DIM_NAMES}
-        return cls(world_size=mesh.size(), zero_stage=pcfg.zero_stage,
-                   sequence_parallel=bool(pcfg.sequence_parallel), **sizes)
+        return cls(
+            world_size=mesh.size(), zero_stage=pcfg.zero_stage, sequence_parallel=bool(pcfg.sequence_parallel), **sizes
+        )
 
     @classmethod
-    def from_config(cls, pcfg, world_size: int, model_cfg=None, source: str = "config") -> "ParallelDims":
+    def from_config(cls, pcfg, world_size: int, model_cfg=None, source: str = "config") -> ParallelDims:
         """Validate `pcfg` (ParallelConfig) against `world_size` and, when given, the model's shapes.
 
         The data-parallel size is what is left of the world after pipeline and tensor parallelism; ZeRO 0
@@ -75,8 +77,12 @@ class ParallelDims:
         replicas (HSDP).
         """
         pp, tp, rep = pcfg.pipe_parallel_size, pcfg.model_parallel_size, pcfg.dp_replicate
-        for key, value in (("pipe_parallel_size", pp), ("model_parallel_size", tp), ("dp_replicate", rep),
-                           ("pipe_stages_per_rank", pcfg.pipe_stages_per_rank)):
+        for key, value in (
+            ("pipe_parallel_size", pp),
+            ("model_parallel_size", tp),
+            ("dp_replicate", rep),
+            ("pipe_stages_per_rank", pcfg.pipe_stages_per_rank),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{source}: parallel.{key} must be a positive integer, got {value!r}")
         if pcfg.zero_stage not in (0, 1, 2, 3):
@@ -88,25 +94,37 @@ class ParallelDims:
         if world_size % (pp * tp):
             raise ConfigError(
                 f"{source}: world size {world_size} is not divisible by pipe_parallel_size * model_parallel_size"
-                f" = {pp} * {tp}; use a process count that is a multiple of {pp * tp} or change those sizes")
+                f" = {pp} * {tp}; use a process count that is a multiple of {pp * tp} or change those sizes"
+            )
         dp = world_size // (pp * tp)
         if pcfg.zero_stage == 0:
             if rep > 1:
                 raise ConfigError(
                     f"{source}: parallel.dp_replicate={rep} (HSDP) needs zero_stage 1, 2 or 3; with zero_stage 0 "
-                    f"all {dp} data-parallel ranks already replicate (DDP): remove dp_replicate or raise zero_stage")
+                    f"all {dp} data-parallel ranks already replicate (DDP): remove dp_replicate or raise zero_stage"
+                )
             if pcfg.cpu_offload:
-                raise ConfigError(f"{source}: parallel.cpu_offload needs zero_stage 1, 2 or 3 (FSDP2 offload); "
-                                  f"set zero_stage or turn cpu_offload off")
+                raise ConfigError(
+                    f"{source}: parallel.cpu_offload needs zero_stage 1, 2 or 3 (FSDP2 offload); "
+                    f"set zero_stage or turn cpu_offload off"
+                )
             rep, shard = dp, 1
         else:
             if dp % rep:
                 raise ConfigError(
                     f"{source}: data-parallel size {dp} (world {world_size} / pp {pp} / tp {tp}) is not divisible "
-                    f"by parallel.dp_replicate={rep}; pick a dp_replicate that divides {dp}")
+                    f"by parallel.dp_replicate={rep}; pick a dp_replicate that divides {dp}"
+                )
             shard = dp // rep
-        dims = cls(world_size=world_size, pp=pp, dp_replicate=rep, dp_shard=shard, tp=tp,
-                   zero_stage=pcfg.zero_stage, sequence_parallel=bool(pcfg.sequence_parallel))
+        dims = cls(
+            world_size=world_size,
+            pp=pp,
+            dp_replicate=rep,
+            dp_shard=shard,
+            tp=tp,
+            zero_stage=pcfg.zero_stage,
+            sequence_parallel=bool(pcfg.sequence_parallel),
+        )
         if model_cfg is not None:
             dims.check_model(model_cfg, pcfg, source)
         return dims
@@ -120,32 +138,42 @@ class ParallelDims:
             raise ConfigError(f"{source}: model.num_attention_heads={heads} is not divisible by num_kv_heads={kv}")
         if tp > 1:
             if heads % tp:
-                raise ConfigError(f"{source}: model.num_attention_heads={heads} is not divisible by "
-                                  f"model_parallel_size={tp}; each tensor-parallel rank needs whole heads")
+                raise ConfigError(
+                    f"{source}: model.num_attention_heads={heads} is not divisible by "
+                    f"model_parallel_size={tp}; each tensor-parallel rank needs whole heads"
+                )
             if kv % tp:
-                raise ConfigError(f"{source}: model.num_kv_heads={kv} is not divisible by model_parallel_size={tp}; "
-                                  f"each tensor-parallel rank needs whole key/value groups")
+                raise ConfigError(
+                    f"{source}: model.num_kv_heads={kv} is not divisible by model_parallel_size={tp}; "
+                    f"each tensor-parallel rank needs whole key/value groups"
+                )
             if mcfg.vocab_size is not None and mcfg.vocab_size % tp:
-                raise ConfigError(f"{source}: model.vocab_size={mcfg.vocab_size} is not divisible by "
-                                  f"model_parallel_size={tp}; leave vocab_size unset to pad it automatically")
+                raise ConfigError(
+                    f"{source}: model.vocab_size={mcfg.vocab_size} is not divisible by "
+                    f"model_parallel_size={tp}; leave vocab_size unset to pad it automatically"
+                )
             inter = mcfg.intermediate_size
             if inter is not None and inter % tp:
-                raise ConfigError(f"{source}: model.intermediate_size={inter} is not divisible by "
-                                  f"model_parallel_size={tp}")
+                raise ConfigError(
+                    f"{source}: model.intermediate_size={inter} is not divisible by model_parallel_size={tp}"
+                )
             if self.sp and mcfg.seq_length % tp:
-                raise ConfigError(f"{source}: sequence_parallel needs model.seq_length={mcfg.seq_length} divisible "
-                                  f"by model_parallel_size={tp}")
+                raise ConfigError(
+                    f"{source}: sequence_parallel needs model.seq_length={mcfg.seq_length} divisible "
+                    f"by model_parallel_size={tp}"
+                )
         stages = self.pp * pcfg.pipe_stages_per_rank
         if self.pp > 1 and mcfg.num_layers < stages:
-            raise ConfigError(f"{source}: model.num_layers={mcfg.num_layers} is fewer than the {stages} pipeline "
-                              f"stages (pipe_parallel_size {self.pp} * pipe_stages_per_rank "
-                              f"{pcfg.pipe_stages_per_rank}); use fewer stages")
+            raise ConfigError(
+                f"{source}: model.num_layers={mcfg.num_layers} is fewer than the {stages} pipeline "
+                f"stages (pipe_parallel_size {self.pp} * pipe_stages_per_rank "
+                f"{pcfg.pipe_stages_per_rank}); use fewer stages"
+            )
 
 
 def world_from_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) as torchrun / Slurm-launched torchrun set them; (0, 0, 1) otherwise."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def resolve_backend(backend: str, device_type: str) -> str:
@@ -210,8 +238,11 @@ def is_logging_rank(mesh) -> bool:
     loss is known."""
     if mesh is None:
         return True
-    return (mesh["pp"].get_local_rank() == mesh["pp"].size() - 1 and submesh(mesh, "dp").get_local_rank() == 0
-            and mesh["tp"].get_local_rank() == 0)
+    return (
+        mesh["pp"].get_local_rank() == mesh["pp"].size() - 1
+        and submesh(mesh, "dp").get_local_rank() == 0
+        and mesh["tp"].get_local_rank() == 0
+    )
 
 
 def group(mesh, name: str):

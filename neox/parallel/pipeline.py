@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,34 +33,46 @@ INTERLEAVED = ("interleaved_1f1b", "interleaved_zero_bubble")
 
 # ---------------------------------------------------------------- checks and partitioning
 
+
 def validate(pcfg, num_layers: int, n_micro: int, source: str = "config") -> None:
     """Schedule constraints, as one-line ConfigErrors before any stage is built."""
     pp, v, kind = pcfg.pipe_parallel_size, pcfg.pipe_stages_per_rank, pcfg.pipe_schedule
     if kind not in SCHEDULES:
         raise ConfigError(f"{source}: parallel.pipe_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
     if pcfg.pipe_partition_method not in ("parameters", "uniform"):
-        raise ConfigError(f"{source}: parallel.pipe_partition_method must be parameters or uniform, "
-                          f"got {pcfg.pipe_partition_method!r}")
+        raise ConfigError(
+            f"{source}: parallel.pipe_partition_method must be parameters or uniform, "
+            f"got {pcfg.pipe_partition_method!r}"
+        )
     if v > 1 and kind not in INTERLEAVED:
-        raise ConfigError(f"{source}: parallel.pipe_stages_per_rank={v} needs pipe_schedule: interleaved_1f1b or "
-                          f"interleaved_zero_bubble (gpipe and 1f1b run one stage per rank)")
+        raise ConfigError(
+            f"{source}: parallel.pipe_stages_per_rank={v} needs pipe_schedule: interleaved_1f1b or "
+            f"interleaved_zero_bubble (gpipe and 1f1b run one stage per rank)"
+        )
     if num_layers < pp * v:
-        raise ConfigError(f"{source}: model.num_layers={num_layers} is fewer than the {pp * v} pipeline stages "
-                          f"(pipe_parallel_size {pp} * pipe_stages_per_rank {v})")
+        raise ConfigError(
+            f"{source}: model.num_layers={num_layers} is fewer than the {pp * v} pipeline stages "
+            f"(pipe_parallel_size {pp} * pipe_stages_per_rank {v})"
+        )
     if kind == "1f1b" and n_micro < pp:
         # trap G: 1F1B's warm-up needs a micro-batch in flight on every stage
-        raise ConfigError(f"{source}: pipe_schedule 1f1b needs gradient_accumulation_steps >= pipe_parallel_size "
-                          f"({n_micro} < {pp}); raise gradient_accumulation_steps or use gpipe")
+        raise ConfigError(
+            f"{source}: pipe_schedule 1f1b needs gradient_accumulation_steps >= pipe_parallel_size "
+            f"({n_micro} < {pp}); raise gradient_accumulation_steps or use gpipe"
+        )
     if kind in INTERLEAVED:
         rounds = max(1, n_micro // pp)
         if n_micro % rounds:
-            raise ConfigError(f"{source}: {kind} needs gradient_accumulation_steps divisible by "
-                              f"max(1, accumulation // pipe_parallel_size) = {rounds}; got {n_micro}; use a "
-                              f"multiple of pipe_parallel_size={pp}")
+            raise ConfigError(
+                f"{source}: {kind} needs gradient_accumulation_steps divisible by "
+                f"max(1, accumulation // pipe_parallel_size) = {rounds}; got {n_micro}; use a "
+                f"multiple of pipe_parallel_size={pp}"
+            )
 
 
-def partition(weights: list[int], n_stages: int, method: str = "parameters",
-              first_extra: int = 0, last_extra: int = 0) -> list[range]:
+def partition(
+    weights: list[int], n_stages: int, method: str = "parameters", first_extra: int = 0, last_extra: int = 0
+) -> list[range]:
     """Contiguous, non-empty layer ranges, one per stage.
 
     "uniform": layer counts differ by at most one (the earlier stages take the extra layers).
@@ -114,7 +125,7 @@ def _balanced_sizes(weights, n_stages, first_extra, last_extra) -> list[int]:
     return sizes[::-1]
 
 
-def _numel(module: Optional[nn.Module]) -> int:
+def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
@@ -128,6 +139,7 @@ def stage_ranges(model: nn.Module, n_stages: int, method: str) -> list[range]:
 
 
 # ---------------------------------------------------------------- stage modules
+
 
 class TiedHeadCopy(nn.Embedding):
     """The last stage's copy of the tied `embed_in.weight`, kept under that name so checkpoints and optimizer
@@ -209,9 +221,15 @@ def _pair_group(mesh):
 
 # ---------------------------------------------------------------- the runner
 
+
 def _schedule_class(kind: str, multi: bool):
-    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                              ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
+    from torch.distributed.pipelining import (
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+        ScheduleLoopedBFS,
+    )
 
     if kind == "gpipe":
         return ScheduleLoopedBFS if multi else ScheduleGPipe
@@ -229,9 +247,21 @@ class PipelineRunner:
     `forward_backward(micro_batches, loss_scale)` runs one schedule over the step's micro-batches and returns
     the mean loss on every rank; `eval_loss(batch)` runs one micro-batch forward through the pipeline."""
 
-    def __init__(self, stages: list[nn.Module], stage_ids: list[int], n_stages: int, mesh, n_micro: int,
-                 schedule: str, precision, device: torch.device, tied: bool, pass_positions: bool = False,
-                 pass_segments: bool = False, vocab_parallel: bool = False):
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        stage_ids: list[int],
+        n_stages: int,
+        mesh,
+        n_micro: int,
+        schedule: str,
+        precision,
+        device: torch.device,
+        tied: bool,
+        pass_positions: bool = False,
+        pass_segments: bool = False,
+        vocab_parallel: bool = False,
+    ):
         from torch.distributed.pipelining import PipelineStage
 
         self.stages, self.stage_ids, self.n_stages = stages, stage_ids, n_stages
@@ -250,18 +280,21 @@ class PipelineRunner:
             return submesh(mesh, names[0]) if len(names) == 1 else mesh[tuple(names)]
 
         def pipe_stages():
-            return [PipelineStage(m, s, n_stages, device, group=group, get_mesh=get_mesh)
-                    for m, s in zip(stages, stage_ids)]
+            return [
+                PipelineStage(m, s, n_stages, device, group=group, get_mesh=get_mesh) for m, s in zip(stages, stage_ids)
+            ]
 
         multi = len(stages) > 1
         cls = _schedule_class(schedule, multi)
-        self.schedule = cls(pipe_stages() if multi else pipe_stages()[0], n_micro, loss_fn=self._loss_fn,
-                            scale_grads=False)
+        self.schedule = cls(
+            pipe_stages() if multi else pipe_stages()[0], n_micro, loss_fn=self._loss_fn, scale_grads=False
+        )
         # Evaluation runs one micro-batch at a time, on stage objects of its own (a stage remembers the
         # micro-batch count it was set up for).
         eval_cls = _schedule_class("gpipe", multi)
-        self.eval_schedule = eval_cls(pipe_stages() if multi else pipe_stages()[0], 1, loss_fn=self._eval_loss_fn,
-                                      scale_grads=False)
+        self.eval_schedule = eval_cls(
+            pipe_stages() if multi else pipe_stages()[0], 1, loss_fn=self._eval_loss_fn, scale_grads=False
+        )
 
         # `tied` comes from the whole model, so every rank agrees on creating the pair groups
         self.pair_group = _pair_group(mesh) if tied else None
@@ -312,7 +345,7 @@ class PipelineRunner:
         self._run(self.schedule, micro_batches, train=True)
         self._sum_tied_grads()
         # the first step also calls the loss once on placeholder outputs (shape inference): keep the real ones
-        mean = torch.stack(self._step_losses[-self.n_micro:]).mean() if self.has_last else torch.zeros(())
+        mean = torch.stack(self._step_losses[-self.n_micro :]).mean() if self.has_last else torch.zeros(())
         return broadcast_from_last_stage(mean.float().cpu(), self.mesh)
 
     @torch.no_grad()
@@ -348,6 +381,7 @@ class PipelineRunner:
 
 # ---------------------------------------------------------------- putting it together
 
+
 def split_for_rank(model: nn.Module, pcfg, mesh, n_micro: int, parallelize=None):
     """This rank's stages of `model` (a GPT, identical on every rank), each passed through `parallelize`
     (e.g. neox.parallel.apply for tp/dp). Returns (local_model, stages, stage_ids, n_stages, tied)."""
@@ -366,14 +400,35 @@ def split_for_rank(model: nn.Module, pcfg, mesh, n_micro: int, parallelize=None)
     return local_view(model, stages), stages, stage_ids, n_stages, tied
 
 
-def build(model: nn.Module, pcfg, mesh, *, n_micro: int, precision, device: torch.device,
-          parallelize=None, pass_positions: bool = False, pass_segments: bool = False):
+def build(
+    model: nn.Module,
+    pcfg,
+    mesh,
+    *,
+    n_micro: int,
+    precision,
+    device: torch.device,
+    parallelize=None,
+    pass_positions: bool = False,
+    pass_segments: bool = False,
+):
     """`split_for_rank` plus the runner: returns (local_model, runner). `local_model` is what the optimizer,
     clipping and checkpoints use; the full `model` should be dropped."""
     local, stages, stage_ids, n_stages, tied = split_for_rank(model, pcfg, mesh, n_micro, parallelize)
-    runner = PipelineRunner(stages, stage_ids, n_stages, mesh, n_micro, pcfg.pipe_schedule, precision, device,
-                            tied, pass_positions=pass_positions, pass_segments=pass_segments,
-                            vocab_parallel=mesh["tp"].size() > 1)
+    runner = PipelineRunner(
+        stages,
+        stage_ids,
+        n_stages,
+        mesh,
+        n_micro,
+        pcfg.pipe_schedule,
+        precision,
+        device,
+        tied,
+        pass_positions=pass_positions,
+        pass_segments=pass_segments,
+        vocab_parallel=mesh["tp"].size() > 1,
+    )
     return local, runner
 
 
@@ -403,10 +458,19 @@ def trainer_hooks(cfg, mesh, parallelize):
 
     def runner_cls(model, precision, layout, run_cfg, device) -> PipelineRunner:
         stages, stage_ids, n_stages, tied = getattr(model, _STASH)
-        return PipelineRunner(stages, stage_ids, n_stages, mesh, run_cfg.train.gradient_accumulation_steps,
-                              run_cfg.parallel.pipe_schedule, precision, device, tied,
-                              pass_positions=run_cfg.data.reset_position_ids,
-                              pass_segments=run_cfg.data.reset_attention_mask,
-                              vocab_parallel=mesh["tp"].size() > 1)
+        return PipelineRunner(
+            stages,
+            stage_ids,
+            n_stages,
+            mesh,
+            run_cfg.train.gradient_accumulation_steps,
+            run_cfg.parallel.pipe_schedule,
+            precision,
+            device,
+            tied,
+            pass_positions=run_cfg.data.reset_position_ids,
+            pass_segments=run_cfg.data.reset_attention_mask,
+            vocab_parallel=mesh["tp"].size() > 1,
+        )
 
     return split, runner_cls

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
 # Set (by neox.parallel.pipeline) on the last pipeline stage's copy of a tied embedding: it is clipped with
 # everything else but its gradient, equal to the first stage's, must count once in the norm.
 TIED_COPY_ATTR = "_neox_pipeline_tied_copy"
@@ -92,7 +91,7 @@ def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
         if isinstance(n, DTensor):
             n = n.full_tensor()
         n = n.detach().float().cpu()
-        total = torch.maximum(total, n) if inf else total + n ** norm_type
+        total = torch.maximum(total, n) if inf else total + n**norm_type
     group = _pp_group(mesh)
     if group is not None:
         dev = _collective_device(group)

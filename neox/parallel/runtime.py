@@ -26,8 +26,9 @@ def make_layout(cfg, device_type: str = "cpu", source: str = "config") -> Layout
     if mesh is None:
         return Layout()
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    return Layout(mesh=mesh, dp_rank=dp_rank, dp_size=dp_size, world_size=dims.world_size,
-                  is_logging_rank=is_logging_rank(mesh))
+    return Layout(
+        mesh=mesh, dp_rank=dp_rank, dp_size=dp_size, world_size=dims.world_size, is_logging_rank=is_logging_rank(mesh)
+    )
 
 
 class ParallelStepRunner(StepRunner):
@@ -48,8 +49,14 @@ def trainer_args(cfg, source: str = "config") -> dict:
     layout = make_layout(cfg, device_type, source)
     if layout.mesh is None:
         return {"layout": layout}
-    parallelize = functools.partial(apply, pcfg=cfg.parallel, mesh=layout.mesh, precision=cfg.precision.precision,
-                                    bf16_mode=cfg.precision.bf16_mode, device_type=device_type)
+    parallelize = functools.partial(
+        apply,
+        pcfg=cfg.parallel,
+        mesh=layout.mesh,
+        precision=cfg.precision.precision,
+        bf16_mode=cfg.precision.bf16_mode,
+        device_type=device_type,
+    )
     if layout.mesh["pp"].size() > 1:
         # stages of the model, each parallelized as above, run by a pipeline schedule
         from neox.parallel.pipeline import trainer_hooks
@@ -86,7 +93,9 @@ def resume_config(cfg):
     if vocab is not None:
         tp = cfg.parallel.model_parallel_size
         if int(vocab) % tp:
-            raise ConfigError(f"{load}: the checkpoint's padded vocabulary ({vocab}) cannot be split over "
-                              f"model_parallel_size={tp}; resume with a tensor-parallel size that divides it")
+            raise ConfigError(
+                f"{load}: the checkpoint's padded vocabulary ({vocab}) cannot be split over "
+                f"model_parallel_size={tp}; resume with a tensor-parallel size that divides it"
+            )
         cfg.model.vocab_size = int(vocab)
     return cfg

@@ -54,11 +54,20 @@ def layer_plan(block, sp: bool) -> dict:
         # nn.Embedding(buckets, heads): a column split gives each rank its heads' biases
         plan["attention.rpe.relative_attention_bias"] = ColwiseParallel(input_layouts=Replicate())
     if block.mlp.gated:
-        plan.update({"mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
-                     "mlp.w2": RowwiseParallel(output_layouts=out, use_local_output=not sp)})
+        plan.update(
+            {
+                "mlp.w1": ColwiseParallel(),
+                "mlp.w3": ColwiseParallel(),
+                "mlp.w2": RowwiseParallel(output_layouts=out, use_local_output=not sp),
+            }
+        )
     else:
-        plan.update({"mlp.dense_h_to_4h": ColwiseParallel(),
-                     "mlp.dense_4h_to_h": RowwiseParallel(output_layouts=out, use_local_output=not sp)})
+        plan.update(
+            {
+                "mlp.dense_h_to_4h": ColwiseParallel(),
+                "mlp.dense_4h_to_h": RowwiseParallel(output_layouts=out, use_local_output=not sp),
+            }
+        )
     if sp:
         plan["input_layernorm"] = SequenceParallel()
         if block.post_attention_layernorm is not None:
@@ -80,8 +89,7 @@ def _gather_sequence(module, args):
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     """Shard `model` (a GPT or a pipeline stage of one) over `tp_mesh` in place; returns it."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
     tp, rank, sp = tp_mesh.size(), tp_mesh.get_local_rank(), sequence_parallel
     stream = Shard(1) if sp else Replicate()
@@ -99,8 +107,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         for name in ("embed_pos", "sinusoidal"):
             if getattr(model, name, None) is not None and getattr(model, "embed_in", None) is not None:
                 getattr(model, name).register_forward_hook(_as_replicated_dtensor(tp_mesh))
-    if getattr(model, "embed_out", None) is None and getattr(model, "tied", False) \
-            and getattr(model, "embed_in", None) is not None and model.final_layer_norm is not None:
+    if (
+        getattr(model, "embed_out", None) is None
+        and getattr(model, "tied", False)
+        and getattr(model, "embed_in", None) is not None
+        and model.final_layer_norm is not None
+    ):
         # tied head: linear(final_norm(x), embed_in.weight) with the weight vocab-sharded gives
         # vocab-sharded logits once the activations are a replicated DTensor
         model.final_layer_norm.register_forward_hook(_as_replicated_dtensor(tp_mesh))
@@ -136,4 +148,3 @@ def check_local_heads(model: nn.Module) -> None:
         expect = attn.num_kv_heads * (attn.group + 2) * attn.head_dim
         if local_rows != expect:
             raise RuntimeError(f"layers.{name}.attention: {local_rows} local qkv rows, expected {expect}")
-

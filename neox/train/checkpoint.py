@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 import os
 import random
-import warnings
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ CONFIG_FILE = "config.yml"
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
-
 def _quiet_dcp() -> None:
     """DCP warns on every call (also from async_save's thread) that with no process group it assumes one
     process: that is the intent of a single-process run. Installed per call because callers (pytest, for one)
@@ -65,8 +64,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-
-
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `save_dir`, oldest first (unfinished `.tmp` directories are not listed)."""
     d = Path(save_dir)
@@ -84,16 +81,21 @@ def resolve(path: str | Path) -> Path:
         target = p / name
         if not (target / ".metadata").is_file():
             complete = [c.name for c in list_checkpoints(p) if (c / ".metadata").is_file()]
-            fix = f"edit {p / LATEST} to name one of: {complete}" if complete else "no complete checkpoint is left there"
-            raise NeoxError(f"{p / LATEST} points to {name!r}, which is not a complete checkpoint (no .metadata); {fix}")
+            fix = (
+                f"edit {p / LATEST} to name one of: {complete}" if complete else "no complete checkpoint is left there"
+            )
+            raise NeoxError(
+                f"{p / LATEST} points to {name!r}, which is not a complete checkpoint (no .metadata); {fix}"
+            )
         return target
     if (p / ".metadata").is_file():
         return p
     if p.is_dir() and list_checkpoints(p):
-        raise NeoxError(f"{p} has checkpoints but no '{LATEST}' file; pass one of them, e.g. "
-                        f"{list_checkpoints(p)[-1]}")
-    raise NeoxError(f"{p} is not a checkpoint: expected a run directory with a '{LATEST}' file "
-                    f"or a checkpoint directory (iter_XXXXXXX)")
+        raise NeoxError(f"{p} has checkpoints but no '{LATEST}' file; pass one of them, e.g. {list_checkpoints(p)[-1]}")
+    raise NeoxError(
+        f"{p} is not a checkpoint: expected a run directory with a '{LATEST}' file "
+        f"or a checkpoint directory (iter_XXXXXXX)"
+    )
 
 
 def rng_state() -> dict:
@@ -127,8 +129,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(save_dir: str | Path, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         trainer_state: dict, config: dict, keep_last_n: int | None = None, saver=None) -> Path:
+def save(
+    save_dir: str | Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    config: dict,
+    keep_last_n: int | None = None,
+    saver=None,
+) -> Path:
     """Write checkpoint `iteration` (collective when a process group exists); returns its final directory.
 
     With `saver` (a neox.parallel.dcp.AsyncSaver) the shards are written in the background and the rename,
@@ -174,8 +184,9 @@ def _publish(save_dir: Path, tmp: Path, final: Path, keep_last_n: int | None) ->
     _barrier()
 
 
-def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         load_rng: bool = True) -> dict:
+def load(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, load_rng: bool = True
+) -> dict:
     """Restore model (and optimizer and this rank's RNG, when asked) from a checkpoint or run directory.
 
     Returns the saved trainer state (iteration, consumed samples, schedule, loss scaler, ...) with
@@ -204,9 +215,11 @@ def _dcp_load(state_dict: dict, ckpt: Path) -> None:
         dcp.load(state_dict, checkpoint_id=str(ckpt))
     except (Exception, CheckpointException) as e:  # DCP reports key/shape mismatches from its planner
         msg = str(e).strip().splitlines()
-        raise NeoxError(f"{ckpt}: checkpoint does not match this model/optimizer "
-                        f"({msg[-1] if msg else type(e).__name__}); check the config it was saved with "
-                        f"({ckpt / CONFIG_FILE})") from e
+        raise NeoxError(
+            f"{ckpt}: checkpoint does not match this model/optimizer "
+            f"({msg[-1] if msg else type(e).__name__}); check the config it was saved with "
+            f"({ckpt / CONFIG_FILE})"
+        ) from e
 
 
 def load_model_weights(checkpoint_path: str | Path, model: nn.Module) -> Path:

@@ -13,13 +13,27 @@ import sys
 def register(parser: argparse.ArgumentParser, name: str) -> None:
     from neox.parallel import launch
 
-    parser.add_argument("configs", nargs="+", metavar="CONFIG",
-                        help="YAML/JSON config files, merged in order (later files override earlier ones)")
-    parser.add_argument("-d", "--config-dir", default=None,
-                        help="directory that relative CONFIG paths are read from (like GPT-NeoX's deepy.py -d)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train_iters=50 --set optimizer.lr=1e-3 "
-                             "(repeatable; applied after the files)")
+    parser.add_argument(
+        "configs",
+        nargs="+",
+        metavar="CONFIG",
+        help="YAML/JSON config files, merged in order (later files override earlier ones)",
+    )
+    parser.add_argument(
+        "-d",
+        "--config-dir",
+        default=None,
+        help="directory that relative CONFIG paths are read from (like GPT-NeoX's deepy.py -d)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train_iters=50 --set optimizer.lr=1e-3 "
+        "(repeatable; applied after the files)",
+    )
     launch.add_arguments(parser)
     parser.set_defaults(func=run)
 

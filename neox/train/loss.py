@@ -26,9 +26,9 @@ class _MaskedMeanCrossEntropy(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         picked = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, rows):
-            chunk = logits[s:s + rows].float()
-            lse[s:s + rows] = torch.logsumexp(chunk, dim=1)
-            picked[s:s + rows] = chunk.gather(1, safe[s:s + rows]).squeeze(1)
+            chunk = logits[s : s + rows].float()
+            lse[s : s + rows] = torch.logsumexp(chunk, dim=1)
+            picked[s : s + rows] = chunk.gather(1, safe[s : s + rows]).squeeze(1)
         ctx.save_for_backward(logits, safe, weights, lse)
         ctx.rows = rows
         return ((lse - picked) * weights).sum()
@@ -39,10 +39,10 @@ class _MaskedMeanCrossEntropy(torch.autograd.Function):
         scale = weights * grad  # d loss / d (token loss)
         rows = ctx.rows
         for s in range(0, logits.shape[0], rows):
-            chunk = logits[s:s + rows]
-            g = torch.exp(chunk.float() - lse[s:s + rows, None])
-            g.scatter_add_(1, safe[s:s + rows], torch.full_like(g[:, :1], -1.0))
-            g.mul_(scale[s:s + rows, None])
+            chunk = logits[s : s + rows]
+            g = torch.exp(chunk.float() - lse[s : s + rows, None])
+            g.scatter_add_(1, safe[s : s + rows], torch.full_like(g[:, :1], -1.0))
+            g.mul_(scale[s : s + rows, None])
             chunk.copy_(g)  # the gradient overwrites the logits in place
         return logits, None, None
 

@@ -74,13 +74,13 @@ def _best_linear_rate(dev: torch.device, dtype: torch.dtype) -> float:
             elapsed = time.perf_counter() - t0
             if elapsed > 0.05 or reps >= 50:
                 break
-        best = max(best, 2.0 * n ** 3 * reps / elapsed)
+        best = max(best, 2.0 * n**3 * reps / elapsed)
         if elapsed / reps > 0.05 or n >= largest:
             return best
         n *= 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """The matmul FLOP/s MFU is measured against: this device's best rate in `dtype` with `threads` threads.
 
@@ -126,8 +126,9 @@ def _finite(value):
 class Metrics:
     """Fans one record out to every enabled sink. Only the writing rank should have `enabled=True`."""
 
-    def __init__(self, run_dir: str | Path | None, cfg: LoggingConfig, config_dict: dict | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self, run_dir: str | Path | None, cfg: LoggingConfig, config_dict: dict | None = None, enabled: bool = True
+    ):
         self.enabled = enabled
         self.path = None
         self._jsonl = None
@@ -138,22 +139,31 @@ class Metrics:
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(run_dir) / "metrics.jsonl"
-            self._jsonl = open(self.path, "a", encoding="utf-8")  # appended across resumes
+            self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; appended across resumes)
         if cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise NeoxError("logging.tensorboard_dir is set but TensorBoard is not installed: "
-                                "pip install 'neox[tensorboard]' or remove tensorboard_dir") from None
+                raise NeoxError(
+                    "logging.tensorboard_dir is set but TensorBoard is not installed: "
+                    "pip install 'neox[tensorboard]' or remove tensorboard_dir"
+                ) from None
             self._tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
         if cfg.use_wandb and cfg.wandb_mode != "disabled":
             try:
                 import wandb
             except ImportError:
-                raise NeoxError("logging.use_wandb is true but wandb is not installed: "
-                                "pip install 'neox[wandb]' or set use_wandb: false") from None
-            self._wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, mode=cfg.wandb_mode,
-                                     dir=str(run_dir) if run_dir else None, config=config_dict or {})
+                raise NeoxError(
+                    "logging.use_wandb is true but wandb is not installed: "
+                    "pip install 'neox[wandb]' or set use_wandb: false"
+                ) from None
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                group=cfg.wandb_group,
+                mode=cfg.wandb_mode,
+                dir=str(run_dir) if run_dir else None,
+                config=config_dict or {},
+            )
 
     def log(self, record: dict) -> None:
         """Write one record (it must carry "iteration")."""
@@ -163,8 +173,11 @@ class Metrics:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
             self._jsonl.flush()
-        scalars = {k: v for k, v in record.items()
-                   if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)

@@ -31,7 +31,7 @@ class LossScaler:
             raise ConfigError(f"precision.loss_scale must be positive or null (dynamic), got {cfg.loss_scale}")
         if cfg.hysteresis < 1 or cfg.loss_scale_window < 1:
             raise ConfigError("precision.hysteresis and precision.loss_scale_window must be >= 1")
-        self.scale = float(2.0 ** cfg.initial_scale_power) if self.dynamic else float(cfg.loss_scale)
+        self.scale = float(2.0**cfg.initial_scale_power) if self.dynamic else float(cfg.loss_scale)
         self.window = int(cfg.loss_scale_window)
         self.hysteresis = int(cfg.hysteresis)
         self.min_scale = float(cfg.min_loss_scale)
@@ -54,8 +54,12 @@ class LossScaler:
         self.iteration += 1
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "hysteresis_left": self.hysteresis_left, "iteration": self.iteration,
-                "last_overflow": self.last_overflow}
+        return {
+            "scale": self.scale,
+            "hysteresis_left": self.hysteresis_left,
+            "iteration": self.iteration,
+            "last_overflow": self.last_overflow,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.scale = float(sd["scale"])

@@ -75,8 +75,13 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return {"style": self.style, "lr": self.lr, "min_lr": self.min_lr,
-                "warmup_iters": self.warmup_iters, "decay_iters": self.decay_iters}
+        return {
+            "style": self.style,
+            "lr": self.lr,
+            "min_lr": self.min_lr,
+            "warmup_iters": self.warmup_iters,
+            "decay_iters": self.decay_iters,
+        }
 
     def changes_from(self, saved: dict) -> list[str]:
         """Human-readable differences between this schedule and a saved one (empty when equal)."""

@@ -18,9 +18,9 @@ import functools
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.model import GPT, flops_per_token, num_params
 from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
-from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
 from neox.train.loss import masked_mean_loss as chunked_masked_mean_loss
+from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.schedule import LRSchedule
@@ -82,8 +82,7 @@ class StepRunner:
     the last micro-batch, and a pipeline runner replaces `forward_backward` with a schedule.
     """
 
-    def __init__(self, model: torch.nn.Module, precision: Precision, layout: Layout, cfg: Config,
-                 device: torch.device):
+    def __init__(self, model: torch.nn.Module, precision: Precision, layout: Layout, cfg: Config, device: torch.device):
         self.model = model
         self.precision = precision
         self.layout = layout
@@ -102,9 +101,11 @@ class StepRunner:
         """Masked-mean token cross entropy of one micro-batch."""
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.precision.autocast():
-            logits = self.model(b["tokens"],
-                                position_ids=b.get("position_ids") if self.pass_positions else None,
-                                segment_ids=b.get("segment_ids") if self.pass_segments else None)
+            logits = self.model(
+                b["tokens"],
+                position_ids=b.get("position_ids") if self.pass_positions else None,
+                segment_ids=b.get("segment_ids") if self.pass_segments else None,
+            )
         if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
             return masked_mean_loss(logits, b["labels"], b["loss_mask"])
         return chunked_masked_mean_loss(logits, b["labels"], b["loss_mask"])
@@ -147,8 +148,14 @@ class Trainer:
     StepRunner subclass; the defaults are one process.
     """
 
-    def __init__(self, cfg: Config, layout: Optional[Layout] = None, quiet: bool = False,
-                 parallelize: Optional[Callable] = None, runner_cls: type = StepRunner):
+    def __init__(
+        self,
+        cfg: Config,
+        layout: Layout | None = None,
+        quiet: bool = False,
+        parallelize: Callable | None = None,
+        runner_cls: type = StepRunner,
+    ):
         self.cfg = cfg = copy.deepcopy(cfg)  # resolved values are written into this copy (and checkpoints)
         self.layout = layout or Layout()
         self.quiet = quiet or not self.layout.is_logging_rank
@@ -160,7 +167,10 @@ class Trainer:
         self.micro, self.accum, self.global_batch = resolve_batch(cfg, self.layout.dp_size)
         tr = cfg.train
         tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps, tr.train_batch_size = (
-            self.micro, self.accum, self.global_batch)
+            self.micro,
+            self.accum,
+            self.global_batch,
+        )
         self.seq_length = cfg.model.seq_length
         self.train_iters = tr.train_iters
         if self.train_iters < 0:
@@ -180,17 +190,25 @@ class Trainer:
 
         samples = num_samples_for(self.train_iters, self.global_batch, cfg.eval.eval_interval, cfg.eval.eval_iters)
         self.train_data, self.valid_data, self.test_data = build_datasets(
-            cfg.data, self.seq_length, tr.seed, samples,
-            return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids)
+            cfg.data,
+            self.seq_length,
+            tr.seed,
+            samples,
+            return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids,
+        )
         where = cfg.data.data_path or cfg.data.train_data_paths
         if self.train_data is None:
-            raise DataError(f"data: the training split of {where} has no documents; check the dataset "
-                            "(neox data inspect PREFIX) and data.split")
+            raise DataError(
+                f"data: the training split of {where} has no documents; check the dataset "
+                "(neox data inspect PREFIX) and data.split"
+            )
         if self.train_iters > 0 and len(self.train_data) < self.global_batch:
             # GPT2Dataset repeats epochs to reach the samples asked for, so a shortfall here means too few tokens
-            raise DataError(f"data: the training split of {where} yields {len(self.train_data)} samples of "
-                            f"seq_length {self.seq_length}, fewer than one global batch ({self.global_batch}); "
-                            "use more data or a shorter seq_length")
+            raise DataError(
+                f"data: the training split of {where} yields {len(self.train_data)} samples of "
+                f"seq_length {self.seq_length}, fewer than one global batch ({self.global_batch}); "
+                "use more data or a shorter seq_length"
+            )
 
         self.iteration = 0
         self.consumed_samples = 0
@@ -237,8 +255,7 @@ class Trainer:
             where = ckpt.load_model_weights(path, self.model)
             self._say(f"fine-tuning from the weights of {where} (optimizer, schedule and data start fresh)")
             return
-        state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer,
-                          load_rng=not c.no_load_rng)
+        state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer, load_rng=not c.no_load_rng)
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -247,16 +264,26 @@ class Trainer:
         changes = self.schedule.changes_from(state.get("schedule", {}))
         if changes:
             self._say(f"note: the learning-rate schedule differs from the checkpoint's: {'; '.join(changes)}")
-        self._say(f"resumed from {state['path']} at iteration {self.iteration} "
-                  f"({self.consumed_samples} samples consumed)")
+        self._say(
+            f"resumed from {state['path']} at iteration {self.iteration} ({self.consumed_samples} samples consumed)"
+        )
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, start_sample: int, loop: bool = False) -> Iterator[dict]:
         d = self.cfg.data
-        return batches(dataset, self.micro, self.layout.dp_rank, self.layout.dp_size, start_sample,
-                       eod_id=self.tokenizer.eod_id, reset_position_ids=d.reset_position_ids,
-                       reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
-                       num_workers=d.num_workers, loop=loop)
+        return batches(
+            dataset,
+            self.micro,
+            self.layout.dp_rank,
+            self.layout.dp_size,
+            start_sample,
+            eod_id=self.tokenizer.eod_id,
+            reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask,
+            eod_mask_loss=d.eod_mask_loss,
+            num_workers=d.num_workers,
+            loop=loop,
+        )
 
     def _next_step_batches(self, it: Iterator[dict]) -> list[dict]:
         out = []
@@ -264,10 +291,12 @@ class Trainer:
             try:
                 out.append(next(it))
             except StopIteration:
-                raise DataError(f"training data ran out at iteration {self.iteration} "
-                                f"({self.consumed_samples} samples); the dataset index was built for "
-                                f"{len(self.train_data)} samples; rebuild it (delete the index cache) or lower "
-                                f"train.train_iters") from None
+                raise DataError(
+                    f"training data ran out at iteration {self.iteration} "
+                    f"({self.consumed_samples} samples); the dataset index was built for "
+                    f"{len(self.train_data)} samples; rebuild it (delete the index cache) or lower "
+                    f"train.train_iters"
+                ) from None
         return out
 
     # ---------------------------------------------------------------- the step
@@ -291,7 +320,7 @@ class Trainer:
         self._lr = lr
         return float(mean_over(loss.detach().cpu(), self.layout.mesh)), norm, overflow
 
-    def evaluate(self, split: str = "valid") -> Optional[dict]:
+    def evaluate(self, split: str = "valid") -> dict | None:
         """Mean loss over eval_iters global batches of the valid (next unused slot) or test split."""
         dataset = self.valid_data if split == "valid" else self.test_data
         iters = self.cfg.eval.eval_iters
@@ -309,24 +338,36 @@ class Trainer:
         key = "val" if split == "valid" else "test"
         return {"iteration": self.iteration, f"{key}_loss": loss, f"{key}_ppl": math.exp(min(loss, 700.0))}
 
-    def save(self) -> Optional[Path]:
+    def save(self) -> Path | None:
         if self.save_dir is None or self._last_saved == self.iteration:
             return None
-        state = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                 "schedule": self.schedule.state_dict(),
-                 "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None}
-        path = ckpt.save(self.save_dir, self.iteration, self.model, self.optimizer, state, to_dict(self.cfg),
-                         keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints, saver=self.saver)
+        state = {
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "schedule": self.schedule.state_dict(),
+            "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+        }
+        path = ckpt.save(
+            self.save_dir,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            state,
+            to_dict(self.cfg),
+            keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints,
+            saver=self.saver,
+        )
         self._last_saved = self.iteration
         return path
 
     def _should_save(self) -> bool:
         c = self.cfg.checkpoint
         return self.save_dir is not None and (
-            (c.save_interval and self.iteration % c.save_interval == 0) or self.iteration in c.extra_save_iters)
+            (c.save_interval and self.iteration % c.save_interval == 0) or self.iteration in c.extra_save_iters
+        )
 
     # ---------------------------------------------------------------- the loop
-    def fit(self, stop_at: Optional[int] = None) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
         """Train to train_iters and run the final evaluations; returns the last logged numbers.
 
         `stop_at` ends early at that iteration with a checkpoint and no final evaluation, as a job that hits
@@ -342,9 +383,11 @@ class Trainer:
         tokens_per_step = self.global_batch * self.seq_length
         fpt = flops_per_token(cfg.model)
         peak = measure_peak_flops(str(self.device), self.precision.compute_dtype, torch.get_num_threads())
-        self._say(f"model: {num_params(cfg.model) / 1e6:.2f}M parameters | batch {self.micro} x {self.accum} "
-                  f"x dp {self.layout.dp_size} = {self.global_batch} sequences of {self.seq_length} | "
-                  f"{self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s")
+        self._say(
+            f"model: {num_params(cfg.model) / 1e6:.2f}M parameters | batch {self.micro} x {self.accum} "
+            f"x dp {self.layout.dp_size} = {self.global_batch} sequences of {self.seq_length} | "
+            f"{self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s"
+        )
         data = self._loader(self.train_data, self.consumed_samples)
         window = _Window()
         summary: dict = {}
@@ -433,12 +476,19 @@ class Trainer:
 
         e = self.cfg.eval
         with torch.no_grad():
-            scores = evaluate_model(self.model, self.tokenizer, list(e.eval_tasks), limit=e.eval_tasks_limit,
-                                    include_path=e.eval_include_path, max_length=self.seq_length)
+            scores = evaluate_model(
+                self.model,
+                self.tokenizer,
+                list(e.eval_tasks),
+                limit=e.eval_tasks_limit,
+                include_path=e.eval_include_path,
+                max_length=self.seq_length,
+            )
         record = {"iteration": self.iteration, **{f"eval_tasks/{k}": v for k, v in scores.items()}}
         metrics.log(record)
-        console.print(f"iter {self.iteration:>6}/{self.train_iters} | "
-                      + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        console.print(
+            f"iter {self.iteration:>6}/{self.train_iters} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        )
         summary.update({k: v for k, v in record.items() if k != "iteration"})
 
     def _eval_and_log(self, split: str, metrics: Metrics, console: Console, summary: dict) -> None:

@@ -9,8 +9,9 @@ from neox.config import docs, from_dict
 
 
 def test_docs_config_md_is_up_to_date():
-    assert docs.DOC_PATH.read_text(encoding="utf-8") == docs.render(), \
+    assert docs.DOC_PATH.read_text(encoding="utf-8") == docs.render(), (
         "docs/config.md is out of date: run `neox config docs`"
+    )
 
 
 def test_docs_cover_every_field_and_table():

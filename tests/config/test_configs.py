@@ -15,9 +15,15 @@ ALL = sorted(p.name for p in CONFIGS.glob("*.yml"))
 # Total parameters of the Pythia suite (EleutherAI/pythia README). The vocabulary is padded to a multiple of
 # 128 x tensor-parallel size, which is why 6.9B (tp 2: 50432) and 12B (tp 4: 50688) differ from the rest (50304).
 PUBLISHED = {
-    "pythia-14m.yml": 14_067_712, "pythia-31m.yml": 30_494_720, "pythia-70m.yml": 70_426_624,
-    "pythia-160m.yml": 162_322_944, "pythia-410m.yml": 405_334_016, "pythia-1b.yml": 1_011_781_632,
-    "pythia-1.4b.yml": 1_414_647_808, "pythia-2.8b.yml": 2_775_208_960, "pythia-6.9b.yml": 6_857_302_016,
+    "pythia-14m.yml": 14_067_712,
+    "pythia-31m.yml": 30_494_720,
+    "pythia-70m.yml": 70_426_624,
+    "pythia-160m.yml": 162_322_944,
+    "pythia-410m.yml": 405_334_016,
+    "pythia-1b.yml": 1_011_781_632,
+    "pythia-1.4b.yml": 1_414_647_808,
+    "pythia-2.8b.yml": 2_775_208_960,
+    "pythia-6.9b.yml": 6_857_302_016,
     "pythia-12b.yml": 11_846_072_320,
 }
 
@@ -60,7 +66,9 @@ def test_neox_20b_and_llama_style_shapes():
     assert (cfg.parallel.pipe_parallel_size, cfg.parallel.model_parallel_size) == (4, 2)
     llama = load([str(CONFIGS / "llama-style.yml")]).model
     assert (llama.norm, llama.activation, llama.pos_emb, llama.num_kv_heads) == ("rmsnorm", "swiglu", "rotary", 4)
-    assert llama.no_weight_tying and not (llama.use_bias_in_attn_linear or llama.use_bias_in_mlp or llama.use_bias_in_norms)
+    assert llama.no_weight_tying and not (
+        llama.use_bias_in_attn_linear or llama.use_bias_in_mlp or llama.use_bias_in_norms
+    )
     assert llama.intermediate_size == 2048
 
 

@@ -18,8 +18,16 @@ def write(tmp_path, name, text):
 
 
 def test_defaults_derive_and_round_trip():
-    cfg = from_dict({"hidden_size": 96, "num_attention_heads": 3, "seq_length": 64, "train_data_weights": [1, 2],
-                     "train_data_paths": ["a", "b"], "betas": (0.8, 0.9)})
+    cfg = from_dict(
+        {
+            "hidden_size": 96,
+            "num_attention_heads": 3,
+            "seq_length": 64,
+            "train_data_weights": [1, 2],
+            "train_data_paths": ["a", "b"],
+            "betas": (0.8, 0.9),
+        }
+    )
     assert cfg.model.max_position_embeddings == 64
     assert cfg.model.num_kv_heads == 3
     assert cfg.model.intermediate_size == 4 * 96
@@ -64,12 +72,15 @@ def test_choices_violated():
     assert from_dict({"norm": "RMSNorm"}).model.norm == "rmsnorm"  # case-insensitive match
 
 
-@pytest.mark.parametrize("text, line", [
-    ("num_layers: 2\nhidden_size: 64\nnum_layers: 3\n", 3),
-    ("num-layers: 2\nnum_layers: 3\n", 2),
-    ("model:\n  hidden-size: 8\n  hidden_size: 16\n", 3),
-    ('{\n  "num-layers": 2,\n  "seq-length": 8,\n  "num_layers": 2,\n}\n', 4),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("num_layers: 2\nhidden_size: 64\nnum_layers: 3\n", 3),
+        ("num-layers: 2\nnum_layers: 3\n", 2),
+        ("model:\n  hidden-size: 8\n  hidden_size: 16\n", 3),
+        ('{\n  "num-layers": 2,\n  "seq-length": 8,\n  "num_layers": 2,\n}\n', 4),
+    ],
+)
 def test_duplicate_key_in_one_file(tmp_path, text, line):
     p = write(tmp_path, "dup.yml", text)
     with pytest.raises(ConfigError, match=rf"dup\.yml: line {line}: key '.*' appears twice in one mapping"):
@@ -156,8 +167,17 @@ def test_config_dir_prefix(tmp_path):
 
 def test_set_overrides(tmp_path):
     p = write(tmp_path, "a.yml", "num_layers: 2\nhidden_size: 64\n")
-    cfg = load([p], ["model.hidden_size=128", "num-layers=5", "optimizer.betas=[0.8, 0.9]",
-                     "optimizer.params.lr=3e-4", "data_path=data/x_text_document", "fp16.enabled=true"])
+    cfg = load(
+        [p],
+        [
+            "model.hidden_size=128",
+            "num-layers=5",
+            "optimizer.betas=[0.8, 0.9]",
+            "optimizer.params.lr=3e-4",
+            "data_path=data/x_text_document",
+            "fp16.enabled=true",
+        ],
+    )
     assert cfg.model.hidden_size == 128 and cfg.model.num_layers == 5
     assert cfg.optimizer.betas == [0.8, 0.9] and cfg.optimizer.lr == 3e-4
     assert cfg.data.data_path == "data/x_text_document" and cfg.precision.precision == "fp16"
@@ -197,4 +217,5 @@ def test_no_effect_keys_are_reported_once_per_file(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="neox.config.loader"):
         load([p])
     assert [r.getMessage() for r in caplog.records] == [
-        f"{p}: 2 key(s) have no effect in neox: bias-gelu-fusion, steps_per_print (`neox config show` says why)"]
+        f"{p}: 2 key(s) have no effect in neox: bias-gelu-fusion, steps_per_print (`neox config show` says why)"
+    ]

@@ -10,7 +10,7 @@ def test_load_returns_model_with_generate(tmp_path):
     cfg = tiny_config(num_kv_heads=2, generation={"maximum_tokens": 6, "temperature": 0.0})
     original = random_model(cfg)
     make_run(tmp_path / "run", cfg, original, iteration=3)
-    model, tok = neox.load(tmp_path / "run")
+    model, _tok = neox.load(tmp_path / "run")
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(model(ids), original(ids))

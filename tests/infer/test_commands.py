@@ -17,8 +17,22 @@ def run_dir(tmp_path_factory):
 
 
 def test_makefile_flags(run_dir, capsys):
-    argv = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "16", "--num-samples", "2",
-            "--temperature", "0.8", "--top-p", "0.95", "--seed", "3"]
+    argv = [
+        "generate",
+        str(run_dir),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "16",
+        "--num-samples",
+        "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and out.count("\ndef ") == 2
@@ -30,8 +44,25 @@ def test_input_file_to_jsonl_with_timing(run_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('first prompt\n{"prompt": "second\\nprompt"}\n\nthird\n')
     out = tmp_path / "out" / "samples.jsonl"
-    assert main(["generate", str(run_dir), "--input-file", str(prompts), "--output-file", str(out),
-                 "--temperature", "0", "--batch-size", "2", "--set", "generation.maximum_tokens=5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--input-file",
+                str(prompts),
+                "--output-file",
+                str(out),
+                "--temperature",
+                "0",
+                "--batch-size",
+                "2",
+                "--set",
+                "generation.maximum_tokens=5",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["first prompt", "second\nprompt", "third"]
     assert all(r["tokens"] <= 5 and r["time_s"] > 0 and r["finish_reason"] in ("length", "eod") for r in rows)

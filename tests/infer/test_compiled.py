@@ -19,12 +19,16 @@ def test_compiled_greedy_and_processed_logits_equal_eager_and_follow_weight_chan
     fast = generate(model, PROMPTS, 10, compile=True)
     assert fast.tokens == eager.tokens
     # a second call with another prompt length reuses the step: same batch, same cache bucket
-    assert generate(model, [p[:1] for p in PROMPTS], 10, compile=True).tokens == \
-        generate(model, [p[:1] for p in PROMPTS], 10).tokens
+    assert (
+        generate(model, [p[:1] for p in PROMPTS], 10, compile=True).tokens
+        == generate(model, [p[:1] for p in PROMPTS], 10).tokens
+    )
 
     # repetition penalty needs the logits back from the step, then the eager processors
     penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
-    assert generate(model, PROMPTS, 10, penalised, compile=True).tokens == generate(model, PROMPTS, 10, penalised).tokens
+    assert (
+        generate(model, PROMPTS, 10, penalised, compile=True).tokens == generate(model, PROMPTS, 10, penalised).tokens
+    )
 
     # the weights are frozen into the compiled graph: changing them must rebuild it, not reuse stale ones
     with torch.no_grad():

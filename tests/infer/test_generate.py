@@ -27,7 +27,7 @@ def test_eod_ends_a_row_and_is_not_returned():
     res = generate(model, PROMPTS, 12, eod_id=eod)
     assert res.tokens[0] == free[0][:first] and res.finish_reasons[0] == "eod"
     for row, full, reason in zip(res.tokens, free, res.finish_reasons):  # other rows are unaffected until they stop
-        assert row == (full[:full.index(eod)] if eod in full else full)
+        assert row == (full[: full.index(eod)] if eod in full else full)
         assert reason == ("eod" if eod in full else "length")
 
 

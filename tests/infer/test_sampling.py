@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from neox.errors import ConfigError
-from neox.infer.sampling import (SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, choose_next,
-                                 process_logits)
+from neox.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    choose_next,
+    process_logits,
+)
 
 
 def test_greedy_is_argmax():

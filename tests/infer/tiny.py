@@ -14,8 +14,13 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=128,
 
 
 def tiny_config(tokenizer: dict | None = None, generation: dict | None = None, **model):
-    return from_dict({"model": {**TINY, **model}, "tokenizer": tokenizer or {"tokenizer_type": "ByteLevelTokenizer"},
-                      "generation": generation or {}})
+    return from_dict(
+        {
+            "model": {**TINY, **model},
+            "tokenizer": tokenizer or {"tokenizer_type": "ByteLevelTokenizer"},
+            "generation": generation or {},
+        }
+    )
 
 
 def random_model(cfg, seed: int = 0, scale: float = 0.05) -> GPT:

@@ -15,11 +15,19 @@ from neox.data.tokenizers import build_tokenizer  # noqa: E402
 
 VARIANTS = {
     "neox_parallel_partial_rotary_tied": dict(gpt_j_residual=True, rotary_pct=0.25),
-    "neox_sequential_untied_nobias_relu": dict(no_weight_tying=True, use_bias_in_attn_linear=False,
-                                               use_bias_in_mlp=False, activation="relu"),
+    "neox_sequential_untied_nobias_relu": dict(
+        no_weight_tying=True, use_bias_in_attn_linear=False, use_bias_in_mlp=False, activation="relu"
+    ),
     "neox_gptj_tied_norm": dict(gpt_j_residual=True, gpt_j_tied=True, use_bias_in_norms=False, rotary_pct=0.5),
-    "llama_gqa_untied": dict(norm="rmsnorm", activation="swiglu", num_kv_heads=2, use_bias_in_attn_linear=False,
-                             use_bias_in_mlp=False, use_bias_in_norms=False, no_weight_tying=True),
+    "llama_gqa_untied": dict(
+        norm="rmsnorm",
+        activation="swiglu",
+        num_kv_heads=2,
+        use_bias_in_attn_linear=False,
+        use_bias_in_mlp=False,
+        use_bias_in_norms=False,
+        no_weight_tying=True,
+    ),
     "llama_biases_geglu_tied": dict(norm="rmsnorm", activation="geglu", use_bias_in_norms=False),
 }
 
@@ -45,7 +53,7 @@ def test_exported_model_matches_logits_and_greedy_generation(name, tmp_path):
     mask = (torch.arange(5)[None] >= torch.tensor([5 - len(p) for p in prompts])[:, None]).long()
     out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     for row, theirs in zip(ours, out[:, 5:].tolist()):
-        theirs = theirs[:theirs.index(tok.eod_id)] if tok.eod_id in theirs else theirs
+        theirs = theirs[: theirs.index(tok.eod_id)] if tok.eod_id in theirs else theirs
         assert row == theirs
 
 
@@ -63,9 +71,15 @@ def test_exported_byte_level_tokenizer_matches(tmp_path):
 @pytest.mark.parametrize("kind", ["HFTokenizer", "GPT2BPETokenizer"])
 def test_exported_gpt2_tokenizers_match(kind, tmp_path, shared_data):
     tdir = shared_data / "tokenizers"
-    tcfg = ({"tokenizer_type": kind, "vocab_file": str(tdir / "gpt2.json")} if kind == "HFTokenizer" else
-            {"tokenizer_type": kind, "vocab_file": str(tdir / "gpt2-vocab.json"),
-             "merge_file": str(tdir / "gpt2-merges.txt")})
+    tcfg = (
+        {"tokenizer_type": kind, "vocab_file": str(tdir / "gpt2.json")}
+        if kind == "HFTokenizer"
+        else {
+            "tokenizer_type": kind,
+            "vocab_file": str(tdir / "gpt2-vocab.json"),
+            "merge_file": str(tdir / "gpt2-merges.txt"),
+        }
+    )
     cfg = tiny_config(tokenizer=tcfg, vocab_size=50304, hidden_size=32, num_layers=1)
     tok = build_tokenizer(cfg.tokenizer)
     export_model(cfg, random_model(cfg).state_dict(), tok, tmp_path)
@@ -84,13 +98,29 @@ def test_tokenizer_without_hf_equivalent_is_refused_before_writing(tmp_path):
 
 def _hf_random(kind):
     if kind == "pythia":
-        conf = transformers.GPTNeoXConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=256, max_position_embeddings=128, rotary_pct=0.25,
-                                          use_parallel_residual=True, tie_word_embeddings=False)
+        conf = transformers.GPTNeoXConfig(
+            vocab_size=384,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=128,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
         return transformers.GPTNeoXForCausalLM(conf)
-    conf = transformers.LlamaConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128,
-                                    tie_word_embeddings=True, rms_norm_eps=1e-6)
+    conf = transformers.LlamaConfig(
+        vocab_size=384,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
     return transformers.LlamaForCausalLM(conf)
 
 
@@ -104,6 +134,7 @@ def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     cfg = tiny_config()
     from neox.interop.hf_tokenizer import export_tokenizer
+
     export_tokenizer(build_tokenizer(cfg.tokenizer), tmp_path / "hf")
 
     run = import_hf(tmp_path / "hf", tmp_path / "run")
@@ -114,7 +145,8 @@ def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
     import neox
-    model, tok = neox.load(run)
+
+    model, _tok = neox.load(run)
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
@@ -135,8 +167,9 @@ def _chat_tokenizer_dir(path):
     words = ["<|im_end|>", "<unk>"] + [f"w{i}" for i in range(380)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", unk_token="<unk>").save_pretrained(
-        str(path))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", unk_token="<unk>"
+    ).save_pretrained(str(path))
 
 
 def test_import_takes_the_declared_eos_then_loads_and_generates(tmp_path):
@@ -161,7 +194,7 @@ def test_import_takes_the_declared_eos_then_loads_and_generates(tmp_path):
     prompt = tok.encode("w5 w9 w7")
     ours = model.generate(prompt, max_new_tokens=6, temperature=0)
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=0)[0, 3:].tolist()
-    assert ours == (theirs[:theirs.index(0)] if 0 in theirs else theirs)
+    assert ours == (theirs[: theirs.index(0)] if 0 in theirs else theirs)
     assert isinstance(model.generate("w1 w2", max_new_tokens=3, temperature=0), str)
 
 
@@ -188,6 +221,7 @@ def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
 
     back = import_hf(out, tmp_path / "back")
     import neox
+
     again, _ = neox.load(back)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 

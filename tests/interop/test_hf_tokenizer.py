@@ -16,18 +16,46 @@ from neox.interop.hf_tokenizer import declared_special_tokens, export_tokenizer,
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n  indented line   \n\ttab\r\n"
-        "unicode: naïve café — 東京 🙂\n12345 678,9 end")
-WORDS = "the quick brown fox jumps over lazy dog and cat runs far away from home every day".split()
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  indented line   \n\ttab\r\n"
+    "unicode: naïve café — 東京 🙂\n12345 678,9 end"
+)
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "and",
+    "cat",
+    "runs",
+    "far",
+    "away",
+    "from",
+    "home",
+    "every",
+    "day",
+]
 
 
 def _train_spm(path, model_type, normalization):
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + f" {i}" for i in range(300)] + [TEXT]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=420,
-                                   model_type=model_type, user_defined_symbols=["<|endoftext|>"], byte_fallback=True,
-                                   normalization_rule_name=normalization, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=420,
+        model_type=model_type,
+        user_defined_symbols=["<|endoftext|>"],
+        byte_fallback=True,
+        normalization_rule_name=normalization,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     path.write_bytes(model.getvalue())
     return lines
 
@@ -38,8 +66,17 @@ def test_sentencepiece_export_encodes_like_neox(tmp_path, model_type, normalizat
     tok = build_tokenizer(NS(tokenizer_type="SPMTokenizer", vocab_file=str(tmp_path / "m.model")))
     export_tokenizer(tok, tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    texts = [TEXT, " lead space", "a  b   c", "x<|endoftext|>y <|endoftext|>", "▁x", "ｆｕｌｌ　width", "\n\nx", "",
-             "über 🙂"] + lines[:20]
+    texts = [
+        TEXT,
+        " lead space",
+        "a  b   c",
+        "x<|endoftext|>y <|endoftext|>",
+        "▁x",
+        "ｆｕｌｌ　width",
+        "\n\nx",
+        "",
+        "über 🙂",
+    ] + lines[:20]
     for text in texts:
         assert hf(text)["input_ids"] == tok.encode(text), text
     assert hf.decode(tok.encode(lines[0])) == tok.decode(tok.encode(lines[0]))
@@ -76,8 +113,13 @@ def test_tiktoken_export_encodes_like_neox(tmp_path, shared_data, name):
     # GPT-2's ranks as a .tiktoken file: vocab.json's byte-level strings turned back into bytes
     byte_of = {ch: b for b, ch in _byte_to_unicode().items()}
     vocab = json.loads((shared_data / "tokenizers/gpt2-vocab.json").read_text(encoding="utf-8"))
-    (tmp_path / name).write_text("".join(f"{base64.b64encode(bytes(byte_of[c] for c in t)).decode()} {i}\n"
-                                         for t, i in vocab.items() if t != "<|endoftext|>"))
+    (tmp_path / name).write_text(
+        "".join(
+            f"{base64.b64encode(bytes(byte_of[c] for c in t)).decode()} {i}\n"
+            for t, i in vocab.items()
+            if t != "<|endoftext|>"
+        )
+    )
     tok = build_tokenizer(NS(tokenizer_type="TiktokenTokenizer", vocab_file=str(tmp_path / name)))
     export_tokenizer(tok, tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -92,7 +134,8 @@ def test_declared_special_tokens_in_priority_order(tmp_path):
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.WordLevel({"<unk>": 0, "<|im_end|>": 1, "<pad>": 2, "</s>": 3}, unk_token="<unk>")).save(
-        str(tmp_path / "tokenizer.json"))
+        str(tmp_path / "tokenizer.json")
+    )
     group = find_tokenizer(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [3, 1], "pad_token_id": 2}))
     assert declared_special_tokens(tmp_path, group) == {"eod_token": "</s>", "pad_token": "<pad>"}

@@ -18,7 +18,7 @@ def build(**kw):
 def gqa_to_mha(weight, n_kv, group, head_dim):
     """Fused rows [n_kv, (q_0..q_{g-1}, k, v)] -> per-head [q, k, v] with each group's k/v repeated."""
     w = weight.view(n_kv, group + 2, head_dim, *weight.shape[1:])
-    q, k, v = w[:, :group], w[:, group:group + 1], w[:, group + 1:]
+    q, k, v = w[:, :group], w[:, group : group + 1], w[:, group + 1 :]
     per_head = torch.cat([q.unsqueeze(2), k.expand_as(q).unsqueeze(2), v.expand_as(q).unsqueeze(2)], dim=2)
     return per_head.reshape(n_kv * group * 3 * head_dim, *weight.shape[1:])
 

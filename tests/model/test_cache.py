@@ -13,8 +13,9 @@ V, T = 97, 12
 
 def tiny(pos_emb, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=V, seq_length=16,
-                      pos_emb=pos_emb, **kw)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=V, seq_length=16, pos_emb=pos_emb, **kw
+    )
     return GPT(cfg).eval()
 
 
@@ -30,7 +31,7 @@ def test_prefill_then_decode_equals_full_forward(pos_emb, kv_heads, kind):
         cache = kind.for_model(model, batch_size=2, max_len=T if kind is KVCache else T + 4)
         steps = [model(x[:, :5], kv_cache=cache)]
         for i in range(5, T):
-            steps.append(model(x[:, i:i + 1], kv_cache=cache))
+            steps.append(model(x[:, i : i + 1], kv_cache=cache))
     if kind is StaticKVCache:
         assert cache.k[0].shape[2] == T + 4 and cache.sync_length() == T
     assert cache.length == T
@@ -45,7 +46,7 @@ def test_left_padded_batch_matches_unpadded_rows(pos_emb, kind):
     x = torch.randint(1, V, (2, T))
     # row 0 is x[0, :T-pad] shifted right behind `pad` padding tokens; row 1 is unpadded
     padded = x.clone()
-    padded[0, pad:], padded[0, :pad] = x[0, :T - pad], 0
+    padded[0, pad:], padded[0, :pad] = x[0, : T - pad], 0
     attention_mask = torch.ones(2, T, dtype=torch.long)
     attention_mask[0, :pad] = 0
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -54,9 +55,9 @@ def test_left_padded_batch_matches_unpadded_rows(pos_emb, kind):
         cache.mark_padding(attention_mask[:, :prompt])
         out = [model(padded[:, :prompt], positions[:, :prompt], kv_cache=cache)]
         for i in range(prompt, T):
-            out.append(model(padded[:, i:i + 1], positions[:, i:i + 1], kv_cache=cache))
+            out.append(model(padded[:, i : i + 1], positions[:, i : i + 1], kv_cache=cache))
         out = torch.cat(out, 1)
-        ref0 = model(x[:1, :T - pad])
+        ref0 = model(x[:1, : T - pad])
         ref1 = model(x[1:])
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, pad:], ref0[0], atol=1e-5, rtol=1e-5)
@@ -100,6 +101,6 @@ def test_bf16_cached_decoding_tracks_full_forward(pos_emb, mode):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
         full = model(x)
         cache = KVCache.for_model(model, batch_size=2, max_len=8)
-        steps = [model(x[:, :4], kv_cache=cache)] + [model(x[:, i:i + 1], kv_cache=cache) for i in range(4, 8)]
+        steps = [model(x[:, :4], kv_cache=cache)] + [model(x[:, i : i + 1], kv_cache=cache) for i in range(4, 8)]
     assert cache.k[0].dtype == torch.bfloat16
     assert (torch.cat(steps, 1).float() - full.float()).abs().max().item() < 0.05

@@ -8,10 +8,26 @@ import pytest
 from neox.config.schema import ModelConfig
 from neox.model.info import flops_per_token, memory_per_rank, num_params
 
-PYTHIA_160M = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=2048,
-                          vocab_size=50304, rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
-NEOX_20B = ModelConfig(num_layers=44, hidden_size=6144, num_attention_heads=64, seq_length=2048,
-                       vocab_size=50432, rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
+PYTHIA_160M = ModelConfig(
+    num_layers=12,
+    hidden_size=768,
+    num_attention_heads=12,
+    seq_length=2048,
+    vocab_size=50304,
+    rotary_pct=0.25,
+    gpt_j_residual=True,
+    no_weight_tying=True,
+)
+NEOX_20B = ModelConfig(
+    num_layers=44,
+    hidden_size=6144,
+    num_attention_heads=64,
+    seq_length=2048,
+    vocab_size=50432,
+    rotary_pct=0.25,
+    gpt_j_residual=True,
+    no_weight_tying=True,
+)
 
 
 def test_known_parameter_counts():
@@ -20,8 +36,9 @@ def test_known_parameter_counts():
 
 
 def test_flops_per_token_formula():
-    cfg = ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, seq_length=4, vocab_size=10,
-                      intermediate_size=16)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=8, num_attention_heads=2, seq_length=4, vocab_size=10, intermediate_size=16
+    )
     # per layer: qkv 8*24+24, dense 8*8+8, mlp 8*16+16+16*8+8, 2 layernorms 2*16 = 600; head 10*8
     n_matmul = 2 * 600 + 80
     assert flops_per_token(cfg) == 6 * n_matmul + 12 * 2 * 8 * 4

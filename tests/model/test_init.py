@@ -13,8 +13,15 @@ H, L = 64, 4
 
 def model_with(init_method, output_method="scaled_normal", **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=4, vocab_size=512,
-                      init_method=init_method, output_layer_init_method=output_method, **kw)
+    cfg = ModelConfig(
+        num_layers=L,
+        hidden_size=H,
+        num_attention_heads=4,
+        vocab_size=512,
+        init_method=init_method,
+        output_layer_init_method=output_method,
+        **kw,
+    )
     return GPT(cfg)
 
 
@@ -30,8 +37,12 @@ EXPECTED_STD = {
 def test_init_method_statistics(method):
     model = model_with(method, output_method=method, activation="swiglu")
     layer = model.layers["1"]
-    for weight in (layer.attention.query_key_value.weight, layer.attention.dense.weight, layer.mlp.w2.weight,
-                   model.embed_in.weight):
+    for weight in (
+        layer.attention.query_key_value.weight,
+        layer.attention.dense.weight,
+        layer.mlp.w2.weight,
+        model.embed_in.weight,
+    ):
         fan_out, fan_in = weight.shape
         if method in EXPECTED_STD:
             assert weight.std().item() == pytest.approx(EXPECTED_STD[method], rel=0.06)
@@ -50,8 +61,13 @@ def test_input_and_output_methods_go_to_the_right_weights():
     model = model_with("small_init", output_method="wang_init", no_weight_tying=True, pos_emb="learned")
     small, wang = EXPECTED_STD["small_init"], EXPECTED_STD["wang_init"]
     layer = model.layers["0"]
-    for w in (model.embed_in.weight, model.embed_pos.weight, model.embed_out.weight,
-              layer.attention.query_key_value.weight, layer.mlp.dense_h_to_4h.weight):
+    for w in (
+        model.embed_in.weight,
+        model.embed_pos.weight,
+        model.embed_out.weight,
+        layer.attention.query_key_value.weight,
+        layer.mlp.dense_h_to_4h.weight,
+    ):
         assert w.std().item() == pytest.approx(small, rel=0.06)
     for w in (layer.attention.dense.weight, layer.mlp.dense_4h_to_h.weight):
         assert w.std().item() == pytest.approx(wang, rel=0.06)

@@ -42,7 +42,7 @@ def test_scalenorm_formula():
 
 
 FORMULAS = {
-    "gelu": lambda a: 0.5 * a * (1 + torch.erf(a / 2 ** 0.5)),
+    "gelu": lambda a: 0.5 * a * (1 + torch.erf(a / 2**0.5)),
     "relu": lambda a: a.clamp(min=0),
     "silu": lambda a: a * torch.sigmoid(a),
     "swish": lambda a: a * torch.sigmoid(a),
@@ -58,8 +58,11 @@ def test_mlp_activation_formula(activation):
     x = torch.randn(2, 3, 8)
     act = FORMULAS[activation]
     if activation in GATED_ACTIVATIONS:
-        want = F.linear(act(F.linear(x, mlp.w1.weight, mlp.w1.bias)) * F.linear(x, mlp.w3.weight, mlp.w3.bias),
-                        mlp.w2.weight, mlp.w2.bias)
+        want = F.linear(
+            act(F.linear(x, mlp.w1.weight, mlp.w1.bias)) * F.linear(x, mlp.w3.weight, mlp.w3.bias),
+            mlp.w2.weight,
+            mlp.w2.bias,
+        )
         names = {"w1.weight", "w1.bias", "w3.weight", "w3.bias", "w2.weight", "w2.bias"}
     else:
         hidden = act(x @ mlp.dense_h_to_4h.weight.T + mlp.dense_h_to_4h.bias)

@@ -7,8 +7,14 @@ import torch
 
 from neox.config.schema import ModelConfig
 from neox.model import GPT
-from neox.model.positional import (ALiBi, RotaryEmbedding, SinusoidalEmbedding, alibi_slopes, apply_rotary,
-                                   t5_relative_bucket)
+from neox.model.positional import (
+    ALiBi,
+    RotaryEmbedding,
+    SinusoidalEmbedding,
+    alibi_slopes,
+    apply_rotary,
+    t5_relative_bucket,
+)
 
 
 def rotary_by_formula(x, positions, rotary_ndims, base):
@@ -42,8 +48,9 @@ def test_rotary_matches_transformers_gpt_neox_partial():
     from transformers import GPTNeoXConfig
 
     head_dim, pct = 16, 0.25
-    config = GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rotary_pct=pct, rotary_emb_base=10000,
-                           max_position_embeddings=32)
+    config = GPTNeoXConfig(
+        hidden_size=64, num_attention_heads=4, rotary_pct=pct, rotary_emb_base=10000, max_position_embeddings=32
+    )
     q, k = torch.randn(2, 4, 6, head_dim), torch.randn(2, 4, 6, head_dim)  # HF layout [B, H, T, D]
     positions = torch.tensor([[0, 1, 2, 3, 4, 5], [3, 4, 9, 10, 30, 31]])
     cos, sin = hf.GPTNeoXRotaryEmbedding(config)(q, positions)
@@ -57,12 +64,12 @@ def test_rotary_matches_transformers_gpt_neox_partial():
 
 
 def test_alibi_slopes_power_of_two_and_not():
-    assert alibi_slopes(8) == pytest.approx([2.0 ** -i for i in range(1, 9)])
-    assert alibi_slopes(4) == pytest.approx([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])
+    assert alibi_slopes(8) == pytest.approx([2.0**-i for i in range(1, 9)])
+    assert alibi_slopes(4) == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8])
     # 6 heads: the 4-head slopes, then every other 8-head slope (2^-1, 2^-3)
-    assert alibi_slopes(6) == pytest.approx([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3])
+    assert alibi_slopes(6) == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
     # 12 heads: 8-head slopes then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5
-    assert alibi_slopes(12)[8:] == pytest.approx([2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5])
+    assert alibi_slopes(12)[8:] == pytest.approx([2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5])
 
 
 def test_alibi_bias_uses_position_distance():

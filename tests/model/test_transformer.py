@@ -70,10 +70,19 @@ def test_tied_and_untied_output_layer():
 
 def test_parameter_names_follow_the_contract():
     names = set(build(pos_emb="rpe", activation="swiglu", no_weight_tying=True).state_dict())
-    for n in ("embed_in.weight", "layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.bias",
-              "layers.1.attention.query_key_value.weight", "layers.1.attention.dense.bias",
-              "layers.1.attention.rpe.relative_attention_bias.weight", "layers.1.mlp.w1.weight",
-              "layers.1.mlp.w3.weight", "layers.1.mlp.w2.weight", "final_layer_norm.weight", "embed_out.weight"):
+    for n in (
+        "embed_in.weight",
+        "layers.1.input_layernorm.weight",
+        "layers.1.post_attention_layernorm.bias",
+        "layers.1.attention.query_key_value.weight",
+        "layers.1.attention.dense.bias",
+        "layers.1.attention.rpe.relative_attention_bias.weight",
+        "layers.1.mlp.w1.weight",
+        "layers.1.mlp.w3.weight",
+        "layers.1.mlp.w2.weight",
+        "final_layer_norm.weight",
+        "embed_out.weight",
+    ):
         assert n in names
     assert "embed_pos.weight" in build(pos_emb="learned").state_dict()
 
@@ -155,10 +164,22 @@ def test_pipeline_stages_pass_hidden_states():
 def test_matches_transformers_gpt_neox():
     transformers = pytest.importorskip("transformers")
     model = build(gpt_j_residual=True, no_weight_tying=True, rotary_pct=0.5, rotary_emb_base=1000).eval()
-    hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        rotary_pct=0.5, rotary_emb_base=1000, max_position_embeddings=16, use_parallel_residual=True,
-        tie_word_embeddings=False, hidden_act="gelu", layer_norm_eps=1e-5)).eval()
+    hf = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            rotary_pct=0.5,
+            rotary_emb_base=1000,
+            max_position_embeddings=16,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        )
+    ).eval()
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"  # transformers 5 / 4
     state = {(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=True)
@@ -166,10 +187,15 @@ def test_matches_transformers_gpt_neox():
     torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw,key", [(dict(hidden_size=30), "num_attention_heads"),
-                                    (dict(num_kv_heads=3), "num_kv_heads"),
-                                    (dict(vocab_size=None), "vocab_size"),
-                                    (dict(rotary_pct=0.1), "rotary_pct")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(hidden_size=30), "num_attention_heads"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(vocab_size=None), "vocab_size"),
+        (dict(rotary_pct=0.1), "rotary_pct"),
+    ],
+)
 def test_bad_shapes_are_config_errors(kw, key):
     with pytest.raises(ConfigError, match=key):
         GPT(cfg_of(**kw))

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from neox.config.schema import ModelConfig, ParallelConfig
 
 STEPS, GLOBAL_BATCH, SEQ = 5, 4, 16
-BASE_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, seq_length=SEQ,
-                  vocab_size=128, intermediate_size=64)
+BASE_MODEL = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    seq_length=SEQ,
+    vocab_size=128,
+    intermediate_size=64,
+)
 
 
 def batches(vocab: int):
@@ -39,7 +47,7 @@ def run_case(case: dict, mesh=None, dims=None) -> list[float]:
     micro = GLOBAL_BATCH // dp_size
     losses = []
     for step, data in enumerate(batches(mcfg.vocab_size)):
-        mine = data[dp_rank * micro:(dp_rank + 1) * micro]
+        mine = data[dp_rank * micro : (dp_rank + 1) * micro]
         tokens, labels = mine[:, :-1], mine[:, 1:]
         mask = torch.ones_like(labels)
         mask[:, : step % 3] = 0  # a masked prefix: the loss normalisation must match too
@@ -64,7 +72,7 @@ def main(out: str, cases_file: str) -> None:
 
     dist.init_process_group("gloo")
     results = {}
-    for case in json.loads(open(cases_file).read()):
+    for case in json.loads(Path(cases_file).read_text()):
         pcfg = ParallelConfig(**case.get("parallel", {}))
         mcfg = ModelConfig(**{**BASE_MODEL, **case.get("model", {})})
         dims = ParallelDims.from_config(pcfg, dist.get_world_size(), mcfg)

@@ -4,7 +4,6 @@ convergence test (every method's loss tracks uncompressed training on a tiny byt
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import replace
 
@@ -35,14 +34,17 @@ def test_unpack_batched_rows():
     assert torch.equal(signs[1], torch.where(b >= 0, 1.0, -1.0).double())
 
 
-@pytest.mark.parametrize("change, key", [
-    (dict(grad_compression="onebit", zero_stage=3), "zero_stage"),
-    (dict(grad_compression="powersgd", powersgd_rank=0), "powersgd_rank"),
-    (dict(grad_compression="topk"), "grad_compression"),
-    (dict(grad_compression="onebit", grad_compression_start_iter=-1), "grad_compression_start_iter"),
-    (dict(grad_compression="fp16", model_parallel_size=2), "model_parallel_size"),
-    (dict(grad_compression="powersgd", pipe_parallel_size=2), "pipe_parallel_size"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(grad_compression="onebit", zero_stage=3), "zero_stage"),
+        (dict(grad_compression="powersgd", powersgd_rank=0), "powersgd_rank"),
+        (dict(grad_compression="topk"), "grad_compression"),
+        (dict(grad_compression="onebit", grad_compression_start_iter=-1), "grad_compression_start_iter"),
+        (dict(grad_compression="fp16", model_parallel_size=2), "model_parallel_size"),
+        (dict(grad_compression="powersgd", pipe_parallel_size=2), "pipe_parallel_size"),
+    ],
+)
 def test_validate_rejects(change, key):
     with pytest.raises(ConfigError, match=key):
         compress.validate(replace(ParallelConfig(), **change))
@@ -54,6 +56,7 @@ def test_validate_accepts_defaults():
 
 
 # ---------------------------------------------------------------- multi-process (gloo, dp=2)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -128,8 +131,9 @@ def _convergence_worker(rank: int, world: int, port: int, text: bytes, steps: in
         torch.manual_seed(0)
         model = _ByteMLP()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        compress.register(ddp, replace(ParallelConfig(), grad_compression=method, powersgd_rank=4,
-                                       grad_compression_start_iter=10))
+        compress.register(
+            ddp, replace(ParallelConfig(), grad_compression=method, powersgd_rank=4, grad_compression_start_iter=10)
+        )
         opt = torch.optim.Adam(ddp.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(1)
         losses = []
@@ -174,9 +178,16 @@ def test_trainer_installs_the_hook_dp2(tmp_path):
 
     corpus = make_corpus(tmp_path / "corpus", docs=200)
     base = {"eval": {"eval_iters": 0}, "train": {"train_iters": 6, "train_micro_batch_size_per_gpu": 2}}
-    runs = [{"name": m, "groups": {**base, "parallel": {"grad_compression": m, "grad_compression_start_iter": 1,
-                                                        "powersgd_rank": 2}}}
-            for m in ("none", "fp16", "powersgd", "onebit")]
+    runs = [
+        {
+            "name": m,
+            "groups": {
+                **base,
+                "parallel": {"grad_compression": m, "grad_compression_start_iter": 1, "powersgd_rank": 2},
+            },
+        }
+        for m in ("none", "fp16", "powersgd", "onebit")
+    ]
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"data": corpus, "runs": runs}))
     torchrun("trainer_worker.py", 2, str(spec), str(out))

@@ -10,8 +10,15 @@ from neox.model import GPT
 from neox.parallel.dcp import AsyncSaver, load_full_model_state
 from neox.train import checkpoint as ckpt
 
-CFG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=64,
-                  seq_length=8, no_weight_tying=True)
+CFG = ModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    vocab_size=64,
+    seq_length=8,
+    no_weight_tying=True,
+)
 
 
 def _trained():
@@ -42,7 +49,7 @@ def test_consolidate_round_trip(tmp_path, capsys):
 def test_consolidate_rejects_a_non_checkpoint(tmp_path, capsys):
     assert main(["checkpoint", "consolidate", str(tmp_path), str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
-    assert "is not a checkpoint" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert "is not a checkpoint" in err and err[-1] == "\n" and err.count("\n") == 1
 
 
 def test_async_saver_runs_on_done_after_the_write(tmp_path):

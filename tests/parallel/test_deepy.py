@@ -14,10 +14,20 @@ spec.loader.exec_module(deepy)
 
 
 def test_translate_configs_and_launcher_flags():
-    assert deepy.translate(["train.py", "-d", "configs", "125M.yml", "local.yml", "--num_gpus", "4"]) == \
-        ["train", "configs/125M.yml", "configs/local.yml", "--nproc", "4"]
-    assert deepy.translate(["./generate.py", "/abs/a.yml", "--num_nodes=2", "--hostfile", "h"]) == \
-        ["generate", "/abs/a.yml", "--nnodes=2", "--hostfile", "h"]
+    assert deepy.translate(["train.py", "-d", "configs", "125M.yml", "local.yml", "--num_gpus", "4"]) == [
+        "train",
+        "configs/125M.yml",
+        "configs/local.yml",
+        "--nproc",
+        "4",
+    ]
+    assert deepy.translate(["./generate.py", "/abs/a.yml", "--num_nodes=2", "--hostfile", "h"]) == [
+        "generate",
+        "/abs/a.yml",
+        "--nnodes=2",
+        "--hostfile",
+        "h",
+    ]
     assert deepy.translate(["eval.py", "a.yml"]) == ["eval", "a.yml"]
 
 
@@ -26,13 +36,16 @@ def test_unknown_script_is_a_usage_error():
         deepy.translate(["pretrain_gpt2.py", "a.yml"])
 
 
-
 def test_runs_the_neox_command(tmp_path):
     import subprocess
     import sys
 
     # end to end through the neox CLI: a missing config is a one-line error from `neox train`, exit 2
-    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "nope.yml"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "nope.yml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "nope.yml" in proc.stderr and proc.stderr.startswith("neox train: error:")

@@ -36,9 +36,12 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 @pytest.mark.slow
 def test_killed_rank_restarts_and_resumes(tmp_path):
     prefix = make_corpus(tmp_path / "corpus", docs=200)
-    groups = dict(eval={"eval_iters": 0}, logging={"log_interval": 1},
-                  # global batch 4 = 1 x 2 accumulation steps x dp 2: DDP syncs only the last micro-batch
-                  train={"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4})
+    groups = dict(
+        eval={"eval_iters": 0},
+        logging={"log_interval": 1},
+        # global batch 4 = 1 x 2 accumulation steps x dp 2: DDP syncs only the last micro-batch
+        train={"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4},
+    )
     torch.set_num_threads(1)
     straight = Trainer(tiny_config(prefix, **groups), quiet=True)
     straight.fit()
@@ -50,8 +53,13 @@ def test_killed_rank_restarts_and_resumes(tmp_path):
     (tmp_path / "hook" / "sitecustomize.py").write_text(CRASH_HOOK)
     path = os.pathsep.join(p for p in (str(tmp_path / "hook"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "neox.cli", "train", str(tmp_path / "cfg.yml"), "--nproc", "2",
-                           "--max-restarts", "1"], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neox.cli", "train", str(tmp_path / "cfg.yml"), "--nproc", "2", "--max-restarts", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "exitcode  : 17" in out or "exitcode: 17" in out, out[-5000:]  # the crash happened

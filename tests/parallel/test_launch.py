@@ -36,8 +36,12 @@ def test_single_node_uses_standalone_rendezvous_and_trap_b(monkeypatch, capsys):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     seen = []
     args = parse("a.yml", "--nproc", "4", "--max-restarts", "2", "--print-launch")
-    assert launch.launch(args, ["train", "a.yml", "--nproc", "4", "--max-restarts", "2", "--print-launch"],
-                         validate=seen.append) == 0
+    assert (
+        launch.launch(
+            args, ["train", "a.yml", "--nproc", "4", "--max-restarts", "2", "--print-launch"], validate=seen.append
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip()
     assert seen == [4]
     assert "--nproc-per-node=4" in out and "--max-restarts=2" in out and "--standalone" in out
@@ -57,8 +61,10 @@ def test_validation_error_stops_the_launch(monkeypatch):
 
 
 def test_multi_node_flags():
-    plan = launch.plan_from_args(parse("--nproc", "2", "--nnodes", "3", "--node-rank", "1",
-                                       "--master-addr", "n0", "--master-port", "1234"), environ={})
+    plan = launch.plan_from_args(
+        parse("--nproc", "2", "--nnodes", "3", "--node-rank", "1", "--master-addr", "n0", "--master-port", "1234"),
+        environ={},
+    )
     cmd = launch.commands(plan, ["train", "a.yml"])[0]
     assert plan.world_size == 6
     for flag in ("--nnodes=3", "--node-rank=1", "--master-addr=n0", "--master-port=1234"):
@@ -81,9 +87,16 @@ def test_hostfile(tmp_path):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in remote[4]
 
 
-@pytest.mark.parametrize("text,msg", [("a slots=0\n", "expected 'HOST slots=N'"), ("a\n", "expected"),
-                                      ("a slots=1\na slots=1\n", "listed twice"), ("# none\n", "lists no hosts"),
-                                      ("a slots=1\nb slots=2\n", "different slots")])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("a slots=0\n", "expected 'HOST slots=N'"),
+        ("a\n", "expected"),
+        ("a slots=1\na slots=1\n", "listed twice"),
+        ("# none\n", "lists no hosts"),
+        ("a slots=1\nb slots=2\n", "different slots"),
+    ],
+)
 def test_bad_hostfile(tmp_path, text, msg):
     hf = tmp_path / "hostfile"
     hf.write_text(text)
@@ -119,8 +132,10 @@ def test_neox_train_refuses_a_bad_layout_before_starting_torchrun(tmp_path, caps
     started = []
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a))
     cfg = tmp_path / "run.yml"
-    cfg.write_text("num_layers: 2\nhidden_size: 32\nnum_attention_heads: 4\nmodel_parallel_size: 2\n"
-                   f"data_path: {tmp_path / 'x_text_document'}\n")
+    cfg.write_text(
+        "num_layers: 2\nhidden_size: 32\nnum_attention_heads: 4\nmodel_parallel_size: 2\n"
+        f"data_path: {tmp_path / 'x_text_document'}\n"
+    )
     assert main(["train", str(cfg), "--nproc", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{cfg}: world size 3 is not divisible" in err
@@ -138,21 +153,38 @@ def test_pipeline_schedule_errors_come_before_the_launch(tmp_path, monkeypatch, 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     model = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 64}
-    cfg = from_dict({"model": model, "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
-                     "train": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}})
+    cfg = from_dict(
+        {
+            "model": model,
+            "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+            "train": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1},
+        }
+    )
     with pytest.raises(ConfigError, match=r"1f1b needs gradient_accumulation_steps >= pipe_parallel_size \(1 < 2\)"):
         check_layout(cfg, 2, "a.yml")
-    check_layout(from_dict({**{"model": model}, "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "gpipe"},
-                            "train": {"train_micro_batch_size_per_gpu": 2}}), 2, "a.yml")
+    check_layout(
+        from_dict(
+            {
+                **{"model": model},
+                "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "gpipe"},
+                "train": {"train_micro_batch_size_per_gpu": 2},
+            }
+        ),
+        2,
+        "a.yml",
+    )
 
     (tmp_path / "c.txt").write_text("some text to train on\n" * 20)
-    assert main(["preprocess", "--input", str(tmp_path / "c.txt"), "--output-prefix", str(tmp_path / "c"),
-                 "--quiet"]) == 0
+    assert (
+        main(["preprocess", "--input", str(tmp_path / "c.txt"), "--output-prefix", str(tmp_path / "c"), "--quiet"]) == 0
+    )
     yml = tmp_path / "pp.yml"
-    yml.write_text(f"data-path: {tmp_path / 'c_text_document'}\n"
-                   "num-layers: 4\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 16\npipe-parallel-size: 2\n"
-                   "pipe-schedule: 1f1b\ntrain_micro_batch_size_per_gpu: 2\ngradient_accumulation_steps: 1\n"
-                   "train-iters: 2\n")
+    yml.write_text(
+        f"data-path: {tmp_path / 'c_text_document'}\n"
+        "num-layers: 4\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 16\npipe-parallel-size: 2\n"
+        "pipe-schedule: 1f1b\ntrain_micro_batch_size_per_gpu: 2\ngradient_accumulation_steps: 1\n"
+        "train-iters: 2\n"
+    )
     assert main(["train", str(yml), "--nproc", "2", "--print-launch"]) == 2
     captured = capsys.readouterr()
     assert "1f1b needs gradient_accumulation_steps" in captured.err and "torch.distributed.run" not in captured.out

@@ -81,15 +81,16 @@ def test_single_process_needs_no_process_group(monkeypatch):
     assert d.world_size == 1 and mesh is None
 
 
-
 def test_neox_info_nproc_uses_and_checks_the_layout(tmp_path, capsys):
     import json
 
     from neox.cli import main
 
     cfg = tmp_path / "tiny.yml"
-    cfg.write_text("hidden_size: 64\nnum_attention_heads: 4\nnum_layers: 4\nvocab_size: 512\n"
-                   "model_parallel_size: 2\nzero_optimization: {stage: 3}\n")
+    cfg.write_text(
+        "hidden_size: 64\nnum_attention_heads: 4\nnum_layers: 4\nvocab_size: 512\n"
+        "model_parallel_size: 2\nzero_optimization: {stage: 3}\n"
+    )
     assert main(["info", str(cfg), "--json", "--nproc", "8"]) == 0
     report = json.loads(capsys.readouterr().out)
     setup = report["memory_setup"]

@@ -20,13 +20,22 @@ TWO = [
     {"name": "tp2", "parallel": {"model_parallel_size": 2}},
     {"name": "tp2 sp", "parallel": {"model_parallel_size": 2, "sequence_parallel": True}},
     # positional encodings and block variants under TP + SP (GQA everywhere: 4 heads, 2 kv heads)
-    {"name": "tp2 sp untied learned swiglu", "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
-     "model": {"no_weight_tying": True, "pos_emb": "learned", "activation": "swiglu"}},
-    {"name": "tp2 sp sinusoidal rmsnorm gpt-j", "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
-     "model": {"pos_emb": "sinusoidal", "norm": "rmsnorm", "gpt_j_residual": True}},
+    {
+        "name": "tp2 sp untied learned swiglu",
+        "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
+        "model": {"no_weight_tying": True, "pos_emb": "learned", "activation": "swiglu"},
+    },
+    {
+        "name": "tp2 sp sinusoidal rmsnorm gpt-j",
+        "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
+        "model": {"pos_emb": "sinusoidal", "norm": "rmsnorm", "gpt_j_residual": True},
+    },
     {"name": "tp2 alibi", "parallel": {"model_parallel_size": 2}, "model": {"pos_emb": "alibi"}},
-    {"name": "tp2 sp rpe gpt-j tied norm", "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
-     "model": {"pos_emb": "rpe", "gpt_j_residual": True, "gpt_j_tied": True}},
+    {
+        "name": "tp2 sp rpe gpt-j tied norm",
+        "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
+        "model": {"pos_emb": "rpe", "gpt_j_residual": True, "gpt_j_tied": True},
+    },
 ]
 FOUR = [
     {"name": "dp2 x tp2 (zero0)", "parallel": {"model_parallel_size": 2}},
@@ -34,8 +43,10 @@ FOUR = [
     {"name": "hsdp 2x2", "parallel": {"zero_stage": 3, "dp_replicate": 2}},
 ]
 EIGHT = [
-    {"name": "hsdp 2x2 x tp2 sp", "parallel": {"zero_stage": 3, "dp_replicate": 2, "model_parallel_size": 2,
-                                                "sequence_parallel": True}},
+    {
+        "name": "hsdp 2x2 x tp2 sp",
+        "parallel": {"zero_stage": 3, "dp_replicate": 2, "model_parallel_size": 2, "sequence_parallel": True},
+    },
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +20,19 @@ from neox.errors import ConfigError
 from neox.parallel import pipeline
 
 STEPS, GLOBAL_BATCH, MICRO, SEQ = 5, 8, 2, 16
-BASE_MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_kv_heads=2, seq_length=SEQ,
-                  vocab_size=128, intermediate_size=64)
+BASE_MODEL = dict(
+    num_layers=4,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    seq_length=SEQ,
+    vocab_size=128,
+    intermediate_size=64,
+)
 
 
 # ---------------------------------------------------------------- one process: partitioning and splitting
+
 
 def test_uniform_partition_spreads_the_remainder():
     assert pipeline.partition([1] * 7, 3, "uniform") == [range(0, 3), range(3, 5), range(5, 7)]
@@ -44,12 +53,15 @@ def test_partition_needs_a_layer_per_stage():
         pipeline.partition([1, 1], 3)
 
 
-@pytest.mark.parametrize("change, accum, key", [
-    (dict(pipe_schedule="1f1b"), 1, "gradient_accumulation_steps"),
-    (dict(pipe_schedule="gpipe", pipe_stages_per_rank=2), 4, "interleaved_1f1b"),
-    (dict(pipe_schedule="interleaved_1f1b", pipe_stages_per_rank=4), 4, "num_layers"),
-    (dict(pipe_schedule="zbv"), 4, "pipe_schedule"),
-])
+@pytest.mark.parametrize(
+    "change, accum, key",
+    [
+        (dict(pipe_schedule="1f1b"), 1, "gradient_accumulation_steps"),
+        (dict(pipe_schedule="gpipe", pipe_stages_per_rank=2), 4, "interleaved_1f1b"),
+        (dict(pipe_schedule="interleaved_1f1b", pipe_stages_per_rank=4), 4, "num_layers"),
+        (dict(pipe_schedule="zbv"), 4, "pipe_schedule"),
+    ],
+)
 def test_validate_rejects(change, accum, key):
     pcfg = replace(ParallelConfig(), pipe_parallel_size=2, **change)
     with pytest.raises(ConfigError, match=key):
@@ -104,6 +116,7 @@ def test_local_view_keeps_names_for_interleaved_ranks():
 
 # ---------------------------------------------------------------- multi-process parity
 
+
 def batches():
     g = torch.Generator().manual_seed(0)
     out = []
@@ -123,7 +136,7 @@ def batches():
 
 def micro_batches(step_data, lo, hi):
     keys = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
-    return [{k: v[i:i + MICRO] for k, v in zip(keys, step_data)} for i in range(lo, hi, MICRO)]
+    return [{k: v[i : i + MICRO] for k, v in zip(keys, step_data)} for i in range(lo, hi, MICRO)]
 
 
 def reference(model_over: dict, docs: bool = False) -> list[float]:
@@ -163,9 +176,17 @@ def run_case(case: dict, mesh) -> list[float]:
     n_micro = GLOBAL_BATCH // (dp_size * MICRO)
     model = _model(**case.get("model", {}))
     docs = case.get("docs", False)
-    local, runner = pipeline.build(model, pcfg, mesh, n_micro=n_micro, precision=None,
-                                   device=torch.device("cpu"), parallelize=lambda m: apply(m, pcfg, mesh),
-                                   pass_positions=docs, pass_segments=docs)
+    local, runner = pipeline.build(
+        model,
+        pcfg,
+        mesh,
+        n_micro=n_micro,
+        precision=None,
+        device=torch.device("cpu"),
+        parallelize=lambda m: apply(m, pcfg, mesh),
+        pass_positions=docs,
+        pass_segments=docs,
+    )
     del model
     opt = torch.optim.AdamW(local.parameters(), lr=1e-2, weight_decay=0.0)
     per_rank = GLOBAL_BATCH // dp_size
@@ -191,7 +212,7 @@ def worker(out: str, cases_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     results = {}
-    for case in json.loads(open(cases_file).read()):
+    for case in json.loads(Path(cases_file).read_text()):
         pcfg = ParallelConfig(**case["parallel"])
         dims = ParallelDims.from_config(pcfg, dist.get_world_size(), ModelConfig(**BASE_MODEL))
         results[case["name"]] = run_case(case, build_mesh(dims))
@@ -201,38 +222,70 @@ def worker(out: str, cases_file: str) -> None:
     dist.destroy_process_group()
 
 
-
 TWO = [
     {"name": "pp2 gpipe", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "gpipe"}},
     {"name": "pp2 1f1b", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}},
-    {"name": "pp2 interleaved_1f1b x2", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b",
-                                                     "pipe_stages_per_rank": 2}},
-    {"name": "pp2 interleaved_zero_bubble x2", "parallel": {"pipe_parallel_size": 2, "pipe_stages_per_rank": 2,
-                                                            "pipe_schedule": "interleaved_zero_bubble"}},
+    {
+        "name": "pp2 interleaved_1f1b x2",
+        "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b", "pipe_stages_per_rank": 2},
+    },
+    {
+        "name": "pp2 interleaved_zero_bubble x2",
+        "parallel": {"pipe_parallel_size": 2, "pipe_stages_per_rank": 2, "pipe_schedule": "interleaved_zero_bubble"},
+    },
     # untied head; position ids and document masks reach every stage, not only the first
-    {"name": "pp2 1f1b untied learned documents", "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
-     "model": {"no_weight_tying": True, "pos_emb": "learned"}, "docs": True},
+    {
+        "name": "pp2 1f1b untied learned documents",
+        "parallel": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+        "model": {"no_weight_tying": True, "pos_emb": "learned"},
+        "docs": True,
+    },
 ]
 FOUR = [
     # middle stages with neither end; the tied pair (ranks 0 and 3) gets a group of its own
     {"name": "pp4 1f1b", "parallel": {"pipe_parallel_size": 4, "pipe_schedule": "1f1b"}},
     {"name": "pp2 x dp2 (zero0) 1f1b", "parallel": {"pipe_parallel_size": 2}},
-    {"name": "pp2 x dp2 zero3 interleaved", "parallel": {"pipe_parallel_size": 2, "zero_stage": 3,
-                                                         "pipe_schedule": "interleaved_1f1b",
-                                                         "pipe_stages_per_rank": 2}},
+    {
+        "name": "pp2 x dp2 zero3 interleaved",
+        "parallel": {
+            "pipe_parallel_size": 2,
+            "zero_stage": 3,
+            "pipe_schedule": "interleaved_1f1b",
+            "pipe_stages_per_rank": 2,
+        },
+    },
     # trap A: zero-bubble with FSDP2 is exact only without resharding after forward (apply() sees to that)
-    {"name": "pp2 x dp2 zero3 zero_bubble", "parallel": {"pipe_parallel_size": 2, "zero_stage": 3,
-                                                         "pipe_schedule": "interleaved_zero_bubble",
-                                                         "pipe_stages_per_rank": 2}},
-    {"name": "pp2 x tp2 sp gpipe", "parallel": {"pipe_parallel_size": 2, "model_parallel_size": 2,
-                                                "sequence_parallel": True, "pipe_schedule": "gpipe"}},
+    {
+        "name": "pp2 x dp2 zero3 zero_bubble",
+        "parallel": {
+            "pipe_parallel_size": 2,
+            "zero_stage": 3,
+            "pipe_schedule": "interleaved_zero_bubble",
+            "pipe_stages_per_rank": 2,
+        },
+    },
+    {
+        "name": "pp2 x tp2 sp gpipe",
+        "parallel": {
+            "pipe_parallel_size": 2,
+            "model_parallel_size": 2,
+            "sequence_parallel": True,
+            "pipe_schedule": "gpipe",
+        },
+    },
 ]
 EIGHT = [
     {"name": "pp2 x dp2 x tp2 1f1b", "parallel": {"pipe_parallel_size": 2, "model_parallel_size": 2}},
-    {"name": "pp2 x dp2 x tp2 zero2 interleaved", "parallel": {"pipe_parallel_size": 2, "model_parallel_size": 2,
-                                                               "zero_stage": 2,
-                                                               "pipe_schedule": "interleaved_1f1b",
-                                                               "pipe_stages_per_rank": 2}},
+    {
+        "name": "pp2 x dp2 x tp2 zero2 interleaved",
+        "parallel": {
+            "pipe_parallel_size": 2,
+            "model_parallel_size": 2,
+            "zero_stage": 2,
+            "pipe_schedule": "interleaved_1f1b",
+            "pipe_stages_per_rank": 2,
+        },
+    },
 ]
 
 

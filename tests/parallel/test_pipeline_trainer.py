@@ -17,8 +17,11 @@ from tests.train.tiny_run import make_corpus, tiny_config
 ITERS, STOP = 6, 3
 PRECISIONS = ("bf16", "fp16")
 # groups the extras below (parallel, checkpoint) do not touch
-BASE = {"model": {"vocab_size": 384, "num_layers": 4}, "eval": {"eval_interval": 2, "eval_iters": 1},
-        "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4}}
+BASE = {
+    "model": {"vocab_size": 384, "num_layers": 4},
+    "eval": {"eval_interval": 2, "eval_iters": 1},
+    "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4},
+}
 
 
 @pytest.mark.slow
@@ -30,15 +33,23 @@ def test_trainer_pp2_matches_one_process_and_resumes_there(tmp_path):
     assert len(straight.losses) == ITERS and straight.losses[-1] != straight.losses[0]
 
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    layouts = {"pp2": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
-               # two stages per rank: the optimizer and checkpoints see the rank's view of both
-               "pp2 interleaved": {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b",
-                                   "pipe_stages_per_rank": 2}}
-    saved = [{"name": name, "stop_at": STOP, "groups": {
-        **BASE, "parallel": par, "checkpoint": {"save": str(tmp_path / name), "save_interval": STOP}}}
-        for name, par in layouts.items()]
-    low = [{"name": p, "stop_at": STOP, "groups": {**BASE, "parallel": layouts["pp2"], "precision": {"precision": p}}}
-           for p in PRECISIONS]
+    layouts = {
+        "pp2": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"},
+        # two stages per rank: the optimizer and checkpoints see the rank's view of both
+        "pp2 interleaved": {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b", "pipe_stages_per_rank": 2},
+    }
+    saved = [
+        {
+            "name": name,
+            "stop_at": STOP,
+            "groups": {**BASE, "parallel": par, "checkpoint": {"save": str(tmp_path / name), "save_interval": STOP}},
+        }
+        for name, par in layouts.items()
+    ]
+    low = [
+        {"name": p, "stop_at": STOP, "groups": {**BASE, "parallel": layouts["pp2"], "precision": {"precision": p}}}
+        for p in PRECISIONS
+    ]
     spec.write_text(json.dumps({"data": corpus, "runs": saved + low}))
     torchrun("trainer_worker.py", 2, str(spec), str(out))
     got = json.loads(out.read_text())

@@ -19,8 +19,10 @@ ITERS, STOP = 6, 3
 # global batch 4 in every layout (accumulation makes up for fewer data-parallel ranks). The vocabulary is left
 # to padding: 257 byte-level tokens pad to 384 at tp 2 (multiple of 64 * 2) but to 320 at tp 1, so resuming
 # at tp 1 relies on resume_config keeping the checkpoint's size. Runs from scratch at tp 1 pin 384 to match.
-BASE = {"eval": {"eval_iters": 0},
-        "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4}}
+BASE = {
+    "eval": {"eval_iters": 0},
+    "train": {"train_iters": ITERS, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 4},
+}
 SAME_VOCAB = {"vocab_size": 384}
 
 
@@ -56,9 +58,22 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
     assert len(straight) == ITERS and straight[-1] != straight[0]
 
     save = str(tmp_path / "run")
-    first = launch(4, corpus, [{"name": "dp2xtp2", "stop_at": STOP, "groups": groups(
-        parallel={"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True},
-        checkpoint={"save": save, "save_interval": STOP, "async_save": True})}], tmp_path, "save")["dp2xtp2"]
+    first = launch(
+        4,
+        corpus,
+        [
+            {
+                "name": "dp2xtp2",
+                "stop_at": STOP,
+                "groups": groups(
+                    parallel={"model_parallel_size": 2, "zero_stage": 3, "sequence_parallel": True},
+                    checkpoint={"save": save, "save_interval": STOP, "async_save": True},
+                ),
+            }
+        ],
+        tmp_path,
+        "save",
+    )["dp2xtp2"]
     assert first == pytest.approx(straight[:STOP], abs=1e-5)
 
     # resume in one process; the sharded checkpoint as one file holds exactly the weights it loaded
@@ -70,13 +85,26 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
     assert all(torch.equal(full[k], v) for k, v in single.model.state_dict().items())
     single.fit()
 
-    resumed = launch(2, corpus, [
-        {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
-        {"name": "zero1 dp2 + activation checkpointing", "groups": groups(
-            parallel={"zero_stage": 1}, checkpoint={"load": save}, train={"checkpoint_activations": True})},
-        # not a resume: fp16 loss scaling unscales a mix of plain and DTensor gradients (TP without SP)
-        {"name": "tp2 fp16", "groups": groups(parallel={"model_parallel_size": 2}, precision={"precision": "fp16"})},
-    ], tmp_path, "load")
+    resumed = launch(
+        2,
+        corpus,
+        [
+            {"name": "tp2", "groups": groups(parallel={"model_parallel_size": 2}, checkpoint={"load": save})},
+            {
+                "name": "zero1 dp2 + activation checkpointing",
+                "groups": groups(
+                    parallel={"zero_stage": 1}, checkpoint={"load": save}, train={"checkpoint_activations": True}
+                ),
+            },
+            # not a resume: fp16 loss scaling unscales a mix of plain and DTensor gradients (TP without SP)
+            {
+                "name": "tp2 fp16",
+                "groups": groups(parallel={"model_parallel_size": 2}, precision={"precision": "fp16"}),
+            },
+        ],
+        tmp_path,
+        "load",
+    )
     fp16 = resumed.pop("tp2 fp16")
     assert fp16 == pytest.approx(run_here(corpus, model=SAME_VOCAB, precision={"precision": "fp16"}), abs=1e-2)
     resumed["single process"] = single.losses

@@ -12,12 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.train.tiny_run
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from neox.parallel.runtime import resume_config, trainer_args  # noqa: E402
-from neox.train.trainer import Trainer  # noqa: E402
-from tests.train.tiny_run import tiny_config  # noqa: E402
+from neox.parallel.runtime import resume_config, trainer_args
+from neox.train.trainer import Trainer
+from tests.train.tiny_run import tiny_config
 
 
 def main(spec_file: str, out_file: str) -> None:

@@ -16,10 +16,22 @@ def one_thread():
 
 def test_train_command_runs_a_config_with_overrides(tmp_path, capsys):
     prefix = make_corpus(tmp_path / "data", docs=100)
-    cfg = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "seq_length": 16,
-           "tokenizer_type": "ByteLevelTokenizer", "data_path": prefix, "split": "90,5,5",
-           "train_micro_batch_size_per_gpu": 2, "train_iters": 50, "eval_interval": 2, "eval_iters": 1,
-           "log_interval": 1, "save": str(tmp_path / "run"), "progress_bar": False}
+    cfg = {
+        "num_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "seq_length": 16,
+        "tokenizer_type": "ByteLevelTokenizer",
+        "data_path": prefix,
+        "split": "90,5,5",
+        "train_micro_batch_size_per_gpu": 2,
+        "train_iters": 50,
+        "eval_interval": 2,
+        "eval_iters": 1,
+        "log_interval": 1,
+        "save": str(tmp_path / "run"),
+        "progress_bar": False,
+    }
     (tmp_path / "tiny.yml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "tiny.yml", "-d", str(tmp_path), "--set", "train_iters=3", "--set", "optimizer.lr=1e-3"]) == 0
     out = capsys.readouterr().out

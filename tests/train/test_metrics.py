@@ -53,7 +53,17 @@ def test_real_measurement_is_positive():
 
 
 def test_console_lines():
-    line = metrics.format_record({"iteration": 10, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1234.0,
-                                  "mfu": 0.25, "peak_mem_bytes": 2**30}, 100)
+    line = metrics.format_record(
+        {
+            "iteration": 10,
+            "loss": 2.5,
+            "lr": 1e-3,
+            "grad_norm": 0.5,
+            "tokens_per_s": 1234.0,
+            "mfu": 0.25,
+            "peak_mem_bytes": 2**30,
+        },
+        100,
+    )
     assert line == "iter     10/100 | loss 2.5000 | lr 1.000e-03 | grad 0.500 | 1,234 tok/s | mfu 25.0% | mem 1.00 GiB"
     assert metrics.format_record({"iteration": 5, "test_loss": 1.0, "test_ppl": 2.72}, 5).endswith("test ppl 2.72")

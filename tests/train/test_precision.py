@@ -9,32 +9,36 @@ from neox.train.precision import LossScaler, Precision
 
 
 def scaler(**kw):
-    return LossScaler(PrecisionConfig(precision="fp16", **{"initial_scale_power": 4, "loss_scale_window": 3,
-                                                           "hysteresis": 2, "min_loss_scale": 2.0, **kw}))
+    return LossScaler(
+        PrecisionConfig(
+            precision="fp16",
+            **{"initial_scale_power": 4, "loss_scale_window": 3, "hysteresis": 2, "min_loss_scale": 2.0, **kw},
+        )
+    )
 
 
 def test_overflow_halves_only_after_hysteresis():
     s = scaler()
     assert s.scale == 16.0
-    s.update(True)                 # first overflow spends the hysteresis budget
+    s.update(True)  # first overflow spends the hysteresis budget
     assert s.scale == 16.0
-    s.update(True)                 # second overflow halves
+    s.update(True)  # second overflow halves
     assert s.scale == 8.0
-    s.update(True)                 # budget stays spent: every further overflow halves
+    s.update(True)  # budget stays spent: every further overflow halves
     assert s.scale == 4.0
     s.update(True)
     s.update(True)
-    assert s.scale == 2.0          # floor: min_loss_scale
+    assert s.scale == 2.0  # floor: min_loss_scale
 
 
 def test_growth_after_window_of_clean_steps_refills_hysteresis():
     s = scaler(hysteresis=1)
-    s.update(True)                 # iteration 0 overflows -> 8
+    s.update(True)  # iteration 0 overflows -> 8
     assert s.scale == 8.0
     s.update(False)
     s.update(False)
     assert s.scale == 8.0
-    s.update(False)                # third clean iteration after the overflow -> double
+    s.update(False)  # third clean iteration after the overflow -> double
     assert s.scale == 16.0
     for _ in range(3):
         s.update(False)
@@ -70,7 +74,7 @@ def test_precision_modes():
     p = Precision(PrecisionConfig(precision="bf16"))
     with p.autocast():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
-    assert Precision(PrecisionConfig(precision="fp16")).scaler.scale == 2.0 ** 16
+    assert Precision(PrecisionConfig(precision="fp16")).scaler.scale == 2.0**16
     with pytest.raises(ConfigError, match="bf16_mode"):
         Precision(PrecisionConfig(precision="bf16", bf16_mode="half"))
 

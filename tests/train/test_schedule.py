@@ -19,12 +19,15 @@ def test_warmup_is_linear_from_zero():
     assert [s.lr_at(i) for i in (0, 1, 5, 10)] == [0.0, 0.1, 0.5, 1.0]
 
 
-@pytest.mark.parametrize("style,at_60,at_end", [
-    ("constant", 1.0, 1.0),
-    ("linear", 0.5, 0.0),                 # (100 - 50) / 100
-    ("cosine", 0.5, 0.0),                 # (1 + cos(pi/2)) / 2
-    ("exponential", math.exp(-0.693 / 2), math.exp(-0.693)),
-])
+@pytest.mark.parametrize(
+    "style,at_60,at_end",
+    [
+        ("constant", 1.0, 1.0),
+        ("linear", 0.5, 0.0),  # (100 - 50) / 100
+        ("cosine", 0.5, 0.0),  # (1 + cos(pi/2)) / 2
+        ("exponential", math.exp(-0.693 / 2), math.exp(-0.693)),
+    ],
+)
 def test_decay_styles(style, at_60, at_end):
     s = sched(style)
     assert s.lr_at(60) == pytest.approx(at_60)
@@ -55,8 +58,9 @@ def test_warmup_fraction_of_decay_iters_and_decay_fraction():
 def test_apply_sets_all_groups_and_reports_changes():
     import torch
 
-    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
-                           {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=9.0)
+    opt = torch.optim.SGD(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))]}, {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=9.0
+    )
     s = sched("linear")
     assert s.apply(opt, 5) == 0.5
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]

@@ -37,8 +37,12 @@ def weights(trainer):
 
 @pytest.mark.parametrize("precision,accum", [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
 def test_resume_is_exact(corpus, tmp_path, precision, accum):
-    groups = dict(precision={"precision": precision}, eval=NO_EVAL, model={"hidden_dropout": 0.1},
-                  train={"gradient_accumulation_steps": accum})
+    groups = dict(
+        precision={"precision": precision},
+        eval=NO_EVAL,
+        model={"hidden_dropout": 0.1},
+        train={"gradient_accumulation_steps": accum},
+    )
     straight = run(tiny_config(corpus, tmp_path / "a", **groups))
     first = run(tiny_config(corpus, tmp_path / "b", **groups), stop_at=10)
     resumed = run(tiny_config(corpus, tmp_path / "b", checkpoint={"load": str(tmp_path / "b")}, **groups))
@@ -65,15 +69,24 @@ def test_metrics_jsonl_appends_across_resume_and_has_eval(corpus, tmp_path):
         assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["grad_norm"] > 0
     evals = [(r["iteration"], sorted(r)) for r in records if "loss" not in r]
     # eval every 10 iterations (the first run stops at 10 after its eval); the test split once at the end
-    assert evals == [(10, ["iteration", "val_loss", "val_ppl"]), (20, ["iteration", "val_loss", "val_ppl"]),
-                     (20, ["iteration", "test_loss", "test_ppl"])]
+    assert evals == [
+        (10, ["iteration", "val_loss", "val_ppl"]),
+        (20, ["iteration", "val_loss", "val_ppl"]),
+        (20, ["iteration", "test_loss", "test_ppl"]),
+    ]
     val = [r for r in records if "val_loss" in r]
     assert val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
 
 
 def test_save_interval_keep_last_and_extra_iters(corpus, tmp_path):
-    run(tiny_config(corpus, tmp_path, eval=NO_EVAL,
-                    checkpoint={"save_interval": 4, "keep_last_n_checkpoints": 2, "extra_save_iters": [3]}))
+    run(
+        tiny_config(
+            corpus,
+            tmp_path,
+            eval=NO_EVAL,
+            checkpoint={"save_interval": 4, "keep_last_n_checkpoints": 2, "extra_save_iters": [3]},
+        )
+    )
     # saved at 3, 4, 8, 12, 16, 20; only the last two remain
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_0000016", "iter_0000020"]
     assert ckpt.saved_config(tmp_path)["train"]["train_batch_size"] == 2  # the resolved batch triple
@@ -81,8 +94,13 @@ def test_save_interval_keep_last_and_extra_iters(corpus, tmp_path):
 
 def test_finetune_loads_weights_only(corpus, tmp_path):
     base = run(tiny_config(corpus, tmp_path / "base", train={"train_iters": 6}, eval=NO_EVAL))
-    cfg = tiny_config(corpus, tmp_path / "ft", train={"train_iters": 3}, eval=NO_EVAL,
-                      checkpoint={"load": str(tmp_path / "base"), "finetune": True})
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "ft",
+        train={"train_iters": 3},
+        eval=NO_EVAL,
+        checkpoint={"load": str(tmp_path / "base"), "finetune": True},
+    )
     ft = Trainer(cfg, quiet=True)
     assert ft.iteration == 0 and ft.consumed_samples == 0 and not ft.optimizer.state
     a, b = weights(base), weights(ft)
@@ -95,8 +113,14 @@ def test_finetune_loads_weights_only(corpus, tmp_path):
 
 def test_fp16_overflow_skips_step_and_lowers_scale(corpus, tmp_path):
     # a 2**22 initial scale overflows fp16 activations' gradients: steps are skipped until the scale fits
-    cfg = tiny_config(corpus, tmp_path, train={"train_iters": 8}, eval=NO_EVAL, logging={"log_interval": 8},
-                      precision={"precision": "fp16", "initial_scale_power": 22, "hysteresis": 1})
+    cfg = tiny_config(
+        corpus,
+        tmp_path,
+        train={"train_iters": 8},
+        eval=NO_EVAL,
+        logging={"log_interval": 8},
+        precision={"precision": "fp16", "initial_scale_power": 22, "hysteresis": 1},
+    )
     t = Trainer(cfg, quiet=True)
     before = weights(t)
     t.fit()
@@ -109,11 +133,19 @@ def test_fp16_overflow_skips_step_and_lowers_scale(corpus, tmp_path):
 
 
 def test_async_save_publishes_every_checkpoint(corpus, tmp_path):
-    t = run(tiny_config(corpus, tmp_path, train={"train_iters": 6}, eval=NO_EVAL,
-                        checkpoint={"save_interval": 2, "keep_last_n_checkpoints": 2, "async_save": True}))
+    t = run(
+        tiny_config(
+            corpus,
+            tmp_path,
+            train={"train_iters": 6},
+            eval=NO_EVAL,
+            checkpoint={"save_interval": 2, "keep_last_n_checkpoints": 2, "async_save": True},
+        )
+    )
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_0000004", "iter_0000006"]
     assert ckpt.resolve(tmp_path).name == "iter_0000006" and not list(tmp_path.glob("*.tmp"))
-    resumed = Trainer(tiny_config(corpus, None, train={"train_iters": 6}, checkpoint={"load": str(tmp_path)}),
-                      quiet=True)
+    resumed = Trainer(
+        tiny_config(corpus, None, train={"train_iters": 6}, checkpoint={"load": str(tmp_path)}), quiet=True
+    )
     a, b = weights(t), weights(resumed)
     assert resumed.iteration == 6 and all(torch.equal(a[k], b[k]) for k in a)

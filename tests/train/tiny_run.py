@@ -9,8 +9,32 @@ from neox.config import from_dict
 from neox.config.schema import TokenizerConfig
 from neox.data.preprocess import PreprocessOptions, preprocess
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex every "
-         "juggling king and queen of the small green valley").split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "every",
+    "juggling",
+    "king",
+    "and",
+    "queen",
+    "of",
+    "the",
+    "small",
+    "green",
+    "valley",
+]
 
 
 def make_corpus(directory: Path, docs: int = 400, seed: int = 0) -> str:
@@ -25,16 +49,23 @@ def make_corpus(directory: Path, docs: int = 400, seed: int = 0) -> str:
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "."
             f.write(json.dumps({"text": text}) + "\n")
     prefix = str(directory / "tiny")
-    preprocess(PreprocessOptions(inputs=[str(src)], output_prefix=prefix, append_eod=True, progress=False),
-               TokenizerConfig(tokenizer_type="ByteLevelTokenizer"))
+    preprocess(
+        PreprocessOptions(inputs=[str(src)], output_prefix=prefix, append_eod=True, progress=False),
+        TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
+    )
     return prefix + "_text_document"
 
 
 def tiny_config(data_prefix: str, run_dir: Path | None = None, **groups):
     """A 2-layer, 32-wide model on 32-token sequences; `groups` update the nested config groups."""
     d = {
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "seq_length": 32,
-                  "make_vocab_size_divisible_by": 64},
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "seq_length": 32,
+            "make_vocab_size_divisible_by": 64,
+        },
         "tokenizer": {"tokenizer_type": "ByteLevelTokenizer"},
         "data": {"data_path": data_prefix, "split": "90,5,5"},
         "train": {"train_iters": 20, "train_micro_batch_size_per_gpu": 2, "seed": 7, "device": "cpu"},

@@ -1,0 +1,1 @@
+"""The `neox` command modules: each provides `register(parser, name)` for its command (see neox/cli.py)."""
