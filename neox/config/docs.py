@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ Generated from `neox/config/schema.py` and `neox/config/aliases.py` by `neox con
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or null" if len(args) == 1 else "any"
     return getattr(tp, "__name__", str(tp))

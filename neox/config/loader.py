@@ -12,6 +12,7 @@ import difflib
 import functools
 import logging
 import os
+import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def _describe(tp: Any) -> str:
 def coerce(value: Any, tp: Any, choices: tuple | None, where: str) -> Any:
     """`value` checked against the field type `tp` (and choices); raises with `where` ("file: key 'k'")."""
     optional = False
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
         tp = args[0] if len(args) == 1 else Any
