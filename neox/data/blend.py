@@ -69,7 +69,7 @@ def normalized_weights_and_num_samples(weights, num_samples: int) -> tuple[list[
     if total <= 0:
         raise ConfigError(f"blend weights sum to {total}; at least one weight must be positive")
     weights = [w / total for w in weights]
-    return weights, [int(math.ceil(num_samples * w * 1.005)) for w in weights]
+    return weights, [math.ceil(num_samples * w * 1.005) for w in weights]
 
 
 def weights_by_num_docs(num_docs, alpha: float = 0.3) -> list[float]:
@@ -82,7 +82,7 @@ def weights_by_num_docs(num_docs, alpha: float = 0.3) -> list[float]:
     if total_docs <= 0:
         raise ConfigError("weight_by_num_documents: the datasets have no documents")
     unbiased = [n / total_docs for n in num_docs]
-    probs = [p ** alpha for p in unbiased]
+    probs = [p**alpha for p in unbiased]
     s = sum(probs)
     probs = [p / s for p in probs]
     weights = [p * (1 - u) for p, u in zip(probs, unbiased)]

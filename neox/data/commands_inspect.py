@@ -18,10 +18,22 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     i = sub.add_parser("inspect", help="document/token counts, dtype, length histogram, decoded documents")
     i.add_argument("prefix", help="dataset prefix (PREFIX.bin + PREFIX.idx; a .bin/.idx path also works)")
-    i.add_argument("--doc", type=int, action="append", default=[], metavar="N",
-                   help="print document N (repeatable; negative counts from the end)")
-    i.add_argument("--sample", type=int, action="append", default=[], metavar="N",
-                   help="print sample N of GPT-NeoX's packed, shuffled order over all documents (no split)")
+    i.add_argument(
+        "--doc",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="print document N (repeatable; negative counts from the end)",
+    )
+    i.add_argument(
+        "--sample",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="print sample N of GPT-NeoX's packed, shuffled order over all documents (no split)",
+    )
     i.add_argument("--seq-length", type=int, default=2048, help="sample length for --sample (default 2048)")
     i.add_argument("--seed", type=int, default=1234, help="shuffle seed for --sample (default 1234)")
     i.add_argument("--max-chars", type=int, default=2000, help="truncate decoded text to this (0 = no limit)")
@@ -29,13 +41,18 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     i.set_defaults(func=run_inspect)
 
     m = sub.add_parser("merge", help="concatenate datasets into one (documents kept in order)")
-    m.add_argument("--input", required=True, nargs="+",
-                   help="a directory (every PREFIX.bin/.idx pair in it, sorted by name, as GPT-NeoX) or prefixes")
+    m.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="a directory (every PREFIX.bin/.idx pair in it, sorted by name, as GPT-NeoX) or prefixes",
+    )
     m.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     m.set_defaults(func=run_merge)
 
 
 # ---- inspect -------------------------------------------------------------------------------------------------
+
 
 def length_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
     """Lines of a log2-bucketed histogram of document lengths."""
@@ -53,7 +70,7 @@ def length_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
     for b in range(used.min(), used.max() + 1):
         lo, hi = (0, 1) if b == 0 else (1 << (b - 1), 1 << b)
         label = "0" if b == 0 else f"[{lo}, {hi})"
-        bar = "#" * max(int(round(width * buckets[b] / peak)), 1 if buckets[b] else 0)
+        bar = "#" * max(round(width * buckets[b] / peak), 1 if buckets[b] else 0)
         lines.append(f"  {label:>18} {buckets[b]:>10,} {bar}")
     return lines
 
@@ -61,7 +78,7 @@ def length_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
 def _show(tokens: np.ndarray, tokenizer, max_chars: int) -> str:
     if tokenizer is None:
         ids = tokens.tolist()
-        return " ".join(map(str, ids[:max_chars or None])) + (" ..." if max_chars and len(ids) > max_chars else "")
+        return " ".join(map(str, ids[: max_chars or None])) + (" ..." if max_chars and len(ids) > max_chars else "")
     ids = [int(t) for t in tokens if t >= 0]  # labels carry -100 where there is no loss
     text = tokenizer.decode(ids)
     if max_chars and len(text) > max_chars:
@@ -85,8 +102,9 @@ def _samples(ds: IndexedDataset, wanted: list, seq_length: int, seed: int):
     from neox.data.sampling import GPT2Dataset
 
     with tempfile.TemporaryDirectory(prefix="neox-inspect-") as cache:
-        gpt = GPT2Dataset("inspect", ds.prefix, np.arange(len(ds)), ds, max(wanted) + 1, seq_length, seed,
-                          cache_dir=cache)
+        gpt = GPT2Dataset(
+            "inspect", ds.prefix, np.arange(len(ds)), ds, max(wanted) + 1, seq_length, seed, cache_dir=cache
+        )
         return [(n, gpt[n]["text"], gpt.document_ids(n)) for n in wanted]
 
 
@@ -102,8 +120,10 @@ def run_inspect(args) -> int:
     print(f"dtype     {ds.dtype.name} ({ds.dtype.itemsize} bytes/token)")
     print(f"documents {ds.num_documents:,}   items {len(ds):,}   tokens {ds.num_tokens:,}")
     if sizes.size:
-        print(f"item length: min {sizes.min():,}  median {int(np.median(sizes)):,}  "
-              f"mean {sizes.mean():,.1f}  max {sizes.max():,}")
+        print(
+            f"item length: min {sizes.min():,}  median {int(np.median(sizes)):,}  "
+            f"mean {sizes.mean():,.1f}  max {sizes.max():,}"
+        )
         if tokenizer is not None and sizes.sum():
             nz = sizes > 0
             last = ds.pointers[nz] // ds.dtype.itemsize + sizes[nz] - 1
@@ -121,13 +141,16 @@ def run_inspect(args) -> int:
         if args.seq_length < 1:
             raise NeoxError(f"--seq-length {args.seq_length}: must be 1 or more")
         for n, tokens, docs in _samples(ds, args.sample, args.seq_length, args.seed):
-            print(f"\n--- sample {n} (seq_length {args.seq_length}, seed {args.seed}, documents "
-                  f"{', '.join(map(str, docs.tolist()))}) ---")
+            print(
+                f"\n--- sample {n} (seq_length {args.seq_length}, seed {args.seed}, documents "
+                f"{', '.join(map(str, docs.tolist()))}) ---"
+            )
             print(_show(tokens, tokenizer, args.max_chars))
     return 0
 
 
 # ---- merge ---------------------------------------------------------------------------------------------------
+
 
 def merge_inputs(inputs: list) -> list[str]:
     """Directories expand to their PREFIX.bin/.idx pairs (sorted by name); other entries are prefixes."""
@@ -165,6 +188,9 @@ def merge_datasets(prefixes: list, output_prefix: str) -> IndexedDataset:
 def run_merge(args) -> int:
     prefixes = merge_inputs(args.input)
     merged = merge_datasets(prefixes, args.output_prefix)
-    print(f"neox data merge: {len(prefixes)} datasets -> {merged.prefix}.{{bin,idx}}: "
-          f"{merged.num_documents:,} documents, {merged.num_tokens:,} tokens ({merged.dtype.name})", file=sys.stdout)
+    print(
+        f"neox data merge: {len(prefixes)} datasets -> {merged.prefix}.{{bin,idx}}: "
+        f"{merged.num_documents:,} documents, {merged.num_tokens:,} tokens ({merged.dtype.name})",
+        file=sys.stdout,
+    )
     return 0

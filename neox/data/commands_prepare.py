@@ -16,23 +16,36 @@ from neox.errors import NeoxError
 def register(parser: argparse.ArgumentParser, name: str) -> None:
     from neox.data.corpora import BUILTIN, CORPORA, MIRROR_ENV
 
-    listing = "; ".join([f"{c.name}: {c.description}" for c in CORPORA.values()]
-                        + [f"{k}: {v}" for k, v in BUILTIN.items()])
+    listing = "; ".join(
+        [f"{c.name}: {c.description}" for c in CORPORA.values()] + [f"{k}: {v}" for k, v in BUILTIN.items()]
+    )
     parser.add_argument("name", nargs="?", help=f"corpus to prepare ({listing})")
     parser.add_argument("--list", action="store_true", help="list the known corpora and exit")
-    parser.add_argument("-d", "--data-dir", default=os.environ.get("DATA_DIR", "./data"),
-                        help="parent directory; the corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)")
+    parser.add_argument(
+        "-d",
+        "--data-dir",
+        default=os.environ.get("DATA_DIR", "./data"),
+        help="parent directory; the corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)",
+    )
     parser.add_argument("--out", default=None, help="write the corpus to exactly this directory instead")
-    parser.add_argument("-t", "--tokenizer-type", default=None,
-                        help="also tokenize with this tokenizer type (see `neox preprocess --help`)")
+    parser.add_argument(
+        "-t",
+        "--tokenizer-type",
+        default=None,
+        help="also tokenize with this tokenizer type (see `neox preprocess --help`)",
+    )
     parser.add_argument("-v", "--vocab-file", default=None, help="tokenizer file for -t")
     parser.add_argument("-m", "--merge-file", default=None, help="GPT-2 merges.txt for -t GPT2BPETokenizer")
     parser.add_argument("-n", "--num-workers", type=int, default=1, help="tokenizer processes for -t")
-    parser.add_argument("-f", "--force-redownload", action="store_true",
-                        help="download and convert again even if the files are there")
+    parser.add_argument(
+        "-f", "--force-redownload", action="store_true", help="download and convert again even if the files are there"
+    )
     parser.add_argument("--url", default=None, help="fetch the corpus file from this URL (same checksum)")
-    parser.add_argument("--mirror", default=None,
-                        help=f"base URL serving the corpus files by their original names (or set {MIRROR_ENV})")
+    parser.add_argument(
+        "--mirror",
+        default=None,
+        help=f"base URL serving the corpus files by their original names (or set {MIRROR_ENV})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -50,18 +63,30 @@ def run(args) -> int:
     out_dir = args.out or os.path.join(args.data_dir, args.name)
     if args.name == "stdlib" and (args.url or args.mirror):
         raise NeoxError("stdlib is built from local files; --url/--mirror do not apply")
-    jsonl = corpora.prepare(args.name, out_dir, mirror=args.mirror, url=args.url, force=args.force_redownload,
-                            progress=False if args.quiet else None)
+    jsonl = corpora.prepare(
+        args.name,
+        out_dir,
+        mirror=args.mirror,
+        url=args.url,
+        force=args.force_redownload,
+        progress=False if args.quiet else None,
+    )
     print(f"wrote {jsonl}")
     if args.tokenizer_type:
         from neox.config.schema import TokenizerConfig
         from neox.data.preprocess import PreprocessOptions, preprocess
 
         corpus = corpora.CORPORA.get(args.name)
-        opts = PreprocessOptions(inputs=[jsonl], output_prefix=os.path.join(out_dir, args.name), append_eod=True,
-                                 workers=args.num_workers, num_docs=corpus.num_docs if corpus else None,
-                                 progress=False if args.quiet else None)
-        tok = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                              merge_file=args.merge_file)
+        opts = PreprocessOptions(
+            inputs=[jsonl],
+            output_prefix=os.path.join(out_dir, args.name),
+            append_eod=True,
+            workers=args.num_workers,
+            num_docs=corpus.num_docs if corpus else None,
+            progress=False if args.quiet else None,
+        )
+        tok = TokenizerConfig(
+            tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file
+        )
         print(preprocess(opts, tok).line())
     return 0

@@ -13,47 +13,76 @@ def add_tokenizer_args(parser: argparse.ArgumentParser, default: str | None = "B
     """--tokenizer-type / --vocab-file / --merge-file as GPT-NeoX spells them, and --eod-token / --pad-token
     (tokenizer.eod_token / pad_token); shared with `neox data`."""
     g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default=default,
-                   help=f"one of {', '.join(TOKENIZER_TYPES)} (default {default})")
-    g.add_argument("--vocab-file", default=None,
-                   help="HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file")
+    g.add_argument("--tokenizer-type", default=default, help=f"one of {', '.join(TOKENIZER_TYPES)} (default {default})")
+    g.add_argument(
+        "--vocab-file", default=None, help="HF tokenizer JSON, GPT-2 vocab.json, sentencepiece model or .tiktoken file"
+    )
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
-    g.add_argument("--eod-token", default=None,
-                   help="end-of-document token, when the file has none of <|endoftext|>, </s>, ... (e.g. <|im_end|>)")
+    g.add_argument(
+        "--eod-token",
+        default=None,
+        help="end-of-document token, when the file has none of <|endoftext|>, </s>, ... (e.g. <|im_end|>)",
+    )
     g.add_argument("--pad-token", default=None, help="padding token (default <|padding|>, else the EOD token)")
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
     g = parser.add_argument_group("input")
-    g.add_argument("--input", required=True, action="append",
-                   help="input files: .jsonl/.txt, optionally .gz/.zst; comma-separated, repeatable, globs "
-                        "and directories allowed")
-    g.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"],
-                   help="JSON keys to tokenize; each key becomes its own dataset (default: text)")
-    g.add_argument("--text-mode", choices=TEXT_MODES, default="file",
-                   help="how .txt files become documents: the whole file (GPT-NeoX), blank-line-separated "
-                        "paragraphs, or lines (default: file)")
+    g.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="input files: .jsonl/.txt, optionally .gz/.zst; comma-separated, repeatable, globs "
+        "and directories allowed",
+    )
+    g.add_argument(
+        "--json-keys",
+        "--jsonl-keys",
+        dest="json_keys",
+        nargs="+",
+        default=["text"],
+        help="JSON keys to tokenize; each key becomes its own dataset (default: text)",
+    )
+    g.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="file",
+        help="how .txt files become documents: the whole file (GPT-NeoX), blank-line-separated "
+        "paragraphs, or lines (default: file)",
+    )
     g.add_argument("--num-docs", type=int, default=None, help="number of documents, for the progress bar")
     add_tokenizer_args(parser)
     g = parser.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True,
-                   help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
+    g.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
     g.add_argument("--dataset-impl", choices=["mmap"], default="mmap", help="only GPT-NeoX's mmap format")
     g.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's EOD id")
     g.add_argument("--ftfy", action="store_true", help="fix mojibake and odd unicode with ftfy first")
-    g.add_argument("--dtype", default=None, choices=["uint16", "int32", "int64"],
-                   help="token dtype (default: uint16 when the vocabulary is below 65500, else int32)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["uint16", "int32", "int64"],
+        help="token dtype (default: uint16 when the vocabulary is below 65500, else int32)",
+    )
     g = parser.add_argument_group("fine-tuning labels")
-    g.add_argument("--mask-before-token", default=None,
-                   help="comma-separated token ids: also write OUTPUT_PREFIX_label_document where every token "
-                        "up to and including the first occurrence of this sequence is -100 (GPT-NeoX)")
-    g.add_argument("--prompt-key", default=None,
-                   help="JSON key of a prompt put before the text; the label dataset is -100 over it")
+    g.add_argument(
+        "--mask-before-token",
+        default=None,
+        help="comma-separated token ids: also write OUTPUT_PREFIX_label_document where every token "
+        "up to and including the first occurrence of this sequence is -100 (GPT-NeoX)",
+    )
+    g.add_argument(
+        "--prompt-key", default=None, help="JSON key of a prompt put before the text; the label dataset is -100 over it"
+    )
     g = parser.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1,
-                   help="tokenizer processes (1: in this process, using the tokenizer's own threads)")
-    g.add_argument("--batch-bytes", type=int, default=1 << 18,
-                   help="input bytes per batch sent to a worker (default 256 KiB)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizer processes (1: in this process, using the tokenizer's own threads)",
+    )
+    g.add_argument(
+        "--batch-bytes", type=int, default=1 << 18, help="input bytes per batch sent to a worker (default 256 KiB)"
+    )
     g.add_argument("--log-interval", type=int, default=100, help="update the progress bar every N documents")
     g.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
@@ -76,11 +105,22 @@ def run(args) -> int:
     from neox.data.preprocess import PreprocessOptions, preprocess
 
     opts = PreprocessOptions(
-        inputs=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys,
-        append_eod=args.append_eod, ftfy=args.ftfy, workers=args.workers, strict=args.strict,
-        text_mode=args.text_mode, mask_before_token=parse_token_ids(args.mask_before_token),
-        prompt_key=args.prompt_key, dtype=args.dtype, batch_bytes=args.batch_bytes,
-        log_interval=args.log_interval, num_docs=args.num_docs, progress=False if args.quiet else None)
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        ftfy=args.ftfy,
+        workers=args.workers,
+        strict=args.strict,
+        text_mode=args.text_mode,
+        mask_before_token=parse_token_ids(args.mask_before_token),
+        prompt_key=args.prompt_key,
+        dtype=args.dtype,
+        batch_bytes=args.batch_bytes,
+        log_interval=args.log_interval,
+        num_docs=args.num_docs,
+        progress=False if args.quiet else None,
+    )
     summary = preprocess(opts, args)
     if not args.quiet:
         print(f"neox preprocess: {summary.line()}")

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from neox.data.readers import BadLine, expand_inputs, iter_pieces
 from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
@@ -24,14 +24,22 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 def register(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer and write its JSON")
-    t.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help=".jsonl/.txt files (optionally .gz/.zst), globs, directories or comma-separated lists")
+    t.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help=".jsonl/.txt files (optionally .gz/.zst), globs, directories or comma-separated lists",
+    )
     t.add_argument("--vocab-size", type=int, required=True, help=f"vocabulary size (at least {MIN_VOCAB})")
     t.add_argument("--out", required=True, help="output tokenizer JSON file")
     t.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys whose text is used")
     t.add_argument("--min-frequency", type=int, default=2, help="merges must occur at least this often")
-    t.add_argument("--text-mode", choices=("file", "paragraph", "line"), default="paragraph",
-                   help="how .txt files are cut into training texts (default: paragraph)")
+    t.add_argument(
+        "--text-mode",
+        choices=("file", "paragraph", "line"),
+        default="paragraph",
+        help="how .txt files are cut into training texts (default: paragraph)",
+    )
     t.set_defaults(func=run)
 
 
@@ -53,8 +61,9 @@ def _texts(paths: list, keys: list, text_mode: str, skipped: list) -> Iterator[s
                 skipped.append(BadLine(piece.path, piece.line, f"no string value for key {key!r}"))
 
 
-def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_frequency: int = 2,
-                    text_mode: str = "paragraph") -> tuple:
+def train_tokenizer(
+    inputs, vocab_size: int, out: str, json_keys=("text",), min_frequency: int = 2, text_mode: str = "paragraph"
+) -> tuple:
     """Train and save; returns (tokenizer, skipped BadLines)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -66,9 +75,13 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     skipped: list = []
     texts = 0
 
@@ -80,8 +93,10 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
 
     tok.train_from_iterator(counted(), trainer=trainer)
     if texts == 0:  # a tokenizer learned from nothing would be written and used without complaint
-        raise DataError(f"{', '.join(map(str, inputs))}: no text to train on ({len(skipped)} lines skipped); "
-                        f"check the files and --json-keys ({' '.join(json_keys)})")
+        raise DataError(
+            f"{', '.join(map(str, inputs))}: no text to train on ({len(skipped)} lines skipped); "
+            f"check the files and --json-keys ({' '.join(json_keys)})"
+        )
     tmp = out + ".tmp"
     tok.save(tmp)
     os.replace(tmp, out)
@@ -89,10 +104,13 @@ def train_tokenizer(inputs, vocab_size: int, out: str, json_keys=("text",), min_
 
 
 def run(args) -> int:
-    tok, skipped = train_tokenizer(args.inputs, args.vocab_size, args.out, args.json_keys, args.min_frequency,
-                                   args.text_mode)
+    tok, skipped = train_tokenizer(
+        args.inputs, args.vocab_size, args.out, args.json_keys, args.min_frequency, args.text_mode
+    )
     for b in skipped[:20]:
         print(f"warning: skipped {b}", file=sys.stderr)
-    print(f"neox tokenizer: wrote {args.out} (vocab {tok.get_vocab_size()}, {EOD_TOKEN}="
-          f"{tok.token_to_id(EOD_TOKEN)}, skipped {len(skipped)} lines)")
+    print(
+        f"neox tokenizer: wrote {args.out} (vocab {tok.get_vocab_size()}, {EOD_TOKEN}="
+        f"{tok.token_to_id(EOD_TOKEN)}, skipped {len(skipped)} lines)"
+    )
     return 0

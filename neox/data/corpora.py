@@ -52,40 +52,104 @@ class Corpus:
 
 
 def _c(name, form, description, *sources, num_docs=None) -> Corpus:
-    return Corpus(name, tuple(Source(*s) if isinstance(s, tuple) else Source(s) for s in sources), form,
-                  description, num_docs)
+    return Corpus(
+        name, tuple(Source(*s) if isinstance(s, tuple) else Source(s) for s in sources), form, description, num_docs
+    )
 
 
-CORPORA = {c.name: c for c in [
-    _c("enron", "jsonl.zst", "Enron emails (The Pile component), 517,401 emails",
-       ("http://eaidata.bmk.sh/data/enron_emails.jsonl.zst",
-        "6968dd2d6d9c4328ee3b77b263aad38401b77c326f693ce051c98a3f215bf583"), num_docs=517401),
-    _c("tinyshakespeare", "paragraphs", "Tiny Shakespeare (char-rnn), 1.1 MB; one document per speech",
-       ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")),
-    _c("enwik8", "enwik8", "enwik8: first 100 MB of an English Wikipedia XML dump; one document per <page>",
-       "http://mattmahoney.net/dc/enwik8.zip"),
-    _c("europarl", "jsonl.zst", "EuroParl proceedings 1996-2011 (The Pile component)",
-       (f"{THE_EYE}/EuroParliamentProceedings_1996_2011.jsonl.zst",
-        "6111400e7b7f75ce91fed1b5fc0a3630b8263217bd01ce75f7d8701f26ac0e98"), num_docs=69814),
-    _c("freelaw", "jsonl.zst", "FreeLaw court opinions (The Pile component)",
-       (f"{THE_EYE}/FreeLaw_Opinions.jsonl.zst",
-        "7d7ba907cf397e8585bb3ef148b3e9678edbf142b2247460f907c16aecbaed2d"), num_docs=3562015),
-    _c("nih", "jsonl.zst", "NIH ExPORTER grant abstracts (The Pile component)",
-       (f"{THE_EYE}/NIH_ExPORTER_awarded_grant_text.jsonl.zst",
-        "be7fc69b9a3652391b6567891b99277ac99e7dfd5892ba19cb312f909357c458"), num_docs=939661),
-    _c("pubmed_abstracts", "jsonl.zst", "PubMed abstracts, 2019 baseline (The Pile component)",
-       (f"{THE_EYE}/PUBMED_title_abstracts_2019_baseline.jsonl.zst",
-        "15c26a83ac2b11378b8e6ba5a16bab92428de29bacb85709834948cfcf1f029b"), num_docs=15518009),
-    _c("ubuntu_irc", "jsonl.zst", "Ubuntu IRC logs until 2020-09-01 (The Pile component)",
-       (f"{THE_EYE}/ubuntu_irc_until_2020_9_1.jsonl.zst",
-        "b2bd119beb2741f428c7f1de954794718ce6e8090e3125be5e64845bb320767e"), num_docs=2807),
-    _c("youtube_subtitles", "jsonl.zst", "YouTube subtitles (The Pile component)",
-       (f"{THE_EYE}/yt_subs.jsonl.zst",
-        "0b9130b8c92290eba360337fea90c2617721f65d955f785f8755cb5f4a8e319c"), num_docs=173651),
-    _c("pile_00", "jsonl.zst", "The Pile, training shard 00 of 30 (~15 GB compressed)",
-       "https://the-eye.eu/public/AI/pile/train/00.jsonl.zst"),
-]}
+CORPORA = {
+    c.name: c
+    for c in [
+        _c(
+            "enron",
+            "jsonl.zst",
+            "Enron emails (The Pile component), 517,401 emails",
+            (
+                "http://eaidata.bmk.sh/data/enron_emails.jsonl.zst",
+                "6968dd2d6d9c4328ee3b77b263aad38401b77c326f693ce051c98a3f215bf583",
+            ),
+            num_docs=517401,
+        ),
+        _c(
+            "tinyshakespeare",
+            "paragraphs",
+            "Tiny Shakespeare (char-rnn), 1.1 MB; one document per speech",
+            (
+                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            ),
+        ),
+        _c(
+            "enwik8",
+            "enwik8",
+            "enwik8: first 100 MB of an English Wikipedia XML dump; one document per <page>",
+            "http://mattmahoney.net/dc/enwik8.zip",
+        ),
+        _c(
+            "europarl",
+            "jsonl.zst",
+            "EuroParl proceedings 1996-2011 (The Pile component)",
+            (
+                f"{THE_EYE}/EuroParliamentProceedings_1996_2011.jsonl.zst",
+                "6111400e7b7f75ce91fed1b5fc0a3630b8263217bd01ce75f7d8701f26ac0e98",
+            ),
+            num_docs=69814,
+        ),
+        _c(
+            "freelaw",
+            "jsonl.zst",
+            "FreeLaw court opinions (The Pile component)",
+            (
+                f"{THE_EYE}/FreeLaw_Opinions.jsonl.zst",
+                "7d7ba907cf397e8585bb3ef148b3e9678edbf142b2247460f907c16aecbaed2d",
+            ),
+            num_docs=3562015,
+        ),
+        _c(
+            "nih",
+            "jsonl.zst",
+            "NIH ExPORTER grant abstracts (The Pile component)",
+            (
+                f"{THE_EYE}/NIH_ExPORTER_awarded_grant_text.jsonl.zst",
+                "be7fc69b9a3652391b6567891b99277ac99e7dfd5892ba19cb312f909357c458",
+            ),
+            num_docs=939661,
+        ),
+        _c(
+            "pubmed_abstracts",
+            "jsonl.zst",
+            "PubMed abstracts, 2019 baseline (The Pile component)",
+            (
+                f"{THE_EYE}/PUBMED_title_abstracts_2019_baseline.jsonl.zst",
+                "15c26a83ac2b11378b8e6ba5a16bab92428de29bacb85709834948cfcf1f029b",
+            ),
+            num_docs=15518009,
+        ),
+        _c(
+            "ubuntu_irc",
+            "jsonl.zst",
+            "Ubuntu IRC logs until 2020-09-01 (The Pile component)",
+            (
+                f"{THE_EYE}/ubuntu_irc_until_2020_9_1.jsonl.zst",
+                "b2bd119beb2741f428c7f1de954794718ce6e8090e3125be5e64845bb320767e",
+            ),
+            num_docs=2807,
+        ),
+        _c(
+            "youtube_subtitles",
+            "jsonl.zst",
+            "YouTube subtitles (The Pile component)",
+            (f"{THE_EYE}/yt_subs.jsonl.zst", "0b9130b8c92290eba360337fea90c2617721f65d955f785f8755cb5f4a8e319c"),
+            num_docs=173651,
+        ),
+        _c(
+            "pile_00",
+            "jsonl.zst",
+            "The Pile, training shard 00 of 30 (~15 GB compressed)",
+            "https://the-eye.eu/public/AI/pile/train/00.jsonl.zst",
+        ),
+    ]
+}
 BUILTIN = {"stdlib": "this Python's standard library sources (no download), one document per .py file"}
 
 
@@ -112,12 +176,22 @@ def _progress(total: int | None, initial: int, name: str, show: bool | None):
     from tqdm import tqdm
 
     enabled = sys.stderr.isatty() if show is None else show
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=name,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
-def download(url: str, dest: str, sha256: str | None = None, progress: bool | None = None,
-             timeout: float = 60.0) -> str:
+def download(
+    url: str, dest: str, sha256: str | None = None, progress: bool | None = None, timeout: float = 60.0
+) -> str:
     """Fetch ``url`` to ``dest`` through ``dest.part``, resuming a partial file; verify ``sha256``.
 
     A finished ``dest`` is not fetched again. A server that ignores the Range request makes the download
@@ -136,12 +210,16 @@ def download(url: str, dest: str, sha256: str | None = None, progress: bool | No
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send: the .part is already whole
             return _finish(part, dest, url, sha256)
-        raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL or pass --mirror/--url "
-                        f"(or set {MIRROR_ENV}) to fetch from another server") from None
+        raise DataError(
+            f"{url}: HTTP {e.code} {e.reason}; check the URL or pass --mirror/--url "
+            f"(or set {MIRROR_ENV}) to fetch from another server"
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise DataError(f"{url}: cannot connect ({reason}); without network, pass --mirror/--url (or set "
-                        f"{MIRROR_ENV}) to a server that has {os.path.basename(dest)}") from None
+        raise DataError(
+            f"{url}: cannot connect ({reason}); without network, pass --mirror/--url (or set "
+            f"{MIRROR_ENV}) to a server that has {os.path.basename(dest)}"
+        ) from None
     with resp:
         if have and resp.status != 206:
             have = 0  # the server sent the whole file; start again from byte 0
@@ -159,13 +237,15 @@ def download(url: str, dest: str, sha256: str | None = None, progress: bool | No
                     got += len(block)
                     bar.update(len(block))
         except (OSError, http.client.HTTPException) as e:
-            raise DataError(f"{url}: download interrupted after {got} bytes ({e}); run the same command again "
-                            f"to resume from {part}") from None
+            raise DataError(
+                f"{url}: download interrupted after {got} bytes ({e}); run the same command again to resume from {part}"
+            ) from None
         finally:
             bar.close()
     if total is not None and got < total:
-        raise DataError(f"{url}: connection closed after {got} of {total} bytes; run the same command again to "
-                        f"resume from {part}")
+        raise DataError(
+            f"{url}: connection closed after {got} of {total} bytes; run the same command again to resume from {part}"
+        )
     return _finish(part, dest, url, sha256)
 
 
@@ -173,16 +253,18 @@ def _finish(part: str, dest: str, url: str, sha256: str | None) -> str:
     digest = sha256_of(part)
     if sha256 is not None and digest != sha256.lower():
         os.remove(part)
-        raise DataError(f"{url}: sha256 {digest} does not match the expected {sha256}; the download was deleted. "
-                        f"Run again, or use --mirror/--url pointing at a correct copy")
+        raise DataError(
+            f"{url}: sha256 {digest} does not match the expected {sha256}; the download was deleted. "
+            f"Run again, or use --mirror/--url pointing at a correct copy"
+        )
     if sha256 is None:
-        print(f"{os.path.basename(dest)}: sha256 {digest} (no published checksum to verify against)",
-              file=sys.stderr)
+        print(f"{os.path.basename(dest)}: sha256 {digest} (no published checksum to verify against)", file=sys.stderr)
     os.replace(part, dest)
     return dest
 
 
 # ---- turning downloads into JSONL ------------------------------------------------------------------------------
+
 
 def _write_jsonl(out_path: str, docs) -> int:
     """Write ``{"text": ...}`` documents atomically; returns how many."""
@@ -250,8 +332,14 @@ def _to_jsonl(corpus: Corpus, files: list[str], out_path: str) -> None:
         raise NeoxError(f"{corpus.name}: unknown corpus form {corpus.form!r}")
 
 
-def prepare(name: str, out_dir: str, mirror: str | None = None, url: str | None = None, force: bool = False,
-            progress: bool | None = None) -> str:
+def prepare(
+    name: str,
+    out_dir: str,
+    mirror: str | None = None,
+    url: str | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+) -> str:
     """Download (or build) corpus ``name`` into ``out_dir``; returns the path of ``out_dir/NAME.jsonl``."""
     out_path = os.path.join(out_dir, f"{name}.jsonl")
     if name == "stdlib":
@@ -316,8 +404,10 @@ def build_stdlib_corpus(out_dir: str, root: str | None = None) -> str:
     """Write ``out_dir/stdlib.jsonl``: ``{"text", "path"}`` per stdlib .py file, in sorted path order."""
     files = stdlib_files(root)
     if not files:
-        raise DataError(f"no .py files under {root or sysconfig.get_paths()['stdlib']}; is the standard library "
-                        f"source installed (some distributions ship it separately)?")
+        raise DataError(
+            f"no .py files under {root or sysconfig.get_paths()['stdlib']}; is the standard library "
+            f"source installed (some distributions ship it separately)?"
+        )
     ensure_dir(out_dir, "corpus folder")
     out_path = os.path.join(out_dir, "stdlib.jsonl")
     _write_jsonl(out_path, ({"text": _read_source(full), "path": rel} for rel, full in files))

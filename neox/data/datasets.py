@@ -36,8 +36,9 @@ def parse_split(split: str, num_documents: int) -> list[int]:
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"data.split: {split!r} is not a list of numbers; write proportions like "
-                          f"\"969,30,1\" (train,valid,test)") from None
+        raise ConfigError(
+            f'data.split: {split!r} is not a list of numbers; write proportions like "969,30,1" (train,valid,test)'
+        ) from None
     if len(values) > 3:
         raise ConfigError(f"data.split: {split!r} has {len(values)} parts; give at most three (train,valid,test)")
     if any(v < 0 or v != v for v in values):
@@ -49,7 +50,7 @@ def parse_split(split: str, num_documents: int) -> list[int]:
     values = [v / total for v in values]
     bounds = [0]
     for v in values:
-        bounds.append(bounds[-1] + int(round(v * float(num_documents))))
+        bounds.append(bounds[-1] + round(v * float(num_documents)))
     excess = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
     return bounds
@@ -69,8 +70,10 @@ def open_indexed(prefix: str, key: str, warmup: bool = False) -> IndexedDataset:
         hint = ""
         if dataset_exists(prefix + "_text_document"):
             hint = f" (did you mean {prefix}_text_document? preprocess appends _text_document)"
-        raise DataError(f"{key}: not found: {missing}{hint}; run `neox preprocess --input FILE --output-prefix "
-                        f"PREFIX` to create it and give the prefix without .bin/.idx")
+        raise DataError(
+            f"{key}: not found: {missing}{hint}; run `neox preprocess --input FILE --output-prefix "
+            f"PREFIX` to create it and give the prefix without .bin/.idx"
+        )
     return IndexedDataset(prefix, warmup=warmup)
 
 
@@ -91,8 +94,20 @@ def _build_split_datasets(data, seq_length, seed, num_samples, return_segments, 
             out.append(None)
             continue
         documents = np.arange(bounds[i], bounds[i + 1], dtype=np.int32)
-        out.append(GPT2Dataset(name, ds.prefix, documents, ds, num_samples[i], seq_length, seed,
-                               cache_dir=data.data_cache_dir, return_segments=return_segments, verbose=verbose))
+        out.append(
+            GPT2Dataset(
+                name,
+                ds.prefix,
+                documents,
+                ds,
+                num_samples[i],
+                seq_length,
+                seed,
+                cache_dir=data.data_cache_dir,
+                return_segments=return_segments,
+                verbose=verbose,
+            )
+        )
     return tuple(out)
 
 
@@ -100,17 +115,27 @@ def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, v
     lists = {name: list(getattr(data, f"{name}_data_paths")) for name in SPLITS}
     labels = list(data.label_data_paths)
     if labels and len(labels) != len(lists["train"]):
-        raise ConfigError(f"data.label_data_paths: {len(labels)} label datasets for {len(lists['train'])} "
-                          f"train_data_paths; give one label dataset per training prefix")
-    weights = {name: _equal_or_given(list(getattr(data, f"{name}_data_weights")), lists[name],
-                                     f"{name}_data_weights") for name in SPLITS}
-    opened = {name: [open_indexed(p, f"data.{name}_data_paths[{i}]", data.mmap_warmup)
-                     for i, p in enumerate(lists[name])] for name in SPLITS}
+        raise ConfigError(
+            f"data.label_data_paths: {len(labels)} label datasets for {len(lists['train'])} "
+            f"train_data_paths; give one label dataset per training prefix"
+        )
+    weights = {
+        name: _equal_or_given(list(getattr(data, f"{name}_data_weights")), lists[name], f"{name}_data_weights")
+        for name in SPLITS
+    }
+    opened = {
+        name: [open_indexed(p, f"data.{name}_data_paths[{i}]", data.mmap_warmup) for i, p in enumerate(lists[name])]
+        for name in SPLITS
+    }
     label_sets = [open_indexed(p, f"data.label_data_paths[{i}]", data.mmap_warmup) for i, p in enumerate(labels)]
 
     if data.weight_by_num_documents:
-        weights = {name: weights_by_num_docs([len(d.sizes) for d in opened[name]], data.weighted_sampler_alpha)
-                   if opened[name] else [] for name in SPLITS}
+        weights = {
+            name: weights_by_num_docs([len(d.sizes) for d in opened[name]], data.weighted_sampler_alpha)
+            if opened[name]
+            else []
+            for name in SPLITS
+        }
 
     out = []
     for s, name in enumerate(SPLITS):
@@ -121,16 +146,33 @@ def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, v
         parts = []
         for i, ds in enumerate(opened[name]):
             label = label_sets[i] if name == "train" and label_sets else None
-            parts.append(GPT2Dataset(f"{name}_{i}", ds.prefix, np.arange(len(ds.sizes), dtype=np.int32), ds,
-                                     counts[i], seq_length, seed, label_dataset=label,
-                                     cache_dir=data.data_cache_dir, return_segments=return_segments,
-                                     verbose=verbose))
+            parts.append(
+                GPT2Dataset(
+                    f"{name}_{i}",
+                    ds.prefix,
+                    np.arange(len(ds.sizes), dtype=np.int32),
+                    ds,
+                    counts[i],
+                    seq_length,
+                    seed,
+                    label_dataset=label,
+                    cache_dir=data.data_cache_dir,
+                    return_segments=return_segments,
+                    verbose=verbose,
+                )
+            )
         out.append(BlendableDataset(parts, norm))
     return tuple(out)
 
 
-def build_datasets(data, seq_length: int, seed: int, num_samples: tuple[int, int, int],
-                   return_segments: bool = False, verbose: bool = False):
+def build_datasets(
+    data,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    return_segments: bool = False,
+    verbose: bool = False,
+):
     """(train, valid, test) datasets for ``cfg.data``; a split without documents or paths is None.
 
     ``num_samples`` is what each split must be able to serve (see ``num_samples_for``); the index caches
@@ -142,11 +184,14 @@ def build_datasets(data, seq_length: int, seed: int, num_samples: tuple[int, int
     if data.label_data_paths and not data.train_data_paths:
         raise ConfigError("data.label_data_paths needs data.train_data_paths (labels pair with training prefixes)")
     if data.data_path and has_lists:
-        raise ConfigError("data.data_path and data.train/valid/test_data_paths are both set; use data_path "
-                          "(split by data.split) or the path lists, not both")
+        raise ConfigError(
+            "data.data_path and data.train/valid/test_data_paths are both set; use data_path "
+            "(split by data.split) or the path lists, not both"
+        )
     if data.data_path:
         return _build_split_datasets(data, seq_length, seed, num_samples, return_segments, verbose)
     if not data.train_data_paths:
-        raise ConfigError("no training data: set data.data_path (one prefix split by data.split) or "
-                          "data.train_data_paths")
+        raise ConfigError(
+            "no training data: set data.data_path (one prefix split by data.split) or data.train_data_paths"
+        )
     return _build_list_datasets(data, seq_length, seed, num_samples, return_segments, verbose)

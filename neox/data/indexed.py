@@ -51,8 +51,10 @@ def dtype_code(dtype) -> int:
     try:
         return _CODES[np.dtype(dtype)]
     except (KeyError, TypeError):
-        raise NeoxError(f"dtype {dtype!r} cannot be stored in an indexed dataset; use one of "
-                        f"{', '.join(np.dtype(t).name for t in DTYPES.values())}") from None
+        raise NeoxError(
+            f"dtype {dtype!r} cannot be stored in an indexed dataset; use one of "
+            f"{', '.join(np.dtype(t).name for t in DTYPES.values())}"
+        ) from None
 
 
 def best_fitting_dtype(vocab_size: int | None) -> np.dtype:
@@ -104,14 +106,18 @@ class IndexedDataset:
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
         for p in (idx_path, bin_path):
             if not os.path.isfile(p):
-                raise DataError(f"{p}: no such file; an indexed dataset needs both PREFIX.bin and PREFIX.idx "
-                                f"(give the prefix, e.g. data/corpus_text_document)")
+                raise DataError(
+                    f"{p}: no such file; an indexed dataset needs both PREFIX.bin and PREFIX.idx "
+                    f"(give the prefix, e.g. data/corpus_text_document)"
+                )
         idx_bytes = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
             head = f.read(HEADER_BYTES)
         if head[: len(MAGIC)] != MAGIC:
-            raise DataError(f"{idx_path}: not a GPT-NeoX mmap index (bad magic {head[:9]!r}, want {MAGIC!r}); "
-                            f"only --dataset-impl mmap files are supported")
+            raise DataError(
+                f"{idx_path}: not a GPT-NeoX mmap index (bad magic {head[:9]!r}, want {MAGIC!r}); "
+                f"only --dataset-impl mmap files are supported"
+            )
         if len(head) < HEADER_BYTES:
             raise DataError(f"{idx_path}: truncated header ({idx_bytes} bytes); re-run preprocessing")
         (version,) = struct.unpack("<Q", head[9:17])
@@ -125,8 +131,10 @@ class IndexedDataset:
         want = HEADER_BYTES + n * 4 + n * 8 + n_doc * 8
         if idx_bytes != want:
             what = "truncated" if idx_bytes < want else "has trailing bytes"
-            raise DataError(f"{idx_path}: index {what}: {idx_bytes} bytes, but the header's {n} items and "
-                            f"{n_doc} doc_idx entries need {want}; re-run preprocessing")
+            raise DataError(
+                f"{idx_path}: index {what}: {idx_bytes} bytes, but the header's {n} items and "
+                f"{n_doc} doc_idx entries need {want}; re-run preprocessing"
+            )
 
         self._idx_buf = _map(idx_path)
         off = HEADER_BYTES
@@ -142,9 +150,13 @@ class IndexedDataset:
             raise DataError(
                 f"{bin_path}: {bin_bytes} bytes, but {idx_path} describes {expected} "
                 f"({'truncated .bin' if bin_bytes < expected else '.bin and .idx do not belong together'}); "
-                f"re-run preprocessing for this prefix")
-        if n and (self._sizes.min() < 0 or self._pointers[0] != 0
-                  or np.any(np.diff(self._pointers) != self._sizes[:-1].astype(np.int64) * self._dtype.itemsize)):
+                f"re-run preprocessing for this prefix"
+            )
+        if n and (
+            self._sizes.min() < 0
+            or self._pointers[0] != 0
+            or np.any(np.diff(self._pointers) != self._sizes[:-1].astype(np.int64) * self._dtype.itemsize)
+        ):
             raise DataError(f"{idx_path}: sizes and pointers disagree (corrupt index); re-run preprocessing")
         if n_doc and (self._doc_idx[0] < 0 or self._doc_idx[-1] > n or np.any(np.diff(self._doc_idx) < 0)):
             raise DataError(f"{idx_path}: doc_idx is not an increasing list of item indices in [0, {n}]")
@@ -153,7 +165,7 @@ class IndexedDataset:
         if warmup:
             # Touch every page once so the first epoch does not pay for page faults (GPT-NeoX mmap_warmup).
             for start in range(0, len(self._bin_buf), 1 << 26):
-                self._bin_buf[start:start + (1 << 26)].sum()
+                self._bin_buf[start : start + (1 << 26)].sum()
 
     # Datasets travel to DataLoader workers by pickling: send the path and map the files again there.
     def __getstate__(self):
@@ -173,16 +185,19 @@ class IndexedDataset:
             if start >= stop:
                 return []
             sizes = self._sizes[start:stop]
-            flat = np.frombuffer(self._bin_buf, dtype=self._dtype, count=int(sizes.sum(dtype=np.int64)),
-                                 offset=int(self._pointers[start]))
+            flat = np.frombuffer(
+                self._bin_buf,
+                dtype=self._dtype,
+                count=int(sizes.sum(dtype=np.int64)),
+                offset=int(self._pointers[start]),
+            )
             return np.split(flat, np.cumsum(sizes)[:-1])
         i = int(idx)
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"item {idx} out of range for {self.prefix} ({len(self)} items)")
-        return np.frombuffer(self._bin_buf, dtype=self._dtype, count=int(self._sizes[i]),
-                             offset=int(self._pointers[i]))
+        return np.frombuffer(self._bin_buf, dtype=self._dtype, count=int(self._sizes[i]), offset=int(self._pointers[i]))
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``offset .. offset+length`` of item ``idx`` (to its end when length is None), zero-copy."""
@@ -191,8 +206,12 @@ class IndexedDataset:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"get({idx}, offset={offset}, length={length}) outside item of {size} tokens")
-        return np.frombuffer(self._bin_buf, dtype=self._dtype, count=length,
-                             offset=int(self._pointers[idx]) + offset * self._dtype.itemsize)
+        return np.frombuffer(
+            self._bin_buf,
+            dtype=self._dtype,
+            count=length,
+            offset=int(self._pointers[idx]) + offset * self._dtype.itemsize,
+        )
 
     def all_tokens(self) -> np.ndarray:
         """Every token of every item, back to back, as one zero-copy array."""
@@ -264,8 +283,10 @@ class IndexedDatasetBuilder:
                 lo, hi = int(arr.min()), int(arr.max())
                 if lo < self._info.min or hi > self._info.max:
                     bad = lo if lo < self._info.min else hi
-                    raise NeoxError(f"{self.bin_path}: token id {bad} does not fit {self._dtype.name}; "
-                                    f"write with a wider dtype (int32)")
+                    raise NeoxError(
+                        f"{self.bin_path}: token id {bad} does not fit {self._dtype.name}; "
+                        f"write with a wider dtype (int32)"
+                    )
             arr = arr.astype(self._dtype)
         return arr.reshape(-1)
 
@@ -308,8 +329,10 @@ class IndexedDatasetBuilder:
         """Append a whole finished dataset (its items and its documents)."""
         other = IndexedDataset(prefix)
         if other.dtype != self._dtype:
-            raise NeoxError(f"{other.prefix}: dtype {other.dtype.name} differs from the output's "
-                            f"{self._dtype.name}; datasets can only be merged when their dtypes match")
+            raise NeoxError(
+                f"{other.prefix}: dtype {other.dtype.name} differs from the output's "
+                f"{self._dtype.name}; datasets can only be merged when their dtypes match"
+            )
         base = len(self._sizes)
         self._sizes.extend(other.sizes.astype(np.int64).tolist())
         # GPT-NeoX's merge drops the other file's document boundaries; keeping them keeps documents intact.
@@ -326,8 +349,10 @@ class IndexedDatasetBuilder:
         self._file.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if len(self._sizes) else np.zeros(0, np.int64)
         if sizes.size and sizes.max() > np.iinfo(np.int32).max:
-            raise NeoxError(f"{self.bin_path}: an item of {int(sizes.max())} tokens exceeds the format's int32 "
-                            f"size field; split long documents")
+            raise NeoxError(
+                f"{self.bin_path}: an item of {int(sizes.max())} tokens exceeds the format's int32 "
+                f"size field; split long documents"
+            )
         pointers = np.zeros(sizes.size, dtype=np.int64)
         np.cumsum(sizes[:-1] * self._dtype.itemsize, out=pointers[1:])
         tmp_idx = idx_path + ".tmp"

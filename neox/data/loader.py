@@ -21,15 +21,16 @@ EOD handling is GPT-NeoX's ``get_ltor_masks_and_position_ids``. Items that carry
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch
 
 
-def micro_batch_indices(num_samples: int, micro_batch: int, dp_rank: int, dp_size: int, start_sample: int = 0,
-                        loop: bool = False) -> Iterator[np.ndarray]:
+def micro_batch_indices(
+    num_samples: int, micro_batch: int, dp_rank: int, dp_size: int, start_sample: int = 0, loop: bool = False
+) -> Iterator[np.ndarray]:
     """Sample indices of this rank's micro-batches, in order.
 
     Stops before the first global micro-batch that would run past ``num_samples`` (every rank yields the
@@ -66,13 +67,20 @@ def _positions_from_segments(segments: torch.Tensor) -> torch.Tensor:
     return pos - torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
 
 
-def collate(items: list[dict], eod_id: int | None = None, reset_position_ids: bool = False,
-            reset_attention_mask: bool = False, eod_mask_loss: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    items: list[dict],
+    eod_id: int | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+) -> dict[str, torch.Tensor]:
     """Turn dataset items (``{"text": int64[T+1], ...}``) into the trainer's batch dict."""
     has_segments = "segment" in items[0]
     if eod_id is None and (eod_mask_loss or ((reset_position_ids or reset_attention_mask) and not has_segments)):
-        raise ValueError("eod_id is needed for eod_mask_loss, and for reset_position_ids / reset_attention_mask "
-                         "unless the dataset returns segments")
+        raise ValueError(
+            "eod_id is needed for eod_mask_loss, and for reset_position_ids / reset_attention_mask "
+            "unless the dataset returns segments"
+        )
     text = torch.from_numpy(np.stack([np.asarray(it["text"], dtype=np.int64) for it in items]))
     raw_tokens = text[:, :-1]
     if "label" in items[0]:
@@ -114,22 +122,45 @@ class _IndexBatches:
         return (idx.tolist() for idx in micro_batch_indices(**self.kwargs))
 
 
-def batches(dataset, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, start_sample: int = 0, *,
-            eod_id: int | None = None, reset_position_ids: bool = False, reset_attention_mask: bool = False,
-            eod_mask_loss: bool = False, num_workers: int = 0, loop: bool = False) -> Iterator[dict]:
+def batches(
+    dataset,
+    micro_batch: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    start_sample: int = 0,
+    *,
+    eod_id: int | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    num_workers: int = 0,
+    loop: bool = False,
+) -> Iterator[dict]:
     """Yield this data-parallel rank's micro-batches from ``start_sample`` on (see the module docstring).
 
     ``num_workers`` > 0 reads and collates in that many worker processes (torch DataLoader); the batches and
     their order are the same. ``loop`` wraps around the dataset (for repeated evaluation) instead of stopping.
     """
-    make = partial(collate, eod_id=eod_id, reset_position_ids=reset_position_ids,
-                   reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss)
-    index_args = dict(num_samples=len(dataset), micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                      start_sample=start_sample, loop=loop)
+    make = partial(
+        collate,
+        eod_id=eod_id,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+    )
+    index_args = dict(
+        num_samples=len(dataset),
+        micro_batch=micro_batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        start_sample=start_sample,
+        loop=loop,
+    )
     if num_workers <= 0:
         for idx in micro_batch_indices(**index_args):
             yield make([dataset[int(i)] for i in idx])
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_IndexBatches(**index_args),
-                                         num_workers=num_workers, collate_fn=make)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_IndexBatches(**index_args), num_workers=num_workers, collate_fn=make
+    )
     yield from loader

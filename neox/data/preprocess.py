@@ -27,10 +27,10 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -77,10 +77,12 @@ class Summary:
     def line(self) -> str:
         s = max(self.seconds, 1e-9)
         out = ", ".join(f"{p}.{{bin,idx}}" for p in self.outputs.values())
-        return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:.2f} MB in {s:.2f} s "
-                f"({self.documents / s:,.1f} docs/s, {self.tokens / s:,.0f} tokens/s, "
-                f"{self.bytes / s / 1e6:.2f} MB/s); skipped {self.skipped} malformed, {self.empty} empty; "
-                f"wrote {out} ({self.dtype})")
+        return (
+            f"{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:.2f} MB in {s:.2f} s "
+            f"({self.documents / s:,.1f} docs/s, {self.tokens / s:,.0f} tokens/s, "
+            f"{self.bytes / s / 1e6:.2f} MB/s); skipped {self.skipped} malformed, {self.empty} empty; "
+            f"wrote {out} ({self.dtype})"
+        )
 
 
 # ---- worker side ---------------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def encode_pieces(pieces: list) -> dict:
         if isinstance(got, BadLine):
             bad.append(got)
             continue
-        if p.is_json and not any(got[-len(keys):]):
+        if p.is_json and not any(got[-len(keys) :]):
             empty += 1
             continue
         if fix is not None:
@@ -167,11 +169,18 @@ def encode_pieces(pieces: list) -> dict:
         if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
             raise DataError(f"{kept[0].path}: token id {int(flat.max())} does not fit {dtype.name}")
         per_key[key] = (flat.astype(dtype), sizes)
-    return {"keys": per_key, "last": [p.last for p in kept], "bad": bad, "bytes": nbytes, "empty": empty,
-            "prompt_lens": prompt_lens}
+    return {
+        "keys": per_key,
+        "last": [p.last for p in kept],
+        "bad": bad,
+        "bytes": nbytes,
+        "empty": empty,
+        "prompt_lens": prompt_lens,
+    }
 
 
 # ---- reading / writing side ----------------------------------------------------------------------------------
+
 
 def _batches(pieces: Iterable[Piece], batch_bytes: int) -> Iterator[list]:
     batch, size = [], 0
@@ -214,8 +223,10 @@ def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator
     # environment they are forked with (at the first submit), so the library does not warn about the fork.
     # A process pool from concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory)
     # fails the run instead of hanging it.
-    with _env("TOKENIZERS_PARALLELISM", "false"), \
-            ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool:
+    with (
+        _env("TOKENIZERS_PARALLELISM", "false"),
+        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool,
+    ):
         pending: deque = deque()
         try:
             for it in items:
@@ -225,8 +236,9 @@ def _ordered_map(fn, items: Iterable, workers: int, initargs: tuple) -> Iterator
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool:
-            raise NeoxError("a preprocessing worker process died (out of memory? try fewer --workers or a "
-                            "smaller --batch-bytes)") from None
+            raise NeoxError(
+                "a preprocessing worker process died (out of memory? try fewer --workers or a smaller --batch-bytes)"
+            ) from None
         finally:
             for f in pending:
                 f.cancel()
@@ -238,7 +250,7 @@ def _find(seq: np.ndarray, pattern: np.ndarray) -> int:
     if m == 0 or len(seq) < m:
         return -1
     for start in np.flatnonzero(seq[: len(seq) - m + 1] == pattern[0]):
-        if np.array_equal(seq[start:start + m], pattern):
+        if np.array_equal(seq[start : start + m], pattern):
             return int(start)
     return -1
 
@@ -260,8 +272,9 @@ class _Writer:
         self.paths = {k: f"{prefix}_{k}_document" for k in keys}
         if labels:
             self.paths[LABEL_KEY] = f"{prefix}_{LABEL_KEY}_document"
-        self.builders = {k: IndexedDatasetBuilder(p, np.int32 if k == LABEL_KEY else dtype)
-                         for k, p in self.paths.items()}
+        self.builders = {
+            k: IndexedDatasetBuilder(p, np.int32 if k == LABEL_KEY else dtype) for k, p in self.paths.items()
+        }
         self.labels = labels
         self.open = False  # a text document continues into the next piece
         self.open_tokens: list = []  # its tokens so far, only kept when labels need the whole document
@@ -284,7 +297,7 @@ class _Writer:
         for i, last in enumerate(lasts):
             for key in self.keys:
                 flat = res["keys"][key][0]
-                part = flat[offsets[key][i]:offsets[key][i + 1]]
+                part = flat[offsets[key][i] : offsets[key][i + 1]]
                 self.builders[key].write_tokens(part)
                 if key == main and self.labels:
                     self.open_tokens.append(part)
@@ -354,8 +367,9 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
     labels = bool(opts.mask_before_token) or bool(opts.prompt_key)
 
     text_bad: list = []
-    pieces = iter_pieces(files, opts.text_mode, segment_chars=max(opts.batch_bytes // 4, 1),
-                         splittable=tok.splittable, bad=text_bad)
+    pieces = iter_pieces(
+        files, opts.text_mode, segment_chars=max(opts.batch_bytes // 4, 1), splittable=tok.splittable, bad=text_bad
+    )
     batches = _batches(pieces, opts.batch_bytes)
     initargs = (tok, opts, dtype.str, opts.workers > 1)
 
@@ -390,9 +404,11 @@ def preprocess(opts: PreprocessOptions, tokenizer_cfg) -> Summary:
         reported = _report(text_bad, reported, opts.strict)
         summary.skipped += len(text_bad)
         if writer.documents == 0:  # an empty dataset only fails later, at training time, far from the cause
-            raise DataError(f"--input {','.join(map(str, opts.inputs))}: no documents to write "
-                            f"({summary.skipped} malformed lines, {summary.empty} empty documents skipped); "
-                            f"check the files and --json-keys ({' '.join(opts.json_keys)})")
+            raise DataError(
+                f"--input {','.join(map(str, opts.inputs))}: no documents to write "
+                f"({summary.skipped} malformed lines, {summary.empty} empty documents skipped); "
+                f"check the files and --json-keys ({' '.join(opts.json_keys)})"
+            )
         writer.finalize()
     except BaseException:
         writer.abort()

@@ -20,8 +20,8 @@ import gzip
 import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from neox.errors import DataError
 
@@ -43,8 +43,9 @@ def expand_inputs(spec) -> list[str]:
                 raise DataError(f"--input: {p}: the pattern matches no files")
             files.extend(found)
         elif os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p)
-                           if os.path.isfile(os.path.join(p, f)) and _kind(f) is not None)
+            found = sorted(
+                os.path.join(p, f) for f in os.listdir(p) if os.path.isfile(os.path.join(p, f)) and _kind(f) is not None
+            )
             if not found:
                 raise DataError(f"--input: {p}: the directory holds no .jsonl/.txt (.gz/.zst) files")
             files.extend(found)
@@ -108,6 +109,7 @@ def _guarded(path: str, chunks):
 
 def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line bytes) for every line."""
+
     def lines():
         with open_binary(path) as f:
             yield from enumerate(f, 1)
@@ -117,6 +119,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 def iter_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
     """(line number of its first line, bytes) for blocks of about block_bytes that end at a line end."""
+
     def blocks():
         lineno = 1
         with open_binary(path) as f:
@@ -191,7 +194,7 @@ def _file_pieces(path: str, segment_chars: int, splittable: bool, bad: list) -> 
             if m is None:
                 scan = max(len(pending), segment_chars)  # text without cut points is not scanned twice
                 break
-            head, pending = pending[: m.start()], pending[m.start():]
+            head, pending = pending[: m.start()], pending[m.start() :]
             yield Piece(path, start, head, False, last=False)
             start += head.count("\n")
             scan = segment_chars
@@ -199,8 +202,7 @@ def _file_pieces(path: str, segment_chars: int, splittable: bool, bad: list) -> 
         yield Piece(path, start, pending, False)
 
 
-def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
-                     bad: list) -> Iterator[Piece]:
+def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool, bad: list) -> Iterator[Piece]:
     """Documents of a plain-text file as Pieces; lines that are not valid UTF-8 are skipped into ``bad``."""
     if mode not in TEXT_MODES:
         raise DataError(f"--text-mode: {mode!r} is not one of {', '.join(TEXT_MODES)}")
@@ -238,8 +240,13 @@ def iter_text_pieces(path: str, mode: str, segment_chars: int, splittable: bool,
         yield Piece(path, start, "".join(buf), False)
 
 
-def iter_pieces(paths: list[str], text_mode: str = "file", segment_chars: int = 1 << 16,
-                splittable: bool = True, bad: list | None = None) -> Iterator[Piece]:
+def iter_pieces(
+    paths: list[str],
+    text_mode: str = "file",
+    segment_chars: int = 1 << 16,
+    splittable: bool = True,
+    bad: list | None = None,
+) -> Iterator[Piece]:
     """All pieces of all files in order. Blank JSONL lines are skipped silently."""
     bad = [] if bad is None else bad
     for path in paths:

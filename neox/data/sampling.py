@@ -53,8 +53,9 @@ def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomS
     return doc_idx
 
 
-def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                     tokens_per_epoch: int) -> np.ndarray:
+def build_sample_idx(
+    sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int, tokens_per_epoch: int
+) -> np.ndarray:
     """Start (doc_idx index, offset) of every sample, plus the end of the last one.
 
     GPT-NeoX walks documents in C++; the walk always lands on global token position i * seq_length of the
@@ -86,8 +87,9 @@ def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
     return shuffle_idx
 
 
-def index_file_prefix(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int,
-                      cache_dir: str | None = None) -> str:
+def index_file_prefix(
+    data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int, cache_dir: str | None = None
+) -> str:
     """GPT-NeoX's cache name, ``{prefix}_{name}_indexmap_{N}ns_{L}sl_{seed}s`` (then ``_doc_idx.npy`` ...).
 
     With ``cache_dir`` the files go there under the data prefix's base name.
@@ -106,8 +108,9 @@ def _exclusive(lock_path: str):
     try:
         f = open(lock_path, "a")
     except OSError as e:
-        raise DataError(f"cannot write the index cache {lock_path}: {e.strerror}; "
-                        f"set data.data_cache_dir to a writable directory") from None
+        raise DataError(
+            f"cannot write the index cache {lock_path}: {e.strerror}; set data.data_cache_dir to a writable directory"
+        ) from None
     with f:
         try:
             import fcntl
@@ -128,9 +131,18 @@ def _save(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)  # readers never see a half-written file
 
 
-def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, sizes: np.ndarray,
-                         num_samples: int, seq_length: int, seed: int, num_epochs: int | None = None,
-                         cache_dir: str | None = None, verbose: bool = False):
+def build_index_mappings(
+    name: str,
+    data_prefix: str,
+    documents: np.ndarray,
+    sizes: np.ndarray,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    num_epochs: int | None = None,
+    cache_dir: str | None = None,
+    verbose: bool = False,
+):
     """Load the cached (doc_idx, sample_idx, shuffle_idx) or build and cache them; returns memory maps."""
     tokens_per_epoch = num_tokens(documents, sizes)
     if not num_epochs:
@@ -143,12 +155,17 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
     try:
         os.makedirs(cache_parent, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create the index cache directory {cache_parent}: {e.strerror}; "
-                        f"set data.data_cache_dir to a writable directory") from None
+        raise DataError(
+            f"cannot create the index cache directory {cache_parent}: {e.strerror}; "
+            f"set data.data_cache_dir to a writable directory"
+        ) from None
 
     expected_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
-    expected = {"doc_idx": (num_epochs * len(documents),), "sample_idx": (expected_samples + 1, 2),
-                "shuffle_idx": (expected_samples,)}
+    expected = {
+        "doc_idx": (num_epochs * len(documents),),
+        "sample_idx": (expected_samples + 1, 2),
+        "shuffle_idx": (expected_samples,),
+    }
 
     def load():
         """The cached arrays, or None when missing or built for other data (the name does not say which
@@ -171,8 +188,11 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
         if cached is not None:
             return cached
         if any(os.path.isfile(p) for p in paths.values()):
-            warnings.warn(f"{cache_prefix}_*.npy: cached index does not match this data (changed split or "
-                          f"dataset?); rebuilding it", stacklevel=2)
+            warnings.warn(
+                f"{cache_prefix}_*.npy: cached index does not match this data (changed split or "
+                f"dataset?); rebuilding it",
+                stacklevel=2,
+            )
         t0 = time.perf_counter()
         rng = np.random.RandomState(seed=seed)
         doc_idx = build_doc_idx(documents, num_epochs, rng)
@@ -182,8 +202,10 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
         for key, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
             _save(paths[key], arr)
         if verbose:
-            print(f" > built {name} index for {data_prefix}: {num_epochs} epoch(s), "
-                  f"{sample_idx.shape[0] - 1} samples in {time.perf_counter() - t0:.2f}s")
+            print(
+                f" > built {name} index for {data_prefix}: {num_epochs} epoch(s), "
+                f"{sample_idx.shape[0] - 1} samples in {time.perf_counter() - t0:.2f}s"
+            )
         cached = load()
         # Safe to drop while held: a process still waiting on it re-checks and finds the files in place.
         with contextlib.suppress(OSError):
@@ -202,9 +224,21 @@ class GPT2Dataset:
     do not depend on EOD tokens being present.
     """
 
-    def __init__(self, name: str, data_prefix: str, documents: np.ndarray, indexed_dataset, num_samples: int,
-                 seq_length: int, seed: int, num_epochs: int | None = None, label_dataset=None,
-                 cache_dir: str | None = None, return_segments: bool = False, verbose: bool = False):
+    def __init__(
+        self,
+        name: str,
+        data_prefix: str,
+        documents: np.ndarray,
+        indexed_dataset,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        num_epochs: int | None = None,
+        label_dataset=None,
+        cache_dir: str | None = None,
+        return_segments: bool = False,
+        verbose: bool = False,
+    ):
         self.name = name
         self.indexed_dataset = indexed_dataset
         self.label_dataset = label_dataset
@@ -216,11 +250,22 @@ class GPT2Dataset:
         if documents.min() < 0 or documents.max() >= indexed_dataset.sizes.shape[0]:
             raise DataError(f"{data_prefix}: document ids outside [0, {indexed_dataset.sizes.shape[0]})")
         if label_dataset is not None and not np.array_equal(label_dataset.sizes, indexed_dataset.sizes):
-            raise DataError(f"{getattr(label_dataset, 'prefix', 'label dataset')}: document sizes differ from "
-                            f"{data_prefix}; a label dataset must be tokenized alongside its text")
+            raise DataError(
+                f"{getattr(label_dataset, 'prefix', 'label dataset')}: document sizes differ from "
+                f"{data_prefix}; a label dataset must be tokenized alongside its text"
+            )
         self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings(
-            name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
-            num_epochs=num_epochs, cache_dir=cache_dir, verbose=verbose)
+            name,
+            data_prefix,
+            documents,
+            indexed_dataset.sizes,
+            num_samples,
+            seq_length,
+            seed,
+            num_epochs=num_epochs,
+            cache_dir=cache_dir,
+            verbose=verbose,
+        )
 
     def __len__(self) -> int:
         # GPT-NeoX's length is min(len(shuffle_idx) - 1, len(sample_idx) - 1): one less than the samples
@@ -236,12 +281,12 @@ class GPT2Dataset:
         # modulo the length instead of failing.
         return idx % len(self)
 
-    def _pieces(self, dataset, f: int, l: int, off_f: int, off_l: int) -> list[np.ndarray]:
-        if f == l:
-            return [dataset.get(int(self.doc_idx[f]), offset=off_f, length=off_l - off_f + 1)]
-        pieces = [dataset.get(int(self.doc_idx[f]), offset=off_f)]
-        pieces.extend(dataset.get(int(self.doc_idx[i])) for i in range(f + 1, l))
-        pieces.append(dataset.get(int(self.doc_idx[l]), length=off_l + 1))
+    def _pieces(self, dataset, first: int, last: int, off_f: int, off_l: int) -> list[np.ndarray]:
+        if first == last:
+            return [dataset.get(int(self.doc_idx[first]), offset=off_f, length=off_l - off_f + 1)]
+        pieces = [dataset.get(int(self.doc_idx[first]), offset=off_f)]
+        pieces.extend(dataset.get(int(self.doc_idx[i])) for i in range(first + 1, last))
+        pieces.append(dataset.get(int(self.doc_idx[last]), length=off_l + 1))
         return pieces
 
     def __getitem__(self, idx: int) -> dict:
@@ -249,28 +294,27 @@ class GPT2Dataset:
         if idx < 0:
             raise IndexError(f"negative sample index {idx}")
         i = int(self.shuffle_idx[self._wrap(idx)])
-        f, off_f = (int(v) for v in self.sample_idx[i])
-        l, off_l = (int(v) for v in self.sample_idx[i + 1])
+        first, off_f = (int(v) for v in self.sample_idx[i])
+        last, off_l = (int(v) for v in self.sample_idx[i + 1])
         want = self.seq_length + 1
-        pieces = self._pieces(self.indexed_dataset, f, l, off_f, off_l)
+        pieces = self._pieces(self.indexed_dataset, first, last, off_f, off_l)
         text = np.concatenate(pieces).astype(np.int64)
         item = {}
         if self.label_dataset is None:
             item["text"] = _fit(text, want, pad=-100)
         else:
-            label = np.concatenate(self._pieces(self.label_dataset, f, l, off_f, off_l)).astype(np.int64)
+            label = np.concatenate(self._pieces(self.label_dataset, first, last, off_f, off_l)).astype(np.int64)
             item["text"] = _fit(text, want, pad=0)
             item["label"] = _fit(label, want, pad=-100)
         if self.return_segments:
             lengths = [len(p) for p in pieces]
-            item["segment"] = _fit(np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), want,
-                                   pad=len(lengths))
+            item["segment"] = _fit(np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), want, pad=len(lengths))
         return item
 
     def document_ids(self, idx: int) -> np.ndarray:
         """The dataset's document ids that sample ``idx`` draws tokens from, in order."""
         i = int(self.shuffle_idx[self._wrap(int(idx))])
-        return np.asarray(self.doc_idx[int(self.sample_idx[i][0]): int(self.sample_idx[i + 1][0]) + 1])
+        return np.asarray(self.doc_idx[int(self.sample_idx[i][0]) : int(self.sample_idx[i + 1][0]) + 1])
 
 
 def _fit(arr: np.ndarray, n: int, pad: int) -> np.ndarray:

@@ -22,8 +22,14 @@ from pathlib import Path
 
 from neox.errors import ConfigError
 
-TOKENIZER_TYPES = ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "SPMTokenizer",
-                   "TiktokenTokenizer", "ByteLevelTokenizer")
+TOKENIZER_TYPES = (
+    "HFTokenizer",
+    "GPT2BPETokenizer",
+    "CharLevelTokenizer",
+    "SPMTokenizer",
+    "TiktokenTokenizer",
+    "ByteLevelTokenizer",
+)
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 _EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
@@ -58,27 +64,34 @@ class Tokenizer(abc.ABC):
 
 
 def _unknown_token(key: str, token: str, source: str, hint: str = "") -> ConfigError:
-    return ConfigError(f"tokenizer.{key}: {token!r} is not a token of {source}{hint}; set tokenizer.{key} to one "
-                       "of its tokens, or unset it for the default lookup")
+    return ConfigError(
+        f"tokenizer.{key}: {token!r} is not a token of {source}{hint}; set tokenizer.{key} to one "
+        "of its tokens, or unset it for the default lookup"
+    )
 
 
-def _fixed_specials(tokenizer: "Tokenizer", eod_token, pad_token, names: dict[str, int]) -> None:
+def _fixed_specials(tokenizer: Tokenizer, eod_token, pad_token, names: dict[str, int]) -> None:
     """For file-less tokenizers: only their own special tokens can be named (by name, or not at all)."""
     for key, token in (("eod_token", eod_token), ("pad_token", pad_token)):
         if token is None:
             continue
         if token not in names:
-            have = (", ".join(f"{n} = {i}" for n, i in names.items())
-                    or f"eod {tokenizer.eod_id} and pad {tokenizer.pad_id}, without names")
-            raise ConfigError(f"tokenizer.{key}: {token!r}: {tokenizer.name} has fixed special tokens ({have}); "
-                              f"unset tokenizer.{key} or use a tokenizer file")
+            have = (
+                ", ".join(f"{n} = {i}" for n, i in names.items())
+                or f"eod {tokenizer.eod_id} and pad {tokenizer.pad_id}, without names"
+            )
+            raise ConfigError(
+                f"tokenizer.{key}: {token!r}: {tokenizer.name} has fixed special tokens ({have}); "
+                f"unset tokenizer.{key} or use a tokenizer file"
+            )
         setattr(tokenizer, key.replace("_token", "_id"), names[token])
 
 
 def _need_file(path, tokenizer_type: str, key: str = "vocab_file") -> str:
     if path is None:
-        raise ConfigError(f"tokenizer.{key}: {tokenizer_type} needs a file; set tokenizer.{key} "
-                          f"(--{key.replace('_', '-')})")
+        raise ConfigError(
+            f"tokenizer.{key}: {tokenizer_type} needs a file; set tokenizer.{key} (--{key.replace('_', '-')})"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"tokenizer.{key}: {path}: no such file")
     return str(path)
@@ -158,8 +171,10 @@ class HFTokenizer(Tokenizer):
         else:
             eod = next((i for i in map(self._tok.token_to_id, _EOD_CANDIDATES) if i is not None), None)
             if eod is None:
-                raise ConfigError(f"tokenizer.vocab_file: {source} has none of {', '.join(_EOD_CANDIDATES)} to end "
-                                  f"documents with; set tokenizer.eod_token to its end-of-text token")
+                raise ConfigError(
+                    f"tokenizer.vocab_file: {source} has none of {', '.join(_EOD_CANDIDATES)} to end "
+                    f"documents with; set tokenizer.eod_token to its end-of-text token"
+                )
         self.eod_id = eod
         pad = self._tok.token_to_id(pad_token or PAD_TOKEN)
         if pad is None and pad_token is not None:
@@ -188,8 +203,7 @@ class GPT2BPETokenizer(HFTokenizer):
 
     name = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str, merge_file: str, eod_token: str | None = None,
-                 pad_token: str | None = None):
+    def __init__(self, vocab_file: str, merge_file: str, eod_token: str | None = None, pad_token: str | None = None):
         from tokenizers import Tokenizer as _HF
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -198,8 +212,9 @@ class GPT2BPETokenizer(HFTokenizer):
         try:
             model = models.BPE.from_file(vocab, merges)
         except Exception as e:
-            raise ConfigError(f"tokenizer.vocab_file: {vocab} / {merges}: not a GPT-2 vocab.json + merges.txt "
-                              f"pair ({e})") from None
+            raise ConfigError(
+                f"tokenizer.vocab_file: {vocab} / {merges}: not a GPT-2 vocab.json + merges.txt pair ({e})"
+            ) from None
         tok = _HF(model)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -233,8 +248,10 @@ class SPMTokenizer(Tokenizer):
             eod = self._piece_id(None, EOD_TOKEN, path)
             eod = self._sp.eos_id() if eod is None else eod
         if eod < 0:
-            raise ConfigError(f"tokenizer.vocab_file: {path} has neither {EOD_TOKEN} nor an eos piece; "
-                              f"set tokenizer.eod_token, or train it with --eos_id or a {EOD_TOKEN} user symbol")
+            raise ConfigError(
+                f"tokenizer.vocab_file: {path} has neither {EOD_TOKEN} nor an eos piece; "
+                f"set tokenizer.eod_token, or train it with --eos_id or a {EOD_TOKEN} user symbol"
+            )
         self.eod_id = eod
         if pad_token is not None:
             self.pad_id = self._piece_id("pad_token", pad_token, path)
@@ -262,8 +279,10 @@ class SPMTokenizer(Tokenizer):
 
 # Pre-tokenizer regexes of the public tiktoken encodings (facts of those formats, as tiktoken defines them).
 _R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-_CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
-               r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+_CL100K_PAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
+    r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
 # name stem -> (regex, id of <|endoftext|>); any other file gets the cl100k regex and eod = highest rank + 1.
 _KNOWN_TIKTOKEN = {
     "gpt2": (_R50K_PAT, 50256),
@@ -299,8 +318,7 @@ class TiktokenTokenizer(Tokenizer):
         pat, eod = _KNOWN_TIKTOKEN.get(stem, (_CL100K_PAT, max(ranks.values()) + 1))
         # kept for export: the file, its regex and the id given to <|endoftext|>
         self.vocab_file, self.pattern, self.endoftext_id = path, pat, eod
-        self._enc = tiktoken.Encoding(name=stem, pat_str=pat, mergeable_ranks=ranks,
-                                      special_tokens={EOD_TOKEN: eod})
+        self._enc = tiktoken.Encoding(name=stem, pat_str=pat, mergeable_ranks=ranks, special_tokens={EOD_TOKEN: eod})
         self.vocab_size = self._enc.n_vocab
 
         def lookup(key, token, default):
@@ -335,8 +353,9 @@ def build_tokenizer(cfg) -> Tokenizer:
     by_lower = {t.lower(): t for t in TOKENIZER_TYPES}
     canonical = by_lower.get(str(kind).lower())
     if canonical is None:
-        raise ConfigError(f"tokenizer.tokenizer_type: unknown tokenizer {kind!r}; choose one of "
-                          f"{', '.join(TOKENIZER_TYPES)}")
+        raise ConfigError(
+            f"tokenizer.tokenizer_type: unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}"
+        )
     if canonical == "HFTokenizer":
         return HFTokenizer(vocab, **specials)
     if canonical == "GPT2BPETokenizer":

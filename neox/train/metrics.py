@@ -139,7 +139,7 @@ class Metrics:
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(run_dir) / "metrics.jsonl"
-            self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; appended across resumes)
+            self._jsonl = open(self.path, "a", encoding="utf-8")  # appended across resumes
         if cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

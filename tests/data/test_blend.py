@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from neox.data import blend
-from neox.data.blend import (BlendableDataset, blending_indices, normalized_weights,
-                             normalized_weights_and_num_samples, weights_by_num_docs)
+from neox.data.blend import (
+    BlendableDataset,
+    blending_indices,
+    normalized_weights,
+    normalized_weights_and_num_samples,
+    weights_by_num_docs,
+)
 from neox.errors import ConfigError
 
 
@@ -77,8 +82,8 @@ def test_weight_helpers_numbers():
     # alpha 0.5: p ∝ sqrt(.25), sqrt(.75) = .3660254, .6339746; times (1 - unbiased) .75, .25; renormalised.
     assert weights_by_num_docs([1, 3], alpha=0.5) == pytest.approx([0.6339746, 0.3660254], abs=1e-7)
     assert weights_by_num_docs([5, 5, 10], alpha=0.3) == pytest.approx(
-        np.array([0.25 ** 0.3 * 0.75, 0.25 ** 0.3 * 0.75, 0.5 ** 0.3 * 0.5])
-        / (2 * 0.25 ** 0.3 * 0.75 + 0.5 ** 0.3 * 0.5))
+        np.array([0.25**0.3 * 0.75, 0.25**0.3 * 0.75, 0.5**0.3 * 0.5]) / (2 * 0.25**0.3 * 0.75 + 0.5**0.3 * 0.5)
+    )
     assert weights_by_num_docs([7]) == [1.0]
     assert normalized_weights_and_num_samples([1, 3], 1000) == ([0.25, 0.75], [252, 754])
     with pytest.raises(ConfigError):

@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import threading
 import zipfile
 
@@ -44,7 +43,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.cut_after is not None:
-            self.wfile.write(body[:srv.cut_after])
+            self.wfile.write(body[: srv.cut_after])
             self.wfile.flush()
             self.close_connection = True
             srv.cut_after = None
@@ -120,8 +119,11 @@ def test_prepare_jsonl_zst_and_enwik8_forms_via_mirror(server, tmp_path, monkeyp
     with zipfile.ZipFile(zbuf, "w") as z:
         z.writestr("enwik8", wiki.encode())
     server.files.update({"small.jsonl.zst": zst, "enwik8.zip": zbuf.getvalue()})
-    monkeypatch.setitem(corpora.CORPORA, "small", Corpus(
-        "small", (Source("https://example.invalid/x/small.jsonl.zst", _sha(zst)),), "jsonl.zst", "test corpus"))
+    monkeypatch.setitem(
+        corpora.CORPORA,
+        "small",
+        Corpus("small", (Source("https://example.invalid/x/small.jsonl.zst", _sha(zst)),), "jsonl.zst", "test corpus"),
+    )
     monkeypatch.setenv(corpora.MIRROR_ENV, server.base + "/")
 
     out = corpora.prepare("small", str(tmp_path / "small"), progress=False)
@@ -141,8 +143,9 @@ def test_tinyshakespeare_checksum_and_url_override(server, tmp_path, shared_data
     assert "".join(texts) == data.decode() and len(texts) > 1000
     assert texts[0].startswith("First Citizen:\nBefore we proceed")
     # --url must still be the same file: the registry checksum applies.
-    rc = cli(["prepare", "tinyshakespeare", "--out", str(tmp_path / "bad"), "--url", f"{server.base}/wrong.txt",
-              "--quiet"])
+    rc = cli(
+        ["prepare", "tinyshakespeare", "--out", str(tmp_path / "bad"), "--url", f"{server.base}/wrong.txt", "--quiet"]
+    )
     assert rc == 2 and not (tmp_path / "bad" / "tinyshakespeare.jsonl").exists()
 
 
@@ -154,9 +157,15 @@ def test_splitters_round_trip():
 
 def test_stdlib_corpus_fake_tree(tmp_path):
     root = tmp_path / "lib"
-    for rel, body in {"b.py": b"b = 1\n", "a/z.py": b"# -*- coding: latin-1 -*-\ns = '\xe9'\n",
-                      "a/y.txt": b"not python", "test/t.py": b"skip", "site-packages/p.py": b"skip",
-                      "a/tests/t.py": b"skip", "a/__init__.py": b""}.items():
+    for rel, body in {
+        "b.py": b"b = 1\n",
+        "a/z.py": b"# -*- coding: latin-1 -*-\ns = '\xe9'\n",
+        "a/y.txt": b"not python",
+        "test/t.py": b"skip",
+        "site-packages/p.py": b"skip",
+        "a/tests/t.py": b"skip",
+        "a/__init__.py": b"",
+    }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(body)
     out = build_stdlib_corpus(str(tmp_path / "out"), root=str(root))
@@ -180,8 +189,19 @@ def test_prepare_then_tokenize(server, tmp_path, shared_data):
     from neox.data.indexed import IndexedDataset
 
     server.files["input.txt"] = (shared_data / "corpora" / "tinyshakespeare.txt").read_bytes()
-    rc = cli(["prepare", "tinyshakespeare", "-d", str(tmp_path), "--mirror", server.base, "--quiet",
-              "-t", "ByteLevelTokenizer"])
+    rc = cli(
+        [
+            "prepare",
+            "tinyshakespeare",
+            "-d",
+            str(tmp_path),
+            "--mirror",
+            server.base,
+            "--quiet",
+            "-t",
+            "ByteLevelTokenizer",
+        ]
+    )
     assert rc == 0
     ds = IndexedDataset(str(tmp_path / "tinyshakespeare" / "tinyshakespeare_text_document"))
     lines = open(tmp_path / "tinyshakespeare" / "tinyshakespeare.jsonl").readlines()

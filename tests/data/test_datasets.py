@@ -15,13 +15,16 @@ from neox.errors import ConfigError, DataError
 from tests.data.test_sampling import write_dataset
 
 
-@pytest.mark.parametrize("split, n, expected", [
-    ("949,50,1", 1000, [0, 949, 999, 1000]),
-    ("969,30,1", 100, [0, 97, 100, 100]),      # 0.1 test documents round to none
-    ("1/1", 3, [0, 1, 3, 3]),                  # 1.5 + 1.5 round to 4: the excess comes off every boundary
-    ("1", 7, [0, 7, 7, 7]),
-    ("8,2", 10, [0, 8, 10, 10]),
-])
+@pytest.mark.parametrize(
+    "split, n, expected",
+    [
+        ("949,50,1", 1000, [0, 949, 999, 1000]),
+        ("969,30,1", 100, [0, 97, 100, 100]),  # 0.1 test documents round to none
+        ("1/1", 3, [0, 1, 3, 3]),  # 1.5 + 1.5 round to 4: the excess comes off every boundary
+        ("1", 7, [0, 7, 7, 7]),
+        ("8,2", 10, [0, 8, 10, 10]),
+    ],
+)
 def test_parse_split(split, n, expected):
     assert parse_split(split, n) == expected
 
@@ -62,8 +65,12 @@ def test_path_lists_weights_and_labels(tmp_path):
     b = write_dataset(tmp_path / "b", _docs(2, 10))
     la = write_dataset(tmp_path / "la", [np.where(d % 2 == 0, d, -100) for d in _docs(1, 30)])
     lb = write_dataset(tmp_path / "lb", _docs(2, 10))
-    cfg = DataConfig(train_data_paths=[a.prefix, b.prefix], train_data_weights=[3, 1],
-                     label_data_paths=[la.prefix, lb.prefix], valid_data_paths=[b.prefix])
+    cfg = DataConfig(
+        train_data_paths=[a.prefix, b.prefix],
+        train_data_weights=[3, 1],
+        label_data_paths=[la.prefix, lb.prefix],
+        valid_data_paths=[b.prefix],
+    )
     train, valid, test = build_datasets(cfg, 8, 7, (200, 20, 0))
     assert isinstance(train, BlendableDataset) and test is None
     assert [d.name for d in train.datasets] == ["train_0", "train_1"]
@@ -76,8 +83,9 @@ def test_path_lists_weights_and_labels(tmp_path):
     assert set(item) == {"text", "label"} and item["label"].shape == (9,)
     assert "label" not in valid[0]
 
-    by_docs = DataConfig(train_data_paths=[a.prefix, b.prefix], weight_by_num_documents=True,
-                         weighted_sampler_alpha=1.0)
+    by_docs = DataConfig(
+        train_data_paths=[a.prefix, b.prefix], weight_by_num_documents=True, weighted_sampler_alpha=1.0
+    )
     train2, _, _ = build_datasets(by_docs, 8, 7, (100, 0, 0))
     # alpha 1: p = (.75, .25) times (1 - p) = equal weights.
     assert train2.weights == pytest.approx([0.5, 0.5])
@@ -88,12 +96,14 @@ def test_errors_name_key_and_fix(tmp_path):
     with pytest.raises(DataError, match=r"data.data_path: not found: .*x\.idx .*did you mean .*neox preprocess"):
         build_datasets(DataConfig(data_path=str(tmp_path / "x")), 8, 1, (1, 1, 1))
     with pytest.raises(DataError, match=r"data.train_data_paths\[1\]: not found"):
-        build_datasets(DataConfig(train_data_paths=[str(tmp_path / "x_text_document"), str(tmp_path / "nope")]),
-                       8, 1, (1, 1, 1))
+        build_datasets(
+            DataConfig(train_data_paths=[str(tmp_path / "x_text_document"), str(tmp_path / "nope")]), 8, 1, (1, 1, 1)
+        )
     with pytest.raises(ConfigError, match="both set"):
         build_datasets(DataConfig(data_path="p", train_data_paths=["q"]), 8, 1, (1, 1, 1))
     with pytest.raises(ConfigError, match="no training data"):
         build_datasets(DataConfig(), 8, 1, (1, 1, 1))
     with pytest.raises(ConfigError, match="train_data_weights"):
-        build_datasets(DataConfig(train_data_paths=[str(tmp_path / "x_text_document")], train_data_weights=[1, 2]),
-                       8, 1, (1, 1, 1))
+        build_datasets(
+            DataConfig(train_data_paths=[str(tmp_path / "x_text_document")], train_data_weights=[1, 2]), 8, 1, (1, 1, 1)
+        )

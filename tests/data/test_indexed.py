@@ -75,7 +75,15 @@ def test_int32_exact_bytes_for_large_vocab(tmp_path):
 
 def test_dtype_table_is_gpt_neox():
     assert {c: np.dtype(t).name for c, t in DTYPES.items()} == {
-        1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float32", 7: "float64", 8: "uint16"}
+        1: "uint8",
+        2: "int8",
+        3: "int16",
+        4: "int32",
+        5: "int64",
+        6: "float32",
+        7: "float64",
+        8: "uint16",
+    }
 
 
 def test_zero_copy_readonly_and_pickle(tmp_path):
@@ -122,10 +130,9 @@ def test_atomic_output_and_abort(tmp_path):
     b = IndexedDatasetBuilder(str(tmp_path / "t"), np.uint16)
     b.add_item([1, 2])
     assert not (tmp_path / "t.bin").exists()  # only the .tmp exists until finalize
-    with pytest.raises(RuntimeError):
-        with IndexedDatasetBuilder(str(tmp_path / "u"), np.uint16) as u:
-            u.add_item([1])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), IndexedDatasetBuilder(str(tmp_path / "u"), np.uint16) as u:
+        u.add_item([1])
+        raise RuntimeError("boom")
     assert list(tmp_path.glob("u*")) == []
 
 
@@ -138,6 +145,7 @@ def test_value_out_of_range(tmp_path):
 
 
 # --- broken pairs: each fails at open with the file's name --------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.idx: no such file"):

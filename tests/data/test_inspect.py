@@ -28,15 +28,37 @@ def _write(prefix, texts, dtype=np.uint16, eod=True):
 
 def test_histogram_buckets():
     lines = length_histogram(np.array([0, 1, 3, 3, 9]), width=4)
-    assert [ln.split()[:3] for ln in lines] == [["0", "1", "##"], ["[1,", "2)", "1"], ["[2,", "4)", "2"],
-                                               ["[4,", "8)", "0"], ["[8,", "16)", "1"]]
+    assert [ln.split()[:3] for ln in lines] == [
+        ["0", "1", "##"],
+        ["[1,", "2)", "1"],
+        ["[2,", "4)", "2"],
+        ["[4,", "8)", "0"],
+        ["[8,", "16)", "1"],
+    ]
     assert lines[2].endswith("####")
 
 
 def test_inspect_counts_documents_and_samples(tmp_path, capsys):
     prefix = _write(tmp_path / "ds", ["hello world", "second doc", "x" * 40])
-    rc = cli(["data", "inspect", prefix, "--tokenizer-type", "ByteLevelTokenizer", "--doc", "1", "--doc", "-1",
-              "--sample", "0", "--seq-length", "8", "--max-chars", "10"])
+    rc = cli(
+        [
+            "data",
+            "inspect",
+            prefix,
+            "--tokenizer-type",
+            "ByteLevelTokenizer",
+            "--doc",
+            "1",
+            "--doc",
+            "-1",
+            "--sample",
+            "0",
+            "--seq-length",
+            "8",
+            "--max-chars",
+            "10",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "dtype     uint16" in out
@@ -68,8 +90,18 @@ def test_merge_directory_and_prefixes(tmp_path, capsys):
     again = merge_datasets([b, a + ".bin"], str(tmp_path / "ba"))  # explicit order, .bin paths accepted
     assert again[0].tolist()[:-1] == list(b"three")
     # GPT-NeoX's tool, same command line
-    res = subprocess.run([sys.executable, str(ROOT / "tools/merge_datasets.py"), "--input", str(d),
-                          "--output-prefix", str(tmp_path / "shim")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/merge_datasets.py"),
+            "--input",
+            str(d),
+            "--output-prefix",
+            str(tmp_path / "shim"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "shim.bin").read_bytes() == (tmp_path / "all.bin").read_bytes()
     assert (tmp_path / "shim.idx").read_bytes() == (tmp_path / "all.idx").read_bytes()

@@ -56,7 +56,7 @@ def test_resume_at_step_k_starts_at_k_times_global_batch():
     resumed = [list(batches(ds, micro, r, dp, start_sample=k * global_batch)) for r in range(dp)]
     for r in range(dp):
         assert len(resumed[r]) == len(full[r]) - k * accum
-        for a, b in zip(resumed[r], full[r][k * accum:]):
+        for a, b in zip(resumed[r], full[r][k * accum :]):
             assert torch.equal(a["tokens"], b["tokens"])
     # Wrapping around for evaluation never stops and repeats the dataset.
     idx = micro_batch_indices(10, 4, 0, 1, start_sample=8, loop=True)
@@ -78,8 +78,7 @@ def test_shift_labels_and_masks():
 
 
 def test_position_and_segment_reset_at_eod():
-    text = np.array([[3, EOD, 4, 5, EOD, EOD, 6, 7, 8],
-                     [1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    text = np.array([[3, EOD, 4, 5, EOD, EOD, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
     b = collate([{"text": r} for r in text], eod_id=EOD, reset_position_ids=True, reset_attention_mask=True)
     assert b["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 1], list(range(8))]
     assert b["segment_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 3, 3], [0] * 8]

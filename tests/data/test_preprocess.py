@@ -86,7 +86,8 @@ def test_compressed_text_modes_lists_and_globs(tmp_path):
     txt.write_text("para one\nline two\n\n\npara two\n")
     s = _run(tmp_path, [str(tmp_path / "in/*.jsonl*") + "," + str(txt)])
     assert _docs(s.outputs["text"]) == [list(t.encode()) for t in TEXTS[:3] * 2] + [
-        list(b"para one\nline two\n\n\npara two\n")]
+        list(b"para one\nline two\n\n\npara two\n")
+    ]
     para = _run(tmp_path, [str(txt)], name="p", text_mode="paragraph")
     assert _docs(para.outputs["text"]) == [list(b"para one\nline two\n"), list(b"para two\n")]
     lines = _run(tmp_path, [str(txt)], name="l", text_mode="line")
@@ -108,15 +109,17 @@ def test_long_text_document_is_split_for_workers_but_stays_one_item(tmp_path, sh
 
 def test_malformed_lines_are_reported_and_skipped(tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
-    src.write_bytes(b'{"text": "ok one"}\n'
-                    b'{"text": "broken\n'
-                    b'{"other": "x"}\n'
-                    b'{"text": 5}\n'
-                    b'{"text": "bad \xff utf8"}\n'
-                    b'[1, 2]\n'
-                    b'\n'
-                    b'{"text": ""}\n'
-                    b'{"text": "ok two"}\n')
+    src.write_bytes(
+        b'{"text": "ok one"}\n'
+        b'{"text": "broken\n'
+        b'{"other": "x"}\n'
+        b'{"text": 5}\n'
+        b'{"text": "bad \xff utf8"}\n'
+        b"[1, 2]\n"
+        b"\n"
+        b'{"text": ""}\n'
+        b'{"text": "ok two"}\n'
+    )
     txt = tmp_path / "bad.txt"
     txt.write_bytes(b"good line\nbad \xfe line\nmore\n")
     s = _run(tmp_path, [str(src), str(txt)], workers=2, batch_bytes=10)
@@ -129,7 +132,7 @@ def test_malformed_lines_are_reported_and_skipped(tmp_path, capsys):
     assert f"{txt}:2: invalid UTF-8 at byte 4" in err
     assert (s.skipped, s.empty) == (6, 1)
     assert _docs(s.outputs["text"]) == [list(b"ok one"), list(b"ok two"), list(b"good line\nmore\n")]
-    assert f"skipped 6 malformed, 1 empty" in s.line()
+    assert "skipped 6 malformed, 1 empty" in s.line()
 
 
 def test_strict_stops_at_first_bad_line_and_leaves_nothing(tmp_path):
@@ -166,8 +169,17 @@ def test_label_dataset_feeds_gpt2_dataset(tmp_path):
     src = _jsonl(tmp_path / "qa.jsonl", [f"Q{i} A: answer {i}" for i in range(20)])
     s = _run(tmp_path, [src], append_eod=True, mask_before_token=list(b"A:"))
     text, label = IndexedDataset(s.outputs["text"]), IndexedDataset(s.outputs["label"])
-    ds = GPT2Dataset("train", s.outputs["text"], np.arange(len(text)), text, 8, 16, 1234, label_dataset=label,
-                     cache_dir=str(tmp_path / "cache"))
+    ds = GPT2Dataset(
+        "train",
+        s.outputs["text"],
+        np.arange(len(text)),
+        text,
+        8,
+        16,
+        1234,
+        label_dataset=label,
+        cache_dir=str(tmp_path / "cache"),
+    )
     item = ds[0]
     assert item["text"].shape == item["label"].shape == (17,)
     masked = item["label"] == -100
@@ -206,19 +218,52 @@ def test_bad_inputs(tmp_path):
 
 def test_cli_and_gpt_neox_shim(tmp_path, capsys):
     src = _jsonl(tmp_path / "a.jsonl", TEXTS[:4])
-    rc = cli(["preprocess", "--input", src, "--output-prefix", str(tmp_path / "c"), "--append-eod",
-              "--tokenizer-type", "CharLevelTokenizer", "--workers", "1"])
+    rc = cli(
+        [
+            "preprocess",
+            "--input",
+            src,
+            "--output-prefix",
+            str(tmp_path / "c"),
+            "--append-eod",
+            "--tokenizer-type",
+            "CharLevelTokenizer",
+            "--workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("neox preprocess: 4 documents,")
     assert _docs(str(tmp_path / "c_text_document"))[0] == list(TEXTS[0].encode()) + [0]
     rc = cli(["preprocess", "--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "c")])
     assert rc == 2 and "neox preprocess: error: --input:" in capsys.readouterr().err
     # GPT-NeoX's own command line, spelled as in its README
-    res = subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", src,
-                          "--output-prefix", str(tmp_path / "g"), "--vocab", "unused.json",
-                          "--tokenizer-type", "CharLevelTokenizer", "--dataset-impl", "mmap",
-                          "--append-eod", "--workers", "1", "--log-interval", "10", "--jsonl-keys", "text"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_data.py"),
+            "--input",
+            src,
+            "--output-prefix",
+            str(tmp_path / "g"),
+            "--vocab",
+            "unused.json",
+            "--tokenizer-type",
+            "CharLevelTokenizer",
+            "--dataset-impl",
+            "mmap",
+            "--append-eod",
+            "--workers",
+            "1",
+            "--log-interval",
+            "10",
+            "--jsonl-keys",
+            "text",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert _docs(str(tmp_path / "g_text_document")) == _docs(str(tmp_path / "c_text_document"))
 
@@ -233,8 +278,20 @@ def test_cli_eod_token_names_the_end_of_document_token(tmp_path, capsys, workers
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "chat.json"))
     src = _jsonl(tmp_path / "a.jsonl", ["hello world", "world"])
-    base = ["preprocess", "--input", src, "--output-prefix", str(tmp_path / "c"), "--append-eod",
-            "--tokenizer-type", "HFTokenizer", "--vocab-file", str(tmp_path / "chat.json"), "--workers", str(workers)]
+    base = [
+        "preprocess",
+        "--input",
+        src,
+        "--output-prefix",
+        str(tmp_path / "c"),
+        "--append-eod",
+        "--tokenizer-type",
+        "HFTokenizer",
+        "--vocab-file",
+        str(tmp_path / "chat.json"),
+        "--workers",
+        str(workers),
+    ]
     assert cli(base) == 2
     assert "set tokenizer.eod_token" in capsys.readouterr().err
     assert cli(base + ["--eod-token", "<|im_end|>"]) == 0

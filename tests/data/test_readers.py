@@ -27,7 +27,11 @@ def test_long_paragraphs_are_cut_too(tmp_path):
     (tmp_path / "p.txt").write_text("a\nb\nc\n\nd\n")
     pieces = list(iter_text_pieces(str(tmp_path / "p.txt"), "paragraph", 2, True, []))
     assert [(p.data, p.line, p.last) for p in pieces] == [
-        ("a\n", 1, False), ("b\n", 2, False), ("c\n", 3, True), ("d\n", 5, True)]
+        ("a\n", 1, False),
+        ("b\n", 2, False),
+        ("c\n", 3, True),
+        ("d\n", 5, True),
+    ]
 
 
 def test_document_without_cut_points_is_read_in_linear_time(tmp_path):
@@ -41,15 +45,20 @@ def test_document_without_cut_points_is_read_in_linear_time(tmp_path):
 def test_jsonl_lines_stay_raw_with_their_numbers(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "x"}\n\n  \n{"text": "y"}\n')
     pieces = list(iter_pieces([str(tmp_path / "a.jsonl")]))
-    assert [(p.line, p.data, p.is_json) for p in pieces] == [(1, b'{"text": "x"}\n', True),
-                                                            (4, b'{"text": "y"}\n', True)]
+    assert [(p.line, p.data, p.is_json) for p in pieces] == [
+        (1, b'{"text": "x"}\n', True),
+        (4, b'{"text": "y"}\n', True),
+    ]
 
 
 def test_json_array_files(tmp_path):
     (tmp_path / "arr.json").write_text(' [ "doc one", "", {"text": "doc two"}, 5 ]')
     pieces = list(iter_pieces([str(tmp_path / "arr.json")]))
     assert [(p.line, p.data, p.is_json) for p in pieces] == [
-        (1, "doc one", False), (3, b'{"text": "doc two"}', True), (4, b"5", True)]
+        (1, "doc one", False),
+        (3, b'{"text": "doc two"}', True),
+        (4, b"5", True),
+    ]
     (tmp_path / "broken.json").write_text('["unterminated')
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
         list(iter_pieces([str(tmp_path / "broken.json")]))

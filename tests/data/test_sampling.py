@@ -10,8 +10,15 @@ import pytest
 
 from neox.data import sampling
 from neox.data.indexed import IndexedDataset, IndexedDatasetBuilder
-from neox.data.sampling import (GPT2Dataset, build_doc_idx, build_sample_idx, build_shuffle_idx,
-                                index_file_prefix, num_epochs_needed, num_tokens)
+from neox.data.sampling import (
+    GPT2Dataset,
+    build_doc_idx,
+    build_sample_idx,
+    build_shuffle_idx,
+    index_file_prefix,
+    num_epochs_needed,
+    num_tokens,
+)
 from neox.errors import DataError
 
 
@@ -52,12 +59,15 @@ def reference_epochs(tokens_per_epoch, seq_length, num_samples):
             return epochs
 
 
-@pytest.mark.parametrize("sizes, seq_length, expected", [
-    ([3, 5, 2], 4, [[0, 0], [1, 1], [2, 0]]),   # samples start at global tokens 0, 4, 8
-    ([5, 3], 4, [[0, 0], [0, 4]]),              # a sample ending on a document's last token stays there
-    ([2, 0, 3], 2, [[0, 0], [2, 0], [2, 2]]),   # empty documents are stepped over
-    ([0, 4], 3, [[0, 0], [1, 3]]),              # ... except the first start, which is always (0, 0)
-])
+@pytest.mark.parametrize(
+    "sizes, seq_length, expected",
+    [
+        ([3, 5, 2], 4, [[0, 0], [1, 1], [2, 0]]),  # samples start at global tokens 0, 4, 8
+        ([5, 3], 4, [[0, 0], [0, 4]]),  # a sample ending on a document's last token stays there
+        ([2, 0, 3], 2, [[0, 0], [2, 0], [2, 2]]),  # empty documents are stepped over
+        ([0, 4], 3, [[0, 0], [1, 3]]),  # ... except the first start, which is always (0, 0)
+    ],
+)
 def test_sample_idx_hand_worked(sizes, seq_length, expected):
     sizes = np.array(sizes, dtype=np.int32)
     doc_idx = np.arange(len(sizes), dtype=np.int32)
@@ -79,14 +89,16 @@ def test_sample_idx_matches_reference_walk():
         epochs = num_epochs_needed(tokens, seq_length, num_samples)
         assert epochs == reference_epochs(tokens, seq_length, num_samples)
         doc_idx = build_doc_idx(docs, epochs, np.random.RandomState(trial))
-        np.testing.assert_array_equal(build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens),
-                                      reference_sample_idx(sizes, doc_idx, seq_length, epochs, tokens))
+        np.testing.assert_array_equal(
+            build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens),
+            reference_sample_idx(sizes, doc_idx, seq_length, epochs, tokens),
+        )
 
 
 def test_doc_idx_is_gpt_neox_mgrid_shuffle():
     documents = np.arange(3, 9, dtype=np.int32)
     # GPT-NeoX: mgrid rows filled with the documents, flattened, int32, one shuffle.
-    ref = np.mgrid[0:3, 0:len(documents)][1]
+    ref = np.mgrid[0:3, 0 : len(documents)][1]
     ref[:] = documents
     ref = ref.reshape(-1).astype(np.int32)
     np.random.RandomState(7).shuffle(ref)
@@ -118,7 +130,7 @@ def test_dataset_order_is_the_documented_stream(tmp_path):
     assert len(gpt) == n - 1 >= wanted
     for i in range(len(gpt)):
         s = int(perm[i]) * seq
-        np.testing.assert_array_equal(gpt[i]["text"], stream[s:s + seq + 1])
+        np.testing.assert_array_equal(gpt[i]["text"], stream[s : s + seq + 1])
         assert gpt[i]["text"].dtype == np.int64
     # GPT-NeoX serves an index past the shuffle modulo its length.
     np.testing.assert_array_equal(gpt[n + 3]["text"], gpt[(n + 3) % len(gpt)]["text"])
@@ -150,8 +162,9 @@ def test_cache_file_names_dtypes_and_reuse(tmp_path, monkeypatch):
 def test_labels_segments_and_errors(tmp_path):
     text = write_dataset(tmp_path / "t", [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
     label = write_dataset(tmp_path / "l", [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]])
-    gpt = GPT2Dataset("train", text.prefix, np.arange(3, dtype=np.int32), text, 1, 4, 3, label_dataset=label,
-                      return_segments=True)
+    gpt = GPT2Dataset(
+        "train", text.prefix, np.arange(3, dtype=np.int32), text, 1, 4, 3, label_dataset=label, return_segments=True
+    )
     for i in range(len(gpt)):
         item = gpt[i]
         docs = gpt.document_ids(i)
@@ -180,8 +193,10 @@ def test_index_build_time_100m_tokens():
         doc_idx = build_doc_idx(docs, epochs, rng)
         sample_idx = build_sample_idx(sizes, doc_idx, seq, epochs, tokens)
         build_shuffle_idx(len(sample_idx) - 1, rng)
-        print(f"\nindex build: {tokens / 1e6:.0f}M tokens, seq {seq}: {len(sample_idx) - 1} samples in "
-              f"{time.perf_counter() - t0:.3f}s")
+        print(
+            f"\nindex build: {tokens / 1e6:.0f}M tokens, seq {seq}: {len(sample_idx) - 1} samples in "
+            f"{time.perf_counter() - t0:.3f}s"
+        )
 
 
 def test_stale_cache_for_other_documents_is_rebuilt(tmp_path):
@@ -203,7 +218,9 @@ def test_concurrent_builders_agree(tmp_path):
         orders = pool.starmap(_shuffle_of, [(ds.prefix,)] * 3)
     assert orders[0] == orders[1] == orders[2]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["r.bin", "r.idx"] + [f"r_train_indexmap_300ns_8sl_5s_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")])
+        ["r.bin", "r.idx"]
+        + [f"r_train_indexmap_300ns_8sl_5s_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")]
+    )
 
 
 def _shuffle_of(prefix):

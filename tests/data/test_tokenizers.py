@@ -12,8 +12,10 @@ from neox.data.readers import iter_text_pieces
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
-        "  indented line   \n\ttab\r\nwindows line\n\n\n  \nunicode: naïve café — 東京 🙂\n12345 678,9 end")
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    "  indented line   \n\ttab\r\nwindows line\n\n\n  \nunicode: naïve café — 東京 🙂\n12345 678,9 end"
+)
 
 
 def tok(kind, vocab=None, merges=None, eod=None, pad=None):
@@ -36,7 +38,7 @@ def test_gpt2_json_and_vocab_merges_give_identical_ids(shared_data, sample):
     text = sample + "<|endoftext|>tail"
     ids = a.encode(text)
     assert ids == b.encode(text)
-    assert ids[-1 - len(a.encode("tail")):] == [50256] + a.encode("tail")  # special in text: one id
+    assert ids[-1 - len(a.encode("tail")) :] == [50256] + a.encode("tail")  # special in text: one id
     assert a.decode(ids) == b.decode(ids) == text
     assert a.encode_batch([sample, "x y"]) == [ids[: len(a.encode(sample))], a.encode("x y")]
 
@@ -113,9 +115,15 @@ def test_sentencepiece(tmp_path):
 
     lines = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)] + [TEXT]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=320,
-                                   user_defined_symbols=["<|endoftext|>"], byte_fallback=True,
-                                   normalization_rule_name="identity", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=320,
+        user_defined_symbols=["<|endoftext|>"],
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
     path = tmp_path / "m.model"
     path.write_bytes(model.getvalue())
     t = tok("SPMTokenizer", str(path))
