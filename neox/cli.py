@@ -14,18 +14,18 @@ from neox.errors import NeoxError
 
 # name -> (module providing `register(parser)` for that command, one-line help)
 COMMANDS = {
-    "prepare": ("neox.data.commands_prepare", "download/build a named corpus (enron, tinyshakespeare, stdlib, ...)"),
-    "preprocess": ("neox.data.commands_preprocess", "tokenize JSONL/text into GPT-NeoX .bin/.idx files"),
-    "tokenizer": ("neox.data.commands_tokenizer", "train a byte-level BPE tokenizer"),
-    "data": ("neox.data.commands_inspect", "inspect or merge .bin/.idx datasets"),
-    "info": ("neox.model.commands", "parameter count, FLOPs per token and memory estimates for a config"),
-    "train": ("neox.train.commands", "train or fine-tune a model from YAML configs"),
-    "checkpoint": ("neox.parallel.commands", "checkpoint tools (consolidate a sharded checkpoint)"),
-    "generate": ("neox.infer.commands", "sample text from a checkpoint"),
-    "eval": ("neox.interop.commands_eval", "evaluate a checkpoint with lm-evaluation-harness"),
-    "export": ("neox.interop.commands_hf", "export a checkpoint to Hugging Face transformers"),
-    "import": ("neox.interop.commands_hf", "import a Hugging Face model as a neox checkpoint"),
-    "config": ("neox.config.commands", "show the resolved config or regenerate docs/config.md"),
+    "prepare": ("neox.commands.prepare", "download/build a named corpus (enron, tinyshakespeare, stdlib, ...)"),
+    "preprocess": ("neox.commands.preprocess", "tokenize JSONL/text into GPT-NeoX .bin/.idx files"),
+    "tokenizer": ("neox.commands.tokenizer", "train a byte-level BPE tokenizer"),
+    "data": ("neox.commands.data", "inspect or merge .bin/.idx datasets"),
+    "info": ("neox.commands.info", "parameter count, FLOPs per token and memory estimates for a config"),
+    "train": ("neox.commands.train", "train or fine-tune a model from YAML configs"),
+    "checkpoint": ("neox.commands.checkpoint", "checkpoint tools (consolidate a sharded checkpoint)"),
+    "generate": ("neox.commands.generate", "sample text from a checkpoint"),
+    "eval": ("neox.commands.eval", "evaluate a checkpoint with lm-evaluation-harness"),
+    "export": ("neox.commands.hf", "export a checkpoint to Hugging Face transformers"),
+    "import": ("neox.commands.hf", "import a Hugging Face model as a neox checkpoint"),
+    "config": ("neox.commands.config", "show the resolved config or regenerate docs/config.md"),
 }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from neox.kernels.device import torch_dtype
+from neox.parallel.dcp import consolidate
 
 
 def register(parser, name: str) -> None:
@@ -11,17 +12,15 @@ def register(parser, name: str) -> None:
     c.add_argument("checkpoint", help="run directory (its latest checkpoint) or one iter_XXXXXXX directory")
     c.add_argument("out", help="output file, e.g. model.pt (loads with GPT(cfg).load_state_dict(torch.load(out)))")
     c.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: as saved)"
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="cast floating-point weights (default: as saved)",
     )
     c.set_defaults(func=run_consolidate)
 
 
 def run_consolidate(args) -> int:
-    import torch
-
-    from neox.parallel.dcp import consolidate
-
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    ckpt = consolidate(args.checkpoint, args.out, dtype)
+    ckpt = consolidate(args.checkpoint, args.out, torch_dtype(args.dtype, "--dtype"))
     print(f"wrote {args.out} from {ckpt}")
     return 0

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 
-from neox.data.commands_preprocess import add_tokenizer_args
+from neox.commands.preprocess import add_tokenizer_args
 from neox.data.indexed import IndexedDataset, IndexedDatasetBuilder, dataset_exists, strip_suffix
+from neox.data.sampling import GPT2Dataset
+from neox.data.tokenizers import build_tokenizer
 from neox.errors import DataError, NeoxError
 
 
@@ -97,10 +100,6 @@ def _document_tokens(ds: IndexedDataset, doc: int) -> np.ndarray:
 
 
 def _samples(ds: IndexedDataset, wanted: list, seq_length: int, seed: int):
-    import tempfile
-
-    from neox.data.sampling import GPT2Dataset
-
     with tempfile.TemporaryDirectory(prefix="neox-inspect-") as cache:
         gpt = GPT2Dataset(
             "inspect", ds.prefix, np.arange(len(ds)), ds, max(wanted) + 1, seq_length, seed, cache_dir=cache
@@ -112,8 +111,6 @@ def run_inspect(args) -> int:
     ds = IndexedDataset(strip_suffix(args.prefix))
     tokenizer = None
     if args.tokenizer_type:
-        from neox.data.tokenizers import build_tokenizer
-
         tokenizer = build_tokenizer(args)
     sizes = ds.sizes.astype(np.int64)
     print(f"dataset   {ds.prefix}")

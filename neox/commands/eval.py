@@ -9,7 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from neox.commands.common import check_positive
 from neox.errors import NeoxError, ensure_dir
+from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
+from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
+from neox.kernels.device import resolve_device
+from neox.train.checkpoint import resolve
 
 
 def register(parser, name):
@@ -32,11 +37,6 @@ def register(parser, name):
 
 
 def run(args) -> int:
-    from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
-    from neox.infer.commands import _device, check_positive
-    from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
-    from neox.train.checkpoint import resolve
-
     # flag checks come before the checkpoint is loaded, the output folder before the (long) evaluation
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -49,7 +49,7 @@ def run(args) -> int:
             raise NeoxError(f"--include-path {d}: no such directory of task YAMLs")
     if args.output:
         ensure_dir(args.output, "--output")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt = resolve(args.checkpoint)
     cfg = checkpoint_config(ckpt)
     tokenizer = build_tokenizer_for(cfg, ckpt)

@@ -12,7 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from neox.commands.common import add_overrides, check_positive
 from neox.errors import NeoxError, ensure_dir
+from neox.infer.api import LoadedModel, build_model, build_tokenizer_for, checkpoint_config
+from neox.infer.generate import generate
+from neox.infer.sampling import SamplingParams
+from neox.kernels.device import resolve_device
+from neox.train.checkpoint import resolve
 
 # flag dest -> generation config key
 FLAG_KEYS = {
@@ -39,14 +47,7 @@ def register(parser, name):
         metavar="YAML",
         help="extra config file(s) applied over the checkpoint's config (generation keys)",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set generation.top_k=40",
-    )
+    add_overrides(parser, "e.g. --set generation.top_k=40 (repeatable)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="continue this text (num-samples completions)")
     mode.add_argument("--input-file", help="prompts, one per line or JSONL with a 'prompt' (or 'text') key")
@@ -77,27 +78,6 @@ def register(parser, name):
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights/activations dtype")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.set_defaults(func=run)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NeoxError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NeoxError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
-    return name
-
-
-def check_positive(**flags) -> None:
-    """One-line errors for count flags that must be >= 1 (given as flag name -> value; None = not given)."""
-    for flag, value in flags.items():
-        if value is not None and value < 1:
-            raise NeoxError(f"--{flag.replace('_', '-')} {value}: must be 1 or more")
 
 
 def _generation_config(cfg, args):
@@ -138,10 +118,6 @@ class Session:
     """The loaded model plus the run's settings; each method is one mode."""
 
     def __init__(self, model, tokenizer, gen, args):
-        import torch
-
-        from neox.infer.sampling import SamplingParams
-
         self.model, self.tok, self.gen, self.args = model, tokenizer, gen, args
         self.params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
         self.generator = torch.Generator(device=next(model.parameters()).device)
@@ -151,8 +127,6 @@ class Session:
             self.generator.seed()
 
     def run_batch(self, prompts: list[str], on_tokens=None):
-        from neox.infer.generate import generate
-
         ids = [self.model.encode_prompt(p) for p in prompts]
         t0 = time.perf_counter()
         res = generate(
@@ -250,12 +224,9 @@ class _Streamer:
 
 
 def run(args) -> int:
-    from neox.infer.api import LoadedModel, build_model, build_tokenizer_for, checkpoint_config
-    from neox.train.checkpoint import resolve
-
     # the flags skip the config loader's range checks (generation.maximum_tokens / num_samples are >= 1 there)
     check_positive(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt = resolve(args.checkpoint)
     cfg = checkpoint_config(ckpt, args.config, args.overrides)
     gen = _generation_config(cfg, args)

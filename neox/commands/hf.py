@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from neox.interop.hf import export_checkpoint, import_hf
+
 
 def register(parser, name):
     parser.add_argument("format", choices=["hf"], help="hf: Hugging Face transformers (GPTNeoX / Llama)")
@@ -37,8 +39,6 @@ def register(parser, name):
 
 
 def run_export(args) -> int:
-    from neox.interop.hf import export_checkpoint
-
     out = export_checkpoint(
         args.checkpoint,
         args.out,
@@ -51,8 +51,6 @@ def run_export(args) -> int:
 
 
 def run_import(args) -> int:
-    from neox.interop.hf import import_hf
-
     out = import_hf(args.model_dir, args.out, eod_token=args.eod_token, pad_token=args.pad_token)
     print(f"imported {args.model_dir} to {out} (config: {out / 'neox.yml'})", file=sys.stderr)
     return 0

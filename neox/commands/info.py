@@ -8,20 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from neox.commands.common import add_config_args
+from neox.config import load, resolve_batch, resolve_vocab
+from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, NeoxError
+from neox.model import info
+from neox.parallel.mesh import ParallelDims
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML/JSON config files, merged in order")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key after the files (repeatable), e.g. --set model.num_layers=8",
-    )
-    parser.add_argument("-d", "--config-dir", default=None, help="directory the CONFIG names are relative to")
+    add_config_args(parser)
     parser.add_argument(
         "--vocab-size",
         type=int,
@@ -50,15 +46,11 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _resolve_vocab(cfg, vocab_size: int | None) -> None:
-    from neox.config import resolve_vocab
-
     tp = cfg.parallel.model_parallel_size
     if cfg.model.vocab_size is not None:
         return
     if vocab_size is None:
         try:
-            from neox.data.tokenizers import build_tokenizer
-
             vocab_size = build_tokenizer(cfg.tokenizer).vocab_size
         except (NeoxError, OSError) as e:
             raise ConfigError(
@@ -70,9 +62,6 @@ def _resolve_vocab(cfg, vocab_size: int | None) -> None:
 
 def collect(cfg, dp: int = 1) -> dict:
     """Everything `neox info` reports for a loaded Config, as plain numbers."""
-    from neox.config import resolve_batch
-    from neox.model import info
-
     m, par = cfg.model, cfg.parallel
     try:
         micro = resolve_batch(cfg, dp)[0]
@@ -149,8 +138,6 @@ def format_report(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox.config import load
-
     if args.dp < 1:
         raise ConfigError(f"--dp must be >= 1, got {args.dp}")
     if args.vocab_size is not None and args.vocab_size < 1:
@@ -159,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
     _resolve_vocab(cfg, args.vocab_size)
     dp = args.dp
     if args.nproc is not None:
-        from neox.parallel.mesh import ParallelDims
-
         if args.dp != 1:
             raise ConfigError("give --nproc or --dp, not both: --nproc derives the data-parallel size")
         dp = ParallelDims.from_config(cfg.parallel, args.nproc, cfg.model, ", ".join(args.configs)).dp

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from neox.config.schema import TokenizerConfig
+from neox.data import corpora
+from neox.data.corpora import BUILTIN, CORPORA, MIRROR_ENV
+from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.errors import NeoxError
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
-    from neox.data.corpora import BUILTIN, CORPORA, MIRROR_ENV
-
     listing = "; ".join(
         [f"{c.name}: {c.description}" for c in CORPORA.values()] + [f"{k}: {v}" for k, v in BUILTIN.items()]
     )
@@ -51,8 +53,6 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args) -> int:
-    from neox.data import corpora
-
     if args.list:
         for name in corpora.names():
             c = corpora.CORPORA.get(name)
@@ -73,9 +73,6 @@ def run(args) -> int:
     )
     print(f"wrote {jsonl}")
     if args.tokenizer_type:
-        from neox.config.schema import TokenizerConfig
-        from neox.data.preprocess import PreprocessOptions, preprocess
-
         corpus = corpora.CORPORA.get(args.name)
         opts = PreprocessOptions(
             inputs=[jsonl],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.data.readers import TEXT_MODES
 from neox.data.tokenizers import TOKENIZER_TYPES
 from neox.errors import ConfigError
@@ -102,8 +103,6 @@ def parse_token_ids(spec: str | None) -> list | None:
 
 
 def run(args) -> int:
-    from neox.data.preprocess import PreprocessOptions, preprocess
-
     opts = PreprocessOptions(
         inputs=args.input,
         output_prefix=args.output_prefix,

@@ -9,48 +9,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neox.commands.common import add_config_args
+from neox.config import load, resolve_batch
+from neox.parallel import launch, pipeline
+from neox.parallel.mesh import ParallelDims
+from neox.parallel.runtime import resume_config, trainer_args
+from neox.train.trainer import Trainer
+
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
-    from neox.parallel import launch
-
-    parser.add_argument(
-        "configs",
-        nargs="+",
-        metavar="CONFIG",
-        help="YAML/JSON config files, merged in order (later files override earlier ones)",
-    )
-    parser.add_argument(
-        "-d",
-        "--config-dir",
-        default=None,
-        help="directory that relative CONFIG paths are read from (like GPT-NeoX's deepy.py -d)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train_iters=50 --set optimizer.lr=1e-3 "
-        "(repeatable; applied after the files)",
-    )
+    add_config_args(parser)
     launch.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from neox.config import load
-    from neox.parallel import launch
-
     cfg = load(args.configs, args.overrides, config_dir=args.config_dir, training=True)
     source = ", ".join(args.configs)
     code = launch.launch(args, sys.argv[1:], validate=lambda world: check_layout(cfg, world, source))
     if code is not None:
         return code
-
-    from neox.parallel.runtime import resume_config, trainer_args
-    from neox.train.trainer import Trainer
-
     cfg = resume_config(cfg)
     trainer = Trainer(cfg, **trainer_args(cfg, source))
     summary = trainer.fit()
@@ -64,10 +42,6 @@ def check_layout(cfg, world_size: int, source: str) -> None:
     """Everything about the parallel layout that can be wrong, for `world_size` processes, before any starts:
     the mesh, the batch triple at that data-parallel size, and the pipeline schedule's constraints (which
     would otherwise fail on every rank at Trainer start)."""
-    from neox.config import resolve_batch
-    from neox.parallel import pipeline
-    from neox.parallel.mesh import ParallelDims
-
     dims = ParallelDims.from_config(cfg.parallel, world_size, cfg.model, source)
     accum = resolve_batch(cfg, dims.dp)[1]
     if cfg.parallel.pipe_parallel_size > 1:

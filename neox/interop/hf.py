@@ -13,8 +13,12 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
-from neox.errors import NeoxError, ensure_dir
+from neox.config import from_dict, to_dict
+from neox.data.tokenizers import build_tokenizer
+from neox.errors import ConfigError, NeoxError, ensure_dir
+from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
 from neox.interop.hf_mapping import from_hf_config, from_hf_state_dict, hf_architecture, to_hf_config, to_hf_state_dict
 from neox.interop.hf_tokenizer import (
     copy_tokenizer,
@@ -23,8 +27,9 @@ from neox.interop.hf_tokenizer import (
     find_tokenizer,
     hf_tokenizer_object,
 )
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from neox.kernels.device import dtype_name, torch_dtype
+from neox.model import GPT
+from neox.train.checkpoint import resolve, save
 
 
 def _transformers():
@@ -91,14 +96,13 @@ def export_model(
     ensure_dir(out, "OUT")
     sd = to_hf_state_dict(cfg.model, state_dict)
     if dtype is not None:
-        if dtype not in TORCH_DTYPES:
-            raise NeoxError(f"--dtype {dtype!r}: use one of {sorted(TORCH_DTYPES)}")
-        sd = {k: v.to(TORCH_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-    dtype_name = {v: k for k, v in TORCH_DTYPES.items()}[next(iter(sd.values())).dtype]
+        cast = torch_dtype(dtype, "--dtype")
+        sd = {k: v.to(cast) if v.is_floating_point() else v for k, v in sd.items()}
+    weights_dtype = dtype_name(next(iter(sd.values())).dtype)
     eod = pad = None
     if tokenizer is not None:
         eod, pad = tokenizer.eod_id, tokenizer.pad_id
-    hf_cfg = to_hf_config(cfg.model, eos_id=eod, bos_id=eod, pad_id=pad, dtype=dtype_name)
+    hf_cfg = to_hf_config(cfg.model, eos_id=eod, bos_id=eod, pad_id=pad, dtype=weights_dtype)
     hf_cfg.save_pretrained(str(out))
     save_weights(sd, out, max_shard_size)
     if tokenizer is not None:
@@ -113,9 +117,6 @@ def export_checkpoint(
     with_tokenizer: bool = True,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
-    from neox.train.checkpoint import resolve
-
     ckpt = resolve(checkpoint)
     cfg = checkpoint_config(ckpt)
     hf_architecture(cfg.model)  # a config error is reported before the weights are read
@@ -172,14 +173,6 @@ def import_hf(
     The tokenizer's end-of-sequence and padding tokens are those the directory declares (tokenizer_config.json,
     special_tokens_map.json, config.json), unless eod_token / pad_token are given.
     """
-    import yaml
-
-    from neox.config import from_dict, to_dict
-    from neox.data.tokenizers import build_tokenizer
-    from neox.errors import ConfigError
-    from neox.model import GPT
-    from neox.train.checkpoint import save
-
     transformers = _transformers()
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():

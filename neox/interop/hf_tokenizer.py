@@ -12,7 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
+from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
 from neox.errors import NeoxError
+from neox.interop import spm_model
 
 # -- export --------------------------------------------------------------------------------------------------
 
@@ -49,8 +51,6 @@ def _sentencepiece_hf_tokenizer(tokenizer):
     from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    from neox.interop import spm_model
-
     proto = spm_model.read_model_proto(tokenizer._sp.serialized_model_proto())
     kind = proto.trainer_spec.model_type
     if kind == spm_model.UNIGRAM:
@@ -82,8 +82,6 @@ def _tiktoken_hf_tokenizer(tokenizer):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from neox.data.tokenizers import EOD_TOKEN
-
     # Oniguruma (the tokenizers library's regex engine) reads "X{1,3}+" as a repeated repeat, where tiktoken's
     # engine means a possessive repeat: spell that as an atomic group, which means the same in both.
     pattern = re.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", tokenizer.pattern)
@@ -104,7 +102,6 @@ def _tiktoken_hf_tokenizer(tokenizer):
 
 def hf_tokenizer_object(tokenizer):
     """The `tokenizers.Tokenizer` equivalent of a neox tokenizer, or a NeoxError naming the type."""
-    from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
 
     inner = getattr(tokenizer, "_tok", None)  # HFTokenizer / GPT2BPETokenizer wrap a tokenizers.Tokenizer
     if inner is not None:

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from neox.errors import NeoxError
-from neox.infer.generate import select_hidden, unwrap
+from neox.infer.generate import generate, select_hidden, unwrap
+from neox.infer.sampling import SamplingParams
+from neox.interop.eval_tasks import local_task_dirs
 from neox.kernels.bf16_cpu import fast_bf16_linears
 
 # The harness must never reach the network: tasks come from the registry's YAMLs or local --include-path files.
@@ -136,9 +138,6 @@ class NeoxLM(_lm_base()):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-        from neox.infer.generate import generate
-        from neox.infer.sampling import SamplingParams
-
         eos = self.tok_decode([self.eot_token_id])
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -208,8 +207,6 @@ def run_tasks(
     """simple_evaluate on an LM object; returns the harness's result dict (JSON-safe)."""
     set_offline_env()
     from lm_eval import simple_evaluate
-
-    from neox.interop.eval_tasks import local_task_dirs
 
     paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
     manager = task_manager(tuple(paths + local_task_dirs(tasks)))

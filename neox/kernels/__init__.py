@@ -1,1 +1,2 @@
-"""Custom operators that plain PyTorch lacks on some hardware, shared by training and inference."""
+"""What sits closest to the hardware, shared by training and inference: device and dtype names (device.py)
+and custom operators that plain PyTorch lacks on some CPUs (bf16_cpu.py)."""

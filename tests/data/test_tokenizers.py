@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
+from neox.data.bpe_training import train_tokenizer
 from neox.data.readers import iter_text_pieces
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError
@@ -63,8 +64,6 @@ def test_cutting_documents_where_preprocess_does_keeps_ids(shared_data, sample, 
 
 
 def test_trained_tokenizer(tmp_path, shared_data):
-    from neox.data.commands_tokenizer import train_tokenizer
-
     src = tmp_path / "train.jsonl"
     src.write_text('{"text": "hello world, hello there"}\n{"text": "the world is wide"}\n{"oops": 1}\n')
     out = tmp_path / "tok.json"

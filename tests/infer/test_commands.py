@@ -6,7 +6,7 @@ import json
 import pytest
 
 from neox.cli import main
-from neox.infer import commands
+from neox.commands import generate as commands
 from tests.infer.tiny import make_run, tiny_config
 
 

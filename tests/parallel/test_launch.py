@@ -146,9 +146,9 @@ def test_pipeline_schedule_errors_come_before_the_launch(tmp_path, monkeypatch, 
     """`neox train --nproc N` checks the schedule against the batch triple at that data-parallel size, before
     torchrun starts, instead of every rank failing at Trainer start."""
     from neox.cli import main
+    from neox.commands.train import check_layout
     from neox.config import from_dict
     from neox.errors import ConfigError
-    from neox.train.commands import check_layout
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)

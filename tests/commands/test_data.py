@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from neox.cli import main as cli
-from neox.data.commands_inspect import length_histogram, merge_datasets, merge_inputs
+from neox.commands.data import length_histogram, merge_datasets, merge_inputs
 from neox.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from neox.errors import DataError, NeoxError
 
