@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -180,23 +179,41 @@ def test_labels_segments_and_errors(tmp_path):
         GPT2Dataset("train", tiny.prefix, np.arange(1, dtype=np.int32), tiny, 1, 4, 3)
 
 
-def test_index_build_time_100m_tokens():
-    """Timing print for the report (not an assertion): 100M tokens, 2048 and 128 token samples."""
+@pytest.mark.parametrize("seq", [2048, 128])
+def test_index_of_100m_tokens_tiles_the_document_stream(seq):
+    """At 100M tokens (the timing is bench/index.py): every document is in doc_idx once per epoch, sample k
+    starts inside a non-empty document at token k * seq of the doc_idx-ordered stream, consecutive samples
+    overlap by exactly one token, and less than one sample's worth of the stream is left unused."""
     rs = np.random.RandomState(0)
     sizes = rs.randint(1, 4000, size=50_000).astype(np.int32)  # ~100M tokens
+    sizes[rs.choice(len(sizes), 500, replace=False)] = 0  # empty documents are stepped over
     docs = np.arange(len(sizes), dtype=np.int32)
     tokens = num_tokens(docs, sizes)
-    for seq in (2048, 128):
-        t0 = time.perf_counter()
-        epochs = num_epochs_needed(tokens, seq, tokens // seq - 1)
-        rng = np.random.RandomState(1234)
-        doc_idx = build_doc_idx(docs, epochs, rng)
-        sample_idx = build_sample_idx(sizes, doc_idx, seq, epochs, tokens)
-        build_shuffle_idx(len(sample_idx) - 1, rng)
-        print(
-            f"\nindex build: {tokens / 1e6:.0f}M tokens, seq {seq}: {len(sample_idx) - 1} samples in "
-            f"{time.perf_counter() - t0:.3f}s"
-        )
+    assert tokens == int(sizes.sum(dtype=np.int64)) > 90_000_000
+    wanted = tokens // seq + 5  # a little more than one epoch gives: two epochs
+    epochs = num_epochs_needed(tokens, seq, wanted)
+    assert epochs == 2 and (epochs * tokens - 1) // seq >= wanted > (tokens - 1) // seq
+    rng = np.random.RandomState(1234)
+    doc_idx = build_doc_idx(docs, epochs, rng)
+    sample_idx = build_sample_idx(sizes, doc_idx, seq, epochs, tokens)
+    shuffle_idx = build_shuffle_idx(len(sample_idx) - 1, rng)
+
+    # coverage: each document once per epoch
+    np.testing.assert_array_equal(np.bincount(doc_idx, minlength=len(docs)), np.full(len(docs), epochs))
+    # sample boundaries: (position in doc_idx, offset) of sample k is global token k * seq of the stream
+    n = (epochs * tokens - 1) // seq
+    assert sample_idx.shape == (n + 1, 2) and sample_idx[0].tolist() == [0, 0]
+    which, offset = sample_idx[:, 0].astype(np.int64), sample_idx[:, 1].astype(np.int64)
+    lengths = sizes[doc_idx].astype(np.int64)
+    doc_start = np.concatenate([[0], np.cumsum(lengths)])  # stream position of each doc_idx entry
+    assert np.all(np.diff(which) >= 0) and which[-1] < len(doc_idx)
+    assert np.all((offset[1:] >= 0) & (offset[1:] < lengths[which[1:]]))  # inside a non-empty document
+    np.testing.assert_array_equal(doc_start[which] + offset, np.arange(n + 1, dtype=np.int64) * seq)
+    # each sample reads seq + 1 tokens, the last one included: all inside the stream, under seq left over
+    assert n * seq + 1 <= epochs * tokens < (n + 1) * seq + 1
+    # the sample order is a permutation of the first n samples
+    assert shuffle_idx.dtype == np.uint32
+    np.testing.assert_array_equal(np.sort(shuffle_idx), np.arange(n, dtype=np.uint32))
 
 
 def test_stale_cache_for_other_documents_is_rebuilt(tmp_path):
