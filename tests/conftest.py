@@ -22,7 +22,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Two cores shared with other processes: a fixed small thread count keeps op timings sane (notes, trap H).
+    # Two cores shared with other processes: a fixed small thread count keeps op timings sane: with more threads than
+    # free cores every op waits for the slowest thread.
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

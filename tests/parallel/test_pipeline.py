@@ -254,7 +254,7 @@ FOUR = [
             "pipe_stages_per_rank": 2,
         },
     },
-    # trap A: zero-bubble with FSDP2 is exact only without resharding after forward (apply() sees to that)
+    # zero-bubble with FSDP2 is exact only without resharding after forward (apply() sees to that)
     {
         "name": "pp2 x dp2 zero3 zero_bubble",
         "parallel": {
