@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from neox.config.fields import Assignment, did_you_mean, group_fields, normalize_key
 from neox.errors import ConfigError
 
 # Field names that are not accepted flat at the top level because they mean nothing out of their group.
@@ -371,10 +372,6 @@ def _mapping(c, key: str, value: Any) -> dict:
     return value
 
 
-def _norm(k: Any) -> Any:
-    return k.strip().replace("-", "_") if isinstance(k, str) else k
-
-
 def _bool(c, key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise c.error(key, f"expected true or false, got {value!r}")
@@ -405,18 +402,16 @@ def handle_optimizer_type(c, key: str, value: Any) -> None:
 def handle_optimizer(c, key: str, value: Any) -> None:
     """GPT-NeoX `optimizer: {type: Adam, params: {lr, betas, eps, weight_decay}}` and our `optimizer: {type: adamw,
     lr: ...}`. A `params` mapping marks the GPT-NeoX form, whose `type` is read with GPT-NeoX's meaning."""
-    from neox.config.loader import did_you_mean, group_fields
-
     fields = group_fields("optimizer")
     mapping = _mapping(c, key, value)
-    neox_form = any(_norm(k) == "params" for k in mapping)
+    neox_form = any(normalize_key(k) == "params" for k in mapping)
     for raw, v in mapping.items():
-        k, shown = _norm(raw), f"{key}.{raw}"
+        k, shown = normalize_key(raw), f"{key}.{raw}"
         if k == "type" and neox_form:
             _neox_optimizer_type(c, shown, v)
         elif k == "params":
             for praw, pv in _mapping(c, shown, v).items():
-                pk, pshown = _norm(praw), f"{shown}.{praw}"
+                pk, pshown = normalize_key(praw), f"{shown}.{praw}"
                 if pk in fields and pk != "type":
                     c.set(("optimizer", pk), pv, pshown)
                 elif pk in ("freeze_step", "cuda_aware", "comm_backend_name"):
@@ -440,9 +435,7 @@ _FP16_SCALER = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_l
 
 def handle_fp16(c, key: str, value: Any) -> None:
     """DeepSpeed `fp16: {enabled, loss_scale (0 = dynamic), initial_scale_power, ...}`."""
-    from neox.config.loader import did_you_mean
-
-    d = {_norm(k): (k, v) for k, v in _mapping(c, key, value).items()}
+    d = {normalize_key(k): (k, v) for k, v in _mapping(c, key, value).items()}
     enabled = False
     for flag in ("enabled", "fp16"):  # Pythia configs carry both `fp16: true` and `enabled: true`
         if flag in d:
@@ -482,7 +475,7 @@ def handle_fp16(c, key: str, value: Any) -> None:
 def handle_bf16(c, key: str, value: Any) -> None:
     """DeepSpeed `bf16: {enabled: true}`."""
     for raw, v in _mapping(c, key, value).items():
-        k, shown = _norm(raw), f"{key}.{raw}"
+        k, shown = normalize_key(raw), f"{key}.{raw}"
         if k == "enabled":
             if _bool(c, shown, v):
                 c.set(("precision", "precision"), "bf16", key, ident=("key", key))
@@ -523,10 +516,8 @@ _ZERO_TUNING = (
 
 def handle_zero(c, key: str, value: Any) -> None:
     """DeepSpeed `zero_optimization: {stage, cpu_offload, offload_optimizer: {device}, ...}`."""
-    from neox.config.loader import did_you_mean
-
     for raw, v in _mapping(c, key, value).items():
-        k, shown = _norm(raw), f"{key}.{raw}"
+        k, shown = normalize_key(raw), f"{key}.{raw}"
         if k == "stage":
             c.set(("parallel", "zero_stage"), v, shown)
         elif k in ("cpu_offload", "cpu_offload_params"):
@@ -618,8 +609,6 @@ def apply_pseudo_fields(merged: dict) -> dict:
     mlp = merged.pop(("_neox", "mlp_type"), None)
     if mlp is None or mlp.value != "llama":
         return extras
-    from neox.config.loader import Assignment
-
     act = merged.get(("model", "activation"))
     name = act.value if act is not None and isinstance(act.value, str) else "gelu"
     gated = _GATED.get(name.lower())

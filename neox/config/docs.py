@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from neox.config import aliases
-from neox.config.loader import FLAT, GROUPS, _field_types
+from neox.config.fields import GROUPS, field_types
+from neox.config.loader import FLAT
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -82,7 +83,7 @@ def _aliases_of(group: str, name: str) -> list[str]:
 
 
 def group_table(group: str) -> list[str]:
-    types = _field_types(group)
+    types = field_types(group)
     lines = [
         f"## `{group}`",
         "",

@@ -8,35 +8,29 @@ wins) and the result is type-checked field by field, derived defaults are filled
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import logging
 import os
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from neox.config import aliases
+from neox.config.fields import (
+    GROUPS,
+    Assignment,
+    Resolved,
+    did_you_mean,
+    field_types,
+    group_fields,
+    normalize_key,
+)
 from neox.config.schema import Config
-from neox.config.yaml_io import normalize_key, parse_override, read_config_file
+from neox.config.validate import derive, validate, validate_training
+from neox.config.yaml_io import parse_override, read_config_file
 from neox.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# group name -> dataclass, e.g. "model" -> ModelConfig
-GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
-
-
-@functools.cache
-def group_fields(group: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(GROUPS[group])}
-
-
-@functools.cache
-def _field_types(group: str) -> dict[str, Any]:
-    return typing.get_type_hints(GROUPS[group])
 
 
 # Every field is also accepted flat at the top level (GPT-NeoX style) when its name is unique across groups.
@@ -54,15 +48,6 @@ def _flat_index() -> dict[str, tuple[str, str]]:
 
 
 FLAT = _flat_index()
-
-
-@dataclass
-class Assignment:
-    target: tuple[str, str]  # (group, field), or ("_neox", name) for values consumed while building
-    value: Any
-    key: str  # as the user wrote it, dotted for nested keys: "optimizer.params.lr"
-    source: str
-    ident: tuple  # two assignments with the same ident in one source are a duplicate key
 
 
 class Collector:
@@ -158,13 +143,6 @@ def known_top_level_keys() -> list[str]:
     )
 
 
-def did_you_mean(key: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
-    if not close:
-        return " (see docs/config.md for the keys)"
-    return "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
-
-
 # -- type checking ------------------------------------------------------------------------------------------
 
 
@@ -245,19 +223,6 @@ def _choose(value: Any, choices: tuple, where: str) -> Any:
 # -- building -----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Resolved:
-    config: Config
-    provenance: dict[tuple[str, str], Assignment]  # which source set each field (absent: default)
-    notes: list[str]
-
-    def where(self, group: str, name: str) -> str:
-        a = self.provenance.get((group, name))
-        if a is None:
-            return f"<defaults>: key '{group}.{name}'"
-        return f"{a.source}: key '{a.key}'"
-
-
 def collect(mapping: dict, source: str) -> Collector:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(mapping).__name__}")
@@ -267,8 +232,6 @@ def collect(mapping: dict, source: str) -> Collector:
 
 
 def build(collectors: list[Collector]) -> Resolved:
-    from neox.config.validate import derive, validate
-
     merged: dict[tuple[str, str], Assignment] = {}
     notes: list[str] = []
     for c in collectors:
@@ -277,7 +240,7 @@ def build(collectors: list[Collector]) -> Resolved:
     extras = aliases.apply_pseudo_fields(merged)
     groups = {}
     for g, cls in GROUPS.items():
-        types = _field_types(g)
+        types = field_types(g)
         kwargs = {}
         for name, f in group_fields(g).items():
             a = merged.get((g, name))
@@ -326,8 +289,6 @@ def resolve(
         collectors.append(collect(mapping, source))
     resolved = build(collectors)
     if training:
-        from neox.config.validate import validate_training
-
         validate_training(resolved)
     return resolved
 

@@ -7,43 +7,19 @@ files and `--set` overrides the user knows which line to change.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-from neox.config.schema import GATED_ACTIVATIONS, Config
+from neox.config.fields import Resolved
+from neox.config.schema import Config
+from neox.config.shapes import head_dim, max_positions, mlp_width, num_kv_heads, rotary_dims
 from neox.errors import ConfigError
-from neox.model.info import GATED_MULTIPLE_OF, default_intermediate_size
-
-if TYPE_CHECKING:
-    from neox.config.loader import Resolved
-
-
-def neox_intermediate_size(
-    hidden_size: int, activation: str, mlp_multiple_of: int | None, expansion_factor: float | None
-) -> int:
-    """GPT-NeoX's MLP width knobs: `expansion_factor` replaces the 4 (8/3 when gated) in the default width,
-    `mlp_multiple_of` replaces its rounding (256 when gated, none otherwise)."""
-    gated = activation in GATED_ACTIVATIONS
-    if expansion_factor is not None:
-        ff = int(expansion_factor * hidden_size)
-    elif gated:
-        ff = int(2 * hidden_size * 4 / 3)
-    else:
-        ff = 4 * hidden_size
-    multiple = mlp_multiple_of or (GATED_MULTIPLE_OF if gated and expansion_factor is None else 1)
-    return multiple * math.ceil(ff / multiple)
 
 
 def derive(cfg: Config, mlp_multiple_of: int | None = None, expansion_factor: float | None = None) -> None:
     m = cfg.model
-    if m.max_position_embeddings is None:
-        m.max_position_embeddings = m.seq_length
-    if m.num_kv_heads is None:
-        m.num_kv_heads = m.num_attention_heads
+    m.max_position_embeddings = max_positions(m)
+    m.num_kv_heads = num_kv_heads(m)
     if m.intermediate_size is None:
-        if mlp_multiple_of is None and expansion_factor is None:
-            m.intermediate_size = default_intermediate_size(m)  # the model's own rule, so both always agree
-        else:
-            m.intermediate_size = neox_intermediate_size(m.hidden_size, m.activation, mlp_multiple_of, expansion_factor)
+        m.intermediate_size = mlp_width(m.hidden_size, m.activation, expansion_factor, mlp_multiple_of)
 
 
 # (group, field, smallest allowed value) for values that must be positive / non-negative.
@@ -148,13 +124,12 @@ def validate(r: Resolved) -> None:
         )
     if not 0.0 < m.rotary_pct <= 1.0:
         fail("model", "rotary_pct", f"must be in (0, 1], got {m.rotary_pct!r}")
-    head_dim = m.hidden_size // m.num_attention_heads
-    if m.pos_emb == "rotary" and int(head_dim * m.rotary_pct) % 2:
+    if m.pos_emb == "rotary" and rotary_dims(m) % 2:
         blame = "rotary_pct" if ("model", "rotary_pct") in r.provenance else "hidden_size"
         fail(
             "model",
             blame,
-            f"rotary would rotate {int(head_dim * m.rotary_pct)} of each head's {head_dim} "
+            f"rotary would rotate {rotary_dims(m)} of each head's {head_dim(m)} "
             f"dimensions (hidden_size / num_attention_heads x rotary_pct {m.rotary_pct:g}); it needs an even number",
         )
     if m.max_position_embeddings < m.seq_length:
@@ -246,7 +221,7 @@ def split_proportions(split: str, where: str = "data.split") -> list[float]:
         values = [float(s) for s in parts]
     except ValueError:
         values = []
-    if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
+    if not 1 <= len(values) <= 3 or any(not v >= 0 for v in values) or sum(values) <= 0:  # `not >=`: NaN too
         raise ConfigError(f"{where}: expected up to three non-negative numbers like '969,30,1', got {split!r}")
     values += [0.0] * (3 - len(values))
     total = sum(values)

@@ -13,14 +13,10 @@ from typing import Any
 
 import yaml
 
+from neox.config.fields import normalize_key
 from neox.errors import ConfigError
 
 _Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def normalize_key(key: Any) -> Any:
-    """GPT-NeoX treats `num-layers` and `num_layers` as the same key."""
-    return key.strip().replace("-", "_") if isinstance(key, str) else key
 
 
 class _StrictLoader(_Base):  # type: ignore[misc, valid-type]

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from neox.config.validate import split_proportions
 from neox.data.blend import BlendableDataset, normalized_weights_and_num_samples, weights_by_num_docs
 from neox.data.indexed import IndexedDataset, data_file_path, dataset_exists, index_file_path, strip_suffix
 from neox.data.sampling import GPT2Dataset
@@ -27,29 +28,11 @@ SPLITS = ("train", "valid", "test")
 def parse_split(split: str, num_documents: int) -> list[int]:
     """Document boundaries [0, a, b, num_documents] for a "train,valid,test" proportion string.
 
-    GPT-NeoX's rule: "," or "/" separated, missing parts are 0, proportions are normalised, each boundary is
-    rounded, and any rounding excess is taken off every boundary so the last one is the document count.
+    GPT-NeoX's rule: each boundary is rounded, and any rounding excess is taken off every boundary so the
+    last one is the document count.
     """
-    text = str(split).strip()
-    sep = "," if "," in text else "/" if "/" in text else None
-    parts = text.split(sep) if sep else [text]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(
-            f'data.split: {split!r} is not a list of numbers; write proportions like "969,30,1" (train,valid,test)'
-        ) from None
-    if len(values) > 3:
-        raise ConfigError(f"data.split: {split!r} has {len(values)} parts; give at most three (train,valid,test)")
-    if any(v < 0 or v != v for v in values):
-        raise ConfigError(f"data.split: {split!r} has a negative or NaN part; proportions must be >= 0")
-    values += [0.0] * (3 - len(values))
-    total = sum(values)
-    if total <= 0.0:
-        raise ConfigError(f"data.split: {split!r} sums to 0; at least one proportion must be positive")
-    values = [v / total for v in values]
     bounds = [0]
-    for v in values:
+    for v in split_proportions(split):
         bounds.append(bounds[-1] + round(v * float(num_documents)))
     excess = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - excess for b in bounds[1:]]

@@ -1,49 +1,21 @@
-"""Model arithmetic from the config alone (no torch import): sizes, parameter count, FLOPs per token and
-per-rank memory estimates. `neox.config` calls `default_intermediate_size` to resolve `intermediate_size`."""
+"""Model arithmetic from the config alone (no torch import): parameter count, FLOPs per token and per-rank
+memory estimates. The shapes they start from (MLP width, heads, positions) come from neox.config.shapes, which the
+config loader also fills its derived defaults from."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from neox.config.schema import ModelConfig
+from neox.config.shapes import (
+    head_dim,
+    intermediate_size,
+    is_gated,
+    max_positions,
+    num_kv_heads,
+    rotary_dims,
+)
 from neox.errors import ConfigError
-
-if TYPE_CHECKING:
-    from neox.config.schema import ModelConfig
-
-GATED_MULTIPLE_OF = 256
-
-
-def is_gated(cfg: ModelConfig) -> bool:
-    # imported here: neox.config imports this module while it initialises, so a top-level import is circular
-    from neox.config.schema import GATED_ACTIVATIONS
-
-    return cfg.activation in GATED_ACTIVATIONS
-
-
-def default_intermediate_size(cfg: ModelConfig) -> int:
-    """MLP width when `intermediate_size` is None: 4*hidden; gated activations keep the parameter count of a
-    4*hidden MLP with three matrices (8/3*hidden) rounded up to a multiple of 256, as GPT-NeoX's LLaMA MLP."""
-    if is_gated(cfg):
-        width = int(2 * 4 * cfg.hidden_size / 3)
-        return GATED_MULTIPLE_OF * math.ceil(width / GATED_MULTIPLE_OF)
-    return 4 * cfg.hidden_size
-
-
-def intermediate_size(cfg: ModelConfig) -> int:
-    return cfg.intermediate_size if cfg.intermediate_size is not None else default_intermediate_size(cfg)
-
-
-def num_kv_heads(cfg: ModelConfig) -> int:
-    return cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_attention_heads
-
-
-def max_positions(cfg: ModelConfig) -> int:
-    return cfg.max_position_embeddings if cfg.max_position_embeddings is not None else cfg.seq_length
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    return cfg.hidden_size // cfg.num_attention_heads
 
 
 def check_shapes(cfg: ModelConfig) -> None:
@@ -61,7 +33,7 @@ def check_shapes(cfg: ModelConfig) -> None:
     if kv <= 0 or heads % kv:
         raise ConfigError(f"model.num_attention_heads={heads} must be a multiple of model.num_kv_heads={kv}")
     if cfg.pos_emb == "rotary":
-        rd = int(head_dim(cfg) * cfg.rotary_pct)
+        rd = rotary_dims(cfg)
         if rd <= 0 or rd % 2:
             raise ConfigError(
                 f"model.rotary_pct={cfg.rotary_pct} gives {rd} rotary dims of head_dim "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox.config.schema import ModelConfig
-from neox.model.info import default_intermediate_size, intermediate_size, is_gated  # noqa: F401  (re-exported)
+from neox.config.shapes import default_intermediate_size, intermediate_size, is_gated  # noqa: F401  (re-exported)
 
 
 class RMSNorm(nn.Module):

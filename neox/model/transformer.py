@@ -62,7 +62,7 @@ class GPT(nn.Module):
         self.embed_pos = nn.Embedding(max_pos, h) if cfg.pos_emb == "learned" else None
         # derived fp32 tables: non-persistent buffers, so the state dict holds only the parameters above/below
         self.sinusoidal = SinusoidalEmbedding(h, max_pos) if cfg.pos_emb == "sinusoidal" else None
-        rotary_ndims = int(self.head_dim * cfg.rotary_pct)
+        rotary_ndims = info.rotary_dims(cfg)
         self.rotary = RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base) if cfg.pos_emb == "rotary" else None
         self.alibi = ALiBi(cfg.num_attention_heads) if cfg.pos_emb == "alibi" else None
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
