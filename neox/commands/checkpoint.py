@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neox.kernels.device import torch_dtype
-from neox.parallel.dcp import consolidate
+from neox.train.checkpoint import consolidate
 
 
 def register(parser, name: str) -> None:

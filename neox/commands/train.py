@@ -7,14 +7,16 @@ trains its part of the layout in `parallel`; see neox.parallel.launch.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from neox.commands.common import add_config_args
 from neox.config import load, resolve_batch
+from neox.interop.lm_eval import evaluate_model
 from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
-from neox.parallel.runtime import resume_config, trainer_args
-from neox.train.trainer import Trainer
+from neox.train.distributed import make_layout, resume_config
+from neox.train.trainer import TaskEvaluator, Trainer
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
@@ -30,12 +32,26 @@ def run(args) -> int:
     if code is not None:
         return code
     cfg = resume_config(cfg)
-    trainer = Trainer(cfg, **trainer_args(cfg, source))
+    trainer = Trainer(cfg, layout=make_layout(cfg, source), evaluate_tasks=task_evaluator(cfg))
     summary = trainer.fit()
     if not trainer.quiet:
         parts = [f"{k} {v:.4f}" for k, v in summary.items() if k.endswith(("loss", "ppl"))]
         print(f"done: iteration {trainer.iteration}" + (" | " + " | ".join(parts) if parts else ""))
     return 0
+
+
+def task_evaluator(cfg) -> TaskEvaluator | None:
+    """lm-eval's scores of `eval.eval_tasks` for the trainer (None when no tasks are set)."""
+    e = cfg.eval
+    if not e.eval_tasks:
+        return None
+    return functools.partial(
+        evaluate_model,
+        tasks=list(e.eval_tasks),
+        limit=e.eval_tasks_limit,
+        include_path=e.eval_include_path,
+        max_length=cfg.model.seq_length,
+    )
 
 
 def check_layout(cfg, world_size: int, source: str) -> None:

@@ -5,6 +5,9 @@ Exports load on first use, so `neox.parallel.mesh` layout checks run without imp
 
 _EXPORTS = {
     "apply": "neox.parallel.compose",
+    "parallelize": "neox.parallel.compose",
+    "StepRunner": "neox.parallel.runner",
+    "LocalRunner": "neox.parallel.runner",
     "ParallelDims": "neox.parallel.mesh",
     "build_mesh": "neox.parallel.mesh",
     "init_distributed": "neox.parallel.mesh",

@@ -1,12 +1,19 @@
-"""`neox.parallel.apply`: tensor parallelism first (it turns weights into DTensors), data parallelism on top."""
+"""`neox.parallel.parallelize`: a model and its step runner for a layout; `neox.parallel.apply`: tensor
+parallelism first (it turns weights into DTensors), data parallelism on top."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
-from neox.parallel import compress
+from neox.errors import ConfigError
+from neox.parallel import compress, pipeline
 from neox.parallel.fsdp import apply_fsdp, apply_replicate
 from neox.parallel.mesh import ParallelDims
+from neox.parallel.reduce import masked_mean_loss
+from neox.parallel.runner import LocalRunner, LossFn, StepRunner
 from neox.parallel.tensor import apply_tensor_parallel
 
 
@@ -26,7 +33,8 @@ def apply(
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
     if dims.dp > 1:
         if dims.fsdp:
-            # pipeline stages keep parameters gathered between forward and backward (trap A)
+            # zero-bubble schedules run a stage's weight backward after the next forward: resharding
+            # in between would compute those gradients from freed parameters, silently wrong
             apply_fsdp(
                 model,
                 dims,
@@ -41,3 +49,56 @@ def apply(
             apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode)
             compress.register(model, pcfg, mesh["dp_replicate"].get_group())
     return model
+
+
+def parallelize(
+    model: nn.Module,
+    cfg,
+    mesh,
+    *,
+    precision,
+    device: torch.device,
+    accum: int,
+    loss_fn: LossFn = masked_mean_loss,
+) -> tuple[nn.Module, StepRunner]:
+    """(model, runner) for this process: `model` is what the optimizer, gradient clipping and checkpoints
+    see (this rank's pipeline stages under pp > 1, else the wrapped GPT, names unchanged); `runner` runs a
+    step's `accum` micro-batches through it. mesh None is one process.
+
+    `precision` is the run's neox.train.precision.Precision (its `autocast()` wraps each forward);
+    `loss_fn(logits, labels, loss_mask)` is the loss on plain (not vocab-sharded) logits.
+    """
+    pcfg, data = cfg.parallel, cfg.data
+    wrap = functools.partial(
+        apply,
+        pcfg=pcfg,
+        mesh=mesh,
+        precision=cfg.precision.precision,
+        bf16_mode=cfg.precision.bf16_mode,
+        device_type=device.type,
+    )
+    if mesh is not None and mesh["pp"].size() > 1:
+        if cfg.train.compile:
+            raise ConfigError("train.compile is not supported with pipe_parallel_size > 1 yet; turn one of them off")
+        return pipeline.build(
+            model,
+            pcfg,
+            mesh,
+            n_micro=accum,
+            precision=precision,
+            device=device,
+            parallelize=wrap,
+            pass_positions=data.reset_position_ids,
+            pass_segments=data.reset_attention_mask,
+        )
+    model = wrap(model)
+    runner = LocalRunner(
+        torch.compile(model) if cfg.train.compile else model,
+        precision,
+        device,
+        pass_positions=data.reset_position_ids,
+        pass_segments=data.reset_attention_mask,
+        vocab_parallel=mesh is not None and pcfg.model_parallel_size > 1,
+        loss_fn=loss_fn,
+    )
+    return model, runner

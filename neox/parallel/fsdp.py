@@ -32,7 +32,7 @@ def offload_policy(cpu_offload: bool, device_type: str):
 
     if not cpu_offload:
         return OffloadPolicy()
-    # Trap E: pinned memory needs an accelerator; on a CPU-only machine pinning fails.
+    # CPUOffloadPolicy pins memory by default, which fails on a machine without an accelerator
     return CPUOffloadPolicy(pin_memory=device_type == "cuda")
 
 
@@ -60,7 +60,8 @@ def apply_fsdp(
     reshard_after_forward=None,
 ) -> nn.Module:
     """fully_shard each block, then the root. `reshard_after_forward` overrides the stage's choice (pipeline
-    stages pass False: zero-bubble schedules give wrong gradients otherwise, trap A)."""
+    stages pass False: zero-bubble schedules run the weight backward after the next forward, and gradients
+    from resharded parameters come out silently wrong)."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = dims.zero_stage == 3 if reshard_after_forward is None else reshard_after_forward

@@ -206,7 +206,7 @@ def torchrun_argv(plan: Plan, node_rank: int, cmd: list[str]) -> list[str]:
 
 def worker_env(environ=None) -> dict:
     env = dict(os.environ if environ is None else environ)
-    # Trap B: after a crash, restarted workers must not reuse the dead attempt's shared TCPStore.
+    # after a crash, restarted workers sharing the dead attempt's TCPStore dial its addresses and hang or fail
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neox.errors import ConfigError
+from neox.parallel.mesh import submesh
 from neox.parallel.reduce import TIED_COPY_ATTR, broadcast_from_last_stage, loss_context, masked_mean_loss
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
@@ -55,7 +56,7 @@ def validate(pcfg, num_layers: int, n_micro: int, source: str = "config") -> Non
             f"(pipe_parallel_size {pp} * pipe_stages_per_rank {v})"
         )
     if kind == "1f1b" and n_micro < pp:
-        # trap G: 1F1B's warm-up needs a micro-batch in flight on every stage
+        # 1F1B's warm-up puts a micro-batch in flight on every stage; with fewer it hangs or fails
         raise ConfigError(
             f"{source}: pipe_schedule 1f1b needs gradient_accumulation_steps >= pipe_parallel_size "
             f"({n_micro} < {pp}); raise gradient_accumulation_steps or use gpipe"
@@ -236,14 +237,15 @@ def _schedule_class(kind: str, multi: bool):
     if kind == "1f1b":
         return Schedule1F1B
     if kind == "interleaved_zero_bubble":
-        # correct only while FSDP keeps parameters gathered from forward to the weight backward (trap A):
-        # neox.parallel.apply gives pipeline stages reshard_after_forward=False
+        # correct only while FSDP keeps parameters gathered from forward to the weight backward (resharded
+        # in between, the weight gradients come out silently wrong): neox.parallel.apply gives pipeline
+        # stages reshard_after_forward=False
         return ScheduleInterleavedZeroBubble
     return ScheduleInterleaved1F1B
 
 
 class PipelineRunner:
-    """The trainer's step runner under pipeline parallelism (same interface as neox.train.trainer.StepRunner):
+    """The trainer's step runner under pipeline parallelism (neox.parallel.runner.StepRunner):
     `forward_backward(micro_batches, loss_scale)` runs one schedule over the step's micro-batches and returns
     the mean loss on every rank; `eval_loss(batch)` runs one micro-batch forward through the pipeline."""
 
@@ -275,8 +277,6 @@ class PipelineRunner:
 
         def get_mesh(names, layout):
             # activations crossing stages may be DTensors (sequence parallel): rebuild their mesh by name
-            from neox.parallel.mesh import submesh
-
             return submesh(mesh, names[0]) if len(names) == 1 else mesh[tuple(names)]
 
         def pipe_stages():
@@ -430,47 +430,3 @@ def build(
         vocab_parallel=mesh["tp"].size() > 1,
     )
     return local, runner
-
-
-_STASH = "_neox_pipeline_parts"
-
-
-def trainer_hooks(cfg, mesh, parallelize):
-    """(parallelize, runner_cls) for neox.train.Trainer under pipeline parallelism.
-
-    The Trainer calls `parallelize(model)` and builds its optimizer and checkpoints on the result, then
-    `runner_cls(model, precision, layout, cfg, device)`. Here `parallelize` splits the GPT into this rank's
-    stages (each wrapped by the given tp/dp `parallelize`) and returns their local view; the runner class
-    picks the stages up from that view.
-    """
-    from neox.config import resolve_batch
-
-    if cfg.train.compile:
-        raise ConfigError("train.compile is not supported with pipe_parallel_size > 1 yet; turn one of them off")
-    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-    n_micro = resolve_batch(cfg, dp)[1]  # what the Trainer resolves too: micro-batches per step
-
-    def split(model: nn.Module) -> nn.Module:
-        local, stages, stage_ids, n_stages, tied = split_for_rank(model, cfg.parallel, mesh, n_micro, parallelize)
-        # a plain list attribute: not a registered submodule, so names and state dicts are unchanged
-        object.__setattr__(local, _STASH, (stages, stage_ids, n_stages, tied))
-        return local
-
-    def runner_cls(model, precision, layout, run_cfg, device) -> PipelineRunner:
-        stages, stage_ids, n_stages, tied = getattr(model, _STASH)
-        return PipelineRunner(
-            stages,
-            stage_ids,
-            n_stages,
-            mesh,
-            run_cfg.train.gradient_accumulation_steps,
-            run_cfg.parallel.pipe_schedule,
-            precision,
-            device,
-            tied,
-            pass_positions=run_cfg.data.reset_position_ids,
-            pass_segments=run_cfg.data.reset_attention_mask,
-            vocab_parallel=mesh["tp"].size() > 1,
-        )
-
-    return split, runner_cls

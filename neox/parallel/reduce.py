@@ -1,7 +1,7 @@
 """Numbers that must agree across the mesh: the loss on vocab-sharded logits, the global gradient norm (and
 clipping by it), and metrics averaged over data-parallel ranks.
 
-Gradient norm (trap D): one model can hold plain tensors (replicated: DDP, or norms under TP without SP),
+Gradient norm: one model can hold plain tensors (replicated: DDP, or norms under TP without SP),
 DTensors on the tp mesh and DTensors on the (dp, tp) mesh at once, and `clip_grad_norm_` refuses the mix.
 Here each group of gradients with the same mesh and placements gets its norm (a DTensor norm reduces over
 exactly the dims it is sharded on), the squares are summed, and pipeline stages add theirs over "pp".

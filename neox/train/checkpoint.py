@@ -8,7 +8,8 @@ A checkpoint is written to `iter_XXXXXXX.tmp` and renamed when every file is in 
 (write-then-rename) after that, so a crash at any point leaves the previous checkpoint as `latest`.
 Model and optimizer go through get_state_dict / set_state_dict, which give parameter-name keys without
 wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) and DTensor shards under FSDP/TP, so a
-checkpoint saved under one parallel layout loads under another.
+checkpoint saved under one parallel layout loads under another; `load_full_model_state` and `consolidate`
+read any layout's shards whole in one process, without torch.distributed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from neox.errors import NeoxError
+from neox.config.yaml_io import read_config_file
+from neox.errors import NeoxError, ensure_dir
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
@@ -237,6 +241,54 @@ def saved_config(checkpoint_path: str | Path) -> dict:
     f = ckpt / CONFIG_FILE
     if not f.is_file():
         raise NeoxError(f"{f} is missing; this checkpoint was not written by neox train")
-    from neox.config.yaml_io import read_config_file
-
     return read_config_file(str(f))  # a damaged file is a one-line ConfigError naming it
+
+
+# ---------------------------------------------------------------- one process, any layout
+
+
+def tensor_entries(checkpoint_dir: str | Path, prefix: str = "model.") -> dict[str, TensorStorageMetadata]:
+    """Global shapes and dtypes of the tensors saved under `prefix` (keys without the prefix)."""
+    path = Path(checkpoint_dir)
+    if not (path / ".metadata").is_file():
+        raise NeoxError(f"{path} is not a DCP checkpoint directory (no .metadata file)")
+    meta = FileSystemReader(str(path)).read_metadata()
+    return {
+        k[len(prefix) :]: v
+        for k, v in meta.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+
+
+def load_full_model_state(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The whole model state dict (parameter name -> full tensor) of a sharded checkpoint, read in one
+    process without torch.distributed, whatever layout saved it."""
+    entries = tensor_entries(checkpoint_dir)
+    if not entries:
+        raise NeoxError(f"{checkpoint_dir}: the checkpoint holds no model tensors")
+    model = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in entries.items()}
+    _quiet_dcp()  # no_dist=True is the intent here, not something to warn about
+    try:
+        dcp.load({"model": model}, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    except (Exception, CheckpointException) as e:  # a shard missing or cut short (DCP wraps the OSError/EOFError)
+        lines = str(e).strip().splitlines()
+        raise NeoxError(
+            f"{checkpoint_dir}: cannot read the checkpoint's shards ({lines[-1] if lines else type(e).__name__}); "
+            "it is incomplete or damaged: use another checkpoint (or copy it again)"
+        ) from None
+    if dtype is not None:
+        model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
+    return model
+
+
+def consolidate(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the model weights of `checkpoint` (a run directory: its latest; or one iter_* directory) to one
+    torch.save file that `GPT(cfg).load_state_dict(torch.load(out))` accepts."""
+    ckpt = resolve(checkpoint)
+    out = Path(out)
+    ensure_dir(out.parent, "OUT's folder")
+    state = load_full_model_state(ckpt, dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return ckpt

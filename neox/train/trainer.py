@@ -4,15 +4,15 @@ Per optimizer step: `accum` micro-batches through `StepRunner.forward_backward` 
 micro-batches of each one's masked-mean token loss, GPT-NeoX's normalisation), unscale and overflow check
 (fp16), clip, optimizer step, then logging, evaluation and checkpointing on their intervals.
 
-What changes under parallelism is confined to three places so `neox.parallel` can substitute them:
-`Layout` (where this process sits in the mesh), `StepRunner` (the possibly wrapped model and how
-micro-batches run: gradient sync, pipeline schedules) and the reductions imported from
-`neox.parallel.reduce` (loss, gradient norm and clipping, metric averaging), which are mesh-aware.
+What changes under parallelism is confined to three places, all from `neox.parallel`: `Layout` (where this
+process sits in the mesh), the `StepRunner` that `neox.parallel.parallelize` returns with the model (how
+micro-batches run: gradient sync, tensor-parallel loss, pipeline schedules) and the mesh-aware reductions of
+`neox.parallel.reduce` (loss, gradient norm and clipping, metric averaging). lm-eval tasks during training
+(`eval.eval_tasks`) run through the `evaluate_tasks` callable the command layer passes in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from neox.config import resolve_batch, resolve_vocab, to_dict
@@ -34,13 +33,18 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.model import GPT, flops_per_token, num_params
-from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss, mean_over, scale_grads_
+from neox.parallel.compose import parallelize
+from neox.parallel.dcp import AsyncSaver
+from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
-from neox.train.loss import masked_mean_loss as chunked_masked_mean_loss
+from neox.train.loss import masked_mean_loss
 from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.schedule import LRSchedule
+
+# (model, tokenizer) -> {"task/metric": score}: lm-eval tasks on the in-memory model
+TaskEvaluator = Callable[[torch.nn.Module, object], dict]
 
 
 @dataclass
@@ -75,59 +79,6 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
 
 
-class StepRunner:
-    """Runs micro-batches through the model for one process: plain autograd, gradients accumulate in .grad.
-
-    Parallel layouts subclass this: `sync_gradients(last)` is where DDP/FSDP skip the reduction on all but
-    the last micro-batch, and a pipeline runner replaces `forward_backward` with a schedule.
-    """
-
-    def __init__(self, model: torch.nn.Module, precision: Precision, layout: Layout, cfg: Config, device: torch.device):
-        self.model = model
-        self.precision = precision
-        self.layout = layout
-        self.device = device
-        self.pass_positions = cfg.data.reset_position_ids
-        self.pass_segments = cfg.data.reset_attention_mask
-
-    def sync_gradients(self, last: bool) -> None:
-        """Hook for data-parallel wrappers: reduce gradients only on the last micro-batch."""
-
-    def loss_context(self):
-        """Context around the loss's forward and backward (tensor parallelism: loss_parallel)."""
-        return contextlib.nullcontext()
-
-    def loss(self, batch: dict) -> torch.Tensor:
-        """Masked-mean token cross entropy of one micro-batch."""
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self.precision.autocast():
-            logits = self.model(
-                b["tokens"],
-                position_ids=b.get("position_ids") if self.pass_positions else None,
-                segment_ids=b.get("segment_ids") if self.pass_segments else None,
-            )
-        if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
-            return masked_mean_loss(logits, b["labels"], b["loss_mask"])
-        return chunked_masked_mean_loss(logits, b["labels"], b["loss_mask"])
-
-    def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
-        """Accumulate gradients of mean-over-micro-batches loss (times loss_scale); returns the loss."""
-        n = len(micro_batches)
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for i, mb in enumerate(micro_batches):
-            self.sync_gradients(last=i == n - 1)
-            with self.loss_context():
-                loss = self.loss(mb)
-                (loss * (loss_scale / n)).backward()
-            total += loss.detach()
-        return total / n
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict) -> torch.Tensor:
-        with self.loss_context():
-            return self.loss(batch).detach()
-
-
 @dataclass
 class _Window:
     """Sums since the last log line."""
@@ -143,9 +94,11 @@ class _Window:
 class Trainer:
     """Build everything from a Config, then `fit()`. See the module docstring for the step.
 
-    Parallel runs pass their `layout`, a `parallelize(model) -> model` that wraps/shards the model in place
-    (after precision and activation checkpointing, before the optimizer sees the parameters), and their
-    StepRunner subclass; the defaults are one process.
+    `layout` is where this process sits (neox.train.distributed.make_layout for a torchrun worker; the
+    default is one process); the model is parallelized for its mesh by `neox.parallel.parallelize` after
+    precision casting and activation checkpointing, before the optimizer sees the parameters.
+    `evaluate_tasks(model, tokenizer) -> {"task/metric": float}` scores `eval.eval_tasks` (lm-eval) on the
+    current weights; it is needed only when eval_tasks is set.
     """
 
     def __init__(
@@ -153,17 +106,23 @@ class Trainer:
         cfg: Config,
         layout: Layout | None = None,
         quiet: bool = False,
-        parallelize: Callable | None = None,
-        runner_cls: type = StepRunner,
+        evaluate_tasks: TaskEvaluator | None = None,
     ):
         self.cfg = cfg = copy.deepcopy(cfg)  # resolved values are written into this copy (and checkpoints)
         self.layout = layout or Layout()
         self.quiet = quiet or not self.layout.is_logging_rank
         self.device = resolve_device(cfg.train.device)
+        if cfg.eval.eval_tasks and evaluate_tasks is None:
+            raise ConfigError(
+                "eval.eval_tasks is set but the Trainer was given no evaluate_tasks callable "
+                "(neox train passes neox.interop.lm_eval's); pass one or clear eval.eval_tasks"
+            )
+        self.evaluate_tasks = evaluate_tasks
         self._seed(cfg.train.seed)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         resolve_vocab(cfg, self.tokenizer.vocab_size, tp=cfg.parallel.model_parallel_size)
+        # resolved once per run: the data loader, the runner (pipeline micro-batches) and checkpoints use these
         self.micro, self.accum, self.global_batch = resolve_batch(cfg, self.layout.dp_size)
         tr = cfg.train
         tr.train_micro_batch_size_per_gpu, tr.gradient_accumulation_steps, tr.train_batch_size = (
@@ -177,22 +136,54 @@ class Trainer:
             raise ConfigError(f"train.train_iters must be >= 0, got {self.train_iters}")
 
         self.precision = Precision(cfg.precision, self.device.type)
-        self.model = self.precision.prepare(GPT(cfg.model).to(self.device))
+        model = self.precision.prepare(GPT(cfg.model).to(self.device))
         if tr.checkpoint_activations:
-            checkpoint_blocks(self.model)
-        if parallelize is not None:
-            self.model = parallelize(self.model)
+            checkpoint_blocks(model)
+        self.model, self.runner = parallelize(
+            model,
+            cfg,
+            self.layout.mesh,
+            precision=self.precision,
+            device=self.device,
+            accum=self.accum,
+            loss_fn=masked_mean_loss,
+        )
         self._seed(tr.seed + self.layout.dp_rank)  # identical init everywhere; a dropout stream per rank
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        wrapped = torch.compile(self.model) if tr.compile else self.model
-        self.runner = runner_cls(wrapped, self.precision, self.layout, cfg, self.device)
         self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.train_iters)
+        self._build_data()
 
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.losses: list[float] = []  # per optimizer step, this process's run only
+        self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        run_dir = cfg.logging.log_dir or cfg.checkpoint.save
+        self.run_dir = Path(run_dir) if run_dir else None
+        # created now: an unwritable destination must fail before training, not at the first save
+        for path, key in ((self.save_dir, "checkpoint.save"), (self.run_dir, "logging.log_dir")):
+            if path is not None:
+                ensure_dir(path, key)
+        self._last_saved = None
+        self.saver = AsyncSaver() if cfg.checkpoint.async_save and self.save_dir is not None else None
+        if cfg.checkpoint.load:
+            self._load(cfg.checkpoint.load)
+
+    # ---------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _seed(seed: int) -> None:
+        # The data order does not depend on these (index files come from the seed alone).
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
         samples = num_samples_for(self.train_iters, self.global_batch, cfg.eval.eval_interval, cfg.eval.eval_iters)
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg.data,
             self.seq_length,
-            tr.seed,
+            cfg.train.seed,
             samples,
             return_segments=cfg.data.reset_attention_mask or cfg.data.reset_position_ids,
         )
@@ -209,34 +200,6 @@ class Trainer:
                 f"seq_length {self.seq_length}, fewer than one global batch ({self.global_batch}); "
                 "use more data or a shorter seq_length"
             )
-
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.skipped_steps = 0
-        self.losses: list[float] = []  # per optimizer step, this process's run only
-        self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
-        run_dir = cfg.logging.log_dir or cfg.checkpoint.save
-        self.run_dir = Path(run_dir) if run_dir else None
-        # created now: an unwritable destination must fail before training, not at the first save
-        for path, key in ((self.save_dir, "checkpoint.save"), (self.run_dir, "logging.log_dir")):
-            if path is not None:
-                ensure_dir(path, key)
-        self._last_saved = None
-        self.saver = None
-        if cfg.checkpoint.async_save and self.save_dir is not None:
-            from neox.parallel.dcp import AsyncSaver
-
-            self.saver = AsyncSaver()
-        if cfg.checkpoint.load:
-            self._load(cfg.checkpoint.load)
-
-    # ---------------------------------------------------------------- setup helpers
-    @staticmethod
-    def _seed(seed: int) -> None:
-        # The data order does not depend on these (index files come from the seed alone).
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -375,62 +338,19 @@ class Trainer:
         """
         cfg = self.cfg
         end = self.train_iters if stop_at is None else min(stop_at, self.train_iters)
-        log_every = max(1, cfg.logging.log_interval)
-        eval_every = cfg.eval.eval_interval
-        write = self.layout.is_logging_rank
-        metrics = Metrics(self.run_dir, cfg.logging, to_dict(cfg), enabled=write)
+        metrics = Metrics(self.run_dir, cfg.logging, to_dict(cfg), enabled=self.layout.is_logging_rank)
         console = Console(self.train_iters, self.iteration, cfg.logging.progress_bar, enabled=not self.quiet)
-        tokens_per_step = self.global_batch * self.seq_length
-        fpt = flops_per_token(cfg.model)
         peak = measure_peak_flops(str(self.device), self.precision.compute_dtype, torch.get_num_threads())
         self._say(
             f"model: {num_params(cfg.model) / 1e6:.2f}M parameters | batch {self.micro} x {self.accum} "
             f"x dp {self.layout.dp_size} = {self.global_batch} sequences of {self.seq_length} | "
             f"{self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s"
         )
-        data = self._loader(self.train_data, self.consumed_samples)
-        window = _Window()
         summary: dict = {}
         try:
-            while self.iteration < end:
-                micro_batches = self._next_step_batches(data)
-                t0 = time.perf_counter()
-                loss, norm, skipped = self.train_step(micro_batches)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window.seconds += time.perf_counter() - t0
-                self.iteration += 1
-                self.consumed_samples += self.global_batch
-                self.losses.append(loss)
-                window.steps += 1
-                if skipped:
-                    self.skipped_steps += 1
-                    window.skipped += 1
-                else:
-                    window.loss += loss
-                    window.grad_norm += norm
-                console.advance()
-
-                if self.iteration % log_every == 0 or self.iteration == end:
-                    record = self._log_record(window, tokens_per_step, fpt, peak)
-                    metrics.log(record)
-                    console.print(format_record(record, self.train_iters))
-                    summary["loss"] = record["loss"]
-                    window = _Window()
-                if eval_every > 0 and self.iteration % eval_every == 0:
-                    self._eval_and_log("valid", metrics, console, summary)
-                tasks_every = cfg.eval.eval_tasks_interval
-                if cfg.eval.eval_tasks and tasks_every and self.iteration % tasks_every == 0:
-                    self._eval_tasks_and_log(metrics, console, summary)
-                if self._should_save():
-                    self.save()
+            self._train_until(end, peak, metrics, console, summary)
             if self.iteration >= self.train_iters:
-                if eval_every <= 0 or self.iteration % eval_every != 0:
-                    self._eval_and_log("valid", metrics, console, summary)
-                self._eval_and_log("test", metrics, console, summary)
-                tasks_every = cfg.eval.eval_tasks_interval
-                if cfg.eval.eval_tasks and not (tasks_every and self.iteration % tasks_every == 0):
-                    self._eval_tasks_and_log(metrics, console, summary)
+                self._final_evaluations(metrics, console, summary)
             where = self.save()
             if where is not None:
                 console.print(f"saved checkpoint {where}")
@@ -446,6 +366,64 @@ class Trainer:
             metrics.close()
         summary.update(iteration=self.iteration, skipped_steps=self.skipped_steps)
         return summary
+
+    def _train_until(self, end: int, peak: float, metrics: Metrics, console: Console, summary: dict) -> None:
+        """Optimizer steps up to iteration `end`, with logging, evaluation and checkpoints on their intervals."""
+        log_every = max(1, self.cfg.logging.log_interval)
+        tokens_per_step = self.global_batch * self.seq_length
+        fpt = flops_per_token(self.cfg.model)
+        data = self._loader(self.train_data, self.consumed_samples)
+        window = _Window()
+        while self.iteration < end:
+            self._timed_step(data, window)
+            console.advance()
+            if self.iteration % log_every == 0 or self.iteration == end:
+                record = self._log_record(window, tokens_per_step, fpt, peak)
+                metrics.log(record)
+                console.print(format_record(record, self.train_iters))
+                summary["loss"] = record["loss"]
+                window = _Window()
+            if self._valid_due():
+                self._eval_and_log("valid", metrics, console, summary)
+            if self.cfg.eval.eval_tasks and self._tasks_due():
+                self._eval_tasks_and_log(metrics, console, summary)
+            if self._should_save():
+                self.save()
+
+    def _timed_step(self, data: Iterator[dict], window: _Window) -> None:
+        """One optimizer step on the next micro-batches; counts it in the run and in the log window."""
+        micro_batches = self._next_step_batches(data)
+        t0 = time.perf_counter()
+        loss, norm, skipped = self.train_step(micro_batches)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        window.seconds += time.perf_counter() - t0
+        self.iteration += 1
+        self.consumed_samples += self.global_batch
+        self.losses.append(loss)
+        window.steps += 1
+        if skipped:
+            self.skipped_steps += 1
+            window.skipped += 1
+        else:
+            window.loss += loss
+            window.grad_norm += norm
+
+    def _valid_due(self) -> bool:
+        every = self.cfg.eval.eval_interval
+        return every > 0 and self.iteration % every == 0
+
+    def _tasks_due(self) -> bool:
+        every = self.cfg.eval.eval_tasks_interval
+        return bool(every) and self.iteration % every == 0
+
+    def _final_evaluations(self, metrics: Metrics, console: Console, summary: dict) -> None:
+        """At train_iters: validation and lm-eval tasks (each unless its interval just ran it), then test."""
+        if not self._valid_due():
+            self._eval_and_log("valid", metrics, console, summary)
+        self._eval_and_log("test", metrics, console, summary)
+        if self.cfg.eval.eval_tasks and not self._tasks_due():
+            self._eval_tasks_and_log(metrics, console, summary)
 
     def _log_record(self, w: _Window, tokens_per_step: int, fpt: int, peak: float) -> dict:
         counted = w.steps - w.skipped
@@ -467,23 +445,14 @@ class Trainer:
         return record
 
     def _eval_tasks_and_log(self, metrics: Metrics, console: Console, summary: dict) -> None:
-        """lm-evaluation-harness tasks (eval.eval_tasks) on the current weights, logged as eval_tasks/TASK/METRIC.
-        Every rank runs the same requests in the same order, so sharded models see matching collectives."""
+        """lm-evaluation-harness tasks (eval.eval_tasks, through `evaluate_tasks`) on the current weights, logged
+        as eval_tasks/TASK/METRIC. Every rank runs the same requests in the same order, so sharded models see
+        matching collectives."""
         if self.cfg.parallel.pipe_parallel_size > 1:
             console.print("eval_tasks skipped: lm-eval needs the whole model in each process (no pipeline stages)")
             return
-        from neox.interop.lm_eval import evaluate_model
-
-        e = self.cfg.eval
         with torch.no_grad():
-            scores = evaluate_model(
-                self.model,
-                self.tokenizer,
-                list(e.eval_tasks),
-                limit=e.eval_tasks_limit,
-                include_path=e.eval_include_path,
-                max_length=self.seq_length,
-            )
+            scores = self.evaluate_tasks(self.model, self.tokenizer)
         record = {"iteration": self.iteration, **{f"eval_tasks/{k}": v for k, v in scores.items()}}
         metrics.log(record)
         console.print(

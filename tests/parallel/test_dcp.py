@@ -7,8 +7,9 @@ import torch
 from neox.cli import main
 from neox.config.schema import ModelConfig
 from neox.model import GPT
-from neox.parallel.dcp import AsyncSaver, load_full_model_state
+from neox.parallel.dcp import AsyncSaver
 from neox.train import checkpoint as ckpt
+from neox.train.checkpoint import load_full_model_state
 
 CFG = ModelConfig(
     num_layers=2,

@@ -1,4 +1,4 @@
-"""The real Trainer under pipeline parallelism (neox.parallel.runtime picks the pipeline runner): pp=2 with
+"""The real Trainer under pipeline parallelism (neox.parallel.parallelize picks the pipeline runner): pp=2 with
 1F1B over 4 accumulated micro-batches follows the single-process losses (fp32, bf16 autocast, fp16 with loss
 scaling), evaluates through the pipeline, and its checkpoint (the tied embedding saved from both end stages
 under one name) resumes in one process with the uninterrupted run's losses."""

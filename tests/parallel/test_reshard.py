@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from neox.parallel.dcp import consolidate
-from neox.parallel.runtime import resume_config
+from neox.train.checkpoint import consolidate
+from neox.train.distributed import resume_config
 from neox.train.trainer import Trainer
 from tests.parallel.dist_helpers import torchrun
 from tests.train.tiny_run import make_corpus, tiny_config

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import torch
 import torch.distributed as dist
 
-from neox.parallel.runtime import resume_config, trainer_args
+from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import Trainer
 from tests.train.tiny_run import tiny_config
 
@@ -26,7 +26,7 @@ def main(spec_file: str, out_file: str) -> None:
     results = {}
     for run in spec["runs"]:
         cfg = resume_config(tiny_config(spec["data"], **run["groups"]))
-        trainer = Trainer(cfg, quiet=True, **trainer_args(cfg))
+        trainer = Trainer(cfg, quiet=True, layout=make_layout(cfg))
         trainer.fit(run.get("stop_at"))
         results[run["name"]] = trainer.losses
     if dist.get_rank() == 0:

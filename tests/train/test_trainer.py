@@ -149,3 +149,33 @@ def test_async_save_publishes_every_checkpoint(corpus, tmp_path):
     )
     a, b = weights(t), weights(resumed)
     assert resumed.iteration == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("interval,expected", [(2, [2, 4]), (3, [3, 4]), (None, [4])])
+def test_eval_tasks_run_on_their_interval_and_once_at_the_end(corpus, tmp_path, interval, expected):
+    # the evaluator stands in for lm-eval: the trainer calls it on its model and tokenizer and logs the scores
+    calls = []
+
+    def evaluate_tasks(model, tokenizer):
+        calls.append((t.iteration, model is t.model, tokenizer is t.tokenizer))
+        return {"fake/acc": 0.25 * len(calls)}
+
+    cfg = tiny_config(
+        corpus,
+        tmp_path,
+        train={"train_iters": 4},
+        eval={"eval_iters": 0, "eval_tasks": ["fake"], "eval_tasks_interval": interval},
+    )
+    t = Trainer(cfg, quiet=True, evaluate_tasks=evaluate_tasks)
+    summary = t.fit()
+    assert calls == [(i, True, True) for i in expected]
+    logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval_tasks/fake/acc" in r]
+    assert [(r["iteration"], r["eval_tasks/fake/acc"]) for r in logged] == [
+        (i, 0.25 * (n + 1)) for n, i in enumerate(expected)
+    ]
+    assert summary["eval_tasks/fake/acc"] == 0.25 * len(expected)
+
+
+def test_eval_tasks_need_an_evaluator(corpus):
+    with pytest.raises(NeoxError, match="evaluate_tasks"):
+        Trainer(tiny_config(corpus, None, eval={"eval_tasks": ["piqa_local"]}), quiet=True)

@@ -7,7 +7,7 @@ import yaml
 
 from neox.config.schema import Config
 from neox.errors import ConfigError
-from neox.parallel.runtime import resume_config
+from neox.train.distributed import resume_config
 
 
 def fake_checkpoint(run, vocab):

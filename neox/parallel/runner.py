@@ -1,0 +1,88 @@
+"""The contract between the training loop and a parallel layout: a `StepRunner` runs one optimizer step's
+micro-batches through the model (and one evaluation batch) however the layout needs it.
+
+`neox.parallel.parallelize` returns the runner for a layout: a `LocalRunner` for one process and for
+data/tensor parallelism, a `neox.parallel.pipeline.PipelineRunner` for pipeline stages. The trainer calls
+only the methods declared here, so it never asks which layout it runs under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from neox.parallel.fsdp import set_gradient_sync
+from neox.parallel.reduce import loss_context, masked_mean_loss
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StepRunner(Protocol):
+    def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
+        """Accumulate in `.grad` the gradients of (mean over micro-batches of each one's masked-mean token
+        loss) * loss_scale; return that mean loss (a 0-d tensor, the same on every rank of a pipeline)."""
+        ...
+
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        """The masked-mean token loss of one micro-batch, without gradients."""
+        ...
+
+
+class LocalRunner:
+    """Plain autograd over this process's (possibly DDP/FSDP/TP-wrapped) model.
+
+    Data-parallel wrappers reduce gradients only on the last micro-batch of a step; vocab-sharded logits
+    (tensor parallelism) take their loss, forward and backward, inside `loss_parallel`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        precision,
+        device: torch.device,
+        *,
+        pass_positions: bool = False,
+        pass_segments: bool = False,
+        vocab_parallel: bool = False,
+        loss_fn: LossFn = masked_mean_loss,
+    ):
+        self.model = model
+        self.precision = precision
+        self.device = device
+        self.pass_positions = pass_positions
+        self.pass_segments = pass_segments
+        self.vocab_parallel = vocab_parallel
+        self.loss_fn = loss_fn
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Masked-mean token cross entropy of one micro-batch."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.precision.autocast():
+            logits = self.model(
+                b["tokens"],
+                position_ids=b.get("position_ids") if self.pass_positions else None,
+                segment_ids=b.get("segment_ids") if self.pass_segments else None,
+            )
+        if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
+            return masked_mean_loss(logits, b["labels"], b["loss_mask"])
+        return self.loss_fn(logits, b["labels"], b["loss_mask"])
+
+    def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
+        n = len(micro_batches)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            set_gradient_sync(self.model, i == n - 1)
+            with loss_context(self.vocab_parallel):
+                loss = self.loss(mb)
+                (loss * (loss_scale / n)).backward()
+            total += loss.detach()
+        return total / n
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        with loss_context(self.vocab_parallel):
+            return self.loss(batch).detach()
