@@ -1,7 +1,7 @@
 """Run a tiny GPT for a few AdamW steps under several layouts in one torchrun launch; rank 0 writes the losses.
 
 Usage (torchrun): parity_worker.py OUT.json CASES.json, CASES a list of {"name", "parallel": {...}, "model": {...}}.
-Imported by the tests for the single-process reference (`run_case(case, mesh=None)`).
+Imported by the tests for the single-process reference (`run_case(case, micro_batches=DP)`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ BASE_MODEL = dict(
     vocab_size=128,
     intermediate_size=64,
 )
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # low-precision cases: autocast over fp32 weights
 
 
 def batches(vocab: int):
@@ -31,9 +32,29 @@ def batches(vocab: int):
     return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
-def run_case(case: dict, mesh=None, dims=None) -> list[float]:
+def loss_masks(step: int) -> torch.Tensor:
+    """[GLOBAL_BATCH, SEQ] masks with a masked prefix of a different length in every row (0 to 12 of 16
+    tokens), so data-parallel ranks (2 or 4 of them) hold different numbers of counted tokens at every step."""
+    mask = torch.ones(GLOBAL_BATCH, SEQ)
+    for row in range(GLOBAL_BATCH):
+        mask[row, : (3 + 5 * row + 2 * step) % 13] = 0
+    return mask
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The single-process loss written out: token cross entropy, mean over the tokens the mask keeps."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum()
+
+
+def run_case(case: dict, mesh=None, micro_batches: int = 1) -> list[float]:
+    """Losses of STEPS clipped AdamW steps. Under `mesh` each data-parallel rank takes its rows of the global
+    batch and its own masked-mean loss (GPT-NeoX's per-micro-batch normalisation; gradients are averaged
+    over ranks). One process (mesh None) is the reference: the global batch cut into `micro_batches` row
+    blocks (one per data-parallel rank of the layout it stands for), each block's masked mean, the mean of
+    those accumulated by hand."""
     from neox.model import GPT
-    from neox.parallel import apply, clip_grad_norm_, dp_rank_and_size, loss_context, mean_over
+    from neox.parallel import apply, clip_grad_norm_, dp_rank_and_size, is_vocab_parallel, loss_context, mean_over
     from neox.parallel.reduce import masked_mean_loss
 
     mcfg = ModelConfig(**{**BASE_MODEL, **case.get("model", {})})
@@ -44,24 +65,28 @@ def run_case(case: dict, mesh=None, dims=None) -> list[float]:
     apply(model, pcfg, mesh, precision=precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    micro = GLOBAL_BATCH // dp_size
+    blocks = [(dp_rank, dp_size)] if mesh is not None else [(i, micro_batches) for i in range(micro_batches)]
     losses = []
     for step, data in enumerate(batches(mcfg.vocab_size)):
-        mine = data[dp_rank * micro : (dp_rank + 1) * micro]
-        tokens, labels = mine[:, :-1], mine[:, 1:]
-        mask = torch.ones_like(labels)
-        mask[:, : step % 3] = 0  # a masked prefix: the loss normalisation must match too
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(tokens)
-        from neox.parallel import is_vocab_parallel
-
-        with loss_context(is_vocab_parallel(logits)):
-            loss = masked_mean_loss(logits, labels, mask)
-            loss.backward()
+        masks = loss_masks(step)
+        total = 0.0
+        for index, count in blocks:
+            rows = slice(index * GLOBAL_BATCH // count, (index + 1) * GLOBAL_BATCH // count)
+            tokens, labels, mask = data[rows, :-1], data[rows, 1:], masks[rows]
+            with torch.autocast("cpu", dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST):
+                logits = model(tokens)
+            if mesh is None:
+                loss = reference_loss(logits, labels, mask)
+                (loss / len(blocks)).backward()
+            else:
+                with loss_context(is_vocab_parallel(logits)):
+                    loss = masked_mean_loss(logits, labels, mask)
+                    loss.backward()
+            total += float(loss.detach()) / len(blocks)
         clip_grad_norm_(model.parameters(), 0.05, mesh)  # small enough to clip every step
         opt.step()
         opt.zero_grad()
-        losses.append(float(mean_over(loss.detach(), mesh)))
+        losses.append(float(mean_over(total, mesh)))
     return losses
 
 

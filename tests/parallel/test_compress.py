@@ -1,4 +1,4 @@
-"""Gradient compression hooks: bit packing, config checks, the onebit hook's arithmetic at dp=2, and a
+"""Gradient compression hooks: bit packing, config checks, the onebit and fp16 hooks' arithmetic at dp=2, and a
 convergence test (every method's loss tracks uncompressed training on a tiny byte-level model)."""
 
 from __future__ import annotations
@@ -120,9 +120,39 @@ def _check_onebit_arithmetic(rank: int, world: int) -> None:
     assert len(state.residuals) == 1
 
 
+def _check_fp16_arithmetic(rank: int, world: int) -> None:
+    """The fp16 hook's result equals a by-hand reduction: each rank's gradient cast to fp16 and divided by
+    the world size, summed in fp16, cast back to fp32; and it differs from the fp32 mean (it did round)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert compress.register(ddp, replace(ParallelConfig(), grad_compression="fp16")) is None
+    for step in range(2):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 * step + rank))
+        own = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x).square().sum(), list(model.parameters()))])
+        all_own = [torch.empty_like(own) for _ in range(world)]
+        dist.all_gather(all_own, own)
+        ddp.zero_grad()
+        ddp(x).square().sum().backward()
+        got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        halves = [g.to(torch.float16) / world for g in all_own]  # fp16 division by the world size
+        total = halves[0]
+        for h in halves[1:]:
+            total = total + h  # fp16 + fp16, rounded to fp16
+        expected = total.to(torch.float32)
+        assert expected.dtype == got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        fp32_mean = torch.stack(all_own).mean(0)
+        assert not torch.equal(got, fp32_mean), "fp16 hook result is the exact fp32 mean: no compression"
+        # within fp16 rounding of it: three roundings of at most 2**-11 relative, each of a value <= max |g_r|
+        largest = torch.stack(all_own).abs().max(0).values
+        assert torch.all((got - fp32_mean).abs() <= 1.5e-3 * largest)
+
+
 def _convergence_worker(rank: int, world: int, port: int, text: bytes, steps: int, out: str) -> None:
     _init(rank, world, port)
     _check_onebit_arithmetic(rank, world)  # shares this launch: process start-up dominates on 2 cores
+    _check_fp16_arithmetic(rank, world)
     data = torch.tensor(list(text), dtype=torch.long)
     ctx = _ByteMLP.CONTEXT
     windows = data.unfold(0, ctx + 1, 1)  # [N, ctx+1]
