@@ -35,6 +35,7 @@ train: $(CORE)
 lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: $(DEV) lint
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
