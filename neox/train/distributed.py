@@ -9,16 +9,17 @@ from __future__ import annotations
 import copy
 
 from neox.errors import ConfigError, NeoxError
+from neox.kernels.device import resolve_device
 from neox.parallel.launch import resume_dir
 from neox.parallel.mesh import dp_rank_and_size, init_distributed, is_logging_rank
 from neox.train.checkpoint import saved_config
-from neox.train.trainer import Layout, resolve_device
+from neox.train.trainer import Layout
 
 
 def make_layout(cfg, source: str = "config") -> Layout:
     """Validate the layout for this process's world (torchrun's environment), then create the process group
     and mesh. One process: the default Layout, no torch.distributed at all."""
-    device_type = resolve_device(cfg.train.device).type
+    device_type = resolve_device(cfg.train.device, "train.device").type
     dims, mesh = init_distributed(cfg.parallel, cfg.model, device_type, source)
     if mesh is None:
         return Layout()

@@ -32,6 +32,7 @@ from neox.data.datasets import build_datasets, num_samples_for
 from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
+from neox.kernels.device import resolve_device
 from neox.model import GPT, flops_per_token, num_params
 from neox.parallel.compose import parallelize
 from neox.parallel.dcp import AsyncSaver
@@ -56,17 +57,6 @@ class Layout:
     dp_size: int = 1
     world_size: int = 1
     is_logging_rank: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}; use cpu, cuda or auto") from None
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:
@@ -111,7 +101,7 @@ class Trainer:
         self.cfg = cfg = copy.deepcopy(cfg)  # resolved values are written into this copy (and checkpoints)
         self.layout = layout or Layout()
         self.quiet = quiet or not self.layout.is_logging_rank
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         if cfg.eval.eval_tasks and evaluate_tasks is None:
             raise ConfigError(
                 "eval.eval_tasks is set but the Trainer was given no evaluate_tasks callable "

@@ -179,3 +179,8 @@ def test_eval_tasks_run_on_their_interval_and_once_at_the_end(corpus, tmp_path, 
 def test_eval_tasks_need_an_evaluator(corpus):
     with pytest.raises(NeoxError, match="evaluate_tasks"):
         Trainer(tiny_config(corpus, None, eval={"eval_tasks": ["piqa_local"]}), quiet=True)
+
+
+def test_a_bad_device_names_the_key(corpus):
+    with pytest.raises(NeoxError, match=r"train.device 'bogus': not a device"):
+        Trainer(tiny_config(corpus, None, train={"device": "bogus"}), quiet=True)
