@@ -1,5 +1,5 @@
-"""The GPT model (plain PyTorch). Exports are loaded on first use so that `neox.model.info`, which the config
-loader uses, does not import torch."""
+"""The GPT model (plain PyTorch). Exports are loaded on first use so that `neox.model.info` (shape and
+parameter arithmetic, used by `neox info`) stays importable without torch."""
 
 _EXPORTS = {
     "GPT": "neox.model.transformer",
