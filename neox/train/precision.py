@@ -18,8 +18,7 @@ from torch import nn
 from neox.config.schema import PrecisionConfig
 from neox.errors import ConfigError
 from neox.kernels.bf16_cpu import bf16_matmul_mode
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from neox.kernels.device import DTYPES
 
 
 class LossScaler:
@@ -78,7 +77,7 @@ class Precision:
     """
 
     def __init__(self, cfg: PrecisionConfig, device_type: str = "cpu"):
-        if cfg.precision not in DTYPES:
+        if cfg.precision not in ("fp32", "bf16", "fp16"):  # the config's names (DTYPES also has torch's)
             raise ConfigError(f"precision.precision: unknown {cfg.precision!r}; use fp32, bf16 or fp16")
         if cfg.bf16_mode not in ("autocast", "pure"):
             raise ConfigError(f"precision.bf16_mode: unknown {cfg.bf16_mode!r}; use autocast or pure")
