@@ -6,58 +6,38 @@ CHECKPOINT is a run's save directory (its `latest` checkpoint is used) or one ch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from neox.config import load as load_config
+from neox.data.tokenizers import build_tokenizer
 from neox.errors import NeoxError
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+from neox.infer.sampling import SamplingParams
+from neox.kernels.device import torch_dtype
+from neox.model import GPT
+from neox.train.checkpoint import load_model_weights, resolve
 
 
 def checkpoint_config(ckpt: Path, extra_configs: Iterable[str] = (), overrides: Iterable[str] = ()):
     """The checkpoint's resolved config, with optional extra YAML files and `--set` overrides applied on top."""
-    from neox.config import load as load_config
-
     return load_config([str(ckpt / "config.yml"), *extra_configs], list(overrides))
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise NeoxError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def build_model(cfg, ckpt: Path | None, device="cpu", dtype=None):
     """GPT for cfg.model with the checkpoint's weights (random init when ckpt is None), in eval mode."""
-    from neox.model import GPT
-
     model = GPT(cfg.model)
     if ckpt is not None:
-        from neox.train.checkpoint import load_model_weights
-
         load_model_weights(str(ckpt), model)
-    dtype = resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
 
 
 def build_tokenizer_for(cfg, ckpt: Path | None = None):
     """The config's tokenizer; relative tokenizer files are also looked up beside the checkpoint and run dir."""
-    import dataclasses
-
-    from neox.data.tokenizers import build_tokenizer
-
     tcfg = cfg.tokenizer
     fixes = {}
     for key in ("vocab_file", "merge_file"):
@@ -107,8 +87,8 @@ class LoadedModel:
 
         Unset arguments come from the checkpoint's `generation` config group.
         """
+        # the loop imports torch._dynamo (~1 s): building a model to export or convert should not pay for it
         from neox.infer.generate import generate
-        from neox.infer.sampling import SamplingParams
 
         g = self.cfg.generation
         pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -148,8 +128,6 @@ class LoadedModel:
 
 
 def load(checkpoint: str | Path, device="cpu", dtype=None) -> tuple[LoadedModel, object]:
-    from neox.train.checkpoint import resolve
-
     ckpt = resolve(checkpoint)
     cfg = checkpoint_config(ckpt)
     tokenizer = build_tokenizer_for(cfg, ckpt)

@@ -46,13 +46,6 @@ def unwrap(model):
     return model
 
 
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or cfg.pos_emb not in ("learned", "sinusoidal", "rotary"):
-        return None  # relative encodings have no table to run past
-    return cfg.max_position_embeddings or cfg.seq_length
-
-
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     """text before the earliest stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
@@ -82,127 +75,229 @@ def generate(
     and cache length compiles (seconds to a minute), later ones reuse it.
     """
     model = unwrap(model)
+    _check_request(model, prompts, max_new_tokens, stop_strings, decode, recompute, compile)
+    batch = PaddedBatch.of(prompts, max_new_tokens, pad_id, next(model.parameters()).device)
+    cache = _make_cache(model, batch, recompute, compile)
+    stops = StopTracker(batch, eod_id, stop_strings, decode)
+    next_tokens = NextTokens(model, batch, cache, params, generator, compile)
+
+    # eager decoding of one sequence on CPU: the output weight in the layout MKL's one-row product reads fastest
+    # (a compiled step chooses its own layouts, and its frozen weights must not move)
+    layout = contextlib.nullcontext() if compile else transposed_output_weight(model, batch.size, max_new_tokens)
+    with layout:
+        t0 = time.perf_counter()
+        next_tokens.prefill()
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        steps = 0
+        for step in range(max_new_tokens):
+            cur = batch.prompt_len + step
+            nxt = stops.pad_finished(next_tokens.choose())
+            batch.tokens[:, cur] = nxt
+            steps += 1
+            next_tokens.record(nxt, stops.active)
+            if on_tokens is not None:
+                on_tokens(nxt, stops.active.clone())
+            stops.update(nxt, step)
+            if step == max_new_tokens - 1 or stops.all_stopped():
+                break
+            next_tokens.advance(cur)
+        decode_s = time.perf_counter() - t0
+
+    tokens, texts = stops.outputs(steps)
+    return GenerationResult(tokens, stops.reasons, texts, prefill_s, decode_s, steps)
+
+
+def _max_positions(model) -> int | None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.pos_emb not in ("learned", "sinusoidal", "rotary"):
+        return None  # relative encodings have no table to run past
+    return cfg.max_position_embeddings or cfg.seq_length
+
+
+def _check_request(model, prompts, max_new_tokens: int, stop_strings, decode, recompute: bool, compile: bool):
     if compile and recompute:
         raise NeoxError("compile and recompute cannot be combined: recompute runs the whole sequence every step")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise NeoxError("every prompt needs at least one token (start unconditional samples from the EOD token)")
     if stop_strings and decode is None:
         raise NeoxError("stop strings need a tokenizer to decode the output")
-    device = next(model.parameters()).device
-    batch, lengths = len(prompts), [len(p) for p in prompts]
-    prompt_len = max(lengths)
-    total = prompt_len + max_new_tokens
-    limit = _max_positions(model)
-    if limit is not None and max(lengths) + max_new_tokens > limit:
+    longest, limit = max(len(p) for p in prompts), _max_positions(model)
+    if limit is not None and longest + max_new_tokens > limit:
         raise NeoxError(
-            f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_position_embeddings={limit}: shorten the prompt or generate fewer tokens"
         )
 
-    # left padding: row b's real tokens occupy slots [pad_b, total); positions count from the first real token
-    pads = torch.tensor([prompt_len - n for n in lengths], device=device)
-    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, prompt_len - len(p) : prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
-    slots = torch.arange(total, device=device)
-    positions = (slots[None, :] - pads[:, None]).clamp(min=0)
-    valid = slots[None, :] >= pads[:, None]
-    padded = bool(pads.any())
 
-    seen = None
-    if params.repetition_penalty != 1.0:
-        vocab = model.cfg.vocab_size
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens[:, :prompt_len], valid[:, :prompt_len])
+@dataclass
+class PaddedBatch:
+    """The prompts left padded into one token buffer with room for the output: row b's real tokens occupy
+    slots [pad_b, total); positions count from each row's first real token, `valid` is False on padding."""
 
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    reasons = ["length"] * batch
-    texts_done: list[str | None] = [None] * batch
-    ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
-    cache = None
+    tokens: torch.Tensor  # [B, total] long, the output written in place after slot prompt_len
+    positions: torch.Tensor  # [B, total] long
+    valid: torch.Tensor  # [B, total] bool
+    prompt_len: int
+    pad_id: int
+    padded: bool  # whether any row is padded at all
+
+    @classmethod
+    def of(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, device) -> PaddedBatch:
+        lengths = [len(p) for p in prompts]
+        prompt_len = max(lengths)
+        total = prompt_len + max_new_tokens
+        pads = torch.tensor([prompt_len - n for n in lengths], device=device)
+        tokens = torch.full((len(prompts), total), pad_id, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, prompt_len - len(p) : prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
+        slots = torch.arange(total, device=device)
+        positions = (slots[None, :] - pads[:, None]).clamp(min=0)
+        valid = slots[None, :] >= pads[:, None]
+        return cls(tokens, positions, valid, prompt_len, pad_id, bool(pads.any()))
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def total(self) -> int:
+        return self.tokens.shape[1]
+
+
+def _make_cache(model, batch: PaddedBatch, recompute: bool, compile: bool) -> KVCache | None:
+    """None when recomputing; a StaticKVCache (fixed shapes, bucketed length) for the compiled step."""
+    if recompute:
+        return None
     if compile:
-        cache = StaticKVCache.for_model(model, batch_size=batch, max_len=compiled.bucketed_length(total, limit))
-    elif not recompute:
-        cache = KVCache.for_model(model, batch_size=batch, max_len=total)
-    if cache is not None and padded:
-        cache.mark_padding(valid[:, :prompt_len])
+        max_len = compiled.bucketed_length(batch.total, _max_positions(model))
+        cache = StaticKVCache.for_model(model, batch_size=batch.size, max_len=max_len)
+    else:
+        cache = KVCache.for_model(model, batch_size=batch.size, max_len=batch.total)
+    if batch.padded:
+        cache.mark_padding(batch.valid[:, : batch.prompt_len])
+    return cache
 
-    # bf16 matmuls with several rows, on a CPU without bf16 units: the prefill always, decoding when batched
-    # (a mode costs Python time on every op when eager; a compiled step pays it once, when traced)
-    mode = fast_bf16_linears(model)
-    several_rows = mode if mode is not None else contextlib.nullcontext()
-    per_step = mode if mode is not None and (batch > 1 or compile) else contextlib.nullcontext()
 
-    # eager decoding of one sequence on CPU: the output weight in the layout MKL's one-row product reads fastest
-    # (a compiled step chooses its own layouts, and its frozen weights must not move)
-    layout = contextlib.nullcontext() if compile else transposed_output_weight(model, batch, max_new_tokens)
-    with layout:
-        t0 = time.perf_counter()
-        with _last_position_only(model), several_rows:
-            logits = _forward(
-                model, tokens[:, :prompt_len], positions[:, :prompt_len], valid[:, :prompt_len], cache, padded
+class NextTokens:
+    """Each step's next token per row: the model's logits at the last position (prefill, then one decode step
+    at a time, or the whole sequence again when there is no cache), the repetition penalty, the choice."""
+
+    def __init__(self, model, batch: PaddedBatch, cache, params: SamplingParams, generator, compile: bool):
+        self.model, self.batch, self.cache = model, batch, cache
+        self.params, self.generator = params, generator
+        self.seen = None  # [B, V] bool: tokens already in each row, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            n = batch.prompt_len
+            self.seen = torch.zeros(batch.size, model.cfg.vocab_size, dtype=torch.bool, device=batch.tokens.device)
+            self.seen.scatter_(1, batch.tokens[:, :n], batch.valid[:, :n])
+        # bf16 matmuls with several rows, on a CPU without bf16 units: the prefill always, decoding when batched
+        # (a mode costs Python time on every op when eager; a compiled step pays it once, when traced)
+        mode = fast_bf16_linears(model)
+        self.several_rows = mode if mode is not None else contextlib.nullcontext()
+        self.per_step = mode if mode is not None and (batch.size > 1 or compile) else contextlib.nullcontext()
+        self.fused_greedy = params.greedy and self.seen is None  # the compiled step can return the argmax itself
+        self.advance = self._recompute if cache is None else self._compiled if compile else self._cached
+        self.logits = None  # [B, 1|T, V] at the last step
+        self.chosen = None  # [B], when the compiled step chose them itself
+
+    def prefill(self) -> None:
+        self.logits = self._full(self.batch.prompt_len, self.cache)
+
+    def choose(self) -> torch.Tensor:
+        if self.chosen is not None:
+            return self.chosen
+        return choose_next(self.logits[:, -1], self.params, self.seen, self.generator)
+
+    def record(self, nxt: torch.Tensor, active: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], active[:, None])
+
+    def _full(self, end: int, cache):
+        """Slots [0, end) through the model: the prompt into the cache, or without a cache the whole sequence,
+        with padding given its own segment id so that attention stays within the real tokens."""
+        b = self.batch
+        tokens, positions = b.tokens[:, :end], b.positions[:, :end]
+        with _last_position_only(self.model), self.several_rows:
+            if cache is not None:
+                return self.model(tokens, position_ids=positions, kv_cache=cache)
+            segments = b.valid[:, :end].long() if b.padded else None
+            return self.model(tokens, position_ids=positions, segment_ids=segments)
+
+    def _recompute(self, cur: int) -> None:
+        self.logits = self._full(cur + 1, None)
+
+    def _cached(self, cur: int) -> None:
+        b = self.batch
+        with self.per_step:
+            self.logits = self.model(
+                b.tokens[:, cur : cur + 1], position_ids=b.positions[:, cur : cur + 1], kv_cache=self.cache
             )
-        prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        steps = 0
-        can_stop = eod_id is not None or bool(stop_strings)
-        # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
-        window = 4 * max((len(x) for x in stop_strings), default=0) + 4
-        fused_greedy = params.greedy and seen is None  # the compiled step can return the argmax itself
-        chosen = None
-        for step in range(max_new_tokens):
-            cur = prompt_len + step
-            nxt = chosen if chosen is not None else choose_next(logits[:, -1], params, seen, generator)
-            if can_stop:
-                nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
-            tokens[:, cur] = nxt
-            steps += 1
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], active[:, None])
-            if on_tokens is not None:
-                on_tokens(nxt, active.clone())
-            if eod_id is not None:
-                ended = active & (nxt == eod_id)
-                if bool(ended.any()):
-                    for b in ended.nonzero().flatten().tolist():
-                        reasons[b], ends[b] = "eod", step  # the EOD itself is not part of the output
-                    active &= ~ended
-            if stop_strings:
-                for b in active.nonzero().flatten().tolist():
-                    tail = decode(tokens[b, max(prompt_len, cur + 1 - window) : cur + 1].tolist())
-                    if any(x and x in tail for x in stop_strings):
-                        text, _ = cut_at_stop(decode(tokens[b, prompt_len : cur + 1].tolist()), stop_strings)
-                        reasons[b], texts_done[b], ends[b] = "stop", text, step + 1
-                        active[b] = False
-            if step == max_new_tokens - 1 or (can_stop and not bool(active.any())):
-                break
-            if cache is None:
-                with _last_position_only(model), several_rows:
-                    logits = _forward(
-                        model, tokens[:, : cur + 1], positions[:, : cur + 1], valid[:, : cur + 1], None, padded
-                    )
-            elif compile:
-                with per_step:
-                    out = compiled.decode(
-                        model, tokens[:, cur : cur + 1], positions[:, cur : cur + 1], cache, fused_greedy
-                    )
-                if fused_greedy:
-                    chosen = out
-                else:
-                    logits = out[:, None]
-            else:
-                with per_step:
-                    logits = model(tokens[:, cur : cur + 1], position_ids=positions[:, cur : cur + 1], kv_cache=cache)
-        decode_s = time.perf_counter() - t0
 
-    out_tokens = []
-    for b in range(batch):
-        row = tokens[b, prompt_len : prompt_len + ends.get(b, steps)].tolist()
-        out_tokens.append(row)
-    texts = None
-    if decode is not None:
-        texts = [texts_done[b] if texts_done[b] is not None else decode(out_tokens[b]) for b in range(batch)]
-    return GenerationResult(out_tokens, reasons, texts, prefill_s, decode_s, steps)
+    def _compiled(self, cur: int) -> None:
+        b = self.batch
+        with self.per_step:
+            out = compiled.decode(
+                self.model, b.tokens[:, cur : cur + 1], b.positions[:, cur : cur + 1], self.cache, self.fused_greedy
+            )
+        if self.fused_greedy:
+            self.chosen = out
+        else:
+            self.logits = out[:, None]
+
+
+class StopTracker:
+    """Which rows are still generating and why each stopped: at `eod_id`, at a stop string in the decoded
+    output, or after max_new_tokens ("length")."""
+
+    def __init__(self, batch: PaddedBatch, eod_id: int | None, stop_strings: Sequence[str], decode):
+        self.batch, self.eod_id, self.stop_strings, self.decode = batch, eod_id, stop_strings, decode
+        self.active = torch.ones(batch.size, dtype=torch.bool, device=batch.tokens.device)
+        self.reasons = ["length"] * batch.size
+        self.texts: list[str | None] = [None] * batch.size
+        self.ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
+        self.can_stop = eod_id is not None or bool(stop_strings)
+        # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
+        self.window = 4 * max((len(x) for x in stop_strings), default=0) + 4
+
+    def pad_finished(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Rows that have stopped get padding instead of a token."""
+        if not self.can_stop:
+            return nxt
+        return torch.where(self.active, nxt, torch.full_like(nxt, self.batch.pad_id))
+
+    def update(self, nxt: torch.Tensor, step: int) -> None:
+        if self.eod_id is not None:
+            ended = self.active & (nxt == self.eod_id)
+            if bool(ended.any()):
+                for b in ended.nonzero().flatten().tolist():
+                    self.reasons[b], self.ends[b] = "eod", step  # the EOD itself is not part of the output
+                self.active &= ~ended
+        if self.stop_strings:
+            self._check_stop_strings(step)
+
+    def _check_stop_strings(self, step: int) -> None:
+        tokens, start, cur = self.batch.tokens, self.batch.prompt_len, self.batch.prompt_len + step
+        for b in self.active.nonzero().flatten().tolist():
+            tail = self.decode(tokens[b, max(start, cur + 1 - self.window) : cur + 1].tolist())
+            if any(x and x in tail for x in self.stop_strings):
+                text, _ = cut_at_stop(self.decode(tokens[b, start : cur + 1].tolist()), self.stop_strings)
+                self.reasons[b], self.texts[b], self.ends[b] = "stop", text, step + 1
+                self.active[b] = False
+
+    def all_stopped(self) -> bool:
+        return self.can_stop and not bool(self.active.any())
+
+    def outputs(self, steps: int) -> tuple[list[list[int]], list[str] | None]:
+        """Each row's new tokens (cut where it stopped) and, with `decode`, its text."""
+        start = self.batch.prompt_len
+        tokens = [
+            self.batch.tokens[b, start : start + self.ends.get(b, steps)].tolist() for b in range(self.batch.size)
+        ]
+        if self.decode is None:
+            return tokens, None
+        texts = [t if t is not None else self.decode(row) for t, row in zip(self.texts, tokens)]
+        return tokens, texts
 
 
 @contextlib.contextmanager
@@ -222,13 +317,3 @@ def select_hidden(model, select: Callable[[torch.Tensor], torch.Tensor]):
 
 def _last_position_only(model):
     return select_hidden(model, lambda h: h[:, -1:])
-
-
-def _forward(model, tokens, positions, valid, cache, padded):
-    """A prompt (or, without a cache, the whole sequence so far) through the model.
-
-    Without a cache, padding is hidden by giving it its own segment id: attention stays within a segment.
-    """
-    if cache is not None:
-        return model(tokens, position_ids=positions, kv_cache=cache)
-    return model(tokens, position_ids=positions, segment_ids=valid.long() if padded else None)

@@ -4,10 +4,14 @@ import io
 import json
 
 import pytest
+import torch
 
 from neox.cli import main
 from neox.commands import generate as commands
-from tests.infer.tiny import make_run, tiny_config
+from neox.infer.api import load
+from neox.infer.generate import generate
+from neox.infer.sampling import SamplingParams
+from tests.infer.tiny import greedy_reference, make_run, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,11 @@ def test_makefile_flags(run_dir, capsys):
     assert out.count("--- sample") == 2 and out.count("\ndef ") == 2
     texts = lambda o: [line for line in o.splitlines() if not line.startswith("--- sample")]  # noqa: E731
     assert main(argv) == 0 and texts(capsys.readouterr().out) == texts(out)  # seeded: the same samples again
+    model, tok = load(run_dir)
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    ids = [tok.encode("def ")] * 2
+    res = generate(model.module, ids, 16, params, eod_id=tok.eod_id, generator=torch.Generator().manual_seed(3))
+    assert texts(out) == ["def " + tok.decode(t) for t in res.tokens]  # the flags reach generate() as given
 
 
 def test_input_file_to_jsonl_with_timing(run_dir, tmp_path):
@@ -67,6 +76,10 @@ def test_input_file_to_jsonl_with_timing(run_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["first prompt", "second\nprompt", "third"]
     assert all(r["tokens"] <= 5 and r["time_s"] > 0 and r["finish_reason"] in ("length", "eod") for r in rows)
     assert {"completion", "tokens_per_s", "batch_size"} <= rows[0].keys()
+    model, tok = load(run_dir)
+    greedy = [greedy_reference(model.module, tok.encode(r["prompt"]), 5, eod_id=tok.eod_id) for r in rows]
+    assert [r["completion"] for r in rows] == [tok.decode(t) for t in greedy]
+    assert [r["tokens"] for r in rows] == [len(t) for t in greedy]
 
 
 def test_recompute_gives_the_same_greedy_text(run_dir, capsys):
@@ -89,8 +102,6 @@ def test_compiled_decoding_gives_the_same_greedy_text(run_dir, capsys):
 
 
 def test_interactive_streams_each_prompt(run_dir):
-    from neox.infer.api import load
-
     model, tok = load(run_dir)
     ns = type("A", (), {"seed": 0, "no_stop_at_eod": True})()
     gen = model.cfg.generation
@@ -101,6 +112,12 @@ def test_interactive_streams_each_prompt(run_dir):
     # streamed pieces add up to each completion, one line per prompt
     assert out.getvalue() == records[0]["completion"] + "\n" + records[1]["completion"] + "\n"
     assert all(r["tokens"] == 12 for r in records)  # the checkpoint's generation.maximum_tokens
+    # sampled at the checkpoint's temperature from one generator seeded once: generate() on the same ids
+    g, draws = torch.Generator().manual_seed(0), []
+    params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
+    for prompt in ("hello", "world"):
+        draws.append(tok.decode(generate(model.module, [tok.encode(prompt)], 12, params, generator=g).tokens[0]))
+    assert [r["completion"] for r in records] == draws
 
 
 def test_errors_are_one_line(run_dir, tmp_path, capsys):
