@@ -26,7 +26,8 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "show":
-        r = resolve(args.configs, args.overrides, args.config_dir, training=args.training)
+        # every no-effect key with its reason, here only: other commands print one short line per file
+        r = resolve(args.configs, args.overrides, args.config_dir, training=args.training, announce=False)
         for note in r.notes:
             print(f"note: {note}", file=sys.stderr)
         sys.stdout.write(yaml.safe_dump(to_dict(r.config), sort_keys=False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from neox.commands.common import add_config_args
 from neox.config import load, resolve_batch, resolve_vocab
@@ -45,19 +46,45 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     parser.set_defaults(func=run)
 
 
-def _resolve_vocab(cfg, vocab_size: int | None) -> None:
-    tp = cfg.parallel.model_parallel_size
+# Unpadded sizes of the tokenizer files that GPT-NeoX's README and configs name, by type and file name, so that
+# `neox info` sizes the embedding of a Pythia or GPT-2-vocabulary config before the file is downloaded. Only
+# used when the file is absent: a present file is always read, and training reads it (and checks
+# model.vocab_size against it) whatever this table says.
+KNOWN_VOCABS = {
+    ("HFTokenizer", "20B_tokenizer.json"): 50277,  # GPT-NeoX-20B and Pythia
+    ("GPT2BPETokenizer", "gpt2-vocab.json"): 50257,  # GPT-2's vocab.json (encoder.json), with gpt2-merges.txt
+    ("HFTokenizer", "gpt2.json"): 50257,  # GPT-2 as one HF tokenizer file (GPT-NeoX's test data)
+}
+
+
+def _tokenizer_size(tcfg) -> tuple[int, str]:
+    """The tokenizer's unpadded vocabulary size, and where it comes from (for the report)."""
+    path = tcfg.vocab_file
+    if path and not Path(path).exists() and (tcfg.tokenizer_type, Path(path).name) in KNOWN_VOCABS:
+        size = KNOWN_VOCABS[(tcfg.tokenizer_type, Path(path).name)]
+        return size, f"the known size of {Path(path).name}: {path} is not here"
+    try:
+        size = build_tokenizer(tcfg).vocab_size
+    except (NeoxError, OSError) as e:
+        raise ConfigError(
+            f"model.vocab_size is unset and the tokenizer could not be loaded ({e}); pass "
+            "--vocab-size N (the tokenizer's size) or --set model.vocab_size=N"
+        ) from None
+    return size, f"read from {path or tcfg.tokenizer_type}"
+
+
+def _resolve_vocab(cfg, vocab_size: int | None) -> str:
+    """Fill model.vocab_size as training would; returns where the size comes from."""
     if cfg.model.vocab_size is not None:
-        return
+        return "set by model.vocab_size"
     if vocab_size is None:
-        try:
-            vocab_size = build_tokenizer(cfg.tokenizer).vocab_size
-        except (NeoxError, OSError) as e:
-            raise ConfigError(
-                f"model.vocab_size is unset and the tokenizer could not be loaded ({e}); pass "
-                "--vocab-size N (the tokenizer's size) or --set model.vocab_size=N"
-            ) from None
+        vocab_size, origin = _tokenizer_size(cfg.tokenizer)
+    else:
+        origin = "given by --vocab-size"
+    tp = cfg.parallel.model_parallel_size
     resolve_vocab(cfg, vocab_size, tp=tp)
+    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    return f"{vocab_size} tokens padded to a multiple of {multiple}; {origin}"
 
 
 def collect(cfg, dp: int = 1) -> dict:
@@ -133,6 +160,7 @@ def format_report(r: dict) -> str:
         f"memory per rank ({s['precision']}, zero {s['zero_stage']}, dp {s['dp']}, tp {s['tp']}, pp {s['pp']}, "
         f"micro batch {s['micro_batch']}{', activation checkpointing' if s['checkpoint_activations'] else ''}):",
     ]
+    lines.insert(1, f"vocabulary: {r['vocab_size']} ({r['vocab_source']})")
     lines += [f"  {k:<12}{_gib(v)}" for k, v in r["memory"].items()]
     return "\n".join(lines)
 
@@ -142,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dp must be >= 1, got {args.dp}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be >= 1, got {args.vocab_size}")
-    cfg = load(args.configs, args.overrides, args.config_dir)
-    _resolve_vocab(cfg, args.vocab_size)
+    # no "no effect" line: info answers from the shape alone (`neox config show` lists such keys)
+    cfg = load(args.configs, args.overrides, args.config_dir, announce=False)
+    vocab_source = _resolve_vocab(cfg, args.vocab_size)
     dp = args.dp
     if args.nproc is not None:
         if args.dp != 1:
             raise ConfigError("give --nproc or --dp, not both: --nproc derives the data-parallel size")
         dp = ParallelDims.from_config(cfg.parallel, args.nproc, cfg.model, ", ".join(args.configs)).dp
-    report = collect(cfg, dp=dp)
+    report = {**collect(cfg, dp=dp), "vocab_source": vocab_source}
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -231,7 +231,7 @@ def collect(mapping: dict, source: str) -> Collector:
     return c
 
 
-def build(collectors: list[Collector]) -> Resolved:
+def build(collectors: list[Collector], announce: bool = True) -> Resolved:
     merged: dict[tuple[str, str], Assignment] = {}
     notes: list[str] = []
     for c in collectors:
@@ -257,17 +257,22 @@ def build(collectors: list[Collector]) -> Resolved:
     resolved = Resolved(Config(**groups), provenance, notes)
     derive(resolved.config, **extras)
     validate(resolved)
-    # Accepted-but-inert keys are never silent: one line per file (stderr by default, via logging's last
-    # resort handler); `neox config show` gives the reason for each.
+    if announce:
+        announce_notes(collectors)
+    return resolved
+
+
+def announce_notes(collectors: list[Collector]) -> None:
+    """Accepted-but-inert keys are never silent, but a GPT-NeoX config has a dozen of them (fusion flags,
+    DeepSpeed bucket sizes): one short line per file (stderr by default, via logging's last resort handler);
+    `neox config show` lists each key with its reason."""
     for c in collectors:
         if c.noted_keys:
             log.warning(
-                "%s: %d key(s) have no effect in neox: %s (`neox config show` says why)",
+                "%s: %d key(s) have no effect in neox (`neox config show` lists them and why)",
                 c.source,
                 len(c.noted_keys),
-                ", ".join(c.noted_keys),
             )
-    return resolved
 
 
 def resolve(
@@ -276,8 +281,10 @@ def resolve(
     config_dir: str | None = None,
     dicts: Iterable[tuple[dict, str]] = (),
     training: bool = False,
+    announce: bool = True,
 ) -> Resolved:
-    """Files (optionally under `config_dir`, like GPT-NeoX's `deepy.py -d`), then dicts, then `--set` items."""
+    """Files (optionally under `config_dir`, like GPT-NeoX's `deepy.py -d`), then dicts, then `--set` items;
+    `announce=False` leaves the no-effect keys to the caller (they are in `Resolved.notes`)."""
     collectors = []
     for p in paths:
         path = os.path.join(config_dir, p) if config_dir and not os.path.isabs(p) else p
@@ -287,20 +294,24 @@ def resolve(
     for item in overrides:
         source, mapping = parse_override(item)
         collectors.append(collect(mapping, source))
-    resolved = build(collectors)
+    resolved = build(collectors, announce)
     if training:
         validate_training(resolved)
     return resolved
 
 
 def load(
-    paths: Iterable[str] | str, overrides: Iterable[str] = (), config_dir: str | None = None, training: bool = False
+    paths: Iterable[str] | str,
+    overrides: Iterable[str] = (),
+    config_dir: str | None = None,
+    training: bool = False,
+    announce: bool = True,
 ) -> Config:
     """Config from files merged in order, then `--set KEY=VALUE` overrides; `training` adds the checks a
     training run needs (a dataset, a tokenizer file)."""
     if isinstance(paths, str):
         paths = [paths]
-    return resolve(paths, overrides, config_dir, training=training).config
+    return resolve(paths, overrides, config_dir, training=training, announce=announce).config
 
 
 def from_dict(d: dict, source: str = "<dict>", training: bool = False) -> Config:

@@ -79,3 +79,6 @@ def test_tiny_cpu_is_what_make_train_expects():
     assert cfg.checkpoint.save == "runs/tiny-cpu"
     makefile = (CONFIGS.parent / "Makefile").read_text()
     assert "configs/tiny-cpu.yml" in makefile and "runs/tiny-cpu" in makefile
+    # the configs state the size the Makefile trains the tokenizer to (a trained BPE has at most that many)
+    assert f"--vocab-size {cfg.model.vocab_size} --out data/stdlib/tokenizer.json" in makefile
+    assert load([str(CONFIGS / "tiny-cpu-llama.yml")]).model.vocab_size == cfg.model.vocab_size
