@@ -147,7 +147,6 @@ CASES = [
     ("train {d}/model.yml --hostfile {d}/nope.hosts", "nope.hosts"),
     ("train {d}/model.yml --set checkpoint.load={d}/badconfig", "config.yml"),
     ("train {d}/model.yml --set data_path={d}/ds/empty_text_document", "no documents"),
-    ("train {d}/model.yml --set seq_length=4096 --set max_position_embeddings=4096", "seq_length 4096"),
     ("train {d}/model.yml --set save={d}/afile/run", "checkpoint.save"),
     ("train {d}/model.yml --set log_dir={d}/afile/logs", "logging.log_dir"),
     # checkpoint

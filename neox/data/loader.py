@@ -6,6 +6,11 @@ Micro-step j reads the ``micro_batch * dp_size`` consecutive samples starting at
 ``global_batch = micro * accum * dp`` consecutive samples whatever the layout, and a run resumed after k
 optimizer steps passes ``start_sample = k * global_batch``.
 
+With ``loop`` the indices run on past the dataset's end and the dataset maps them, as GPT-NeoX's training
+loader relies on: ``GPT2Dataset`` serves every sample it built (one more than its ``len``) and takes any
+later index modulo its length, ``BlendableDataset`` takes it modulo its size. So a run never runs out of
+data, and the order is GPT-NeoX's up to the last sample.
+
 Each batch is a dict of tensors (T = seq_length):
 
 ``tokens``       int64 [b, T]   sample[:-1] (padding replaced by 0)
@@ -34,14 +39,13 @@ def micro_batch_indices(
     """Sample indices of this rank's micro-batches, in order.
 
     Stops before the first global micro-batch that would run past ``num_samples`` (every rank yields the
-    same number of batches); with ``loop`` it wraps around instead and never stops.
+    same number of batches); with ``loop`` it never stops and leaves wrapping to the dataset (see the
+    module docstring).
     """
     if micro_batch < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"bad layout: micro_batch={micro_batch}, dp_rank={dp_rank}, dp_size={dp_size}")
     if start_sample < 0:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-    if loop and num_samples == 0:
-        raise ValueError("cannot loop over an empty dataset")
     step = micro_batch * dp_size
     base = start_sample
     mine = np.arange(dp_rank * micro_batch, (dp_rank + 1) * micro_batch, dtype=np.int64)
@@ -49,7 +53,7 @@ def micro_batch_indices(
         if not loop and base + step > num_samples:
             return
         idx = base + mine
-        yield idx % num_samples if loop else idx
+        yield idx
         base += step
 
 
@@ -139,7 +143,8 @@ def batches(
     """Yield this data-parallel rank's micro-batches from ``start_sample`` on (see the module docstring).
 
     ``num_workers`` > 0 reads and collates in that many worker processes (torch DataLoader); the batches and
-    their order are the same. ``loop`` wraps around the dataset (for repeated evaluation) instead of stopping.
+    their order are the same. ``loop`` (training, repeated evaluation) never stops: the dataset must accept
+    any index, as ``GPT2Dataset`` and ``BlendableDataset`` do by wrapping.
     """
     make = partial(
         collate,

@@ -183,13 +183,6 @@ class Trainer:
                 f"data: the training split of {where} has no documents; check the dataset "
                 "(neox data inspect PREFIX) and data.split"
             )
-        if self.train_iters > 0 and len(self.train_data) < self.global_batch:
-            # GPT2Dataset repeats epochs to reach the samples asked for, so a shortfall here means too few tokens
-            raise DataError(
-                f"data: the training split of {where} yields {len(self.train_data)} samples of "
-                f"seq_length {self.seq_length}, fewer than one global batch ({self.global_batch}); "
-                "use more data or a shorter seq_length"
-            )
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -239,18 +232,7 @@ class Trainer:
         )
 
     def _next_step_batches(self, it: Iterator[dict]) -> list[dict]:
-        out = []
-        for _ in range(self.accum):
-            try:
-                out.append(next(it))
-            except StopIteration:
-                raise DataError(
-                    f"training data ran out at iteration {self.iteration} "
-                    f"({self.consumed_samples} samples); the dataset index was built for "
-                    f"{len(self.train_data)} samples; rebuild it (delete the index cache) or lower "
-                    f"train.train_iters"
-                ) from None
-        return out
+        return [next(it) for _ in range(self.accum)]
 
     # ---------------------------------------------------------------- the step
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
@@ -345,9 +327,11 @@ class Trainer:
             if where is not None:
                 console.print(f"saved checkpoint {where}")
         except KeyboardInterrupt:
-            if self.save_dir is not None and self.iteration > 0:
-                console.print(f"interrupted: saving iteration {self.iteration} before exiting")
-                self.save()
+            self._save_before_exit(console, "interrupted")
+            raise
+        except NeoxError:
+            # a user-facing error mid-run (bad data, an unwritable directory) must not cost the steps taken
+            self._save_before_exit(console, "stopping on an error")
             raise
         finally:
             if self.saver is not None:
@@ -357,12 +341,25 @@ class Trainer:
         summary.update(iteration=self.iteration, skipped_steps=self.skipped_steps)
         return summary
 
+    def _save_before_exit(self, console: Console, why: str) -> None:
+        if self.save_dir is None or self.iteration == 0 or self._last_saved == self.iteration:
+            return
+        console.print(f"{why}: saving iteration {self.iteration} before exiting")
+        try:
+            where = self.save()
+        except (NeoxError, OSError) as e:  # the original error is the one to report
+            console.print(f"could not save iteration {self.iteration}: {e}")
+            return
+        console.print(f"saved checkpoint {where}")
+
     def _train_until(self, end: int, peak: float, metrics: Metrics, console: Console, summary: dict) -> None:
         """Optimizer steps up to iteration `end`, with logging, evaluation and checkpoints on their intervals."""
         log_every = max(1, self.cfg.logging.log_interval)
         tokens_per_step = self.global_batch * self.seq_length
         fpt = flops_per_token(self.cfg.model)
-        data = self._loader(self.train_data, self.consumed_samples)
+        # GPT2Dataset builds at least train_iters * global_batch samples (its `len` is one less, as in GPT-NeoX)
+        # and wraps past its end, so the training stream never runs out.
+        data = self._loader(self.train_data, self.consumed_samples, loop=True)
         window = _Window()
         while self.iteration < end:
             self._timed_step(data, window)

@@ -58,9 +58,25 @@ def test_resume_at_step_k_starts_at_k_times_global_batch():
         assert len(resumed[r]) == len(full[r]) - k * accum
         for a, b in zip(resumed[r], full[r][k * accum :]):
             assert torch.equal(a["tokens"], b["tokens"])
-    # Wrapping around for evaluation never stops and repeats the dataset.
+    # Looping never stops; the indices run on and the dataset wraps them (GPT2Dataset, BlendableDataset).
     idx = micro_batch_indices(10, 4, 0, 1, start_sample=8, loop=True)
-    assert [next(idx).tolist() for _ in range(2)] == [[8, 9, 0, 1], [2, 3, 4, 5]]
+    assert [next(idx).tolist() for _ in range(2)] == [[8, 9, 10, 11], [12, 13, 14, 15]]
+
+
+def test_looping_serves_every_built_sample_then_wraps_like_gpt_neox(tmp_path):
+    # 41 distinct tokens, 4-token samples: one epoch gives (41 - 1) // 4 = 10 samples; len is 9 (GPT-NeoX).
+    docs = [list(range(1, 9)), list(range(9, 20)), list(range(20, 26)), list(range(26, 38)), list(range(38, 42))]
+    ds = write_dataset(tmp_path / "d", docs)
+    gpt = GPT2Dataset("train", ds.prefix, np.arange(5, dtype=np.int32), ds, 10, 4, 3)
+    assert len(gpt) == 9
+    rows = [
+        b["tokens"][0].tolist() + b["labels"][0].tolist()[-1:] for _, b in zip(range(12), batches(gpt, 1, loop=True))
+    ]
+    # The first 10 reads are the 10 built samples, each once; overlapping by one token they cover all 41 tokens.
+    assert len({tuple(r) for r in rows[:10]}) == 10
+    assert len({t for r in rows[:10] for t in r}) == 41
+    # Past the built samples an index is taken modulo the length: 10 -> 1, 11 -> 2.
+    assert rows[10] == rows[1] and rows[11] == rows[2]
 
 
 def test_shift_labels_and_masks():
