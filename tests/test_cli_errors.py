@@ -36,6 +36,8 @@ def d(tmp_path_factory):
     (d / "toplist.yml").write_text("- a\n- b\n")
     (d / "bad.json").write_text('{"num_layers": 2,')
     (d / "prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": oops\n')
+    (d / "literal.jsonl").write_text('{"prompt": "a"}\nOnce upon a time\n')  # a plain line in a .jsonl
+    (d / "split.jsonl").write_text('{\n  "text": "pretty-printed"\n}\n')
     (d / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:20])
 
     assert (
@@ -99,7 +101,15 @@ def d(tmp_path_factory):
 CASES = [
     # preprocess
     ("preprocess --input {d}/nope.jsonl --output-prefix {d}/o/a", "nope.jsonl"),
-    ("preprocess --input {d}/bad.jsonl --output-prefix {d}/o/b --strict", "bad.jsonl:2"),
+    # the place within the line, not json's own "line 1 column 10 (char 9)" beside the file's line number
+    (
+        "preprocess --input {d}/bad.jsonl --output-prefix {d}/o/b --strict",
+        "bad.jsonl:2: bad JSON: Expecting value at column 10 (--strict",
+    ),
+    (
+        "preprocess --input {d}/split.jsonl --output-prefix {d}/o/s --strict",
+        "split.jsonl:1: bad JSON: Expecting property name enclosed in double quotes at the end of the line (one whole",
+    ),
     ("preprocess --input {d}/cut.jsonl.gz --output-prefix {d}/o/c", "cut.jsonl.gz"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/d --tokenizer-type Bogus", "tokenizer_type"),
     (
@@ -165,7 +175,8 @@ CASES = [
     ("generate {d}/run --prompt hi --max-new-tokens 500", "max_position_embeddings"),
     ("generate {d}/run --prompt hi --device bogus", "--device"),
     ("generate {d}/run --input-file {d}/nope.txt", "nope.txt"),
-    ("generate {d}/run --input-file {d}/prompts.jsonl", "prompts.jsonl:2"),
+    ("generate {d}/run --input-file {d}/prompts.jsonl", "prompts.jsonl:2: bad JSON: Expecting value at column 12"),
+    ("generate {d}/run --input-file {d}/literal.jsonl", "literal.jsonl:2: not a JSON object"),
     ("generate {d}/run --prompt hi --set foo=1", "'foo'"),
     ("generate {d}/run --prompt hi --output-file {d}/afile/out.jsonl", "afile"),
     # eval

@@ -1,4 +1,4 @@
-"""GPT-NeoX's tools/datasets/merge_datasets.py command line, run by `neox data merge`.
+"""neox's older path for GPT-NeoX's merge_datasets.py (tools/datasets/merge_datasets.py is the one GPT-NeoX has).
 
     python tools/merge_datasets.py --input DIR --output-prefix OUT
 

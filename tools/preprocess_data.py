@@ -1,4 +1,4 @@
-"""GPT-NeoX's tools/datasets/preprocess_data.py command line, run by `neox preprocess`.
+"""neox's older path for GPT-NeoX's preprocess_data.py (tools/datasets/preprocess_data.py is the one GPT-NeoX has).
 
     python tools/preprocess_data.py --input data.jsonl --output-prefix data/mydata \
         --tokenizer-type HFTokenizer --vocab-file 20B_tokenizer.json --append-eod --workers 4

@@ -89,11 +89,17 @@ def _show(tokens: np.ndarray, tokenizer, max_chars: int) -> str:
     return text
 
 
-def _document_tokens(ds: IndexedDataset, doc: int) -> np.ndarray:
+def _document_index(ds: IndexedDataset, doc: int) -> int:
     n = ds.num_documents
     d = doc + n if doc < 0 else doc
     if not 0 <= d < n:
-        raise NeoxError(f"--doc {doc}: {ds.prefix} has {n} documents")
+        valid = f"give 0 to {n - 1}, or -1 for the last" if n else "it is empty"
+        raise NeoxError(f"--doc {doc}: {ds.prefix} has {n} documents ({valid})")
+    return d
+
+
+def _document_tokens(ds: IndexedDataset, doc: int) -> np.ndarray:
+    d = _document_index(ds, doc)
     first, last = int(ds.doc_idx[d]), int(ds.doc_idx[d + 1])
     parts = [ds[i] for i in range(first, last)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=ds.dtype)
@@ -107,8 +113,20 @@ def _samples(ds: IndexedDataset, wanted: list, seq_length: int, seed: int):
         return [(n, gpt[n]["text"], gpt.document_ids(n)) for n in wanted]
 
 
+def _check_wanted(ds: IndexedDataset, args) -> None:
+    # before anything is printed: a bad --doc or --sample is one error line, not statistics and then an error
+    for d in args.doc:
+        _document_index(ds, d)
+    if args.sample:
+        if min(args.sample) < 0:
+            raise NeoxError("--sample: sample numbers start at 0")
+        if args.seq_length < 1:
+            raise NeoxError(f"--seq-length {args.seq_length}: must be 1 or more")
+
+
 def run_inspect(args) -> int:
     ds = IndexedDataset(strip_suffix(args.prefix))
+    _check_wanted(ds, args)
     tokenizer = None
     if args.tokenizer_type:
         tokenizer = build_tokenizer(args)
@@ -133,10 +151,6 @@ def run_inspect(args) -> int:
         print(f"\n--- document {d} ({tokens.size:,} tokens) ---")
         print(_show(tokens, tokenizer, args.max_chars))
     if args.sample:
-        if min(args.sample) < 0:
-            raise NeoxError("--sample: sample numbers start at 0")
-        if args.seq_length < 1:
-            raise NeoxError(f"--seq-length {args.seq_length}: must be 1 or more")
         for n, tokens, docs in _samples(ds, args.sample, args.seq_length, args.seed):
             print(
                 f"\n--- sample {n} (seq_length {args.seq_length}, seed {args.seed}, documents "

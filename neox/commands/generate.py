@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from neox.commands.common import add_overrides, check_positive
+from neox.data.readers import is_jsonl, json_line_error
 from neox.errors import NeoxError, ensure_dir
 from neox.infer.api import LoadedModel, build_model, build_tokenizer_for, checkpoint_config
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
+from neox.interop.hf import hf_config, is_hf_model_dir, load_hf_model
 from neox.kernels.device import resolve_device
 from neox.train.checkpoint import resolve
 
@@ -39,7 +41,11 @@ FLAG_KEYS = {
 
 
 def register(parser, name):
-    parser.add_argument("checkpoint", help="run directory (its latest checkpoint) or one checkpoint directory")
+    parser.add_argument(
+        "checkpoint",
+        help="run directory (its latest checkpoint), one checkpoint directory, or a Hugging Face model directory "
+        "(GPTNeoXForCausalLM / LlamaForCausalLM with config.json: converted in memory, nothing is written)",
+    )
     parser.add_argument(
         "--config",
         action="append",
@@ -90,28 +96,45 @@ def _generation_config(cfg, args):
 
 
 def read_prompts(path: str) -> list[str]:
-    """Plain text (one prompt per line; `\\n` escapes allowed) or JSONL objects with a prompt/text key."""
+    """Plain text (one prompt per line; `\\n` escapes allowed) or JSONL objects with a prompt/text key. In a
+    .jsonl (.json, .ndjson) file every line must be such an object; elsewhere a line starting with `{` is one."""
     p = Path(path)
     if not p.is_file():
         raise NeoxError(f"--input-file {p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NeoxError(
+            f"--input-file {p}: not UTF-8 text (byte {e.start}); prompt files are read uncompressed"
+        ) from None
+    jsonl = is_jsonl(str(p))
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NeoxError(f"{p}:{n}: invalid JSON ({e.msg})") from None
-            text = obj.get("prompt", obj.get("text"))
-            if not isinstance(text, str):
-                raise NeoxError(f"{p}:{n}: JSON line needs a string 'prompt' (or 'text') field")
-            prompts.append(text)
+        if jsonl or line.lstrip().startswith("{"):
+            prompts.append(_json_prompt(p, n, line))
         else:
             prompts.append(line.replace("\\n", "\n"))
     if not prompts:
         raise NeoxError(f"--input-file {p}: no prompts in the file")
     return prompts
+
+
+def _json_prompt(p: Path, n: int, line: str) -> str:
+    if not line.lstrip().startswith("{"):
+        raise NeoxError(
+            f"{p}:{n}: not a JSON object; every line of a {p.suffix} prompt file is one, e.g. "
+            '{"prompt": "..."} (plain prompts go in a .txt file, one per line)'
+        )
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise NeoxError(f"{p}:{n}: {json_line_error(e)}") from None
+    text = obj.get("prompt", obj.get("text"))  # a line starting with `{` that parses is an object
+    if not isinstance(text, str):
+        raise NeoxError(f"{p}:{n}: JSON line needs a string 'prompt' (or 'text') field")
+    return text
 
 
 class Session:
@@ -227,13 +250,21 @@ def run(args) -> int:
     # the flags skip the config loader's range checks (generation.maximum_tokens / num_samples are >= 1 there)
     check_positive(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size)
     device = resolve_device(args.device)
-    ckpt = resolve(args.checkpoint)
-    cfg = checkpoint_config(ckpt, args.config, args.overrides)
+    hf_dir = is_hf_model_dir(args.checkpoint)
+    if hf_dir:
+        ckpt, cfg = None, hf_config(args.checkpoint, args.config, args.overrides)
+    else:
+        ckpt = resolve(args.checkpoint)
+        cfg = checkpoint_config(ckpt, args.config, args.overrides)
     gen = _generation_config(cfg, args)
     if gen.sample_output_file:  # checked before sampling so that no samples are lost to a bad path
         ensure_dir(Path(gen.sample_output_file).parent, "--output-file's folder")
     tokenizer = build_tokenizer_for(cfg, ckpt)
-    model = LoadedModel(build_model(cfg, ckpt, device, args.dtype), tokenizer, cfg)
+    if hf_dir:
+        module = load_hf_model(cfg, args.checkpoint, device, args.dtype)
+    else:
+        module = build_model(cfg, ckpt, device, args.dtype)
+    model = LoadedModel(module, tokenizer, cfg)
     session = Session(model, tokenizer, gen, args)
 
     if gen.text_gen_type == "interactive":

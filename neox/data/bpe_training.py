@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from neox.data.readers import BadLine, expand_inputs, iter_pieces
+from neox.data.readers import BadLine, expand_inputs, iter_pieces, json_line_error
 from neox.data.tokenizers import EOD_TOKEN, PAD_TOKEN
 from neox.errors import ConfigError, DataError, ensure_dir
 
@@ -28,8 +28,11 @@ def _texts(paths: list, keys: list, text_mode: str, skipped: list) -> Iterator[s
             continue
         try:
             obj = json.loads(piece.data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            skipped.append(BadLine(piece.path, piece.line, f"not valid UTF-8 JSON ({e})"))
+        except UnicodeDecodeError as e:
+            skipped.append(BadLine(piece.path, piece.line, f"invalid UTF-8 at byte {e.start}"))
+            continue
+        except ValueError as e:
+            skipped.append(BadLine(piece.path, piece.line, json_line_error(e)))
             continue
         for key in keys:
             value = obj.get(key) if isinstance(obj, dict) else None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neox.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
-from neox.data.readers import BadLine, Piece, expand_inputs, iter_pieces
+from neox.data.readers import BadLine, Piece, expand_inputs, iter_pieces, json_line_error
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError
 
@@ -113,7 +113,7 @@ def _texts_of(piece: Piece, keys: list, prompt_key: str | None):
     try:
         obj = json.loads(line)
     except ValueError as e:
-        return BadLine(piece.path, piece.line, f"bad JSON ({e})")
+        return BadLine(piece.path, piece.line, json_line_error(e))
     if not isinstance(obj, dict):
         return BadLine(piece.path, piece.line, f"expected a JSON object, got {type(obj).__name__}")
     texts = []

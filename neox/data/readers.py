@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -147,6 +148,22 @@ class Piece:
     last: bool = True
 
 
+def json_line_error(e: ValueError) -> str:
+    """Why one JSON line did not parse, placed within that line. The caller prints the file's line number
+    beside it, so json's own "line 1 column 10 (char 9)" (or "line 2 column 1" when the line ends too early)
+    would only repeat or contradict it."""
+    if not isinstance(e, json.JSONDecodeError):
+        return f"bad JSON ({e})"
+    if e.lineno > 1 or e.pos >= len(e.doc.rstrip()):
+        return f"bad JSON: {e.msg.removesuffix(' at')} at the end of the line (one whole JSON object per line)"
+    return f"bad JSON: {_where(e)}"
+
+
+def _where(e: json.JSONDecodeError) -> str:
+    # json's messages either end in " at" ("Unterminated string starting at") or want one
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
 @dataclass
 class BadLine:
     """A line that was skipped, with where it is and why."""
@@ -272,11 +289,13 @@ def _json_array_pieces(path: str) -> Iterator[Piece]:
     # A .json file holding one array (what GPT-NeoX's lm_dataformat reader accepts): strings are documents,
     # objects are read like JSON lines. It is parsed whole; JSON Lines is the format that streams. Pieces are
     # numbered by their position in the array (reported as "file:N").
-    import json
-
     with open_binary(path) as f:
         try:
             items = json.loads(f.read())
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: not valid JSON ({_where(e)}); use one JSON object per line (.jsonl)"
+            ) from None
         except (UnicodeDecodeError, ValueError) as e:
             raise DataError(f"{path}: not valid JSON ({e}); use one JSON object per line (.jsonl)") from None
     for n, item in enumerate(items, 1):

@@ -124,7 +124,9 @@ def test_malformed_lines_are_reported_and_skipped(tmp_path, capsys):
     txt.write_bytes(b"good line\nbad \xfe line\nmore\n")
     s = _run(tmp_path, [str(src), str(txt)], workers=2, batch_bytes=10)
     err = capsys.readouterr().err
-    assert f"{src}:2: bad JSON" in err
+    # the file's line number and a place within the line, not json's own "line 2 column 1 (char 17)"
+    assert f"{src}:2: bad JSON: Invalid control character at the end of the line" in err
+    assert "column" not in err
     assert f"{src}:3: missing key 'text'" in err
     assert f"{src}:4: key 'text' is int, not a string" in err
     assert f"{src}:5: invalid UTF-8 at byte 14" in err
@@ -139,7 +141,7 @@ def test_strict_stops_at_first_bad_line_and_leaves_nothing(tmp_path):
     src = _jsonl(tmp_path / "a.jsonl", TEXTS[:5])
     with open(src, "ab") as f:
         f.write(b'{"text": nope}\n{"text": "fine"}\n')
-    with pytest.raises(DataError, match=rf"{src}:6: bad JSON .*--strict"):
+    with pytest.raises(DataError, match=rf"{src}:6: bad JSON: Expecting value at column 10 \(--strict"):
         _run(tmp_path, [src], strict=True, workers=2, batch_bytes=20)
     assert list(tmp_path.glob("out*")) == []
 
@@ -237,11 +239,17 @@ def test_cli_and_gpt_neox_shim(tmp_path, capsys):
     assert _docs(str(tmp_path / "c_text_document"))[0] == list(TEXTS[0].encode()) + [0]
     rc = cli(["preprocess", "--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "c")])
     assert rc == 2 and "neox preprocess: error: --input:" in capsys.readouterr().err
-    # GPT-NeoX's own command line, spelled as in its README
+    # GPT-NeoX's own command line, spelled as in its README, at its path (and at neox's older one)
+    for tool in ("tools/datasets/preprocess_data.py", "tools/preprocess_data.py"):
+        _gpt_neox_tool(tmp_path, tool, src)
+        assert _docs(str(tmp_path / "g_text_document")) == _docs(str(tmp_path / "c_text_document"))
+
+
+def _gpt_neox_tool(tmp_path, tool, src, *extra):
     res = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tools/preprocess_data.py"),
+            str(ROOT / tool),
             "--input",
             src,
             "--output-prefix",
@@ -259,13 +267,23 @@ def test_cli_and_gpt_neox_shim(tmp_path, capsys):
             "10",
             "--jsonl-keys",
             "text",
+            *extra,
         ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
-    assert _docs(str(tmp_path / "g_text_document")) == _docs(str(tmp_path / "c_text_document"))
+
+
+def test_gpt_neox_mask_tool(tmp_path):
+    # tools/datasets/preprocess_data_with_mask.py as GPT-NeoX documents it: CharLevelTokenizer ids are the
+    # bytes (0 is EOD), so "A:" is 65,58, and everything up to and including it is -100 in the label dataset
+    src = _jsonl(tmp_path / "qa.jsonl", ["Q: hi A: yo"])
+    _gpt_neox_tool(tmp_path, "tools/datasets/preprocess_data_with_mask.py", src, "--mask-before-token", "65,58")
+    text = list(b"Q: hi A: yo") + [0]
+    assert _docs(str(tmp_path / "g_text_document")) == [text]
+    assert _docs(str(tmp_path / "g_label_document")) == [[-100] * 8 + text[8:]]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
-from neox.data.readers import iter_pieces, iter_text_pieces
+from neox.data.readers import iter_pieces, iter_text_pieces, json_line_error
 from neox.errors import DataError
 
 
@@ -60,5 +61,28 @@ def test_json_array_files(tmp_path):
         (4, b"5", True),
     ]
     (tmp_path / "broken.json").write_text('["unterminated')
-    with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken\.json:1: not valid JSON \(Unterminated string starting at column 2\)"):
         list(iter_pieces([str(tmp_path / "broken.json")]))
+
+
+def _json_error(line: str) -> str:
+    try:
+        json.loads(line)
+    except ValueError as e:
+        return json_line_error(e)
+    raise AssertionError(f"{line!r} parsed")
+
+
+def test_json_line_errors_are_placed_within_the_line():
+    # the caller prints the file's line number; json's "line 1 column 10 (char 9)" / "line 2 column 1" must not
+    # appear beside it. Columns counted by hand (1-based).
+    assert _json_error('{"text": broken}\n') == "bad JSON: Expecting value at column 10"
+    assert _json_error('{"a": 1} x\n') == "bad JSON: Extra data at column 10"
+    assert _json_error('{"text": "abc') == "bad JSON: Unterminated string starting at column 10"
+    # the object goes on past the line (pretty-printed JSON in a .jsonl)
+    end = "at the end of the line (one whole JSON object per line)"
+    assert _json_error('{"text": "x"\n') == f"bad JSON: Expecting ',' delimiter {end}"
+    assert _json_error("{\n") == f"bad JSON: Expecting property name enclosed in double quotes {end}"
+    assert _json_error('{"text": "abc\n') == f"bad JSON: Invalid control character {end}"
+    for line in ('{"text": broken}\n', '{"text": "x"\n', "{\n"):
+        assert "line " not in _json_error(line).replace("of the line", "")

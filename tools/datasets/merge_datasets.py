@@ -1,0 +1,16 @@
+"""GPT-NeoX's tools/datasets/merge_datasets.py, same path and flags, run by `neox data merge`.
+
+    python tools/datasets/merge_datasets.py --input DIR --output-prefix OUT
+
+merges every PREFIX.bin/.idx pair in DIR (sorted by name) into OUT.bin/.idx. See `neox data merge --help`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from neox.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["data", "merge", *sys.argv[1:]]))
