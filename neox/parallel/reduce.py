@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from neox.parallel.mesh import submesh
+
 # Set (by neox.parallel.pipeline) on the last pipeline stage's copy of a tied embedding: it is clipped with
 # everything else but its gradient, equal to the first stage's, must count once in the norm.
 TIED_COPY_ATTR = "_neox_pipeline_tied_copy"
@@ -123,8 +125,6 @@ def _collective_device(group) -> torch.device:
 def _all_reduce_sum(t: torch.Tensor, mesh, dim: str) -> tuple[torch.Tensor, int]:
     if mesh is None:
         return t, 1
-    from neox.parallel.mesh import submesh
-
     sub = submesh(mesh, dim)
     if sub.size() == 1:
         return t, 1
