@@ -1,7 +1,8 @@
 """`neox generate CHECKPOINT`: unconditional samples, a prompt, an input file -> JSONL, or an interactive prompt.
 
 Settings come from the checkpoint's `generation` config group, then --config files and --set overrides, then
-the flags below (a flag that is given wins).
+the flags below (a flag that is given wins). CHECKPOINT may also be a local transformers GPTNeoX / Llama model
+directory: it is converted in memory (neox.interop.hf), with the `generation` defaults.
 """
 
 from __future__ import annotations

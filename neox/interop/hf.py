@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import yaml
 
 from neox.config import from_dict, to_dict
+from neox.config.loader import resolve as resolve_config
+from neox.config.yaml_io import read_config_file
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, NeoxError, ensure_dir
 from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
@@ -29,7 +32,7 @@ from neox.interop.hf_tokenizer import (
 )
 from neox.kernels.device import dtype_name, torch_dtype
 from neox.model import GPT
-from neox.train.checkpoint import resolve, save
+from neox.train.checkpoint import LATEST, list_checkpoints, resolve, save
 
 
 def _transformers():
@@ -165,6 +168,68 @@ def _merged(parts) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _read_hf_config(model_dir: Path):
+    """The transformers config object of a local model directory (one-line errors for a missing/bad config.json)."""
+    transformers = _transformers()
+    if not (model_dir / "config.json").is_file():
+        raise NeoxError(f"{model_dir}: no config.json; pass a local transformers model directory")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, OSError) as e:  # no/unknown model_type, or config.json is not JSON
+        raise NeoxError(
+            f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
+            "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory"
+        ) from None
+
+
+def _tokenizer_group(model_dir: Path, eod_token: str | None = None, pad_token: str | None = None) -> dict:
+    """The tokenizer config group for the directory's tokenizer files and the special tokens it declares
+    (eod_token / pad_token, when given, win)."""
+    group = find_tokenizer(model_dir)
+    given = {k: v for k, v in (("eod_token", eod_token), ("pad_token", pad_token)) if v is not None}
+    group.update({**declared_special_tokens(model_dir, group), **given})
+    return group
+
+
+def _hf_gpt(cfg, model_dir: Path) -> GPT:
+    """A GPT for cfg.model holding the directory's weights in fp32 (as the trainer keeps master weights)."""
+    sd = from_hf_state_dict(cfg.model, read_hf_weights(model_dir))
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        model = GPT(cfg.model)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise NeoxError(
+            f"{model_dir}: weights do not match its config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+    return model.float()  # the derived position tables were built on the CPU and are rebuilt here
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A transformers model directory (config.json) that is not also a neox run or checkpoint directory."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (
+        (p / LATEST).exists() or (p / ".metadata").exists() or list_checkpoints(p)
+    )
+
+
+def hf_config(model_dir: str | Path, extra_configs: Iterable[str] = (), overrides: Iterable[str] = ()):
+    """The neox Config of a local GPTNeoXForCausalLM / LlamaForCausalLM directory (model from config.json,
+    tokenizer from its files), with extra config files and `--set` overrides on top. Nothing is written."""
+    model_dir = Path(model_dir)
+    model_group = from_hf_config(_read_hf_config(model_dir))
+    base = {"model": model_group, "tokenizer": _tokenizer_group(model_dir)}
+    extra = [(read_config_file(p), p) for p in extra_configs]
+    return resolve_config(dicts=[(base, str(model_dir / "config.json")), *extra], overrides=overrides).config
+
+
+def load_hf_model(cfg, model_dir: str | Path, device="cpu", dtype=None) -> GPT:
+    """The directory's weights as a neox GPT (for `hf_config(model_dir)`), converted in memory, in eval mode."""
+    model = _hf_gpt(cfg, Path(model_dir))
+    dtype = torch_dtype(dtype)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()
+
+
 def import_hf(
     model_dir: str | Path, out: str | Path, eod_token: str | None = None, pad_token: str | None = None
 ) -> Path:
@@ -173,17 +238,8 @@ def import_hf(
     The tokenizer's end-of-sequence and padding tokens are those the directory declares (tokenizer_config.json,
     special_tokens_map.json, config.json), unless eod_token / pad_token are given.
     """
-    transformers = _transformers()
     model_dir, out = Path(model_dir), Path(out)
-    if not (model_dir / "config.json").is_file():
-        raise NeoxError(f"{model_dir}: no config.json; pass a local transformers model directory")
-    try:
-        hf_cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, OSError) as e:  # no/unknown model_type, or config.json is not JSON
-        raise NeoxError(
-            f"{model_dir / 'config.json'}: not a transformers model config ({str(e).splitlines()[0]}); "
-            "pass a local GPTNeoXForCausalLM or LlamaForCausalLM directory"
-        ) from None
+    hf_cfg = _read_hf_config(model_dir)
     model_group = from_hf_config(hf_cfg)
     if (out / "latest").exists() or any(out.glob("iter_*")):
         # writing here would move the run's `latest` to the imported weights: a resume would silently switch
@@ -191,9 +247,7 @@ def import_hf(
     created = not out.exists()
     ensure_dir(out, "OUT")
     try:  # the tokenizer must load (with its end token) before anything is written
-        tok_group = find_tokenizer(model_dir)
-        given = {k: v for k, v in (("eod_token", eod_token), ("pad_token", pad_token)) if v is not None}
-        tok_group.update({**declared_special_tokens(model_dir, tok_group), **given})
+        tok_group = _tokenizer_group(model_dir, eod_token, pad_token)
         try:
             build_tokenizer(from_dict({"tokenizer": tok_group}).tokenizer)
         except ConfigError as e:
@@ -208,17 +262,7 @@ def import_hf(
         "checkpoint": {"save": str(out.resolve()), "load": str(out.resolve()), "finetune": True},
     }
     cfg = from_dict(nested, source=str(model_dir / "config.json"))
-
-    sd = from_hf_state_dict(cfg.model, read_hf_weights(model_dir))
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise NeoxError(
-            f"{model_dir}: weights do not match its config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
-        )
-    # fp32 master weights, as the trainer keeps them (non-persistent tables stay on meta: they are not saved)
-    model = model.float()
+    model = _hf_gpt(cfg, model_dir)
     optimizer = torch.optim.AdamW(model.parameters())  # empty state: the layout the trainer writes and reads
     save(out, 0, model, optimizer, {"iteration": 0, "consumed_samples": 0}, to_dict(cfg))
     (out / "neox.yml").write_text(
