@@ -41,7 +41,8 @@ class GenerationResult:
 
 def unwrap(model):
     """The GPT inside a wrapper (neox.load's LoadedModel, DDP): inference needs none of the wrapping."""
-    while not hasattr(model, "layers") and hasattr(model, "module"):
+    # LoadedModel passes attribute lookups through to its GPT, so answering `layers` does not make it one
+    while hasattr(model, "module") and not (isinstance(model, torch.nn.Module) and hasattr(model, "layers")):
         model = model.module
     return model
 

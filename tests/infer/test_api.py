@@ -3,6 +3,7 @@ import torch
 
 import neox
 from neox.errors import NeoxError
+from neox.infer.generate import generate
 from tests.infer.tiny import greedy_reference, greedy_shortfall, make_run, random_model, tiny_config
 
 
@@ -26,6 +27,7 @@ def test_load_returns_model_with_generate(tmp_path):
     ]
     assert model.generate([""], max_new_tokens=3) == [tok.decode(greedy([tok.eod_id], 3))]  # from the EOD token
     assert model.num_layers == 2  # attributes fall through to the GPT
+    assert generate(model, [[104, 105]], 4).tokens == [greedy_reference(original, [104, 105], 4)]  # unwrapped
     bf16, _ = neox.load(tmp_path / "run" / "iter_0000003", dtype="bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16 and isinstance(bf16.generate("x"), str)
     out = bf16.generate([tok.encode("x")])[0]
