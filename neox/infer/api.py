@@ -15,6 +15,7 @@ import torch
 from neox.config import load as load_config
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import NeoxError
+from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
 from neox.kernels.device import torch_dtype
 from neox.model import GPT
@@ -87,9 +88,6 @@ class LoadedModel:
 
         Unset arguments come from the checkpoint's `generation` config group.
         """
-        # the loop imports torch._dynamo (~1 s): building a model to export or convert should not pay for it
-        from neox.infer.generate import generate
-
         g = self.cfg.generation
         pick = lambda v, d: d if v is None else v  # noqa: E731
         params = SamplingParams(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch._inductor.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neox.errors import NeoxError
@@ -90,6 +89,8 @@ def step_for(model) -> CompiledStep:
 
 def decode(model, tokens, positions, cache, greedy: bool):
     """One compiled decode step: [B] next tokens when greedy, else [B, V] logits."""
+    import torch._inductor.config  # inductor's config loads the compiler stack: only when a step is compiled
+
     step = step_for(model)
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(step.options):
