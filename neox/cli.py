@@ -7,7 +7,9 @@ fast (importing torch alone takes seconds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from neox.errors import NeoxError
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"neox {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`neox info ... | head`): stop quietly, as Unix tools do; stdout is redirected
+        # to devnull so that the interpreter's final flush does not raise again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
