@@ -28,7 +28,9 @@ train: $(CORE)
 	$(BIN)/neox tokenizer train data/stdlib/stdlib.jsonl --vocab-size 4096 --out data/stdlib/tokenizer.json
 	$(BIN)/neox preprocess --input data/stdlib/stdlib.jsonl --tokenizer-type HFTokenizer \
 		--vocab-file data/stdlib/tokenizer.json --append-eod --output-prefix data/stdlib/stdlib --workers 2
-	$(BIN)/neox train configs/tiny-cpu.yml
+	# load = save: the first `make train` starts from scratch, a second one resumes the finished run (nothing to
+	# train; it is kept as it was) or continues it after train_iters was raised in the config.
+	$(BIN)/neox train configs/tiny-cpu.yml --set load=runs/tiny-cpu
 	$(BIN)/neox generate runs/tiny-cpu --prompt "def " --max-new-tokens 64 --num-samples 2 --temperature 0.8 --top-p 0.95
 
 # ruff (lint, import order, formatting) and import-linter (the layers contract in pyproject.toml)

@@ -159,6 +159,10 @@ CASES = [
     ("train {d}/model.yml --set data_path={d}/ds/empty_text_document", "no documents"),
     ("train {d}/model.yml --set save={d}/afile/run", "checkpoint.save"),
     ("train {d}/model.yml --set log_dir={d}/afile/logs", "logging.log_dir"),
+    # a new run into a finished run's directory, and a load directory that is not there (a typo)
+    ("train {d}/model.yml --set save={d}/run", "already holds a run's checkpoints (newest iter_0000001)"),
+    ("train {d}/model.yml --set load={d}/rnu", "checkpoint.load"),
+    ("train {d}/model.yml --set eval_interval=-1", "eval_interval"),
     # checkpoint
     ("checkpoint consolidate {d}/notckpt {d}/o/m.pt", "notckpt"),
     ("checkpoint consolidate {d}/nolatest {d}/o/m.pt", "'latest'"),

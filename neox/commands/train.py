@@ -15,6 +15,7 @@ from neox.config import load, resolve_batch
 from neox.interop.lm_eval import evaluate_model
 from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
+from neox.train.checkpoint import check_run_dirs
 from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import TaskEvaluator, Trainer
 
@@ -28,6 +29,9 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args) -> int:
     cfg = load(args.configs, args.overrides, config_dir=args.config_dir, training=True)
     source = ", ".join(args.configs)
+    c = cfg.checkpoint
+    # here, before torchrun starts N workers that would each refuse; a restarted worker resumes its own save
+    check_run_dirs(c.save, launch.resume_dir(c.load, c.save), c.overwrite)
     code = launch.launch(args, sys.argv[1:], validate=lambda world: check_layout(cfg, world, source))
     if code is not None:
         return code

@@ -207,6 +207,11 @@ class ParallelConfig:
 class CheckpointConfig:
     save: str | None = opt(None, "Directory checkpoints are saved to (also the run directory).")
     load: str | None = opt(None, "Directory to resume from (its latest checkpoint).")
+    overwrite: bool = opt(
+        False,
+        "Start a new run in save although it holds checkpoints that load does not resume: they and metrics.jsonl "
+        "are removed first. Without it such a run stops before training.",
+    )
     save_interval: int | None = opt(None, "Save every this many iterations (GPT-NeoX checkpoint_factor).")
     extra_save_iters: list = opt([], "Additional iterations to save at.")
     keep_last_n_checkpoints: int | None = opt(None, "Delete older checkpoints beyond this many.")
@@ -230,7 +235,9 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    eval_interval: int = opt(1000, "Evaluate on the validation split every this many iterations.")
+    eval_interval: int = opt(
+        1000, "Evaluate on the validation split every this many iterations; 0 = only at the end of training."
+    )
     eval_iters: int = opt(10, "Batches per evaluation.")
     eval_tasks: list = opt([], "lm-evaluation-harness tasks to run during training.")
     eval_tasks_interval: int | None = opt(None, "Run eval_tasks every this many iterations; None = at the end.")

@@ -66,7 +66,7 @@ _AT_LEAST = [
     ("checkpoint", "save_interval", 1),
     ("checkpoint", "keep_last_n_checkpoints", 1),
     ("logging", "log_interval", 1),
-    ("eval", "eval_interval", 1),
+    ("eval", "eval_interval", 0),
     ("eval", "eval_iters", 0),
     ("eval", "eval_tasks_interval", 1),
     ("eval", "eval_tasks_limit", 1),

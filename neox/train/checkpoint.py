@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from neox.config.yaml_io import read_config_file
-from neox.errors import NeoxError, ensure_dir
+from neox.errors import ConfigError, NeoxError, ensure_dir
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
@@ -75,6 +75,53 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def resumes(load: str | Path, save: str | Path) -> bool:
+    """Whether `load` is the run directory `save` or one of its checkpoints: the run continues itself."""
+    load, save = Path(load).resolve(), Path(save).resolve()
+    return load == save or load.parent == save
+
+
+def newest_name(save_dir: str | Path) -> str | None:
+    """The checkpoint `latest` names, else the highest-numbered one; None when there is none."""
+    found = list_checkpoints(save_dir)
+    latest = Path(save_dir) / LATEST
+    if latest.is_file():
+        return latest.read_text().strip() or None
+    return found[-1].name if found else None
+
+
+def check_run_dirs(save: str | None, load: str | None, overwrite: bool) -> None:
+    """Before training: a load directory must exist (unless it is the run's own save directory: resume if
+    there is something), and a save directory holding another run's checkpoints is refused unless `overwrite`,
+    so a new run never replaces a finished one by accident."""
+    resuming = bool(load and save) and resumes(load, save)
+    if load and not resuming and not Path(load).exists():
+        raise ConfigError(
+            f"checkpoint.load: {load} does not exist; check the path, or leave load unset to start a fresh run"
+        )
+    if not save or overwrite or resuming:
+        return
+    newest = newest_name(save)
+    if newest is not None:
+        raise ConfigError(
+            f"checkpoint.save: {save} already holds a run's checkpoints (newest {newest}); resume it with "
+            f"--set load={save}, or save elsewhere with --set save=DIR (--set overwrite=true replaces them)"
+        )
+
+
+def clear_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Remove every checkpoint (complete or not) and `latest` from `save_dir` (rank 0); returns what went."""
+    d = Path(save_dir)
+    gone = []
+    if _rank() == 0 and d.is_dir():
+        gone = [p for p in d.iterdir() if p.is_dir() and _NAME.match(p.name.removesuffix(".tmp"))]
+        for p in gone:
+            shutil.rmtree(p)
+        (d / LATEST).unlink(missing_ok=True)
+    _barrier()
+    return gone
 
 
 def resolve(path: str | Path) -> Path:

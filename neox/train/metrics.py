@@ -24,6 +24,8 @@ from neox.config.schema import LoggingConfig
 from neox.errors import NeoxError
 from neox.kernels.bf16_cpu import bf16_matmul_mode
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
@@ -138,7 +140,7 @@ class Metrics:
             return
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.path = Path(run_dir) / "metrics.jsonl"
+            self.path = Path(run_dir) / METRICS_FILE
             self._jsonl = open(self.path, "a", encoding="utf-8")  # appended across resumes
         if cfg.tensorboard_dir:
             try:
@@ -214,7 +216,19 @@ def format_record(r: dict, total_iters: int) -> str:
         parts.append(f"scale {r['loss_scale']:g}")
     if r.get("skipped"):
         parts.append(f"skipped {r['skipped']}")
+    if "elapsed_s" in r:
+        parts.append(f"elapsed {duration(r['elapsed_s'])} | eta {duration(r['eta_s'])}")
     return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on; ``?`` when unknown (nan)."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Console:

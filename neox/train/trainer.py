@@ -39,7 +39,14 @@ from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
 from neox.train.loss import masked_mean_loss
-from neox.train.metrics import Console, Metrics, format_record, measure_peak_flops, peak_memory_bytes
+from neox.train.metrics import (
+    METRICS_FILE,
+    Console,
+    Metrics,
+    format_record,
+    measure_peak_flops,
+    peak_memory_bytes,
+)
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.schedule import LRSchedule
@@ -108,6 +115,8 @@ class Trainer:
                 "(neox train passes neox.interop.lm_eval's); pass one or clear eval.eval_tasks"
             )
         self.evaluate_tasks = evaluate_tasks
+        c = cfg.checkpoint
+        ckpt.check_run_dirs(c.save, c.load, c.overwrite)  # before the model is built: a refusal costs nothing
         self._seed(cfg.train.seed)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
@@ -156,8 +165,11 @@ class Trainer:
                 ensure_dir(path, key)
         self._last_saved = None
         self.saver = AsyncSaver() if cfg.checkpoint.async_save and self.save_dir is not None else None
-        if cfg.checkpoint.load:
-            self._load(cfg.checkpoint.load)
+        self.resumed = False
+        if c.overwrite and self.save_dir is not None and not (c.load and ckpt.resumes(c.load, c.save)):
+            self._clear_previous_run()
+        if c.load:
+            self._load(c.load)
 
     # ---------------------------------------------------------------- setup helpers
     @staticmethod
@@ -184,6 +196,14 @@ class Trainer:
                 "(neox data inspect PREFIX) and data.split"
             )
 
+    def _clear_previous_run(self) -> None:
+        """checkpoint.overwrite: the previous run's checkpoints and metrics go, so the directory holds one run."""
+        gone = ckpt.clear_checkpoints(self.save_dir)
+        if self.layout.is_logging_rank and self.run_dir is not None:
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        if gone:
+            self._say(f"overwrite: removed {len(gone)} checkpoint(s) of the previous run in {self.save_dir}")
+
     def _say(self, text: str) -> None:
         if not self.quiet:
             print(text, flush=True)
@@ -202,6 +222,9 @@ class Trainer:
             self._say(f"fine-tuning from the weights of {where} (optimizer, schedule and data start fresh)")
             return
         state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer, load_rng=not c.no_load_rng)
+        if self.save_dir is not None and ckpt.resumes(state["path"], self.save_dir):
+            self._last_saved = int(state["iteration"])  # that checkpoint is already in the save directory
+        self.resumed = True
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -309,14 +332,23 @@ class Trainer:
         its time limit would: resuming from that checkpoint continues the same run.
         """
         cfg = self.cfg
+        if self.resumed and self.iteration >= self.train_iters:
+            # a finished run resumed (a second `make train`): nothing to do, and nothing to log twice
+            self._say(
+                f"nothing to train: the checkpoint is at iteration {self.iteration} of train.train_iters "
+                f"{self.train_iters}; raise train_iters to train further"
+            )
+            return {"iteration": self.iteration, "skipped_steps": self.skipped_steps}
         end = self.train_iters if stop_at is None else min(stop_at, self.train_iters)
         metrics = Metrics(self.run_dir, cfg.logging, to_dict(cfg), enabled=self.layout.is_logging_rank)
         console = Console(self.train_iters, self.iteration, cfg.logging.progress_bar, enabled=not self.quiet)
         peak = measure_peak_flops(str(self.device), self.precision.compute_dtype, torch.get_num_threads())
+        p = cfg.parallel
         self._say(
             f"model: {num_params(cfg.model) / 1e6:.2f}M parameters | batch {self.micro} x {self.accum} "
             f"x dp {self.layout.dp_size} = {self.global_batch} sequences of {self.seq_length} | "
-            f"{self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s"
+            f"layout dp {self.layout.dp_size} x tp {p.model_parallel_size} x pp {p.pipe_parallel_size}, "
+            f"ZeRO {p.zero_stage} | {self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s"
         )
         summary: dict = {}
         try:
@@ -361,6 +393,7 @@ class Trainer:
         # and wraps past its end, so the training stream never runs out.
         data = self._loader(self.train_data, self.consumed_samples, loop=True)
         window = _Window()
+        self._clock = (time.perf_counter(), self.iteration)  # wall time (evaluations, saves too) for the ETA
         while self.iteration < end:
             self._timed_step(data, window)
             console.advance()
@@ -425,11 +458,20 @@ class Trainer:
             "step_time_s": w.seconds / max(1, w.steps),
             "peak_mem_bytes": peak_memory_bytes(str(self.device)),
             "consumed_samples": self.consumed_samples,
+            **self._elapsed_and_eta(),
         }
         if self.precision.scaler is not None:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = w.skipped
         return record
+
+    def _elapsed_and_eta(self) -> dict:
+        """Wall seconds since this process started training, and the remaining steps at this run's pace."""
+        t0, first = self._clock
+        elapsed = time.perf_counter() - t0
+        done = self.iteration - first
+        eta = elapsed / done * (self.train_iters - self.iteration) if done > 0 else float("nan")
+        return {"elapsed_s": elapsed, "eta_s": eta}
 
     def _eval_tasks_and_log(self, metrics: Metrics, console: Console, summary: dict) -> None:
         """lm-evaluation-harness tasks (eval.eval_tasks, through `evaluate_tasks`) on the current weights, logged

@@ -13,6 +13,7 @@ from neox.cli import main
 from neox.data.indexed import IndexedDataset
 from neox.errors import DataError
 from neox.train import checkpoint as ckpt
+from neox.train.metrics import duration
 from neox.train.trainer import Trainer
 
 from .tiny_run import make_corpus, tiny_config
@@ -90,3 +91,81 @@ def test_a_data_error_mid_run_saves_the_steps_taken_first(tmp_path):
         trainer.fit()
     assert trainer.iteration == 3
     assert ckpt.resolve(tmp_path / "run").name == "iter_0000003"
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n" not in err, err
+    assert err.startswith("neox train: error: "), err
+    return err
+
+
+def test_a_new_run_into_a_finished_runs_directory_stops_before_training(four_docs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_cpu(four_docs, run, "train_iters=4", "log_interval=2")) == 0
+    capsys.readouterr()
+    before = (run / "metrics.jsonl").read_text()
+    # A second run into the same directory, as the README's `--nproc 2` example after `make train`: refused
+    # in the launching process, before torchrun starts any worker.
+    for extra in ([], ["--nproc", "2"]):
+        assert main(tiny_cpu(four_docs, run, "train_iters=2") + extra) == 2
+        err = one_error_line(capsys)
+        assert f"checkpoint.save: {run} already holds a run's checkpoints (newest iter_0000004)" in err
+        assert f"--set load={run}" in err and "--set save=DIR" in err and "--set overwrite=true" in err
+    assert (run / "latest").read_text().strip() == "iter_0000004"
+    assert (run / "metrics.jsonl").read_text() == before
+
+    # The two ways on: resume it (here to 6 steps) ...
+    assert main(tiny_cpu(four_docs, run, "train_iters=6", "log_interval=2", f"load={run}")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (run / "latest").read_text().strip() == "iter_0000006"
+    # ... or replace it on purpose: the old checkpoints and metrics go, the directory holds the new run only.
+    assert main(tiny_cpu(four_docs, run, "train_iters=2", "log_interval=2", "overwrite=true")) == 0
+    assert "overwrite: removed 2 checkpoint(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["iter_0000002", "latest", "metrics.jsonl"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [2]
+
+
+def test_a_load_directory_that_is_not_there_is_an_error_unless_it_is_the_save_directory(four_docs, tmp_path, capsys):
+    typo = tmp_path / "rnu"
+    assert main(tiny_cpu(four_docs, tmp_path / "new", "train_iters=1", f"load={typo}")) == 2
+    assert f"checkpoint.load: {typo} does not exist" in one_error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    # load = save, the Makefile's `make train`: the first run starts from scratch, the second finds the
+    # finished run and has nothing to do (the first run's checkpoint and metrics stay as they were).
+    run = tmp_path / "run"
+    make_train = tiny_cpu(four_docs, run, "train_iters=2", f"load={run}")
+    assert main(make_train) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+    before = (run / "metrics.jsonl").read_text()
+    assert main(make_train) == 0
+    assert "nothing to train: the checkpoint is at iteration 2" in capsys.readouterr().out
+    assert (run / "latest").read_text().strip() == "iter_0000002"
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_eval_interval_0_evaluates_only_at_the_end_and_the_log_shows_layout_elapsed_and_eta(
+    four_docs, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    # split 50,50,0 gives the four documents a validation half (its index cached apart from the other tests')
+    split = ["split=50,50,0", f"data_cache_dir={tmp_path / 'cache'}"]
+    assert main(tiny_cpu(four_docs, run, *split, "train_iters=4", "log_interval=2", "eval_interval=0")) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(line for line in out if line.startswith("model: "))
+    assert "batch 8 x 1 x dp 1 = 8 sequences of 256 | layout dp 1 x tp 1 x pp 1, ZeRO 0 |" in start
+    assert [line.split(" | ")[0] for line in out if "val loss" in line] == ["iter      4/4"]
+    steps = [line for line in out if line.startswith("iter ") and " | loss " in line]
+    assert len(steps) == 2 and all(" | elapsed " in s and " | eta " in s for s in steps)
+    assert steps[-1].endswith("| eta 0:00")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # two of four steps done: the same time again to go
+    assert records[0]["eta_s"] == pytest.approx(records[0]["elapsed_s"])
+    assert records[1]["eta_s"] == 0 and records[1]["elapsed_s"] >= records[0]["elapsed_s"]
+
+
+@pytest.mark.parametrize("seconds,text", [(0.4, "0:00"), (59.6, "1:00"), (754, "12:34"), (3725, "1:02:05")])
+def test_durations_read_as_clock_times(seconds, text):
+    assert duration(seconds) == text
+    assert duration(float("nan")) == "?"

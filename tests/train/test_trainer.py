@@ -107,8 +107,11 @@ def test_finetune_loads_weights_only(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ft.fit()
     assert ft.iteration == 3
-    with pytest.raises(NeoxError, match="not a checkpoint"):
+    with pytest.raises(NeoxError, match="checkpoint.load: .*none does not exist"):
         Trainer(tiny_config(corpus, None, checkpoint={"load": str(tmp_path / "none"), "finetune": True}), quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NeoxError, match="not a checkpoint"):
+        Trainer(tiny_config(corpus, None, checkpoint={"load": str(tmp_path / "empty"), "finetune": True}), quiet=True)
 
 
 def test_fp16_overflow_skips_step_and_lowers_scale(corpus, tmp_path):
