@@ -1,4 +1,5 @@
-"""`neox checkpoint consolidate CKPT OUT.pt`: a sharded (DCP) checkpoint -> one torch.save file of weights."""
+"""`neox checkpoint consolidate CKPT OUT.pt`: a sharded (DCP) checkpoint -> one torch.save file of its weights and
+config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ def register(parser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     c = sub.add_parser("consolidate", help="write a sharded checkpoint's model weights as one state-dict file")
     c.add_argument("checkpoint", help="run directory (its latest checkpoint) or one iter_XXXXXXX directory")
-    c.add_argument("out", help="output file, e.g. model.pt (loads with GPT(cfg).load_state_dict(torch.load(out)))")
+    c.add_argument(
+        "out",
+        help='output file, e.g. model.pt: {"config": ..., "model": state dict} (docs/parallelism.md shows how to load it)',
+    )
     c.add_argument(
         "--dtype",
         choices=("fp32", "bf16", "fp16"),

@@ -329,13 +329,16 @@ def load_full_model_state(checkpoint_dir: str | Path, dtype: torch.dtype | None 
 
 
 def consolidate(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the model weights of `checkpoint` (a run directory: its latest; or one iter_* directory) to one
-    torch.save file that `GPT(cfg).load_state_dict(torch.load(out))` accepts."""
+    """Write the model weights of `checkpoint` (a run directory: its latest; or one iter_* directory) and the
+    config they were trained with to one torch.save file, ``{"config": nested config dict, "model": parameter
+    name -> full tensor}``, so that the file alone rebuilds the model:
+    ``saved = torch.load(out); GPT(from_dict(saved["config"]).model).load_state_dict(saved["model"])``."""
     ckpt = resolve(checkpoint)
     out = Path(out)
+    config = saved_config(ckpt)  # before the folder and the shards: a checkpoint without one fails at once
     ensure_dir(out.parent, "OUT's folder")
     state = load_full_model_state(ckpt, dtype)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save({"config": config, "model": state}, tmp)
     tmp.replace(out)
     return ckpt

@@ -36,7 +36,9 @@ def test_consolidate_round_trip(tmp_path, capsys):
     ckpt.save(tmp_path / "run", 3, model, opt, {"consumed_samples": 6}, {"model": {}})
     assert main(["checkpoint", "consolidate", str(tmp_path / "run"), str(tmp_path / "out" / "model.pt")]) == 0
     assert "iter_0000003" in capsys.readouterr().out
-    state = torch.load(tmp_path / "out" / "model.pt")
+    saved = torch.load(tmp_path / "out" / "model.pt")
+    assert saved["config"] == {"model": {}}  # the checkpoint's config.yml, as saved
+    state = saved["model"]
     assert set(state) == set(model.state_dict())
     fresh = GPT(CFG)
     fresh.load_state_dict(state)
@@ -44,7 +46,7 @@ def test_consolidate_round_trip(tmp_path, capsys):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
     assert main(["checkpoint", "consolidate", str(tmp_path / "run"), str(tmp_path / "half.pt"), "--dtype", "bf16"]) == 0
-    assert torch.load(tmp_path / "half.pt")["embed_in.weight"].dtype == torch.bfloat16
+    assert torch.load(tmp_path / "half.pt")["model"]["embed_in.weight"].dtype == torch.bfloat16
 
 
 def test_consolidate_rejects_a_non_checkpoint(tmp_path, capsys):

@@ -80,7 +80,7 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
     torch.set_num_threads(1)
     single = Trainer(resume_config(tiny_config(corpus, **groups(checkpoint={"load": save}))), quiet=True)
     consolidate(save, tmp_path / "model.pt")
-    full = torch.load(tmp_path / "model.pt")
+    full = torch.load(tmp_path / "model.pt")["model"]
     assert full.keys() == single.model.state_dict().keys()
     assert all(torch.equal(full[k], v) for k, v in single.model.state_dict().items())
     single.fit()

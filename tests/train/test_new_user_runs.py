@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import neox
 from neox.cli import main
 from neox.data.indexed import IndexedDataset
 from neox.errors import DataError
@@ -169,3 +170,27 @@ def test_eval_interval_0_evaluates_only_at_the_end_and_the_log_shows_layout_elap
 def test_durations_read_as_clock_times(seconds, text):
     assert duration(seconds) == text
     assert duration(float("nan")) == "?"
+
+
+def docs_snippet(page: str, marker: str) -> str:
+    """The first ```python block after `marker` on a docs page."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+    after = text[text.index(marker) :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+def test_the_parallelism_docs_snippet_loads_a_consolidated_checkpoint(four_docs, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(tiny_cpu(four_docs, run, "train_iters=1")) == 0
+    assert main(["checkpoint", "consolidate", str(run), str(tmp_path / "out" / "model.pt")]) == 0
+    monkeypatch.chdir(tmp_path / "out")
+    scope: dict = {}
+    exec(docs_snippet("parallelism.md", "neox checkpoint consolidate"), scope)  # as a user pastes it
+    loaded, _ = neox.load(str(run))  # the checkpoint read straight from its DCP shards
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        reference = loaded(tokens)
+        vocab = scope["saved"]["config"]["model"]["vocab_size"]
+        assert scope["logits"].shape == reference.shape == (1, 3, vocab)
+        torch.testing.assert_close(scope["model"](tokens), reference, rtol=0, atol=0)
