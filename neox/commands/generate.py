@@ -166,7 +166,8 @@ class Session:
             on_tokens=on_tokens,
             compile=self.gen.compile_decode,
         )
-        return res, time.perf_counter() - t0
+        # compilation (the first batch of a shape under --compile) is reported apart from the throughput
+        return res, time.perf_counter() - t0 - res.compile_s
 
     def records(self, prompts: list[str], res, seconds: float) -> list[dict]:
         return [
@@ -178,6 +179,7 @@ class Session:
                 "time_s": round(seconds, 4),
                 "batch_size": len(prompts),
                 "tokens_per_s": round(res.new_tokens / seconds, 2) if seconds > 0 else None,
+                "compile_s": round(res.compile_s, 2),
             }
             for p, text, toks, reason in zip(prompts, res.texts, res.tokens, res.finish_reasons)
         ]
@@ -278,7 +280,10 @@ def run(args) -> int:
         records = session.samples(args.prompt or "")
     if gen.text_gen_type != "interactive" and not gen.sample_output_file:
         for i, r in enumerate(records):
-            print(f"--- sample {i} ({r['tokens']} tokens, {r['finish_reason']}, {r['tokens_per_s']} tok/s) ---")
+            compiled = f", compiled in {r['compile_s']:.1f} s" if r["compile_s"] else ""
+            print(
+                f"--- sample {i} ({r['tokens']} tokens, {r['finish_reason']}, {r['tokens_per_s']} tok/s{compiled}) ---"
+            )
             print(r["prompt"] + r["completion"])
     if gen.sample_output_file:
         out = Path(gen.sample_output_file)

@@ -12,6 +12,8 @@ multiple of CACHE_BUCKET so that generations with different prompt lengths reuse
 
 from __future__ import annotations
 
+import time
+import warnings
 import weakref
 
 import torch
@@ -22,6 +24,7 @@ from neox.errors import NeoxError
 CACHE_BUCKET = 128
 # CPU: let inductor's C++ GEMM template compete with MKL/oneDNN; GPUs keep inductor's defaults
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+QUIET = {"autotune_num_choices_displayed": 0}  # no autotuning tables on the terminal
 RECOMPILE_LIMIT = 32  # distinct (batch, cache length, greedy) shapes one model may be compiled for
 
 # The step of the one model compiled last. Dynamo keys compiled code on _Decode.forward's code object and,
@@ -56,7 +59,8 @@ class CompiledStep:
         self.versions = self._versions(model)
         # given as torch.compile(options=...), freezing was not applied (torch 2.13): the config is patched
         # around each call instead, which covers the compilations the call triggers
-        self.options = CPU_OPTIONS if next(model.parameters()).device.type == "cpu" else {}
+        self.options = {**(CPU_OPTIONS if next(model.parameters()).device.type == "cpu" else {}), **QUIET}
+        self.shapes: set = set()  # (batch, cache length, greedy) already compiled for
         # guards on every parameter cost ~0.35 ms a step at 70M parameters; weight changes are caught by
         # `stale` instead
         self.fn = torch.compile(
@@ -87,13 +91,35 @@ def step_for(model) -> CompiledStep:
     return step
 
 
-def decode(model, tokens, positions, cache, greedy: bool):
-    """One compiled decode step: [B] next tokens when greedy, else [B, V] logits."""
+def decode(model, tokens, positions, cache, greedy: bool, timings: dict | None = None):
+    """One compiled decode step: [B] next tokens when greedy, else [B, V] logits.
+
+    A call that compiles (a new batch size, cache length or greedy flag) adds its wall time to
+    `timings["compile_s"]`, so that throughput can be reported without it."""
+    step = step_for(model)
+    key = (tokens.shape[0], cache.max_len, greedy)
+    if key in step.shapes:
+        return _run(step, tokens, positions, cache, greedy)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        # the compiler's deprecation notices are not for someone sampling text
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = _run(step, tokens, positions, cache, greedy)
+    step.shapes.add(key)
+    if timings is not None:
+        timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _run(step: CompiledStep, tokens, positions, cache, greedy: bool):
     import torch._inductor.config  # inductor's config loads the compiler stack: only when a step is compiled
 
-    step = step_for(model)
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(step.options):
+        with (
+            torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
+            torch._inductor.config.patch(step.options),
+        ):
             return step.fn(tokens, positions, cache, greedy)
     except torch._dynamo.exc.TorchDynamoException as e:
         # e.g. no working C++ compiler for inductor's CPU code

@@ -30,8 +30,9 @@ class GenerationResult:
     finish_reasons: list[str]  # "eod", "stop" (a stop string appeared) or "length"
     texts: list[str] | None = None  # decoded and cut before the first stop string, when `decode` was given
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # without compile_s
     steps: int = 0
+    compile_s: float = 0.0  # time the compiled decode step spent compiling (first batch of a shape only)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -103,10 +104,11 @@ def generate(
             if step == max_new_tokens - 1 or stops.all_stopped():
                 break
             next_tokens.advance(cur)
-        decode_s = time.perf_counter() - t0
+        compile_s = next_tokens.timings.get("compile_s", 0.0)
+        decode_s = time.perf_counter() - t0 - compile_s
 
     tokens, texts = stops.outputs(steps)
-    return GenerationResult(tokens, stops.reasons, texts, prefill_s, decode_s, steps)
+    return GenerationResult(tokens, stops.reasons, texts, prefill_s, decode_s, steps, compile_s=compile_s)
 
 
 def _max_positions(model) -> int | None:
@@ -201,6 +203,7 @@ class NextTokens:
         self.advance = self._recompute if cache is None else self._compiled if compile else self._cached
         self.logits = None  # [B, 1|T, V] at the last step
         self.chosen = None  # [B], when the compiled step chose them itself
+        self.timings: dict = {}  # compile_s: time the compiled step spent compiling
 
     def prefill(self) -> None:
         self.logits = self._full(self.batch.prompt_len, self.cache)
@@ -239,7 +242,12 @@ class NextTokens:
         b = self.batch
         with self.per_step:
             out = compiled.decode(
-                self.model, b.tokens[:, cur : cur + 1], b.positions[:, cur : cur + 1], self.cache, self.fused_greedy
+                self.model,
+                b.tokens[:, cur : cur + 1],
+                b.positions[:, cur : cur + 1],
+                self.cache,
+                self.fused_greedy,
+                self.timings,
             )
         if self.fused_greedy:
             self.chosen = out
