@@ -1,7 +1,8 @@
-"""`neox eval CHECKPOINT --tasks ...`: lm-evaluation-harness tasks on a checkpoint, offline.
+"""`neox eval CHECKPOINT --tasks ...`: lm-evaluation-harness tasks on a checkpoint.
 
-Tasks come from the harness registry, from --include-path YAMLs, or are the bundled local tasks
-(lambada_openai_local, piqa_local, wikitext2_local, lambada_gen_local) that read the shared data folder.
+Tasks come from the harness registry (their data from the HF Hub, as the harness fetches it), from
+--include-path YAMLs, or are the bundled local tasks (lambada_openai_local, piqa_local, wikitext2_local,
+lambada_gen_local) that read the eval data folder `neox prepare lambada|piqa|wikitext2` fills.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import sys
 from pathlib import Path
 
 from neox.commands.common import check_positive
+from neox.data.corpora import EVAL_DATA_ENV
 from neox.errors import NeoxError, ensure_dir
 from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
+from neox.interop.eval_tasks import local_task_dirs
 from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
 from neox.kernels.device import resolve_device
 from neox.train.checkpoint import resolve
@@ -27,7 +30,17 @@ def register(parser, name):
     parser.add_argument("--num-fewshot", type=int)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, help="context length (default: the model's)")
-    parser.add_argument("--bootstrap-iters", type=int, default=0, help="stderr bootstrap samples (0 = skip)")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="eval data folder the local tasks read, as `neox prepare lambada|piqa|wikitext2` writes it "
+        f"(default: ${EVAL_DATA_ENV} or ~/.cache/neox/eval-data)",
+    )
+    parser.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        help="bootstrap samples for the stderr of metrics without a closed form (default: the harness's; 0 = skip)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--output", metavar="DIR", help="write results.json and results.txt here")
     parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in results.json")
@@ -47,6 +60,9 @@ def run(args) -> int:
     for d in args.include_path:
         if not Path(d).is_dir():
             raise NeoxError(f"--include-path {d}: no such directory of task YAMLs")
+    if args.bootstrap_iters is not None and args.bootstrap_iters < 0:
+        raise NeoxError(f"--bootstrap-iters {args.bootstrap_iters}: must be >= 0 (0 skips the stderr)")
+    local_task_dirs(tasks, args.data_dir)  # the local tasks' data is there
     if args.output:
         ensure_dir(args.output, "--output")
     device = resolve_device(args.device)
@@ -65,6 +81,7 @@ def run(args) -> int:
         seed=args.seed,
         log_samples=args.log_samples,
         bootstrap_iters=args.bootstrap_iters,
+        data_dir=args.data_dir,
     )
     print(results_table(results))
     if args.output:

@@ -3,33 +3,41 @@
 Flags follow GPT-NeoX's prepare_data.py (-t, -v, -m, -d, -f, -n). Without -t the corpus is only written as
 ``DIR/NAME.jsonl`` (DIR = --out, else DATA_DIR/NAME); with -t it is also tokenized, with EOD appended, into
 ``DIR/NAME_text_document.{bin,idx}``.
+
+Eval sets (lambada, piqa, wikitext2) go to the eval data folder the bundled local lm-eval tasks read: --out,
+else $NEOX_EVAL_DATA, else ~/.cache/neox/eval-data (`neox eval --data-dir` reads another one).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from neox.config.schema import TokenizerConfig
 from neox.data import corpora
-from neox.data.corpora import BUILTIN, CORPORA, MIRROR_ENV
+from neox.data.corpora import EVAL_DATA_ENV, EVAL_SETS, MIRROR_ENV
 from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.errors import NeoxError
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
-    listing = "; ".join(
-        [f"{c.name}: {c.description}" for c in CORPORA.values()] + [f"{k}: {v}" for k, v in BUILTIN.items()]
+    parser.add_argument(
+        "name", nargs="?", help=f"corpus or eval set to prepare ({', '.join(corpora.names())}; --list says more)"
     )
-    parser.add_argument("name", nargs="?", help=f"corpus to prepare ({listing})")
-    parser.add_argument("--list", action="store_true", help="list the known corpora and exit")
+    parser.add_argument("--list", action="store_true", help="list the known corpora and eval sets and exit")
     parser.add_argument(
         "-d",
         "--data-dir",
-        default=os.environ.get("DATA_DIR", "./data"),
-        help="parent directory; the corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)",
+        default=None,
+        help="parent directory; a corpus goes to DATA_DIR/NAME (default: $DATA_DIR or ./data)",
     )
-    parser.add_argument("--out", default=None, help="write the corpus to exactly this directory instead")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the corpus to exactly this directory instead; for an eval set, the eval data folder "
+        f"(default: ${EVAL_DATA_ENV} or ~/.cache/neox/eval-data)",
+    )
     parser.add_argument(
         "-t",
         "--tokenizer-type",
@@ -55,14 +63,22 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args) -> int:
     if args.list:
         for name in corpora.names():
-            c = corpora.CORPORA.get(name)
-            print(f"{name:18s} {c.description if c else corpora.BUILTIN[name]}")
+            print(f"{name:18s} {corpora.description(name)}")
         return 0
     if not args.name:
         raise NeoxError(f"name a corpus to prepare: {', '.join(corpora.names())}")
-    out_dir = args.out or os.path.join(args.data_dir, args.name)
     if args.name == "stdlib" and (args.url or args.mirror):
         raise NeoxError("stdlib is built from local files; --url/--mirror do not apply")
+    if args.name in EVAL_SETS:
+        if args.data_dir or args.tokenizer_type:
+            flag = "-d/--data-dir" if args.data_dir else "-t/--tokenizer-type"
+            raise NeoxError(
+                f"{flag}: {args.name} is an eval set; it goes to the eval data folder "
+                f"(--out DIR, else ${EVAL_DATA_ENV} or ~/.cache/neox/eval-data)"
+            )
+        out_dir = corpora.eval_data_dir(args.out)
+    else:
+        out_dir = args.out or os.path.join(args.data_dir or os.environ.get("DATA_DIR", "./data"), args.name)
     jsonl = corpora.prepare(
         args.name,
         out_dir,
@@ -72,6 +88,8 @@ def run(args) -> int:
         progress=False if args.quiet else None,
     )
     print(f"wrote {jsonl}")
+    if args.name in EVAL_SETS and out_dir != corpora.eval_data_dir():
+        print(f"neox eval reads it with --data-dir {out_dir} (or {EVAL_DATA_ENV}={out_dir})", file=sys.stderr)
     if args.tokenizer_type:
         corpus = corpora.CORPORA.get(args.name)
         opts = PreprocessOptions(

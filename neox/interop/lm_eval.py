@@ -10,21 +10,31 @@ import contextlib
 import functools
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from neox.data.corpora import eval_set_for
 from neox.errors import NeoxError
 from neox.infer.generate import generate, select_hidden, unwrap
 from neox.infer.sampling import SamplingParams
-from neox.interop.eval_tasks import local_task_dirs
+from neox.interop.eval_tasks import data_files, local_task_dirs, local_task_names
 from neox.kernels.bf16_cpu import fast_bf16_linears
 
-# The harness must never reach the network: tasks come from the registry's YAMLs or local --include-path files.
-OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Exceptions (matched by class name, as datasets, huggingface_hub and requests name them across versions) that
+# mean a task's data could not be fetched: no network, HF_*_OFFLINE set, or no such dataset on the Hub.
+FETCH_ERRORS = {
+    "ConnectionError",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "DatasetNotFoundError",
+    "RequestException",
+    "HfHubHTTPError",
+    "URLError",
+    "TimeoutError",
+}
 
 
 def _lm_base():
@@ -179,16 +189,10 @@ class NeoxLM(_lm_base()):
 # -- running tasks -------------------------------------------------------------------------------------------
 
 
-def set_offline_env() -> None:
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
-
-
 @functools.lru_cache(maxsize=4)
 def task_manager(include_paths: tuple[str, ...] = ()):
     """The harness's task index (building it reads every bundled YAML: seconds), cached per include path set
     so evaluation during training pays for it once."""
-    set_offline_env()
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include_paths) or None)
@@ -202,31 +206,68 @@ def run_tasks(
     num_fewshot: int | None = None,
     seed: int = 1234,
     log_samples: bool = False,
-    bootstrap_iters: int = 0,
+    bootstrap_iters: int | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """simple_evaluate on an LM object; returns the harness's result dict (JSON-safe)."""
-    set_offline_env()
+    """simple_evaluate on an LM object; returns the harness's result dict (JSON-safe).
+
+    Registry tasks load their data as the harness does (from the HF Hub, or its cache); local tasks read
+    `data_dir` (see eval_tasks). bootstrap_iters None keeps the harness's default (stderr filled in).
+    """
     from lm_eval import simple_evaluate
 
     paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
-    manager = task_manager(tuple(paths + local_task_dirs(tasks)))
+    manager = task_manager(tuple(paths + local_task_dirs(tasks, data_dir)))
     missing = [t for t in tasks if not manager.match_tasks([t])]
     if missing:
         raise NeoxError(f"unknown lm-eval task(s) {missing}: check the names (lm_eval ls tasks) or --include-path")
-    res = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=log_samples,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=bootstrap_iters,
-    )
+    extra = {} if bootstrap_iters is None else {"bootstrap_iters": bootstrap_iters}
+    try:
+        res = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            **extra,
+        )
+    except Exception as e:
+        cause = fetch_failure(e)
+        if cause is None:
+            raise
+        raise NeoxError(fetch_failure_message(tasks, cause)) from None
     return json.loads(json.dumps(res, default=str))
+
+
+def fetch_failure(error: BaseException) -> BaseException | None:
+    """The outermost exception in `error`'s chain that says data could not be fetched, or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, FileNotFoundError) or any(c.__name__ in FETCH_ERRORS for c in type(seen).__mro__):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def fetch_failure_message(tasks: list[str], cause: BaseException) -> str:
+    """One line: which tasks, why (the error's first line), and the local way round it."""
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    local = [f"{t}_local" for t in tasks if f"{t}_local" in local_task_names()]
+    prepare = sorted({eval_set_for(p) for t in local for p in data_files(t)})
+    offline = f"use {', '.join(local)} (data: `neox prepare {' / '.join(prepare)}`) or " if local else ""
+    return (
+        f"--tasks {','.join(tasks)}: the harness could not fetch the task data ({reason}); "
+        f"{offline}pass --include-path DIR with task YAMLs that read local data files"
+    )
+
+
+# entries of a task's results that are not metrics: its display name and how many examples it scored
+NOT_METRICS = {"alias", "sample_len"}
 
 
 def flat_scores(results: dict[str, Any]) -> dict[str, float]:
@@ -234,7 +275,12 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
     flat = {}
     for task, metrics in results.get("results", {}).items():
         for name, value in metrics.items():
-            if "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (
+                "_stderr" in name
+                or name in NOT_METRICS
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             if math.isfinite(value):
                 flat[f"{task}/{name.split(',')[0]}"] = float(value)
@@ -251,14 +297,16 @@ def evaluate_model(
     max_length: int | None = None,
     seed: int = 1234,
 ) -> dict[str, float]:
-    """What the trainer calls every eval_tasks_interval: scores as {"task/metric": value}.
+    """What the trainer calls every eval_tasks_interval: scores as {"task/metric": value} (no stderr, so no
+    bootstrap).
 
     The model is put in eval mode for the run and given back in the mode it came in.
     """
     was_training = model.training
     try:
         lm = NeoxLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-        return flat_scores(run_tasks(lm, tasks, limit=limit, include_path=include_path, seed=seed))
+        results = run_tasks(lm, tasks, limit=limit, include_path=include_path, seed=seed, bootstrap_iters=0)
+        return flat_scores(results)
     finally:
         model.train(was_training)
 
@@ -268,7 +316,7 @@ def results_table(results: dict[str, Any]) -> str:
     rows = [("task", "metric", "value", "stderr")]
     for task, metrics in sorted(results.get("results", {}).items()):
         for name, value in metrics.items():
-            if "_stderr" in name or name == "alias" or not isinstance(value, (int, float)):
+            if "_stderr" in name or name in NOT_METRICS or not isinstance(value, (int, float)):
                 continue
             metric, _, filt = name.partition(",")
             err = metrics.get(f"{metric}_stderr,{filt}") if filt else metrics.get(f"{metric}_stderr")

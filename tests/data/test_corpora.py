@@ -209,3 +209,64 @@ def test_prepare_then_tokenize(server, tmp_path, shared_data):
     # Byte-level: one token per byte of the speech plus the appended EOD.
     first = json.loads(lines[0])["text"].encode()
     assert len(ds[0]) == len(first) + 1
+
+
+# the upstream file name each eval-set download has, and its copy in the shared data folder
+UPSTREAM = {
+    "lambada_test.jsonl": "eval/lambada_openai_test.jsonl",
+    "valid.jsonl": "eval/piqa_valid.jsonl",
+    "valid-labels.lst": "eval/piqa_valid-labels.lst",
+    "test.txt": "corpora/wikitext-2/test.txt",
+}
+
+
+def test_prepare_eval_sets_match_the_shared_copies(server, tmp_path, shared_data, monkeypatch):
+    for name, rel in UPSTREAM.items():
+        server.files[name] = (shared_data / rel).read_bytes()
+    monkeypatch.setenv(corpora.EVAL_DATA_ENV, str(tmp_path / "eval-data"))
+    for name in ("lambada", "piqa", "wikitext2"):
+        assert cli(["prepare", name, "--mirror", server.base, "--quiet"]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "eval-data")) for p in (tmp_path / "eval-data").rglob("*.*"))
+    # the downloads and the files built from them (PIQA with labels, WikiText-2 by article) are the shared
+    # folder's, byte for byte: the built ones were made there independently of this code
+    expected = sorted([*UPSTREAM.values(), "eval/piqa_valid_labeled.jsonl", "corpora/wikitext-2/test_articles.jsonl"])
+    assert written == expected
+    for rel in expected:
+        assert (tmp_path / "eval-data" / rel).read_bytes() == (shared_data / rel).read_bytes(), rel
+    # a second run fetches nothing
+    before = len(server.requests)
+    assert cli(["prepare", "piqa", "--mirror", server.base, "--quiet"]) == 0 and len(server.requests) == before
+
+
+def test_eval_set_default_folder_checksum_and_flags(server, tmp_path, shared_data, monkeypatch, capsys):
+    monkeypatch.delenv(corpora.EVAL_DATA_ENV, raising=False)
+    monkeypatch.delenv(corpora.OLD_EVAL_DATA_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = (shared_data / "eval" / "lambada_openai_test.jsonl").read_bytes()
+    server.files.update({"lambada_test.jsonl": good, "bad.jsonl": good[:-1]})
+    assert cli(["prepare", "lambada", "--url", f"{server.base}/lambada_test.jsonl", "--quiet"]) == 0
+    assert (tmp_path / "cache" / "neox" / "eval-data" / "eval" / "lambada_openai_test.jsonl").read_bytes() == good
+    capsys.readouterr()
+    assert cli(["prepare", "lambada", "--out", str(tmp_path / "x"), "--url", f"{server.base}/bad.jsonl"]) == 2
+    assert "does not match the expected 4aa8d02c" in capsys.readouterr().err
+    assert not list((tmp_path / "x").rglob("*.jsonl*"))
+    assert cli(["prepare", "piqa", "-d", str(tmp_path / "d")]) == 2
+    assert "-d/--data-dir: piqa is an eval set" in capsys.readouterr().err
+    assert cli(["prepare", "piqa", "--url", f"{server.base}/valid.jsonl"]) == 2
+    assert "--url: piqa has 2 files; use --mirror" in capsys.readouterr().err
+
+
+def test_wikitext_articles_and_piqa_labels(tmp_path):
+    text = " \n = A = \n \n a text\n \n = = Sub = = \n \n more\n \n = B = \n \n b\n = not a title = \n"
+    assert corpora.wikitext_articles(text) == [
+        " \n = A = \n \n a text\n \n = = Sub = = \n \n more\n",
+        " \n = B = \n \n b\n = not a title = \n",
+    ]
+    (tmp_path / "q.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (tmp_path / "l.lst").write_text("1\n")
+    assert list(corpora.piqa_labeled(tmp_path / "q.jsonl", tmp_path / "l.lst")) == [
+        {"goal": "g", "sol1": "a", "sol2": "b", "label": 1}
+    ]
+    (tmp_path / "l.lst").write_text("1\n0\n")
+    with pytest.raises(DataError, match="2 labels for the 1 questions"):
+        list(corpora.piqa_labeled(tmp_path / "q.jsonl", tmp_path / "l.lst"))
