@@ -9,6 +9,7 @@ config.yml) plus OUT/neox.yml, a config to continue pre-training or fine-tune fr
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,14 @@ from neox.config.yaml_io import read_config_file
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, NeoxError, ensure_dir
 from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
-from neox.interop.hf_mapping import from_hf_config, from_hf_state_dict, hf_architecture, to_hf_config, to_hf_state_dict
+from neox.interop.hf_mapping import (
+    from_hf_config,
+    from_hf_state_dict,
+    hf_architecture,
+    legacy_config_keys,
+    to_hf_config,
+    to_hf_state_dict,
+)
 from neox.interop.hf_tokenizer import (
     copy_tokenizer,
     declared_special_tokens,
@@ -32,6 +40,7 @@ from neox.interop.hf_tokenizer import (
 )
 from neox.kernels.device import dtype_name, torch_dtype
 from neox.model import GPT
+from neox.model.info import max_positions
 from neox.train.checkpoint import LATEST, list_checkpoints, resolve, save
 
 
@@ -76,10 +85,18 @@ def save_weights(
         old.unlink(missing_ok=True)
     for name, keys in split.filename_to_tensors.items():
         save_file({k: sd[k].cpu().contiguous() for k in keys}, str(out / name), metadata={"format": "pt"})
+        # safetensors creates its files 0600; give them the mode every other file here gets (the umask's)
+        os.chmod(out / name, 0o666 & ~_umask())
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return sorted(split.filename_to_tensors)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_model(
@@ -90,8 +107,9 @@ def export_model(
     dtype: str | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write an HF model directory for a neox Config + GPT state dict (+ tokenizer, unless None)."""
-    _transformers()
+    """Write an HF model directory for a neox Config + GPT state dict (+ tokenizer, unless None): config.json
+    and generation_config.json that transformers 4.x and 5.x both read, the weights, the tokenizer files."""
+    transformers = _transformers()
     hf_architecture(cfg.model)  # refuse before writing anything
     parse_shard_size(max_shard_size)
     hf_tok = hf_tokenizer_object(tokenizer) if tokenizer is not None else None
@@ -107,9 +125,18 @@ def export_model(
         eod, pad = tokenizer.eod_id, tokenizer.pad_id
     hf_cfg = to_hf_config(cfg.model, eos_id=eod, bos_id=eod, pad_id=pad, dtype=weights_dtype)
     hf_cfg.save_pretrained(str(out))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config.update(legacy_config_keys(cfg.model, weights_dtype))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # generate() with no length given runs to the context length (not transformers' 20 tokens), stops at the EOD
+    # token, and pads batches with the pad token
+    generation = transformers.GenerationConfig(
+        bos_token_id=eod, eos_token_id=eod, pad_token_id=pad, max_length=max_positions(cfg.model)
+    )
+    generation.save_pretrained(str(out))
     save_weights(sd, out, max_shard_size)
     if tokenizer is not None:
-        export_tokenizer(tokenizer, out, hf_tok)
+        export_tokenizer(tokenizer, out, hf_tok, max_length=max_positions(cfg.model))
     return out
 
 

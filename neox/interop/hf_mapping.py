@@ -107,6 +107,16 @@ def to_hf_config(
     )
 
 
+def legacy_config_keys(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """config.json keys that transformers 4.x reads where 5.x reads `rope_parameters` and `dtype`. Written
+    beside them (5.x takes them only as fallbacks), so 4.x builds the same rotary embedding: without them
+    GPTNeoX there falls back to rotary_pct=0.25."""
+    rope = {"rope_theta": float(cfg.rotary_emb_base)}
+    if hf_architecture(cfg) == GPTNEOX:
+        rope = {"rotary_pct": float(cfg.rotary_pct), "rotary_emb_base": float(cfg.rotary_emb_base)}
+    return {**rope, "torch_dtype": dtype}
+
+
 def from_hf_config(hf) -> dict:
     """neox `model` group (a dict of ModelConfig fields) for a transformers GPTNeoX or Llama config object."""
     arch = (getattr(hf, "architectures", None) or [""])[0]

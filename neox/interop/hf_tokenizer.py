@@ -118,9 +118,20 @@ def hf_tokenizer_object(tokenizer):
     )
 
 
-def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
-    """Write tokenizer.json + tokenizer_config.json so AutoTokenizer.from_pretrained(out) works (plus
-    tokenizer.model, the original, for a sentencepiece tokenizer)."""
+# What the exported tokenizer_config.json says, whichever transformers wrote it: a class name that 4.x and 5.x
+# both load (5.x writes "TokenizersBackend", which 4.x does not have); no token_type_ids, which the causal models'
+# generate() refuses; left padding, so a batch of prompts is continued from its last real token.
+PORTABLE_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "model_input_names": ["input_ids", "attention_mask"],
+    "padding_side": "left",
+}
+
+
+def export_tokenizer(tokenizer, out: Path, obj=None, max_length: int | None = None) -> None:
+    """Write tokenizer.json + tokenizer_config.json so AutoTokenizer.from_pretrained(out) works in transformers
+    4.x and 5.x (plus tokenizer.model, the original, for a sentencepiece tokenizer). `max_length` (the model's
+    context) becomes model_max_length."""
     from transformers import PreTrainedTokenizerFast
 
     obj = obj if obj is not None else hf_tokenizer_object(tokenizer)
@@ -135,8 +146,13 @@ def export_tokenizer(tokenizer, out: Path, obj=None) -> None:
     # sentencepiece matches its user-defined pieces inside the text (the Split pre-tokenizer does that here):
     # cutting the text at special tokens first would give every piece after one its own dummy prefix "▁".
     literal = tokenizer.name in ("ByteLevelTokenizer", "SPMTokenizer", "TiktokenTokenizer")
-    fast = PreTrainedTokenizerFast(tokenizer_object=obj, split_special_tokens=literal, **specials)
+    portable = dict(PORTABLE_TOKENIZER_CONFIG, **({"model_max_length": max_length} if max_length else {}))
+    init = {k: v for k, v in portable.items() if k != "tokenizer_class"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=obj, split_special_tokens=literal, **init, **specials)
     fast.save_pretrained(str(out))
+    config_path = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, **portable}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if sp is not None:
         (Path(out) / "tokenizer.model").write_bytes(sp.serialized_model_proto())
 
