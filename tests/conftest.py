@@ -12,6 +12,18 @@ SHARED = Path(os.environ.get("NEOX_SHARED", ROOT.parent / "shared")).resolve()
 SHARED_DATA = SHARED / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data (tokenizers, corpora, eval sets); skips the test when it is not there."""

@@ -200,7 +200,17 @@ class ParallelConfig:
         10,
         "Optimizer steps with uncompressed all-reduce before grad_compression (powersgd, onebit) starts; like GPT-NeoX 1-bit Adam's freeze_step (powersgd needs >= 2, onebit >= 1: smaller values are raised).",
     )
-    backend: str = opt("auto", "torch.distributed backend: gloo, nccl or auto.")
+    backend: str = opt(
+        "auto",
+        "torch.distributed backend: gloo, nccl or auto. On GPUs auto and nccl create every group as "
+        "cuda:nccl,cpu:gloo (NCCL for CUDA tensors, gloo for CPU ones such as offloaded gradients).",
+    )
+    dist_timeout_minutes: float = opt(
+        30.0,
+        "Minutes a collective waits for the other ranks before the run fails (init_process_group's timeout, "
+        "also given to every mesh and pipeline group); raise it when one rank can stall long, e.g. writing a "
+        "large checkpoint.",
+    )
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from neox.errors import NeoxError
@@ -31,16 +33,44 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def launched_local_rank() -> int | None:
+    """This process's index on its machine when torchrun started several processes (LOCAL_RANK with
+    WORLD_SIZE > 1); None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_cuda_device(local_rank: int, what: str = "--device") -> torch.device:
+    """The GPU of local rank `local_rank`: cuda:LOCAL_RANK, or cuda:0 when each process sees one GPU only
+    (a launcher that sets CUDA_VISIBLE_DEVICES per process)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise NeoxError(
+            f"{what}: local rank {local_rank} needs a GPU of its own but this machine shows {count}; "
+            f"start at most {count} processes per node"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def resolve_device(name: str, what: str = "--device") -> torch.device:
     """`auto` -> cuda when present, else cpu; anything else is checked (a real device name, CUDA present).
 
+    Under torchrun with several processes a CUDA device is always the rank's own GPU (`rank_cuda_device`):
+    `cuda` and `cuda:N` both mean "the GPU of this LOCAL_RANK", so `cuda:0` does not put every rank on GPU 0.
     `what` names where the value came from (a flag or a config key) in the one-line error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NeoxError(f"{what} {name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NeoxError(f"{what} {name}: CUDA is not available here; use cpu (or auto)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise NeoxError(f"{what} {name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise NeoxError(f"{what} {name}: CUDA is not available here; use cpu (or auto)")
+    local_rank = launched_local_rank()
+    if device.type == "cuda" and local_rank is not None:
+        return rank_cuda_device(local_rank, what)
     return device

@@ -27,6 +27,15 @@ METHODS = ("none", "powersgd", "onebit", "fp16")
 
 # Bit weights of one packed byte: element j of a group of 8 sets bit j.
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_bit_weights_on: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """The bit weights on `device` (a gradient bucket's: a CUDA one under NCCL), copied there once."""
+    w = _bit_weights_on.get(device)
+    if w is None:
+        w = _bit_weights_on[device] = _BIT_WEIGHTS.to(device)
+    return w
 
 
 def validate(pcfg) -> None:
@@ -60,12 +69,12 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    return (bits.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return (bits.view(-1, 8) * _bit_weights(bits.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `pack_signs` as +1/-1 values of `dtype`; `packed` may have leading batch dims."""
-    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS).ne(0)
+    bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)).ne(0)
     bits = bits.flatten(start_dim=-2)[..., :numel]
     return bits.to(dtype) * 2 - 1
 

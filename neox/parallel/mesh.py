@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 from neox.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
 BACKENDS = ("auto", "gloo", "nccl")
+# On GPUs every group is created with both: NCCL carries CUDA tensors, gloo the CPU ones (a loss broadcast,
+# the norm of CPU-offloaded gradients), which a plain "nccl" group refuses.
+CUDA_BACKEND = "cuda:nccl,cpu:gloo"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class ParallelDims:
             raise ConfigError(f"{source}: parallel.zero_stage must be 0, 1, 2 or 3, got {pcfg.zero_stage!r}")
         if pcfg.backend not in BACKENDS:
             raise ConfigError(f"{source}: parallel.backend must be one of {', '.join(BACKENDS)}, got {pcfg.backend!r}")
+        timeout = pcfg.dist_timeout_minutes
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"{source}: parallel.dist_timeout_minutes must be a positive number, got {timeout!r}")
         if world_size < 1:
             raise ConfigError(f"{source}: world size must be at least 1, got {world_size}")
         if world_size % (pp * tp):
@@ -177,16 +184,27 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def resolve_backend(backend: str, device_type: str) -> str:
-    if backend == "auto":
-        return "nccl" if device_type == "cuda" else "gloo"
-    if backend == "nccl" and device_type != "cuda":
+    """The backend string process groups are created with for `parallel.backend` on `device_type`: on CUDA,
+    auto and nccl mean CUDA_BACKEND (NCCL for every CUDA tensor, gloo for the CPU ones)."""
+    if backend == "gloo":
+        return "gloo"
+    if device_type == "cuda":
+        return CUDA_BACKEND
+    if backend == "nccl":
         raise ConfigError("parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
-    return backend
+    return "gloo"
 
 
-def build_mesh(dims: ParallelDims, device_type: str = "cpu"):
+def dist_timeout(pcfg) -> timedelta:
+    """How long a collective may wait for the other ranks before the run fails (parallel.dist_timeout_minutes)."""
+    return timedelta(minutes=pcfg.dist_timeout_minutes)
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu", timeout: timedelta | None = None):
     """The 4-D DeviceMesh (pp, dp_replicate, dp_shard, tp) plus a flattened "dp" dim for data-parallel
-    collectives (loss averaging, the loader's rank). The default process group must already exist."""
+    collectives (loss averaging, the loader's rank). The default process group must already exist; its
+    subgroups inherit its backend. `timeout` is given to every group of the mesh (torch creates them with
+    its default)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -194,6 +212,9 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu"):
         raise ConfigError(f"layout is for {dims.world_size} processes but {dist.get_world_size()} are running")
     mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=DIM_NAMES)
     submesh(mesh, "dp")  # create the flattened group now, on every rank together
+    if timeout is not None:
+        for name in (*DIM_NAMES, "dp"):
+            submesh(mesh, name).get_group().set_timeout(timeout)
     return mesh
 
 
@@ -205,10 +226,13 @@ def submesh(mesh, name: str):
     return mesh[name]
 
 
-def init_distributed(pcfg, model_cfg=None, device_type: str = "cpu", source: str = "config"):
+def init_distributed(pcfg, model_cfg=None, device="cpu", source: str = "config"):
     """Validate the layout for this process's world, then create the default group and the mesh.
 
-    Returns (dims, mesh); mesh is None for a single process, which runs without torch.distributed.
+    `device` is this rank's device (neox.kernels.device.resolve_device gives each torchrun rank its own GPU;
+    a bare "cuda" here means cuda:LOCAL_RANK). The group is bound to that GPU (`device_id`: NCCL connects
+    eagerly and the mesh's groups are split from it) and waits `parallel.dist_timeout_minutes` for a
+    collective. Returns (dims, mesh); mesh is None for a single process, which runs without torch.distributed.
     """
     _, local_rank, world = world_from_env()
     dims = ParallelDims.from_config(pcfg, world, model_cfg, source)  # raises before any group exists
@@ -217,12 +241,16 @@ def init_distributed(pcfg, model_cfg=None, device_type: str = "cpu", source: str
     import torch
     import torch.distributed as dist
 
-    backend = resolve_backend(pcfg.backend, device_type)
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    backend = resolve_backend(pcfg.backend, device.type)
+    timeout = dist_timeout(pcfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return dims, build_mesh(dims, device_type)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    return dims, build_mesh(dims, device.type, timeout)
 
 
 def dp_rank_and_size(mesh) -> tuple[int, int]:

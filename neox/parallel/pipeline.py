@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from neox.errors import ConfigError
-from neox.parallel.mesh import submesh
+from neox.parallel.comm import all_reduce_
+from neox.parallel.mesh import dist_timeout, submesh
 from neox.parallel.reduce import TIED_COPY_ATTR, broadcast_from_last_stage, loss_context, masked_mean_loss
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
@@ -204,8 +205,9 @@ def mark_tied_copy(stage: nn.Module) -> None:
         setattr(stage.embed_in.weight, TIED_COPY_ATTR, True)
 
 
-def _pair_group(mesh):
-    """Process group of this rank's (first stage, last stage) pair with the same dp/tp coordinates.
+def _pair_group(mesh, timeout=None):
+    """Process group of this rank's (first stage, last stage) pair with the same dp/tp coordinates (the default
+    group's backend; `timeout` as the mesh's groups).
 
     Always a group of its own, even when pp == 2: the schedule's point-to-point traffic runs on the pp group,
     and a collective there can be matched against a receive the schedule still has posted."""
@@ -214,7 +216,7 @@ def _pair_group(mesh):
     mine = None
     for col in range(ranks.shape[1]):  # every rank creates every group, in the same order
         pair = [int(ranks[0, col]), int(ranks[-1, col])]
-        g = dist.new_group(pair)
+        g = dist.new_group(pair, timeout=timeout)
         if dist.get_rank() in pair:
             mine = g
     return mine
@@ -263,6 +265,7 @@ class PipelineRunner:
         pass_positions: bool = False,
         pass_segments: bool = False,
         vocab_parallel: bool = False,
+        timeout=None,
     ):
         from torch.distributed.pipelining import PipelineStage
 
@@ -297,7 +300,7 @@ class PipelineRunner:
         )
 
         # `tied` comes from the whole model, so every rank agrees on creating the pair groups
-        self.pair_group = _pair_group(mesh) if tied else None
+        self.pair_group = _pair_group(mesh, timeout) if tied else None
 
     # -- loss: target packs labels and loss mask as [b, 2, T] so the schedule splits them with the batch
     def _loss_fn(self, logits, target):
@@ -376,7 +379,7 @@ class PipelineRunner:
                     # the weight's own layout so their local shards line up
                     g = w.grad = g.redistribute(w.device_mesh, w.placements)
                 local = g.to_local() if hasattr(g, "to_local") else g
-                dist.all_reduce(local, group=self.pair_group)
+                all_reduce_(local, self.pair_group)  # a CPU tensor under cpu_offload
 
 
 # ---------------------------------------------------------------- putting it together
@@ -428,5 +431,6 @@ def build(
         pass_positions=pass_positions,
         pass_segments=pass_segments,
         vocab_parallel=mesh["tp"].size() > 1,
+        timeout=dist_timeout(pcfg),
     )
     return local, runner

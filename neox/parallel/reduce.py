@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from neox.parallel.comm import all_reduce_, broadcast_
 from neox.parallel.mesh import submesh
 
 # Set (by neox.parallel.pipeline) on the last pipeline stage's copy of a tied embedding: it is clipped with
@@ -96,10 +97,7 @@ def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
         total = torch.maximum(total, n) if inf else total + n**norm_type
     group = _pp_group(mesh)
     if group is not None:
-        dev = _collective_device(group)
-        t = total.to(dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
-        total = t.cpu()
+        all_reduce_(total, group, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
     return total if inf else total ** (1.0 / norm_type)
 
 
@@ -116,22 +114,13 @@ def clip_grad_norm_(parameters, max_norm: float, mesh=None, norm_type: float = 2
     return total
 
 
-def _collective_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_reduce_sum(t: torch.Tensor, mesh, dim: str) -> tuple[torch.Tensor, int]:
     if mesh is None:
         return t, 1
     sub = submesh(mesh, dim)
     if sub.size() == 1:
         return t, 1
-    group = sub.get_group()
-    out = t.to(_collective_device(group))
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out.cpu(), sub.size()
+    return all_reduce_(t, sub.get_group()).cpu(), sub.size()
 
 
 def mean_over(values, mesh, dim: str = "dp") -> torch.Tensor:
@@ -151,6 +140,4 @@ def broadcast_from_last_stage(value: torch.Tensor, mesh) -> torch.Tensor:
     if group is None:
         return value
     t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
-    src = dist.get_global_rank(group, mesh["pp"].size() - 1)
-    dist.broadcast(t, src=src, group=group)
-    return t
+    return broadcast_(t, dist.get_global_rank(group, mesh["pp"].size() - 1), group)

@@ -150,18 +150,30 @@ def resolve(path: str | Path) -> Path:
 
 
 def rng_state() -> dict:
+    """This process's RNG streams: Python, NumPy, torch's CPU generator and, when CUDA is in use, the
+    generator of this rank's own GPU (the current device) only, so a checkpoint restores on any GPU count."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s streams; the saved GPU stream goes to the current device whatever the device
+    count (none: only the CPU streams are restored). Checkpoints written before the GPU state was per rank hold
+    every GPU's state in a list: the current device's entry is taken when there is one."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def _all_rng_states() -> list[dict]:

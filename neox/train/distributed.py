@@ -19,8 +19,8 @@ from neox.train.trainer import Layout
 def make_layout(cfg, source: str = "config") -> Layout:
     """Validate the layout for this process's world (torchrun's environment), then create the process group
     and mesh. One process: the default Layout, no torch.distributed at all."""
-    device_type = resolve_device(cfg.train.device, "train.device").type
-    dims, mesh = init_distributed(cfg.parallel, cfg.model, device_type, source)
+    device = resolve_device(cfg.train.device, "train.device")  # under torchrun: this rank's own GPU
+    dims, mesh = init_distributed(cfg.parallel, cfg.model, device, source)
     if mesh is None:
         return Layout()
     dp_rank, dp_size = dp_rank_and_size(mesh)

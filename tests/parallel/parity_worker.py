@@ -10,9 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.parallel.dist_helpers
+
 import torch
 
 from neox.config.schema import ModelConfig, ParallelConfig
+from tests.parallel.dist_helpers import strict_collectives
+
+COLLECTIVES_KEY = "_checked_collectives"  # results entry: strict_collectives' counts on rank 0
 
 STEPS, GLOBAL_BATCH, SEQ = 5, 4, 16
 BASE_MODEL = dict(
@@ -96,12 +101,14 @@ def main(out: str, cases_file: str) -> None:
     from neox.parallel.mesh import ParallelDims, build_mesh
 
     dist.init_process_group("gloo")
+    seen = strict_collectives()
     results = {}
     for case in json.loads(Path(cases_file).read_text()):
         pcfg = ParallelConfig(**case.get("parallel", {}))
         mcfg = ModelConfig(**{**BASE_MODEL, **case.get("model", {})})
         dims = ParallelDims.from_config(pcfg, dist.get_world_size(), mcfg)
         results[case["name"]] = run_case(case, build_mesh(dims))
+    results[COLLECTIVES_KEY] = dict(seen)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -34,6 +34,21 @@ def test_unpack_batched_rows():
     assert torch.equal(signs[1], torch.where(b >= 0, 1.0, -1.0).double())
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_packing_runs_on_the_gradients_device(device):
+    """The bit weights follow the bucket: a CPU constant multiplied with a CUDA bucket failed under NCCL (issue
+    11). "meta" stands in for an accelerator on CPU: mixing it with a CPU tensor fails the same way."""
+    x = torch.randn(21)
+    packed = compress.pack_signs(x.to(device))
+    assert packed.device.type == device and packed.shape == (3,)
+    signs = compress.unpack_signs(packed, 21, torch.float32)
+    assert signs.device.type == device and signs.shape == (21,)
+    if device != "meta":
+        assert torch.equal(packed.cpu(), compress.pack_signs(x)) and torch.equal(
+            signs.cpu(), torch.where(x >= 0, 1.0, -1.0)
+        )
+
+
 @pytest.mark.parametrize(
     "change, key",
     [

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.parallel.dist_helpers import run_cases
-from tests.parallel.parity_worker import run_case
+from tests.parallel.parity_worker import COLLECTIVES_KEY, run_case
 
 TWO = [
     {"name": "dp2 (DDP)", "parallel": {}},
@@ -68,6 +68,9 @@ def dp_size(case, nproc):
 
 def _check(cases, nproc, tmp_path):
     got = run_cases("parity_worker.py", nproc, cases, tmp_path)
+    # every collective went through strict_collectives' device check (gloo here: CPU tensors only)
+    checked = got.pop(COLLECTIVES_KEY)
+    assert checked and all(" cpu via gloo" in k for k in checked), checked
     refs = {}
 
     def reference(model, precision, dp):

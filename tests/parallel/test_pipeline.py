@@ -209,13 +209,18 @@ def worker(out: str, cases_file: str) -> None:
 
     from neox.parallel.mesh import ParallelDims, build_mesh
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, run as a script
+    from tests.parallel.dist_helpers import strict_collectives
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    seen = strict_collectives()
     results = {}
     for case in json.loads(Path(cases_file).read_text()):
         pcfg = ParallelConfig(**case["parallel"])
         dims = ParallelDims.from_config(pcfg, dist.get_world_size(), ModelConfig(**BASE_MODEL))
         results[case["name"]] = run_case(case, build_mesh(dims))
+    results["_checked_collectives"] = dict(seen)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -253,6 +258,11 @@ FOUR = [
             "pipe_schedule": "interleaved_1f1b",
             "pipe_stages_per_rank": 2,
         },
+    },
+    # ZeRO with CPU offload: gradients, the norm's pieces and the tied embedding's sum live on the CPU
+    {
+        "name": "pp2 x dp2 zero2 cpu offload 1f1b",
+        "parallel": {"pipe_parallel_size": 2, "zero_stage": 2, "cpu_offload": True, "pipe_schedule": "1f1b"},
     },
     # zero-bubble with FSDP2 is exact only without resharding after forward (apply() sees to that)
     {
@@ -295,6 +305,9 @@ def _check(cases, nproc, tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     torchrun("test_pipeline.py", nproc, str(tmp_path / "out.json"), str(tmp_path / "cases.json"), timeout=600)
     got = json.loads((tmp_path / "out.json").read_text())
+    # every collective and stage-to-stage transfer went through strict_collectives' device check
+    checked = got.pop("_checked_collectives")
+    assert any(k.startswith("dist.batch_isend_irecv cpu") for k in checked), checked
     refs = {}
     for case in cases:
         key = json.dumps([case.get("model", {}), case.get("docs", False)], sort_keys=True)

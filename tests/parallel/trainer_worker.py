@@ -17,12 +17,14 @@ import torch.distributed as dist
 
 from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import Trainer
+from tests.parallel.dist_helpers import strict_collectives
 from tests.train.tiny_run import tiny_config
 
 
 def main(spec_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_file).read_text())
+    strict_collectives()  # every collective's tensor on a device its group's backend serves
     results = {}
     for run in spec["runs"]:
         cfg = resume_config(tiny_config(spec["data"], **run["groups"]))
