@@ -16,7 +16,10 @@ from neox.errors import NeoxError
 
 # name -> (module providing `register(parser)` for that command, one-line help)
 COMMANDS = {
-    "prepare": ("neox.commands.prepare", "download/build a named corpus (enron, tinyshakespeare, stdlib, ...)"),
+    "prepare": (
+        "neox.commands.prepare",
+        "download/build a named corpus (enron, tinyshakespeare, stdlib, ...) or eval set (lambada, piqa, ...)",
+    ),
     "preprocess": ("neox.commands.preprocess", "tokenize JSONL/text into GPT-NeoX .bin/.idx files"),
     "tokenizer": ("neox.commands.tokenizer", "train a byte-level BPE tokenizer"),
     "data": ("neox.commands.data", "inspect or merge .bin/.idx datasets"),
