@@ -14,7 +14,6 @@ micro-batches run: gradient sync, tensor-parallel loss, pipeline schedules) and 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import random
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint as recompute
 
 from neox.config import resolve_batch, resolve_vocab, to_dict
 from neox.config.schema import Config
@@ -33,11 +31,11 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.kernels.device import resolve_device
-from neox.model import GPT, flops_per_token, num_params
-from neox.parallel.compose import parallelize
+from neox.model import flops_per_token, num_params
 from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
+from neox.train.build import build_model
 from neox.train.loss import masked_mean_loss
 from neox.train.metrics import (
     METRICS_FILE,
@@ -66,26 +64,32 @@ class Layout:
     is_logging_rank: bool = True
 
 
-def checkpoint_blocks(model: torch.nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward pass (train.checkpoint_activations).
-
-    The block's `forward` is wrapped in place rather than the block replaced, so parameter names (and so
-    checkpoints and parallel plans) are unchanged.
-    """
-    for block in model.layers.values():
-        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
-
-
 @dataclass
 class _Window:
-    """Sums since the last log line."""
+    """The steps since the last log line. Their losses and gradient norms stay where they were computed until
+    the log line reads them all at once: a step that does not log waits for nothing on the device."""
 
-    steps: int = 0
-    loss: float = 0.0
-    seconds: float = 0.0
-    skipped: int = 0
-    grad_norm: float = 0.0
-    extra: dict = field(default_factory=dict)
+    start: float = 0.0  # perf_counter when the window's first step began (its data loading included)
+    losses: list = field(default_factory=list)  # per step: this rank's loss, a 0-d tensor on the device
+    norms: list = field(default_factory=list)  # per step: the global gradient norm, likewise
+    skipped: list = field(default_factory=list)  # per step: skipped for fp16 overflow (not in the means)
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, skipped: bool) -> None:
+        self.losses.append(loss.detach().float())
+        self.norms.append(norm.detach().float())
+        self.skipped.append(skipped)
+
+    def read(self, mesh) -> tuple[list[float], list[float]]:
+        """Per step, the loss averaged over data-parallel ranks and the gradient norm, as floats: one
+        all-reduce and one host read for the whole window (they wait for its steps to finish)."""
+        losses = mean_over(torch.stack(self.losses), mesh)
+        both = torch.stack([losses, torch.stack(self.norms).to(losses.device)])
+        loss_values, norm_values = both.tolist()
+        return loss_values, norm_values
 
 
 class Trainer:
@@ -109,6 +113,7 @@ class Trainer:
         self.layout = layout or Layout()
         self.quiet = quiet or not self.layout.is_logging_rank
         self.device = resolve_device(cfg.train.device, "train.device")
+        self._use_device(self.device)
         if cfg.eval.eval_tasks and evaluate_tasks is None:
             raise ConfigError(
                 "eval.eval_tasks is set but the Trainer was given no evaluate_tasks callable "
@@ -135,19 +140,11 @@ class Trainer:
             raise ConfigError(f"train.train_iters must be >= 0, got {self.train_iters}")
 
         self.precision = Precision(cfg.precision, self.device.type)
-        model = self.precision.prepare(GPT(cfg.model).to(self.device))
-        if tr.checkpoint_activations:
-            checkpoint_blocks(model)
-        self.model, self.runner = parallelize(
-            model,
-            cfg,
-            self.layout.mesh,
-            precision=self.precision,
-            device=self.device,
-            accum=self.accum,
-            loss_fn=masked_mean_loss,
+        # built on the meta device, parallelized, then each rank's shard allocated and initialised
+        self.model, self.runner = build_model(
+            cfg, self.layout, self.precision, self.device, self.accum, loss_fn=masked_mean_loss
         )
-        self._seed(tr.seed + self.layout.dp_rank)  # identical init everywhere; a dropout stream per rank
+        self._seed(tr.seed + self.layout.dp_rank)  # a dropout stream per rank (the init is seeded per parameter)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.train_iters)
         self._build_data()
@@ -155,7 +152,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
-        self.losses: list[float] = []  # per optimizer step, this process's run only
+        self.losses: list[float] = []  # per optimizer step, this process's run only (filled at each log line)
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         run_dir = cfg.logging.log_dir or cfg.checkpoint.save
         self.run_dir = Path(run_dir) if run_dir else None
@@ -172,6 +169,13 @@ class Trainer:
             self._load(c.load)
 
     # ---------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _use_device(device: torch.device) -> None:
+        """Make `device` the current GPU: the CUDA RNG state a checkpoint saves and restores, and the stream
+        every kernel without an explicit device runs on, are the current device's (GPU 0 unless set)."""
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+
     @staticmethod
     def _seed(seed: int) -> None:
         # The data order does not depend on these (index files come from the seed alone).
@@ -252,14 +256,17 @@ class Trainer:
             eod_mask_loss=d.eod_mask_loss,
             num_workers=d.num_workers,
             loop=loop,
+            pin_memory=self.device.type == "cuda",  # host-to-device copies that overlap the running step
         )
 
     def _next_step_batches(self, it: Iterator[dict]) -> list[dict]:
         return [next(it) for _ in range(self.accum)]
 
     # ---------------------------------------------------------------- the step
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
-        """One optimizer step; returns (loss, grad norm, skipped)."""
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step; returns (this rank's loss, the global grad norm, skipped), the two numbers as
+        0-d tensors on the device: reading them (log lines) is a host sync, so a step does not. fp16 reads the
+        norm once, as the loss scaler must decide on the host whether the step overflowed."""
         # Steps skipped for fp16 overflow do not advance the schedule (DeepSpeed skips its scheduler step).
         lr = self.schedule.apply(self.optimizer, self.iteration - self.skipped_steps)
         scaler = self.precision.scaler
@@ -268,15 +275,15 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
             scale_grads_(params, 1.0 / scale)  # plain and DTensor gradients may be mixed
-        norm = float(clip_grad_norm_(params, self.cfg.train.gradient_clipping, self.layout.mesh))
-        overflow = scaler is not None and not math.isfinite(norm)
+        norm = clip_grad_norm_(params, self.cfg.train.gradient_clipping, self.layout.mesh)  # foreach, on the device
+        overflow = scaler is not None and not bool(torch.isfinite(norm))
         if not overflow:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update(overflow)
         self._lr = lr
-        return float(mean_over(loss.detach().cpu(), self.layout.mesh)), norm, overflow
+        return loss.detach(), norm, overflow
 
     def evaluate(self, split: str = "valid") -> dict | None:
         """Mean loss over eval_iters global batches of the valid (next unused slot) or test split."""
@@ -292,7 +299,7 @@ class Trainer:
             losses = [self.runner.eval_loss(next(it)) for _ in range(iters * self.accum)]
         finally:
             self.model.train()
-        loss = float(mean_over(torch.stack(losses).mean().cpu(), self.layout.mesh))
+        loss = float(mean_over(torch.stack(losses).mean(), self.layout.mesh))
         key = "val" if split == "valid" else "test"
         return {"iteration": self.iteration, f"{key}_loss": loss, f"{key}_ppl": math.exp(min(loss, 700.0))}
 
@@ -411,23 +418,15 @@ class Trainer:
                 self.save()
 
     def _timed_step(self, data: Iterator[dict], window: _Window) -> None:
-        """One optimizer step on the next micro-batches; counts it in the run and in the log window."""
-        micro_batches = self._next_step_batches(data)
-        t0 = time.perf_counter()
-        loss, norm, skipped = self.train_step(micro_batches)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        window.seconds += time.perf_counter() - t0
+        """One optimizer step on the next micro-batches; counts it in the run and in the log window (no host
+        sync: the window is read, and timed, at its log line)."""
+        if window.steps == 0:
+            window.start = time.perf_counter()
+        loss, norm, skipped = self.train_step(self._next_step_batches(data))
+        window.add(loss, norm, skipped)
         self.iteration += 1
         self.consumed_samples += self.global_batch
-        self.losses.append(loss)
-        window.steps += 1
-        if skipped:
-            self.skipped_steps += 1
-            window.skipped += 1
-        else:
-            window.loss += loss
-            window.grad_norm += norm
+        self.skipped_steps += skipped
 
     def _valid_due(self) -> bool:
         every = self.cfg.eval.eval_interval
@@ -446,23 +445,30 @@ class Trainer:
             self._eval_tasks_and_log(metrics, console, summary)
 
     def _log_record(self, w: _Window, tokens_per_step: int, fpt: int, peak: float) -> dict:
-        counted = w.steps - w.skipped
-        tokens_per_s = tokens_per_step * w.steps / w.seconds if w.seconds > 0 else 0.0
+        """The log line of window `w`: its mean loss and norm over the steps not skipped, and its throughput
+        (wall time from its first step's data to the end of its last step on the device, which reading the
+        losses waits for). `self.losses` gets the window's per-step losses here."""
+        losses, norms = w.read(self.layout.mesh)
+        seconds = time.perf_counter() - w.start
+        self.losses.extend(losses)
+        kept = [i for i, skipped in enumerate(w.skipped) if not skipped]
+        counted = len(kept)
+        tokens_per_s = tokens_per_step * w.steps / seconds if seconds > 0 else 0.0
         record = {
             "iteration": self.iteration,
-            "loss": w.loss / counted if counted else float("nan"),
+            "loss": sum(losses[i] for i in kept) / counted if counted else float("nan"),
             "lr": self._lr,
-            "grad_norm": w.grad_norm / counted if counted else float("nan"),
+            "grad_norm": sum(norms[i] for i in kept) / counted if counted else float("nan"),
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * fpt / (peak * self.layout.world_size) if peak > 0 else 0.0,
-            "step_time_s": w.seconds / max(1, w.steps),
+            "step_time_s": seconds / max(1, w.steps),
             "peak_mem_bytes": peak_memory_bytes(str(self.device)),
             "consumed_samples": self.consumed_samples,
             **self._elapsed_and_eta(),
         }
         if self.precision.scaler is not None:
             record["loss_scale"] = self.precision.scaler.scale
-            record["skipped"] = w.skipped
+            record["skipped"] = w.steps - counted
         return record
 
     def _elapsed_and_eta(self) -> dict:
