@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
 
-.PHONY: train test test-fast lint install clean
+.PHONY: train test test-fast lint install clean gpu-check
 
 $(CORE): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: $(DEV) lint
 
 test-fast: $(DEV)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# one GPU, under 8 minutes: environment, pytest -m cuda, fp32/bf16/fp16 runs with resume, host syncs, attention
+# backends, pythia-160m throughput against transformers, eager vs compiled generation, two-rank layouts
+# (bench/gpu_check.py; --cpu is its smoke mode). The table prints as it runs; the JSON report is runs/gpu-check.json.
+gpu-check: $(DEV)
+	$(BIN)/python bench/gpu_check.py --out runs/gpu-check.json $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data

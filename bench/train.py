@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"14m": "pythia-14m.yml", "70m": "pythia-70m.yml"}
+SHAPES = {"14m": "pythia-14m.yml", "70m": "pythia-70m.yml", "160m": "pythia-160m.yml"}
 CASES = [  # (engine, precision label) in the order they run
     ("neox", "fp32"),
     ("hf", "fp32"),
@@ -192,7 +192,7 @@ def one_case(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="14m,70m", help="comma-separated shapes: 14m, 70m")
+    p.add_argument("--models", default="14m,70m", help="comma-separated shapes: 14m, 70m, 160m")
     p.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 runs autocast and pure)")
     p.add_argument("--engines", default="neox,hf")
     p.add_argument("--seq", type=int, default=512)

@@ -171,6 +171,14 @@ class PrecisionConfig:
     loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
     hysteresis: int = opt(2, "fp16: overflows tolerated before the scale halves.")
     min_loss_scale: float = opt(1.0, "fp16: the dynamic scale never goes below this.")
+    tf32: bool = opt(
+        True,
+        "On CUDA, run fp32 matmuls and cuDNN convolutions on TF32 tensor cores (inputs rounded to 10 mantissa "
+        "bits, fp32 accumulation; several times faster on Ampere and later); false keeps them IEEE fp32 (exact "
+        "comparisons, parity runs). It is what precision: fp32 computes in on a GPU; with bf16/fp16 autocast it "
+        "touches only the matmuls autocast leaves in fp32, with pure bf16 none. PyTorch's own default is off; "
+        "GPT-NeoX has no such key. No effect on CPU.",
+    )
 
 
 @dataclass

@@ -6,14 +6,28 @@ Pythia's 50k vocabulary and 2048 tokens that is ~0.4 GB per pass, and on a CPU i
 output layer's matmul. Here the forward keeps only one log-sum-exp per token, and the backward writes
 softmax - onehot straight into the logits' own storage, chunk by chunk while each chunk is in cache (the
 output layer's backward needs its inputs, not its output, so nothing else reads the logits afterwards).
+
+The chunk size depends on the device (`chunk_rows`). A CPU wants chunks that fit its last-level cache. A GPU
+wants the opposite: every chunk costs a handful of kernel launches, and cache-sized chunks of a 50k vocabulary
+are ~80 rows, ~1,000 tiny kernels per micro-batch; there the chunks only bound the fp32 temporaries
+(logsumexp's and the gradient's), so a micro-batch's logits usually go in one to four chunks.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Rows per chunk: about 4M logits (16 MB in fp32), small enough to stay in a CPU's last-level cache.
+# Logits per chunk on a CPU: about 4M (16 MB in fp32), small enough to stay in the last-level cache.
 CHUNK_ELEMENTS = 1 << 22
+# Logits per chunk on an accelerator: 256M (1 GiB per fp32 temporary), a memory bound, not a cache one; at
+# Pythia's 50k vocabulary that is ~5,300 tokens per chunk.
+DEVICE_CHUNK_ELEMENTS = 1 << 28
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows (tokens) of [tokens, vocab] logits the loss processes at once on `device` (see module docstring)."""
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    return max(1, elements // vocab)
 
 
 class _MaskedMeanCrossEntropy(torch.autograd.Function):
@@ -21,7 +35,7 @@ class _MaskedMeanCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # logits [N, V]; labels [N] (any value where weights is 0); weights [N] fp32, summing to 1
         n, v = logits.shape
-        rows = max(1, CHUNK_ELEMENTS // v)
+        rows = chunk_rows(v, logits.device)
         safe = labels.clamp(0, v - 1).unsqueeze(1)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         picked = torch.empty(n, dtype=torch.float32, device=logits.device)

@@ -6,6 +6,10 @@ The fp16 loss scaler follows DeepSpeed's DynamicLossScaler (the one GPT-NeoX's `
 - after `loss_scale_window` iterations since the last overflow the scale doubles and the hysteresis budget
   is refilled.
 A static `loss_scale` never changes; overflowing steps are still skipped.
+
+TF32 (`precision.tf32`, default on) is a process-wide switch of the CUDA backends, set when training on CUDA:
+on it makes fp32 matmuls several times faster at bf16-like input rounding, which is what fp32 training on a
+GPU is usually meant to cost; off keeps fp32 exact. A CPU run leaves the switches as they are.
 """
 
 from __future__ import annotations
@@ -67,6 +71,18 @@ class LossScaler:
         self.last_overflow = int(sd["last_overflow"])
 
 
+def apply_tf32(enabled: bool, device_type: str) -> None:
+    """Set the TF32 switches of cuBLAS matmuls and cuDNN for a run on `device_type` (only "cuda" is touched).
+
+    The legacy `allow_tf32` setters are used on purpose: torch 2.9+ keeps them consistent with the newer
+    `fp32_precision` getters, while setting the new API makes code reading `allow_tf32` (transformers, user
+    code) raise for mixing the two."""
+    if device_type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 class Precision:
     """Everything the step needs to know about numeric formats.
 
@@ -74,6 +90,7 @@ class Precision:
     - `compute_dtype`: the matmul dtype (used for the MFU peak measurement too).
     - `autocast()`: the context the forward pass runs in.
     - `scaler`: a LossScaler for fp16, else None.
+    - `tf32`: whether fp32 matmuls may use TF32, applied at construction on CUDA (`apply_tf32`).
     """
 
     def __init__(self, cfg: PrecisionConfig, device_type: str = "cpu"):
@@ -87,6 +104,8 @@ class Precision:
         self.pure = cfg.precision == "bf16" and cfg.bf16_mode == "pure"
         self.param_dtype = torch.bfloat16 if self.pure else torch.float32
         self.scaler = LossScaler(cfg) if cfg.precision == "fp16" else None
+        self.tf32 = bool(cfg.tf32)
+        apply_tf32(self.tf32, device_type)
 
     @property
     def uses_autocast(self) -> bool:
@@ -109,4 +128,5 @@ class Precision:
             yield
 
     def label(self) -> str:
-        return f"bf16-{'pure' if self.pure else 'autocast'}" if self.name == "bf16" else self.name
+        base = f"bf16-{'pure' if self.pure else 'autocast'}" if self.name == "bf16" else self.name
+        return f"{base}+tf32" if self.tf32 and self.name == "fp32" and self.device_type == "cuda" else base

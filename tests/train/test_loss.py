@@ -40,3 +40,43 @@ def test_all_masked_is_zero_not_nan():
     out = L.masked_mean_loss(logits * 1.0, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3))
     out.backward()
     assert out.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_chunk_size_is_cache_sized_on_cpu_and_large_on_accelerators():
+    v = 50304  # Pythia's padded vocabulary
+    cpu = L.chunk_rows(v, torch.device("cpu"))
+    assert cpu == (1 << 22) // v == 83  # 4M fp32 logits: 16 MB, a last-level cache
+    for name in ("cuda", "cuda:1"):  # torch.device needs no GPU to exist
+        rows = L.chunk_rows(v, torch.device(name))
+        assert rows == (1 << 28) // v == 5336  # 1 GiB fp32 temporaries: 8 x 2048 tokens in 4 chunks, not 198
+    assert L.chunk_rows(1 << 30, torch.device("cpu")) == 1  # a vocabulary larger than a chunk: one row at a time
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 14, 100])  # one row per chunk, uneven last chunk, exact, one chunk
+def test_loss_and_gradient_do_not_depend_on_chunking(monkeypatch, rows):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 50, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[1, 0] = -100
+    mask = torch.ones(2, 7)
+    mask[0, 5:] = 0
+
+    def run():
+        x = logits.clone().requires_grad_()
+        loss = L.masked_mean_loss(x * 1.0, labels, mask)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    monkeypatch.setattr(L, "chunk_rows", lambda v, device: rows)
+    loss, grad = run()
+    # against F.cross_entropy in float64: the chunks' order of work cannot show in the result
+    ref_x = logits.clone().requires_grad_()
+    per_token = F.cross_entropy(ref_x.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
+    keep = mask.flatten().double() * (labels.flatten() >= 0)
+    ((per_token * keep).sum() / keep.sum()).backward()
+    ref = (per_token * keep).sum() / keep.sum()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_x.grad, rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(L, "chunk_rows", lambda v, device: 14)  # every row in one chunk
+    one_loss, one_grad = run()
+    assert torch.equal(loss, one_loss) and torch.equal(grad, one_grad)

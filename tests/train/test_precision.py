@@ -96,3 +96,30 @@ def test_bf16_forward_uses_fp32_block_matmuls_on_cpus_without_bf16(mode, monkeyp
     with Precision(PrecisionConfig(precision="fp32")).autocast():
         torch.nn.Linear(16, 8)(torch.randn(4, 16))
     assert len(calls) == (1 if bf16_cpu.cpu_lacks_bf16() else 0)  # fp32 never takes it
+
+
+@pytest.fixture
+def tf32_switches():
+    """The process's TF32 switches (settable without a GPU), restored after the test."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_is_set_for_cuda_runs_only(tf32_switches, precision, tf32):
+    cfg = PrecisionConfig(precision=precision, tf32=tf32)
+    for before in [(True, True), (False, False)]:  # a CPU run leaves whatever was set
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        Precision(cfg, "cpu")
+        assert tf32_switches() == before
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not tf32, not tf32)
+    p = Precision(cfg, "cuda")
+    assert tf32_switches() == (tf32, tf32)
+    assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")  # the newer API agrees
+    assert p.label() == {"fp32": "fp32+tf32" if tf32 else "fp32", "bf16": "bf16-autocast", "fp16": "fp16"}[precision]
+
+
+def test_tf32_defaults_on():
+    assert PrecisionConfig().tf32 is True
