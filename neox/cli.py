@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args(argv or ["--help"])
         return 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"neox {name}", description=COMMANDS[name][1])
-    module.register(parser, name)
-    args = parser.parse_args(rest)
     try:
+        # importing a command can fail for the user's reasons too (an optional extra not installed)
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"neox {name}", description=COMMANDS[name][1])
+        module.register(parser, name)
+        args = parser.parse_args(rest)
         return int(args.func(args) or 0)
     except NeoxError as e:
         print(f"neox {name}: error: {e}", file=sys.stderr)

@@ -6,6 +6,8 @@ other; a function-level import of a neox module is how a cycle gets hidden, so n
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import neox
@@ -41,3 +43,16 @@ def test_no_neox_import_inside_a_function():
 def test_the_walk_sees_function_imports():
     src = "def f():\n    from neox.config import load\n    import neox.model\n"
     assert list(_function_imports(ast.parse(src))) == [(2, "neox.config"), (3, "neox.model")]
+
+
+def test_core_commands_import_no_optional_extra():
+    """`make train` installs only the core package: the commands it runs (and the other core ones) must import
+    without lm-eval, transformers, sentencepiece or tiktoken, the optional extras."""
+    core = ["prepare", "preprocess", "tokenizer", "data", "info", "train", "checkpoint", "generate", "config"]
+    code = (
+        "import sys\n"
+        f"for c in {core!r}: __import__('neox.commands.' + c)\n"
+        "print(sorted(m for m in ('lm_eval', 'transformers', 'sentencepiece', 'tiktoken') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

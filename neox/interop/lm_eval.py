@@ -45,8 +45,12 @@ def _lm_base():
     return TemplateLM
 
 
-class NeoxLM(_lm_base()):
-    """Wraps a neox GPT (forward(tokens) -> logits) and a neox tokenizer for the harness."""
+class _NeoxLM:
+    """Wraps a neox GPT (forward(tokens) -> logits) and a neox tokenizer for the harness.
+
+    The harness's base class (TemplateLM) comes from lm-eval, an optional extra: `NeoxLM` is this class
+    combined with it, built on first use, so that importing this module (as `neox train` does) needs no lm-eval.
+    """
 
     backend = "causal"
 
@@ -189,6 +193,17 @@ class NeoxLM(_lm_base()):
 # -- running tasks -------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _neox_lm_class() -> type:
+    return type("NeoxLM", (_NeoxLM, _lm_base()), {"__module__": __name__, "__doc__": _NeoxLM.__doc__})
+
+
+def __getattr__(name: str):
+    if name == "NeoxLM":
+        return _neox_lm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @functools.lru_cache(maxsize=4)
 def task_manager(include_paths: tuple[str, ...] = ()):
     """The harness's task index (building it reads every bundled YAML: seconds), cached per include path set
@@ -304,7 +319,7 @@ def evaluate_model(
     """
     was_training = model.training
     try:
-        lm = NeoxLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        lm = _neox_lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length)
         results = run_tasks(lm, tasks, limit=limit, include_path=include_path, seed=seed, bootstrap_iters=0)
         return flat_scores(results)
     finally:
