@@ -130,7 +130,6 @@ NO_EFFECT: dict[str, str] = {
     "wall_clock_breakdown": "DeepSpeed timer printout; step times are always in metrics.jsonl",
     "use_cpu_initialization": "weights are always initialised on the CPU-or-meta device chosen by the parallel layout",
     "attention_softmax_in_fp32": "the SDPA kernels accumulate the softmax in fp32",
-    "fp32_allreduce": "gradients are reduced in the parameters' dtype: fp32 master weights, except bf16_mode: pure",
     "data_types": "gradients accumulate in the parameters' dtype: fp32 master weights, except bf16_mode: pure",
     "log_grad_norm": "grad_norm is always logged with the other training metrics",
     "output_layer_parallelism": "the tensor-parallel plan shards the output layer along the vocabulary",

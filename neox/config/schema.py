@@ -166,6 +166,13 @@ class PrecisionConfig:
     bf16_mode: str = opt(
         "autocast", "bf16 via autocast (fp32 master weights) or pure bf16 weights.", ("autocast", "pure")
     )
+    fp32_allreduce: bool = opt(
+        False,
+        "Reduce gradients across data-parallel ranks in fp32 (GPT-NeoX's key). Off: fp16/bf16 runs under FSDP2 "
+        "(ZeRO 1-3, and the replicate form used with tensor or pipeline parallelism) reduce-scatter/all-reduce in "
+        "the training precision, half the traffic; bf16's 8 mantissa bits make true the safer choice for long "
+        "runs over many ranks. Plain DDP (ZeRO 0) reduces the gradients in their own dtype either way.",
+    )
     loss_scale: float | None = opt(None, "fp16 static loss scale; None = dynamic.")
     initial_scale_power: int = opt(16, "fp16 dynamic scale starts at 2**this.")
     loss_scale_window: int = opt(1000, "fp16: steps without overflow before the scale doubles.")
@@ -237,6 +244,12 @@ class CheckpointConfig:
     no_load_optim: bool = opt(False, "Do not restore optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore RNG state.")
     async_save: bool = opt(False, "Save in the background on its own process group.")
+    on_save_error: str = opt(
+        "stop",
+        "When a checkpoint cannot be written (disk full, no permission): stop the run with a one-line error, or "
+        "continue training and try again at the next save. Either way the earlier checkpoints are untouched.",
+        ("stop", "continue"),
+    )
 
 
 @dataclass

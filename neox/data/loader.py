@@ -16,9 +16,13 @@ Each batch is a dict of tensors (T = seq_length):
 ``tokens``       int64 [b, T]   sample[:-1] (padding replaced by 0)
 ``labels``       int64 [b, T]   sample[1:], or the label dataset's [1:]; -100 where there is no target
 ``loss_mask``    float [b, T]   1 where the loss counts: 0 at -100 labels, and at EOD inputs if eod_mask_loss
-``position_ids`` int64 [b, T]   0..T-1, restarting after every EOD when reset_position_ids
+``position_ids`` int64 [b, T]   (reset_position_ids only) 0..T-1, restarting after every EOD; without it the
+                                model counts 0..T-1 itself (the runner passes position ids only then)
 ``segment_ids``  int64 [b, T]   (reset_attention_mask only) document number within the row, for
                                 block-diagonal causal attention; the EOD belongs to the document it ends
+
+With ``pin_memory`` (training on a GPU) every tensor is in page-locked memory, so the runner's
+``.to(device, non_blocking=True)`` copies overlap the previous step's kernels instead of waiting for them.
 
 EOD handling is GPT-NeoX's ``get_ltor_masks_and_position_ids``. Items that carry a ``"segment"`` array
 (``GPT2Dataset(return_segments=True)``) use those document boundaries instead of EOD tokens.
@@ -106,11 +110,8 @@ def collate(
             segments = segments[:, :-1].contiguous()
         else:
             segments = _segments_from_eod(tokens, eod_id)
-    b, t = tokens.shape
     if reset_position_ids:
         batch["position_ids"] = _positions_from_segments(segments)
-    else:
-        batch["position_ids"] = torch.arange(t, dtype=torch.int64).expand(b, t).contiguous()
     if reset_attention_mask:
         batch["segment_ids"] = segments
     return batch
@@ -139,12 +140,14 @@ def batches(
     eod_mask_loss: bool = False,
     num_workers: int = 0,
     loop: bool = False,
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
     """Yield this data-parallel rank's micro-batches from ``start_sample`` on (see the module docstring).
 
     ``num_workers`` > 0 reads and collates in that many worker processes (torch DataLoader); the batches and
     their order are the same. ``loop`` (training, repeated evaluation) never stops: the dataset must accept
-    any index, as ``GPT2Dataset`` and ``BlendableDataset`` do by wrapping.
+    any index, as ``GPT2Dataset`` and ``BlendableDataset`` do by wrapping. ``pin_memory`` page-locks the
+    batches (only when a CUDA device will take them: pinning needs one).
     """
     make = partial(
         collate,
@@ -163,9 +166,14 @@ def batches(
     )
     if num_workers <= 0:
         for idx in micro_batch_indices(**index_args):
-            yield make([dataset[int(i)] for i in idx])
+            batch = make([dataset[int(i)] for i in idx])
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch
         return
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_IndexBatches(**index_args), num_workers=num_workers, collate_fn=make
+        dataset,
+        batch_sampler=_IndexBatches(**index_args),
+        num_workers=num_workers,
+        collate_fn=make,
+        pin_memory=pin_memory,
     )
     yield from loader

@@ -8,6 +8,12 @@ is only valid while the weights stay as they were: the step is rebuilt when any 
 
 Shapes must not change from step to step: the cache is a StaticKVCache, and its length is rounded up to a
 multiple of CACHE_BUCKET so that generations with different prompt lengths reuse one compiled step.
+
+On a GPU the step is replayed as a CUDA graph (inductor's cudagraph trees, what mode="reduce-overhead" turns on):
+one launch a token instead of a few hundred kernel launches from Python. The cache's tensors, written inside the
+step, are marked static so the graph replays those writes in place (a graph is otherwise skipped for "mutated
+inputs"); a graph's outputs are overwritten by its next replay, so each step's is copied out. CPUs keep the
+eager-launch code they have (there is no launch overhead to save).
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from neox.errors import NeoxError
 
 CACHE_BUCKET = 128
-# CPU: let inductor's C++ GEMM template compete with MKL/oneDNN; GPUs keep inductor's defaults
+# CPU: let inductor's C++ GEMM template compete with MKL/oneDNN
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# CUDA: the step as a CUDA graph (the cudagraphs of torch.compile's mode="reduce-overhead", which cannot be
+# combined with the options this module passes)
+CUDA_OPTIONS = {"triton.cudagraphs": True}
 QUIET = {"autotune_num_choices_displayed": 0}  # no autotuning tables on the terminal
 RECOMPILE_LIMIT = 32  # distinct (batch, cache length, greedy) shapes one model may be compiled for
 
@@ -57,9 +66,11 @@ class _Decode(torch.nn.Module):
 class CompiledStep:
     def __init__(self, model):
         self.versions = self._versions(model)
+        device = next(model.parameters()).device.type
+        self.cuda_graphs = device == "cuda"
         # given as torch.compile(options=...), freezing was not applied (torch 2.13): the config is patched
         # around each call instead, which covers the compilations the call triggers
-        self.options = {**(CPU_OPTIONS if next(model.parameters()).device.type == "cpu" else {}), **QUIET}
+        self.options = {**device_options(device), **QUIET}
         self.shapes: set = set()  # (batch, cache length, greedy) already compiled for
         # guards on every parameter cost ~0.35 ms a step at 70M parameters; weight changes are caught by
         # `stale` instead
@@ -77,6 +88,21 @@ class CompiledStep:
 
     def stale(self, model) -> bool:
         return self._versions(model) != self.versions
+
+
+def device_options(device_type: str) -> dict:
+    """Inductor options of the decode step on this device type (others keep inductor's defaults)."""
+    return {"cpu": CPU_OPTIONS, "cuda": CUDA_OPTIONS}.get(device_type, {})
+
+
+def _mark_static(cache) -> None:
+    """Give the cache's tensors fixed addresses for CUDA graphs. guard=False: another cache (the next
+    generation's) re-records the graph, which costs about a step, instead of compiling the step again."""
+    if getattr(cache, "_static_for_graphs", False):
+        return
+    for t in (*cache.k, *cache.v, cache.key_valid, cache.positions, cache.slot):
+        torch._dynamo.mark_static_address(t, guard=False)
+    cache._static_for_graphs = True
 
 
 def step_for(model) -> CompiledStep:
@@ -97,9 +123,12 @@ def decode(model, tokens, positions, cache, greedy: bool, timings: dict | None =
     A call that compiles (a new batch size, cache length or greedy flag) adds its wall time to
     `timings["compile_s"]`, so that throughput can be reported without it."""
     step = step_for(model)
+    if step.cuda_graphs:
+        _mark_static(cache)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
     key = (tokens.shape[0], cache.max_len, greedy)
     if key in step.shapes:
-        return _run(step, tokens, positions, cache, greedy)
+        return _copied(step, _run(step, tokens, positions, cache, greedy))
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # the compiler's deprecation notices are not for someone sampling text
@@ -109,7 +138,12 @@ def decode(model, tokens, positions, cache, greedy: bool, timings: dict | None =
     step.shapes.add(key)
     if timings is not None:
         timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - t0
-    return out
+    return _copied(step, out)
+
+
+def _copied(step: CompiledStep, out: torch.Tensor) -> torch.Tensor:
+    """A CUDA graph's output lives in its memory pool until the next replay: the caller keeps a copy."""
+    return out.clone() if step.cuda_graphs else out
 
 
 def _run(step: CompiledStep, tokens, positions, cache, greedy: bool):

@@ -22,6 +22,15 @@ from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.model.cache import KVCache, StaticKVCache
 
 GREEDY = SamplingParams(temperature=0.0)
+# On a GPU, reading whether every row has stopped waits for the device to drain its queue, so the loop asks every
+# few tokens (the steps past a stop are padding, cut from the output). On a CPU the read is free and a step past
+# the end is not: it asks every token.
+STOP_CHECK_EVERY_GPU = 8
+
+
+def stop_check_every(device: torch.device) -> int:
+    """Tokens between the loop's checks that every row has stopped."""
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY_GPU
 
 
 @dataclass
@@ -101,7 +110,7 @@ def generate(
             if on_tokens is not None:
                 on_tokens(nxt, stops.active.clone())
             stops.update(nxt, step)
-            if step == max_new_tokens - 1 or stops.all_stopped():
+            if step == max_new_tokens - 1 or stops.all_stopped(step):
                 break
             next_tokens.advance(cur)
         compile_s = next_tokens.timings.get("compile_s", 0.0)
@@ -257,15 +266,21 @@ class NextTokens:
 
 class StopTracker:
     """Which rows are still generating and why each stopped: at `eod_id`, at a stop string in the decoded
-    output, or after max_new_tokens ("length")."""
+    output, or after max_new_tokens ("length").
+
+    The EOD check stays on the device (a row's EOD is its first in the output, found once at the end), so a
+    step reads nothing back; only stop strings, which need the text, read the new tokens every step."""
 
     def __init__(self, batch: PaddedBatch, eod_id: int | None, stop_strings: Sequence[str], decode):
         self.batch, self.eod_id, self.stop_strings, self.decode = batch, eod_id, stop_strings, decode
-        self.active = torch.ones(batch.size, dtype=torch.bool, device=batch.tokens.device)
+        device = batch.tokens.device
+        self.active = torch.ones(batch.size, dtype=torch.bool, device=device)
         self.reasons = ["length"] * batch.size
         self.texts: list[str | None] = [None] * batch.size
         self.ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
         self.can_stop = eod_id is not None or bool(stop_strings)
+        # stop strings read the tokens every step anyway: then the loop may as well check every step
+        self.check_every = 1 if stop_strings else stop_check_every(device)
         # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
         self.window = 4 * max((len(x) for x in stop_strings), default=0) + 4
 
@@ -277,11 +292,7 @@ class StopTracker:
 
     def update(self, nxt: torch.Tensor, step: int) -> None:
         if self.eod_id is not None:
-            ended = self.active & (nxt == self.eod_id)
-            if bool(ended.any()):
-                for b in ended.nonzero().flatten().tolist():
-                    self.reasons[b], self.ends[b] = "eod", step  # the EOD itself is not part of the output
-                self.active &= ~ended
+            self.active &= nxt != self.eod_id
         if self.stop_strings:
             self._check_stop_strings(step)
 
@@ -294,12 +305,24 @@ class StopTracker:
                 self.reasons[b], self.texts[b], self.ends[b] = "stop", text, step + 1
                 self.active[b] = False
 
-    def all_stopped(self) -> bool:
-        return self.can_stop and not bool(self.active.any())
+    def all_stopped(self, step: int) -> bool:
+        """Whether every row has stopped, asked (a host read) only every `check_every` steps."""
+        return self.can_stop and (step + 1) % self.check_every == 0 and not bool(self.active.any())
+
+    def _find_eods(self, start: int, steps: int) -> None:
+        """Rows that stopped at an EOD: its step is the first EOD of the row's output (the padding after a stop
+        may be EOD tokens too, but a row stopped by a stop string is in `ends` already)."""
+        is_eod = self.batch.tokens[:, start : start + steps] == self.eod_id
+        first = torch.where(is_eod.any(dim=1), is_eod.int().argmax(dim=1), -1)  # argmax: the first maximum
+        for b, at in enumerate(first.tolist()):
+            if at >= 0 and b not in self.ends:  # the EOD itself is not part of the output
+                self.reasons[b], self.ends[b] = "eod", at
 
     def outputs(self, steps: int) -> tuple[list[list[int]], list[str] | None]:
         """Each row's new tokens (cut where it stopped) and, with `decode`, its text."""
         start = self.batch.prompt_len
+        if self.eod_id is not None:
+            self._find_eods(start, steps)
         tokens = [
             self.batch.tokens[b, start : start + self.ends.get(b, steps)].tolist() for b in range(self.batch.size)
         ]

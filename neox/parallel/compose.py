@@ -18,7 +18,14 @@ from neox.parallel.tensor import apply_tensor_parallel
 
 
 def apply(
-    model: nn.Module, pcfg, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast", device_type: str = "cpu"
+    model: nn.Module,
+    pcfg,
+    mesh,
+    *,
+    precision: str = "fp32",
+    bf16_mode: str = "autocast",
+    fp32_allreduce: bool = False,
+    device_type: str = "cpu",
 ) -> nn.Module:
     """Parallelize `model` (a GPT, or one pipeline stage of it) in place for `mesh`; returns it.
 
@@ -41,12 +48,13 @@ def apply(
                 mesh,
                 precision=precision,
                 bf16_mode=bf16_mode,
+                fp32_allreduce=fp32_allreduce,
                 cpu_offload=pcfg.cpu_offload,
                 device_type=device_type,
                 reshard_after_forward=False if dims.pp > 1 else None,
             )
         else:
-            apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode)
+            apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode, fp32_allreduce=fp32_allreduce)
             compress.register(model, pcfg, mesh["dp_replicate"].get_group())
     return model
 
@@ -75,6 +83,7 @@ def parallelize(
         mesh=mesh,
         precision=cfg.precision.precision,
         bf16_mode=cfg.precision.bf16_mode,
+        fp32_allreduce=cfg.precision.fp32_allreduce,
         device_type=device.type,
     )
     if mesh is not None and mesh["pp"].size() > 1:

@@ -18,13 +18,28 @@ import torch
 from torch import nn
 
 
-def mixed_precision(precision: str, bf16_mode: str = "autocast"):
-    """bf16 compute with fp32 gradient reduction; fp32 otherwise. fp16 runs its loss scaler on fp32 params."""
+def mixed_precision(precision: str, bf16_mode: str = "autocast", fp32_allreduce: bool = False):
+    """FSDP2's dtypes: bf16 autocast gathers parameters in bf16; fp16 (and fp32) gather the fp32 masters, which
+    autocast casts per op. Gradients are reduced in the training precision unless `fp32_allreduce`.
+
+    GPT-NeoX's `fp32_allreduce` (default false: "during gradient averaging perform allreduce with 32 bit values"
+    only when set) decides the reduction dtype. Off, fp16 and bf16 runs reduce-scatter half-size gradients: half
+    the traffic of fp32 (torchtitan's default, `mixed_precision_reduce: float32`, pays for accuracy with it).
+    FSDP2 divides fp16 gradients by about sqrt(dp) before and after the reduction, so a sum over ranks does not
+    overflow where each rank's does not; one that does anyway makes the norm non-finite and the fp16 loss scaler
+    skips the step and halves the scale, as DeepSpeed's fp16 reduction does. bf16 keeps fp32's range but 8
+    mantissa bits: GPT-NeoX's bf16 example configs set `fp32_allreduce: true`, and so should long bf16 runs over
+    many ranks. The reduced gradients are stored in the parameters' dtype (fp32 masters) either way.
+    Pure bf16 weights (bf16_mode: pure) have bf16 gradients: reduced in bf16, or in fp32 with the flag."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    reduce = torch.float32 if fp32_allreduce else None
     if precision == "bf16" and bf16_mode == "autocast":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+        # None: reduce in param_dtype, bf16
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+    if precision == "fp16":
+        return MixedPrecisionPolicy(reduce_dtype=reduce or torch.float16)
+    return MixedPrecisionPolicy(reduce_dtype=reduce)
 
 
 def offload_policy(cpu_offload: bool, device_type: str):
@@ -55,6 +70,7 @@ def apply_fsdp(
     *,
     precision: str = "fp32",
     bf16_mode: str = "autocast",
+    fp32_allreduce: bool = False,
     cpu_offload: bool = False,
     device_type: str = "cpu",
     reshard_after_forward=None,
@@ -67,7 +83,7 @@ def apply_fsdp(
     reshard = dims.zero_stage == 3 if reshard_after_forward is None else reshard_after_forward
     kw = dict(
         mesh=dp_mesh_for(dims, mesh),
-        mp_policy=mixed_precision(precision, bf16_mode),
+        mp_policy=mixed_precision(precision, bf16_mode, fp32_allreduce),
         offload_policy=offload_policy(cpu_offload, device_type),
     )
     for unit in _units(model):
@@ -77,18 +93,28 @@ def apply_fsdp(
     return model
 
 
-def apply_replicate(model: nn.Module, dims, mesh, *, precision: str = "fp32", bf16_mode: str = "autocast") -> nn.Module:
+def apply_replicate(
+    model: nn.Module,
+    dims,
+    mesh,
+    *,
+    precision: str = "fp32",
+    bf16_mode: str = "autocast",
+    fp32_allreduce: bool = False,
+) -> nn.Module:
     """ZeRO 0. Without tensor parallelism: DDP (composable form, so the module keeps its class and
     parameter names; DDP communication hooks from neox.parallel.compress register on it). With DTensor
     parameters, or on a pipeline stage (the schedule drives FSDP-style gradient sync, not DDP's reducer):
-    FSDP2's replicate, which all-reduces gradients over the data-parallel dim."""
+    FSDP2's replicate, which all-reduces gradients over the data-parallel dim in `mixed_precision`'s dtype.
+    DDP all-reduces gradients in their own dtype (fp32 masters under autocast; `fp32_allreduce` does not apply):
+    `parallel.grad_compression: fp16` halves that traffic."""
     if dims.tp == 1 and dims.pp == 1:
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=mesh["dp_replicate"])
     from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_fsdp
 
-    kw = dict(mesh=mesh["dp_replicate"], mp_policy=mixed_precision(precision, bf16_mode))
+    kw = dict(mesh=mesh["dp_replicate"], mp_policy=mixed_precision(precision, bf16_mode, fp32_allreduce))
     for unit in _units(model):
         replicate_fsdp(unit, **kw)
     replicate_fsdp(model, **kw)

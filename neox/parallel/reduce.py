@@ -75,25 +75,41 @@ def _by_layout(grads) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def scale_grads_(parameters, factor: float) -> None:
-    """Multiply every gradient by `factor` (fp16 unscaling), whatever mix of plain tensors and DTensors."""
+def _local(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of a group's gradients (elementwise scaling acts on them alike, whatever the placement)."""
+    from torch.distributed.tensor import DTensor
+
+    return [g.to_local() for g in grads] if grads and isinstance(grads[0], DTensor) else grads
+
+
+def scale_grads_(parameters, factor: float | torch.Tensor) -> None:
+    """Multiply every gradient by `factor` (fp16 unscaling, clipping), whatever mix of plain tensors and
+    DTensors: one foreach kernel per group. A tensor factor stays on its device (no host sync)."""
     for grads in _by_layout(p.grad for p in parameters if p.grad is not None):
-        torch._foreach_mul_(grads, factor)
+        grads = _local(grads)
+        if isinstance(factor, torch.Tensor):
+            torch._foreach_mul_(grads, factor.to(grads[0].device, non_blocking=True))
+        else:
+            torch._foreach_mul_(grads, factor)
 
 
 def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
-    """The norm of all gradients of the whole model (every stage, every shard), the same on every rank."""
+    """The norm of all gradients of the whole model (every stage, every shard), the same on every rank.
+
+    A 0-d float32 tensor on the gradients' device (the first group's, when CPU-offloaded and device gradients
+    are mixed): nothing here waits for the device, so a step that does not log never syncs on the norm."""
     from torch.distributed.tensor import DTensor
 
     # a pipeline's tied-embedding copy has the first stage's gradient: counted once, there
     groups = _by_layout(p.grad for p in parameters if p.grad is not None and not getattr(p, TIED_COPY_ATTR, False))
     inf = math.isinf(norm_type)
-    total = torch.zeros((), dtype=torch.float32)
+    device = groups[0][0].device if groups else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for grads in groups:
-        n = torch.nn.utils.get_total_norm(grads, norm_type)
+        n = torch.nn.utils.get_total_norm(grads, norm_type)  # foreach where supported
         if isinstance(n, DTensor):
             n = n.full_tensor()
-        n = n.detach().float().cpu()
+        n = n.detach().float().to(device, non_blocking=True)
         total = torch.maximum(total, n) if inf else total + n**norm_type
     group = _pp_group(mesh)
     if group is not None:
@@ -103,14 +119,12 @@ def grad_norm(parameters, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
 
 def clip_grad_norm_(parameters, max_norm: float, mesh=None, norm_type: float = 2.0) -> torch.Tensor:
     """Scale all gradients so their global norm is at most max_norm (as torch.nn.utils.clip_grad_norm_ does
-    for one process); returns the norm before clipping. max_norm <= 0 only measures."""
+    for one process: coefficient min(1, max_norm / (norm + 1e-6)), applied always, so that no host read of the
+    norm decides it); returns the norm before clipping, on the device. max_norm <= 0 only measures."""
     params = [p for p in parameters if p.grad is not None]
     total = grad_norm(params, mesh, norm_type)
     if max_norm > 0:
-        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
+        scale_grads_(params, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
 
 
@@ -120,11 +134,13 @@ def _all_reduce_sum(t: torch.Tensor, mesh, dim: str) -> tuple[torch.Tensor, int]
     sub = submesh(mesh, dim)
     if sub.size() == 1:
         return t, 1
-    return all_reduce_(t, sub.get_group()).cpu(), sub.size()
+    return all_reduce_(t, sub.get_group()), sub.size()
 
 
 def mean_over(values, mesh, dim: str = "dp") -> torch.Tensor:
-    """Average a metric over one mesh dim (default: all data-parallel ranks); the value on a single process."""
+    """Average a metric (a number or a tensor of them, e.g. one per step) over one mesh dim (default: all
+    data-parallel ranks); the value on a single process. The result stays where `values` is: reading it is
+    the caller's (one) host sync."""
     total, n = _all_reduce_sum(torch.as_tensor(values, dtype=torch.float32).detach().clone(), mesh, dim)
     return total / n
 

@@ -87,7 +87,8 @@ def test_shift_labels_and_masks():
     # GPT-NeoX masks positions whose *input* is EOD, and every position without a target.
     assert b["loss_mask"].tolist() == [[1, 1, 0, 1, 0, 0]]
     assert b["loss_mask"].dtype == torch.float32
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]] and "segment_ids" not in b
+    # positions 0..T-1 are the model's default: nothing to copy to the device unless they restart at EODs
+    assert "position_ids" not in b and "segment_ids" not in b
 
     labelled = collate([{"text": np.array([1, 2, 3, 4]), "label": np.array([-100, -100, 3, 4])}])
     assert labelled["labels"].tolist() == [[-100, 3, 4]] and labelled["loss_mask"].tolist() == [[0, 1, 1]]
@@ -122,3 +123,19 @@ def test_worker_processes_give_the_same_batches():
     assert len(inline) == len(workers) == 3
     for a, b in zip(inline, workers):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pin_memory_pins_every_tensor(monkeypatch):
+    """Page-locked batches for a GPU run (pinning itself needs CUDA: recorded here instead)."""
+    pinned = []
+
+    def pin(t):
+        pinned.append(t.shape)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    ds = _rows(4)
+    plain = list(batches(ds, 2))
+    pinned_batches = list(batches(ds, 2, pin_memory=True))
+    assert len(pinned) == sum(len(b) for b in pinned_batches) == 2 * len(plain[0])
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, pinned_batches) for k in a)

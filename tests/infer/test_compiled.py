@@ -6,6 +6,7 @@ import torch
 from neox.infer import compiled
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
+from neox.model.cache import StaticKVCache
 from tests.infer.tiny import random_model, tiny_config
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
@@ -75,3 +76,14 @@ def test_a_compiler_failure_is_a_one_line_error(monkeypatch):
     model = random_model(tiny_config(num_layers=1), seed=2)
     with pytest.raises(NeoxError, match="compiling the decode step failed .* generate without --compile"):
         generate(model, PROMPTS, 3, compile=True)
+
+
+def test_cuda_steps_replay_as_cuda_graphs_and_cpu_steps_do_not():
+    """On CUDA the step is a CUDA graph, its cache tensors at fixed (unguarded) addresses; CPU options stay."""
+    assert compiled.device_options("cuda")["triton.cudagraphs"] is True
+    assert "triton.cudagraphs" not in compiled.device_options("cpu")
+    assert compiled.device_options("cpu")["freezing"] is True
+    cache = StaticKVCache(2, 1, 8, 2, 4)
+    compiled._mark_static(cache)
+    tensors = (*cache.k, *cache.v, cache.key_valid, cache.positions, cache.slot)
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from neox.errors import NeoxError
+from neox.infer import generate as generate_module
 from neox.infer.generate import cut_at_stop, generate
 from neox.infer.sampling import SamplingParams
 from tests.infer.tiny import greedy_reference, greedy_shortfall, random_model, tiny_config
+from tests.syncs import count_syncs
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
 
@@ -81,3 +83,35 @@ def test_too_long_for_the_position_table():
         generate(model, [[1] * 10], 7)
     with pytest.raises(NeoxError, match="at least one token"):
         generate(model, [[]], 2)
+
+
+def test_stop_checked_every_k_tokens_gives_the_same_output(monkeypatch):
+    """On a GPU the loop asks whether every row has stopped only every few tokens (the read waits for the
+    device): the steps past the stop are padding, cut from the output. A CPU asks every token."""
+    model = random_model(tiny_config(), scale=0.3)
+    free = generate(model, PROMPTS, 16).tokens
+    eod = free[0][4]
+    first = free[0].index(eod)
+    batch_1, batch_3 = generate(model, PROMPTS[:1], 16, eod_id=eod), generate(model, PROMPTS, 16, eod_id=eod)
+    assert batch_1.steps == first + 1  # CPU: stops the step its last row ends
+    monkeypatch.setattr(generate_module, "stop_check_every", lambda device: 8)
+    for before, prompts in ((batch_1, PROMPTS[:1]), (batch_3, PROMPTS)):
+        after = generate(model, prompts, 16, eod_id=eod)
+        assert (after.tokens, after.finish_reasons) == (before.tokens, before.finish_reasons)
+    assert generate(model, PROMPTS[:1], 16, eod_id=eod).steps == 8
+
+
+def test_decoding_reads_the_device_once_every_k_tokens(monkeypatch):
+    """Host reads of the generation loop (tests/syncs.py), counted: with an EOD to watch for and no stop
+    strings, 48 tokens read 4 more times than 16 at one check per 8 tokens; nothing else grows with the length.
+    (The model's own position check, neox/model/transformer.py, is counted apart: one a token.)"""
+    model = random_model(tiny_config(), scale=0.3)
+    unused = next(i for i in range(384) if all(i not in row for row in generate(model, PROMPTS, 48).tokens))
+    monkeypatch.setattr(generate_module, "stop_check_every", lambda device: 8)
+    reads = {}
+    for n in (16, 48):
+        with count_syncs() as events:
+            assert generate(model, PROMPTS, n, eod_id=unused).finish_reasons == ["length"] * 3
+        reads[n] = [e for e in events if not e.startswith("neox/model/transformer.py")]
+    assert len(reads[48]) - len(reads[16]) == (48 - 16) // 8, reads
+    assert len(reads[16]) <= 2 + len(PROMPTS) + 16 // 8, reads[16]  # setup, one read per row's output, checks

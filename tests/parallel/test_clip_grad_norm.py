@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neox.parallel import clip_grad_norm_, grad_norm
+from tests.syncs import count_syncs
 
 
 def params_with_grads(*grads):
@@ -69,3 +70,13 @@ def test_matches_torch_clip_grad_norm_on_random_gradients(norm_type):
     assert float(n_ours) == pytest.approx(float(n_theirs), rel=1e-6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_reads_nothing_back_from_the_device():
+    """Norm and coefficient stay tensors (one foreach multiply, always applied, as torch does): no host sync."""
+    params = params_with_grads([3.0, 4.0], [-12.0])
+    with count_syncs() as reads:
+        norm = clip_grad_norm_(params, 6.5)
+    assert reads == [] and isinstance(norm, torch.Tensor) and norm.shape == ()
+    coef = 6.5 / (13.0 + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
+    assert [g for row in grads_of(params) for g in row] == pytest.approx([3 * coef, 4 * coef, -12 * coef], rel=1e-6)

@@ -187,3 +187,12 @@ def test_eval_tasks_need_an_evaluator(corpus):
 def test_a_bad_device_names_the_key(corpus):
     with pytest.raises(NeoxError, match=r"train.device 'bogus': not a device"):
         Trainer(tiny_config(corpus, None, train={"device": "bogus"}), quiet=True)
+
+
+def test_a_cuda_device_becomes_the_current_one(monkeypatch):
+    """train.device: cuda:1 in one process: the CUDA RNG a checkpoint saves is cuda:1's, not GPU 0's."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    Trainer._use_device(torch.device("cuda", 1))
+    Trainer._use_device(torch.device("cpu"))
+    assert chosen == [torch.device("cuda", 1)]
