@@ -61,6 +61,11 @@ def d(tmp_path_factory):
     (d / "cutbin.bin").write_bytes(Path(f"{good}.bin").read_bytes()[:50])
     shutil.copy(f"{good}.bin", d / "cutidx.bin")
     (d / "cutidx.idx").write_bytes(Path(f"{good}.idx").read_bytes()[:20])
+    for ext in (".bin", ".idx", ".checksums.json"):  # a byte flipped after preprocessing: the sidecar catches it
+        shutil.copy(f"{good}{ext}", d / f"flip{ext}")
+    flipped = bytearray((d / "flip.bin").read_bytes())
+    flipped[10] ^= 1
+    (d / "flip.bin").write_bytes(bytes(flipped))
 
     run = make_run(d / "run", tiny_config(hidden_size=32))
     make_run(d / "alibi", tiny_config(hidden_size=32, pos_emb="alibi"))
@@ -133,6 +138,8 @@ CASES = [
     ("data inspect {d}/ds/corpus_text_document --doc 999", "--doc 999"),
     ("data inspect {d}/ds/corpus_text_document --sample 1 --seq-length 0", "--seq-length"),
     ("data merge --input {d}/ds/corpus_text_document --output-prefix {d}/afile/m", "afile"),
+    ("data verify {d}/cutbin", "cutbin.bin"),
+    ("data verify {d}/flip", "flip.bin: the 65536-byte block at offset 0 differs"),
     # config files and --set, through info and config show
     ("info {d}/nope.yml", "nope.yml"),
     ("info {d}/malformed.yml", "malformed.yml: line 2"),
@@ -150,6 +157,7 @@ CASES = [
     ("train {d}/unknown.yml", "'num_layerz'"),
     ("train {d}/model.yml --set data_path={d}/nope/x", "data.data_path"),
     ("train {d}/model.yml --set data_path={d}/cutbin", "cutbin.bin"),
+    ("train {d}/model.yml --set data_path={d}/flip", "flip.bin: the 65536-byte block"),
     ("train {d}/model.yml --set num_attention_heads=3", "num_attention_heads"),
     ("train {d}/model.yml --set tokenizer_type=HFTokenizer", "--set tokenizer_type=HFTokenizer"),
     ("train {d}/model.yml --set tokenizer_type=HFTokenizer --set vocab_file={d}/nope.json", "nope.json"),

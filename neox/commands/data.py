@@ -1,5 +1,6 @@
-"""`neox data inspect PREFIX` (counts, dtype, length histogram, decoded documents/samples) and
-`neox data merge` (concatenate datasets, as GPT-NeoX's tools/datasets/merge_datasets.py)."""
+"""`neox data inspect PREFIX` (counts, dtype, length histogram, decoded documents/samples),
+`neox data merge` (concatenate datasets, as GPT-NeoX's tools/datasets/merge_datasets.py) and
+`neox data verify PREFIX` (the index's structure and, with a checksum sidecar, every byte)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import tempfile
 import numpy as np
 
 from neox.commands.preprocess import add_tokenizer_args
-from neox.data.indexed import IndexedDataset, IndexedDatasetBuilder, dataset_exists, strip_suffix
+from neox.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    checksum_file_path,
+    dataset_exists,
+    strip_suffix,
+    verify,
+)
 from neox.data.sampling import GPT2Dataset
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import DataError, NeoxError
@@ -52,6 +60,13 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     )
     m.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     m.set_defaults(func=run_merge)
+
+    v = sub.add_parser(
+        "verify",
+        help="check a dataset: the .idx structure against the .bin, and sizes and sha256 against PREFIX.checksums.json",
+    )
+    v.add_argument("prefix", nargs="+", help="dataset prefixes (PREFIX.bin + PREFIX.idx; a .bin/.idx path also works)")
+    v.set_defaults(func=run_verify)
 
 
 # ---- inspect -------------------------------------------------------------------------------------------------
@@ -204,4 +219,20 @@ def run_merge(args) -> int:
         f"{merged.num_documents:,} documents, {merged.num_tokens:,} tokens ({merged.dtype.name})",
         file=sys.stdout,
     )
+    return 0
+
+
+# ---- verify --------------------------------------------------------------------------------------------------
+
+
+def run_verify(args) -> int:
+    for prefix in args.prefix:
+        ds, checked = verify(strip_suffix(prefix))
+        what = (
+            f"structure and sha256 match {checksum_file_path(ds.prefix)}"
+            if checked
+            else f"structure ok; no {checksum_file_path(ds.prefix)} sidecar (written by another tool?), contents "
+            f"unchecked: re-run neox preprocess to get one"
+        )
+        print(f"neox data verify: {ds.prefix}: {ds.num_documents:,} documents, {ds.num_tokens:,} tokens; {what}")
     return 0

@@ -60,7 +60,7 @@ class Collector:
         self.noted_keys: list[str] = []
 
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: key '{key}': {message}")
+        return ConfigError(f"{self.source}: key {key!r}: {message}")
 
     def set(self, target: tuple[str, str], value: Any, key: str, ident: tuple | None = None) -> None:
         ident = ident or ("field", target)

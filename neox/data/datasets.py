@@ -13,12 +13,21 @@ Two layouts, as in GPT-NeoX:
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
 from neox.config.validate import split_proportions
 from neox.data.blend import BlendableDataset, normalized_weights_and_num_samples, weights_by_num_docs
-from neox.data.indexed import IndexedDataset, data_file_path, dataset_exists, index_file_path, strip_suffix
+from neox.data.indexed import (
+    IndexedDataset,
+    check_sample,
+    checksum_file_path,
+    data_file_path,
+    dataset_exists,
+    index_file_path,
+    strip_suffix,
+)
 from neox.data.sampling import GPT2Dataset
 from neox.errors import ConfigError, DataError
 
@@ -57,7 +66,20 @@ def open_indexed(prefix: str, key: str, warmup: bool = False) -> IndexedDataset:
             f"{key}: not found: {missing}{hint}; run `neox preprocess --input FILE --output-prefix "
             f"PREFIX` to create it and give the prefix without .bin/.idx"
         )
-    return IndexedDataset(prefix, warmup=warmup)
+    # the sidecar first, so that a damaged file is named as such; then the index's structure against the .bin
+    checked = check_sample(prefix)
+    ds = IndexedDataset(prefix, warmup=warmup)
+    if not checked and prefix not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(prefix)
+        print(
+            f"note: {key}: {prefix} has no {checksum_file_path('')} sidecar (written by another tool?): its "
+            f"sizes are checked, its contents are not; `neox data verify PREFIX` checks the structure in full",
+            file=sys.stderr,
+        )
+    return ds
+
+
+_NOTED: set = set()  # prefixes already given the no-sidecar note in this process
 
 
 def _equal_or_given(weights: list, paths: list, key: str) -> list[float]:

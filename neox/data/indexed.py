@@ -15,13 +15,19 @@ load there and theirs load here::
 
 Every check that can be done at open is done at open, so a truncated or mismatched pair fails there with the
 file's name instead of as garbage tokens deep inside training.
+
+Beside the pair, ``IndexedDatasetBuilder.finalize`` writes ``PREFIX.checksums.json`` (the sidecar): each file's
+size and sha256, and the sha256 of a few fixed-size blocks at offsets that depend only on the size, so that a
+reader can check a sample in milliseconds (``check_sample``, run when training opens a dataset) and
+``verify`` can check everything. GPT-NeoX / Megatron files have no sidecar and stay readable unverified.
 """
 
 from __future__ import annotations
 
 import array
+import hashlib
+import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -44,6 +50,11 @@ DTYPES = {
     8: np.uint16,
 }
 _CODES = {np.dtype(t): c for c, t in DTYPES.items()}
+
+CHECKSUM_SUFFIX = ".checksums.json"
+CHECKSUM_FORMAT = "neox-indexed-checksums"
+SAMPLE_BLOCKS = 16  # blocks checked per file at start: at most 16 x 64 KiB read, whatever the file's size
+SAMPLE_BLOCK_BYTES = 1 << 16
 
 
 def dtype_code(dtype) -> int:
@@ -79,6 +90,10 @@ def strip_suffix(path: str) -> str:
         if path.endswith(ext):
             return path[: -len(ext)]
     return path
+
+
+def checksum_file_path(prefix: str) -> str:
+    return str(prefix) + CHECKSUM_SUFFIX
 
 
 def dataset_exists(prefix: str) -> bool:
@@ -271,6 +286,11 @@ class IndexedDatasetBuilder:
         self._sizes = array.array("q")
         self._doc_idx = array.array("q", [0])
         self._open_size = 0
+        self._bin_hash = hashlib.sha256()
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._bin_hash.update(data)
 
     @property
     def dtype(self) -> np.dtype:
@@ -298,7 +318,7 @@ class IndexedDatasetBuilder:
     def write_tokens(self, tokens) -> None:
         """Append tokens to the item being written; ``close_item`` ends it. Lets a long item arrive in parts."""
         arr = self._as_tokens(tokens)
-        self._file.write(arr.tobytes(order="C"))
+        self._write(arr.tobytes(order="C"))
         self._open_size += arr.size
 
     def close_item(self) -> None:
@@ -320,7 +340,7 @@ class IndexedDatasetBuilder:
         sizes = np.asarray(sizes, dtype=np.int64)
         if int(sizes.sum()) != arr.size:
             raise ValueError(f"sizes sum to {int(sizes.sum())} but {arr.size} tokens were given")
-        self._file.write(arr.tobytes(order="C"))
+        self._write(arr.tobytes(order="C"))
         start = len(self._sizes)
         self._sizes.extend(sizes.tolist())
         self._doc_idx.extend(range(start + 1, start + len(sizes) + 1))
@@ -339,7 +359,8 @@ class IndexedDatasetBuilder:
         doc_idx = other.doc_idx[1:] if len(other.doc_idx) else other.doc_idx
         self._doc_idx.extend((doc_idx + base).tolist())
         with open(data_file_path(other.prefix), "rb") as f:
-            shutil.copyfileobj(f, self._file, 1 << 24)
+            while chunk := f.read(1 << 24):
+                self._write(chunk)
 
     def finalize(self, index_file: str | None = None) -> None:
         """Write the index and move both files into place (``index_file`` defaults to PREFIX.idx)."""
@@ -356,24 +377,44 @@ class IndexedDatasetBuilder:
         pointers = np.zeros(sizes.size, dtype=np.int64)
         np.cumsum(sizes[:-1] * self._dtype.itemsize, out=pointers[1:])
         tmp_idx = idx_path + ".tmp"
+        idx_hash = hashlib.sha256()
         with open(tmp_idx, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", VERSION))
-            f.write(struct.pack("<B", self._code))
-            f.write(struct.pack("<Q", sizes.size))
-            f.write(struct.pack("<Q", len(self._doc_idx)))
-            f.write(sizes.astype(np.int32).tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.frombuffer(self._doc_idx, dtype=np.int64).tobytes())
-        # .bin first: if we die between the renames, the stale .idx no longer matches and open() says so.
+            for part in (
+                MAGIC,
+                struct.pack("<Q", VERSION),
+                struct.pack("<B", self._code),
+                struct.pack("<Q", sizes.size),
+                struct.pack("<Q", len(self._doc_idx)),
+                sizes.astype(np.int32).tobytes(),
+                pointers.tobytes(),
+                np.frombuffer(self._doc_idx, dtype=np.int64).tobytes(),
+            ):
+                f.write(part)
+                idx_hash.update(part)
+        sidecar = checksum_file_path(strip_suffix(idx_path))
+        record = {
+            "format": CHECKSUM_FORMAT,
+            "version": 1,
+            "block_bytes": SAMPLE_BLOCK_BYTES,
+            "bin": _file_record(self._tmp_bin, self._bin_hash.hexdigest()),
+            "idx": _file_record(tmp_idx, idx_hash.hexdigest()),
+        }
+        with open(sidecar + ".tmp", "w") as f:
+            f.write(json.dumps(record) + "\n")
+        # The old sidecar goes first and the new one comes last: a run that dies in between leaves files with
+        # no sidecar (unverified) or a stale one (a mismatch error), never a wrong pair that passes the check.
+        # .bin before .idx: if we die between those renames, the stale .idx no longer matches and open() says so.
+        if os.path.exists(sidecar):
+            os.remove(sidecar)
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(tmp_idx, idx_path)
+        os.replace(sidecar + ".tmp", sidecar)
 
     def abort(self) -> None:
         """Close and delete the temporary output (nothing is left behind)."""
         if not self._file.closed:
             self._file.close()
-        for p in (self._tmp_bin, self.idx_path + ".tmp"):
+        for p in (self._tmp_bin, self.idx_path + ".tmp", checksum_file_path(self.prefix) + ".tmp"):
             if os.path.exists(p):
                 os.remove(p)
 
@@ -384,3 +425,141 @@ class IndexedDatasetBuilder:
         if exc_type is not None:
             self.abort()
         return False
+
+
+# ---- integrity: the checksum sidecar -------------------------------------------------------------------------
+
+REBUILD = "rebuild it with neox preprocess (or neox data merge)"
+
+
+def sample_offsets(size: int, blocks: int = SAMPLE_BLOCKS, block_bytes: int = SAMPLE_BLOCK_BYTES) -> list[int]:
+    """Offsets of the sampled blocks of a file of ``size`` bytes: evenly spaced, first and last included; a file
+    of up to ``blocks`` blocks is covered whole. They depend only on the size, so writer and reader agree."""
+    if size <= blocks * block_bytes:
+        return list(range(0, size, block_bytes))
+    span = size - block_bytes
+    return [span * k // (blocks - 1) for k in range(blocks)]
+
+
+def _sha256(path: str, offset: int = 0, length: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(1 << 24 if left is None else min(left, 1 << 24))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def _file_record(path: str, sha256: str) -> dict:
+    size = os.path.getsize(path)
+    blocks = [[o, _sha256(path, o, SAMPLE_BLOCK_BYTES)] for o in sample_offsets(size)]
+    return {"bytes": size, "sha256": sha256, "blocks": blocks}
+
+
+def _is_sha(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _valid_record(rec) -> bool:
+    if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not _is_sha(rec.get("sha256")):
+        return False
+    blocks = rec.get("blocks")
+    return isinstance(blocks, list) and all(
+        isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and _is_sha(b[1]) for b in blocks
+    )
+
+
+def read_checksums(prefix: str) -> dict | None:
+    """The sidecar of ``prefix`` (None when there is none: a GPT-NeoX/Megatron dataset); DataError when damaged."""
+    path = checksum_file_path(prefix)
+    if not os.path.isfile(path):
+        return None
+    fix = f"delete it to use the data unverified, or {REBUILD}"
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DataError(f"{path}: unreadable checksum file ({type(e).__name__}); {fix}") from None
+    if (
+        not isinstance(rec, dict)
+        or rec.get("format") != CHECKSUM_FORMAT
+        or rec.get("version") != 1
+        or not isinstance(rec.get("block_bytes"), int)
+        or rec["block_bytes"] < 1
+        or not all(_valid_record(rec.get(k)) for k in ("bin", "idx"))
+    ):
+        raise DataError(f"{path}: not a {CHECKSUM_FORMAT} version 1 file (damaged?); {fix}")
+    return rec
+
+
+def _check_size(path: str, rec: dict, sidecar: str) -> int:
+    size = os.path.getsize(path)
+    if size != rec["bytes"]:
+        raise DataError(
+            f"{path}: {size} bytes, but {sidecar} records {rec['bytes']}: the file changed after it was written; "
+            f"{REBUILD}"
+        )
+    return size
+
+
+def _check_blocks(path: str, rec: dict, block_bytes: int, sidecar: str) -> None:
+    size = rec["bytes"]
+    for offset, sha in rec["blocks"]:
+        if not 0 <= offset < max(size, 1) or _sha256(path, offset, block_bytes) != sha:
+            raise DataError(
+                f"{path}: the {block_bytes}-byte block at offset {offset} differs from {sidecar}: the file is "
+                f"corrupt; {REBUILD}"
+            )
+
+
+def _checked_files(prefix: str, rec: dict) -> list:
+    pairs = [(index_file_path(prefix), rec["idx"]), (data_file_path(prefix), rec["bin"])]
+    for path, file_rec in pairs:  # both sizes first: a replaced pair reads as "changed", not as "corrupt"
+        _check_size(path, file_rec, checksum_file_path(prefix))
+    for path, file_rec in pairs:
+        _check_blocks(path, file_rec, rec["block_bytes"], checksum_file_path(prefix))
+    return pairs
+
+
+def check_sample(prefix: str) -> bool:
+    """Sizes and the sampled blocks of both files against the sidecar (cheap: at start of training).
+
+    True when checked, False when there is no sidecar; DataError naming the file when anything differs."""
+    prefix = strip_suffix(prefix)
+    rec = read_checksums(prefix)
+    if rec is None:
+        return False
+    _checked_files(prefix, rec)
+    return True
+
+
+def verify(prefix: str) -> tuple[IndexedDataset, bool]:
+    """Everything: with a sidecar, sizes, blocks and full sha256 of both files (first, so that the damaged file
+    is the one named); then the .idx structure against the .bin. Returns the dataset and whether a sidecar
+    was checked; DataError naming the file at the first problem."""
+    prefix = strip_suffix(prefix)
+    for p in (index_file_path(prefix), data_file_path(prefix)):
+        if not os.path.isfile(p):
+            IndexedDataset(prefix)  # its missing-file error
+    rec = read_checksums(prefix)
+    if rec is not None:
+        for path, file_rec in _checked_files(prefix, rec):
+            if _sha256(path) != file_rec["sha256"]:
+                raise DataError(
+                    f"{path}: sha256 differs from {checksum_file_path(prefix)}: the file is corrupt; {REBUILD}"
+                )
+    ds = IndexedDataset(prefix)  # magic, version, dtype, sizes/pointers/doc_idx and the .bin's size
+    n, doc_idx = len(ds), ds.doc_idx
+    if len(doc_idx) == 0 or doc_idx[0] != 0 or doc_idx[-1] != n:
+        first_last = f"{int(doc_idx[0])} .. {int(doc_idx[-1])}" if len(doc_idx) else "empty"
+        raise DataError(
+            f"{index_file_path(prefix)}: doc_idx should run from 0 to the item count {n}, but is {first_last}; "
+            f"{REBUILD}"
+        )
+    return ds, rec is not None

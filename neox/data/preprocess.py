@@ -114,6 +114,8 @@ def _texts_of(piece: Piece, keys: list, prompt_key: str | None):
         obj = json.loads(line)
     except ValueError as e:
         return BadLine(piece.path, piece.line, json_line_error(e))
+    except RecursionError:
+        return BadLine(piece.path, piece.line, "bad JSON: nested too deeply to parse")
     if not isinstance(obj, dict):
         return BadLine(piece.path, piece.line, f"expected a JSON object, got {type(obj).__name__}")
     texts = []

@@ -289,15 +289,21 @@ def _json_array_pieces(path: str) -> Iterator[Piece]:
     # A .json file holding one array (what GPT-NeoX's lm_dataformat reader accepts): strings are documents,
     # objects are read like JSON lines. It is parsed whole; JSON Lines is the format that streams. Pieces are
     # numbered by their position in the array (reported as "file:N").
-    with open_binary(path) as f:
-        try:
-            items = json.loads(f.read())
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: not valid JSON ({_where(e)}); use one JSON object per line (.jsonl)"
-            ) from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); use one JSON object per line (.jsonl)") from None
+    def whole():
+        with open_binary(path) as f:
+            yield f.read()
+
+    raw = next(_guarded(path, whole()))  # a truncated .json.gz is a DataError, not an EOFError
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}: not valid JSON ({_where(e)}); use one JSON object per line (.jsonl)"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); use one JSON object per line (.jsonl)") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to parse; use one JSON object per line (.jsonl)") from None
     for n, item in enumerate(items, 1):
         if isinstance(item, str):
             if item:

@@ -235,7 +235,7 @@ def test_concurrent_builders_agree(tmp_path):
         orders = pool.starmap(_shuffle_of, [(ds.prefix,)] * 3)
     assert orders[0] == orders[1] == orders[2]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["r.bin", "r.idx"]
+        ["r.bin", "r.idx", "r.checksums.json"]
         + [f"r_train_indexmap_300ns_8sl_5s_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")]
     )
 
