@@ -57,19 +57,6 @@ EXCEPTIONS = [
     ),
     ("docs/benchmarks.md", r"bench/generate\.py", "compiles pythia-14m/70m decode steps and times them: many minutes"),
     ("docs/benchmarks.md", r"bench/preprocess\.py", "tokenizes 14 MB several times over: minutes"),
-    # pending, until the eval pages run `neox prepare lambada` and `piqa` (inline prose now) in a block first
-    ("README.md", r"--tasks lambada_openai_local,piqa_local", "pending: `neox prepare lambada|piqa` is not in a block"),
-    (
-        "docs/inference.md",
-        r"--tasks lambada_openai_local,piqa_local",
-        "pending: `neox prepare lambada|piqa` is not in a block",
-    ),
-    # pending, until the page runs `neox checkpoint consolidate` (now inline prose) in a block before the snippet
-    (
-        "docs/parallelism.md",
-        r'torch\.load\("model\.pt"\)',
-        "pending: model.pt is made by a command the page does not run yet",
-    ),
     ("docs/parallelism.md", r"pythia-160m\.yml --nproc 8$", "eight processes of Pythia-160M: a GPU node"),
     ("docs/parallelism.md", r"--nnodes 2", "needs two nodes"),
     ("docs/parallelism.md", r"--hostfile", "needs the hosts of a hostfile, started over ssh"),
