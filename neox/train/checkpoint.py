@@ -4,8 +4,16 @@ Layout (docs/architecture.md):
     SAVE/latest                 name of the newest complete checkpoint
     SAVE/iter_0000020/          DCP shards of {"model", "optim"}; config.yml; trainer_state.pt
 
-A checkpoint is written to `iter_XXXXXXX.tmp` and renamed when every file is in place; `latest` is replaced
-(write-then-rename) after that, so a crash at any point leaves the previous checkpoint as `latest`.
+A checkpoint is written to `iter_XXXXXXX.tmp`; when every file is in place (DCP fsyncs its shards, neox its own
+files) the sizes and sha256 of all of them go to `manifest.json`, the directory is fsynced and renamed, and
+`latest` is replaced (write, fsync, rename, fsync of the run directory) after that, so a crash at any point
+leaves the previous checkpoint as `latest`. A save that fails (disk full, no permission) removes only its own
+`.tmp` directory and raises `SaveError`, one line, on every rank.
+
+Loading verifies the manifest (every file present, its size, its sha256, read in 8 MiB chunks; the files are
+split over the ranks) and says so in one line; a damaged or incomplete checkpoint is named with what is wrong and
+the newest good one before it is used instead. Hashing reads the whole checkpoint once: about a second per
+GB per rank. Checkpoints written before manifests existed load unverified, with a note.
 Model and optimizer go through get_state_dict / set_state_dict, which give parameter-name keys without
 wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) and DTensor shards under FSDP/TP, so a
 checkpoint saved under one parallel layout loads under another; `load_full_model_state` and `consolidate`
@@ -15,10 +23,14 @@ read any layout's shards whole in one process, without torch.distributed.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -45,6 +57,8 @@ from neox.errors import ConfigError, NeoxError, ensure_dir
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yml"
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
@@ -66,6 +80,60 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class SaveError(NeoxError):
+    """A checkpoint could not be written (disk full, no permission); every earlier checkpoint is untouched."""
+
+
+def _note(text: str) -> None:
+    """A line about checkpoints for the user: rank 0, on stderr, so a quiet trainer still shows it."""
+    if _rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _reason(e: BaseException) -> str:
+    """Why a write failed, in one line: the OS error's text (DCP wraps it in a CheckpointException)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        failure = next(iter(e.failures.values()))
+        return _reason(getattr(failure, "exc", failure))
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _describe(root: Path, names) -> dict:
+    return {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -116,7 +184,7 @@ def clear_checkpoints(save_dir: str | Path) -> list[Path]:
     d = Path(save_dir)
     gone = []
     if _rank() == 0 and d.is_dir():
-        gone = [p for p in d.iterdir() if p.is_dir() and _NAME.match(p.name.removesuffix(".tmp"))]
+        gone = [p for p in d.iterdir() if p.is_dir() and _NAME.match(re.sub(r"\.(tmp|old)$", "", p.name))]
         for p in gone:
             shutil.rmtree(p)
         (d / LATEST).unlink(missing_ok=True)
@@ -124,22 +192,21 @@ def clear_checkpoints(save_dir: str | Path) -> list[Path]:
     return gone
 
 
-def resolve(path: str | Path) -> Path:
-    """A run directory (follows its `latest` pointer) or one checkpoint directory -> the checkpoint directory."""
+def resolve(path: str | Path, verify: bool = False, announce: bool = False) -> Path:
+    """A run directory (follows its `latest` pointer) or one checkpoint directory -> the checkpoint directory.
+
+    In a run directory a checkpoint without .metadata (or, with `verify`, one whose files do not match its
+    manifest) is skipped with one line saying what is wrong, and the newest good one older than it is used.
+    `verify` hashes every file once per process (the files are split over the ranks: then it is collective);
+    `announce` also prints a line when the files match.
+    """
     p = Path(path)
     if (p / LATEST).is_file():
-        name = (p / LATEST).read_text().strip()
-        target = p / name
-        if not (target / ".metadata").is_file():
-            complete = [c.name for c in list_checkpoints(p) if (c / ".metadata").is_file()]
-            fix = (
-                f"edit {p / LATEST} to name one of: {complete}" if complete else "no complete checkpoint is left there"
-            )
-            raise NeoxError(
-                f"{p / LATEST} points to {name!r}, which is not a complete checkpoint (no .metadata); {fix}"
-            )
-        return target
+        return _newest_good(p, verify, announce)
     if (p / ".metadata").is_file():
+        problem = _verified(p, announce) if verify else None
+        if problem:
+            raise NeoxError(f"{p}: the checkpoint is damaged ({problem}); use another checkpoint (or copy it again)")
         return p
     if p.is_dir() and list_checkpoints(p):
         raise NeoxError(f"{p} has checkpoints but no '{LATEST}' file; pass one of them, e.g. {list_checkpoints(p)[-1]}")
@@ -149,10 +216,85 @@ def resolve(path: str | Path) -> Path:
     )
 
 
+def _number(name: str) -> int | None:
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _newest_good(run: Path, verify: bool, announce: bool) -> Path:
+    """`latest`'s checkpoint, else (damaged or incomplete) the newest good one before it."""
+    name = (run / LATEST).read_text().strip()
+    newest = _number(name)
+    older = [c for c in reversed(list_checkpoints(run)) if newest is None or _number(c.name) < newest]
+    for candidate in [run / name, *older]:
+        if not (candidate / ".metadata").is_file():
+            problem = "missing" if not candidate.is_dir() else "no .metadata: its save did not finish"
+        else:
+            problem = _verified(candidate, announce) if verify else None
+        if problem is None:
+            return candidate
+        if verify or candidate.name == name:
+            _note(f"warning: checkpoint {candidate} is unusable ({problem}); trying the one before it")
+    raise NeoxError(
+        f"{run / LATEST} points to {name!r}, which is not a complete and intact checkpoint, and no good one is "
+        f"left in {run}; start afresh or copy a checkpoint back"
+    )
+
+
+_VERIFIED: dict = {}
+
+
+def _verified(ckpt: Path, announce: bool) -> str | None:
+    """What is wrong with `ckpt` against its manifest (None: nothing), computed once per process."""
+    manifest = ckpt / MANIFEST
+    try:
+        key = (str(ckpt.resolve()), manifest.stat().st_mtime_ns)
+    except OSError:
+        key = (str(ckpt.resolve()), None)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _verify(ckpt, announce)
+    return _VERIFIED[key]
+
+
+def _verify(ckpt: Path, announce: bool) -> str | None:
+    """Check every file of the manifest (present, size, sha256); rank r hashes files r, r + world, ..."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        _note(f"note: {ckpt} has no {MANIFEST} (saved before neox checked checkpoints): loading it unverified")
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable: {e}"
+    start = time.perf_counter()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = None
+    for name in sorted(files)[rank::world]:
+        f, want = ckpt / name, files[name]
+        if not f.is_file():
+            mine = f"{name} is missing"
+        elif f.stat().st_size != want["size"]:
+            mine = f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        elif _sha256(f) != want["sha256"]:
+            mine = f"{name} fails its sha256 checksum"
+        if mine:
+            break
+    problem = next((p for p in _gather(mine) if p), None)
+    if problem is None and announce:
+        size = sum(v["size"] for v in files.values())
+        _note(
+            f"checkpoint {ckpt}: {len(files)} files ({size / 1e6:.1f} MB) match {MANIFEST} "
+            f"(sha256, {time.perf_counter() - start:.1f}s)"
+        )
+    return problem
+
+
 def rng_state() -> dict:
     """This process's RNG streams: Python, NumPy, torch's CPU generator and, when CUDA is in use, the
     generator of this rank's own GPU (the current device) only, so a checkpoint restores on any GPU count."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, *rest = np.random.get_state()
+    # plain ints rather than an ndarray, so trainer_state.pt loads with torch.load(weights_only=True)
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), *rest), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -188,8 +330,40 @@ def _all_rng_states() -> list[dict]:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_state(tmp: Path, state: dict, config: dict) -> None:
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_file(tmp / STATE_FILE)
+    _write_atomic(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+
+
+def _kept(save_dir: Path) -> str:
+    try:
+        newest = newest_name(save_dir)
+    except OSError:
+        newest = None
+    return f"the earlier checkpoints are untouched (latest: {newest})" if newest else "no earlier checkpoint exists"
+
+
+def _check(error: str | None, save_dir: Path, final: Path, tmp: Path) -> None:
+    """Every rank learns the first error any rank met; then only this save's `.tmp` goes and SaveError rises."""
+    error = next((e for e in _gather(error) if e), None)
+    if error is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise SaveError(f"checkpoint: could not save {final.name} in {save_dir} ({error}); {_kept(save_dir)}")
+
+
+def _failed(save_dir: Path, final: Path, tmp: Path, e: BaseException) -> None:
+    _check(_reason(e), save_dir, final, tmp)
 
 
 def save(
@@ -213,38 +387,77 @@ def save(
     tmp = save_dir / (final.name + ".tmp")
     if saver is not None:
         saver.wait()  # finish the previous save first: it may be the leftover removed below
+    error = None
     if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of a crashed save
-        tmp.mkdir(parents=True)
-    _barrier()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # leftover of a crashed save
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _reason(e)
+    _check(error, save_dir, final, tmp)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rngs = _all_rng_states()
     if _rank() == 0:
-        torch.save({**trainer_state, "iteration": iteration, "rng": rngs}, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            _write_state(tmp, {**trainer_state, "iteration": iteration, "rng": rngs}, config)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            error = _reason(e)
+    _check(error, save_dir, final, tmp)
     finish = functools.partial(_publish, save_dir, tmp, final, keep_last_n)
+    fail = functools.partial(_failed, save_dir, final, tmp)
     if saver is None:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        except (OSError, RuntimeError, CheckpointException) as e:
+            fail(e)
         finish()
     else:
-        saver.save({"model": model_sd, "optim": optim_sd}, tmp, on_done=finish)
+        saver.save({"model": model_sd, "optim": optim_sd}, tmp, on_done=finish, on_error=fail)
     return final
 
 
 def _publish(save_dir: Path, tmp: Path, final: Path, keep_last_n: int | None) -> None:
-    """Every rank has written its shards into `tmp`: move it into place, then point `latest` at it."""
+    """Every rank has written its shards into `tmp`: each hashes its own (`__RANK_*`), rank 0 the rest and
+    writes the manifest, moves the directory into place and points `latest` at it; then old ones are pruned."""
     _barrier()
-    if _rank() == 0:
-        if final.exists():  # re-saving the same iteration (e.g. end of a run that just saved)
-            shutil.rmtree(final)
+    error, files = None, {}
+    try:
+        files = _describe(tmp, sorted(p.name for p in tmp.glob(f"__{_rank()}_*")))
+    except OSError as e:
+        error = _reason(e)
+    gathered = _gather((files, error))
+    error = next((e for _, e in gathered if e), None)
+    if _rank() == 0 and error is None:
+        try:
+            _move_into_place(save_dir, tmp, final, {k: v for f, _ in gathered for k, v in f.items()})
+        except OSError as e:
+            error = _reason(e)
+    _check(error, save_dir, final, tmp)
+    if _rank() == 0 and keep_last_n:
+        for old in list_checkpoints(save_dir)[:-keep_last_n]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def _move_into_place(save_dir: Path, tmp: Path, final: Path, files: dict) -> None:
+    rest = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name not in files)
+    files = dict(sorted({**files, **_describe(tmp, rest)}.items()))
+    _write_atomic(tmp / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+    previous = final.with_name(final.name + ".old")
+    if final.exists():  # re-saving the same iteration: the earlier copy goes only once the new one is in place
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    try:
         os.replace(tmp, final)
-        _write_atomic(save_dir / LATEST, final.name + "\n")
-        if keep_last_n:
-            for old in list_checkpoints(save_dir)[:-keep_last_n]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    except OSError:
+        if previous.exists():
+            os.replace(previous, final)
+        raise
+    _fsync_dir(save_dir)
+    _write_atomic(save_dir / LATEST, final.name + "\n")
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def load(
@@ -255,14 +468,14 @@ def load(
     Returns the saved trainer state (iteration, consumed samples, schedule, loss scaler, ...) with
     "path" added. With optimizer=None only the weights are loaded (fine-tuning).
     """
-    ckpt = resolve(path)
+    ckpt = resolve(path, verify=True, announce=True)
     if optimizer is None:
         load_model_weights(ckpt, model)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         _dcp_load({"model": model_sd, "optim": optim_sd}, ckpt)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    state = _read_state(ckpt / STATE_FILE)
     if load_rng:
         rngs = state["rng"]
         rank = _rank()
@@ -270,6 +483,21 @@ def load(
             set_rng_state(rngs[rank])
     state["path"] = str(ckpt)
     return state
+
+
+# what an older trainer_state.pt (NumPy's RNG keys saved as an ndarray) needs beyond weights_only's own types
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed it
+_NUMPY_RNG = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _read_state(path: Path) -> dict:
+    """trainer_state.pt without unpickling arbitrary objects (weights_only: tensors and plain containers)."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG):
+            return torch.load(path, weights_only=True)
+    except Exception as e:  # a damaged or foreign file: weights_only refuses what it does not know
+        lines = str(e).strip().splitlines()
+        raise NeoxError(f"{path}: cannot read the trainer state ({lines[0] if lines else type(e).__name__})") from None
 
 
 def _dcp_load(state_dict: dict, ckpt: Path) -> None:
@@ -286,8 +514,8 @@ def _dcp_load(state_dict: dict, ckpt: Path) -> None:
 
 
 def load_model_weights(checkpoint_path: str | Path, model: nn.Module) -> Path:
-    """Load only the weights of a checkpoint (a run dir means its latest) into `model`; returns the dir."""
-    ckpt = resolve(checkpoint_path)
+    """Load only the weights of a checkpoint (a run dir means its latest good one) into `model`; returns the dir."""
+    ckpt = resolve(checkpoint_path, verify=True)
     model_sd = get_model_state_dict(model)
     _dcp_load({"model": model_sd}, ckpt)
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
@@ -345,7 +573,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | No
     config they were trained with to one torch.save file, ``{"config": nested config dict, "model": parameter
     name -> full tensor}``, so that the file alone rebuilds the model:
     ``saved = torch.load(out); GPT(from_dict(saved["config"]).model).load_state_dict(saved["model"])``."""
-    ckpt = resolve(checkpoint)
+    ckpt = resolve(checkpoint, verify=True)
     out = Path(out)
     config = saved_config(ckpt)  # before the folder and the shards: a checkpoint without one fails at once
     ensure_dir(out.parent, "OUT's folder")

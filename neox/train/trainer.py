@@ -312,16 +312,23 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
         }
-        path = ckpt.save(
-            self.save_dir,
-            self.iteration,
-            self.model,
-            self.optimizer,
-            state,
-            to_dict(self.cfg),
-            keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints,
-            saver=self.saver,
-        )
+        try:
+            path = ckpt.save(
+                self.save_dir,
+                self.iteration,
+                self.model,
+                self.optimizer,
+                state,
+                to_dict(self.cfg),
+                keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints,
+                saver=self.saver,
+            )
+        except ckpt.SaveError as e:
+            if self.cfg.checkpoint.on_save_error == "continue":
+                self._say(f"warning: {e}; training continues (checkpoint.on_save_error: continue)")
+                return None
+            self._last_saved = self.iteration  # stopping: no second attempt on the way out
+            raise
         self._last_saved = self.iteration
         return path
 

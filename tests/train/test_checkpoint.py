@@ -64,7 +64,7 @@ def test_crash_before_rename_keeps_previous_latest(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.yaml, "safe_dump", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.SaveError, match="disk full"):
         ckpt.save(tmp_path, 2, model, opt, {}, {})
     assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_0000001"]
@@ -81,6 +81,10 @@ def test_weights_only_and_errors(tmp_path):
     wrong = nn.Sequential(nn.Linear(4, 5))
     with pytest.raises(NeoxError, match="does not match"):
         ckpt.load_model_weights(tmp_path, wrong)
+    # `latest` naming a checkpoint that never finished: the newest complete one before it is used
     (tmp_path / "latest").write_text("iter_0000009\n")
-    with pytest.raises(NeoxError, match="not a complete checkpoint"):
+    assert ckpt.resolve(tmp_path).name == "iter_0000003"
+    for p in tmp_path.glob("iter_*/.metadata"):
+        p.unlink()
+    with pytest.raises(NeoxError, match="not a complete and intact checkpoint"):
         ckpt.resolve(tmp_path)
