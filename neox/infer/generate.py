@@ -188,6 +188,7 @@ def _make_cache(model, batch: PaddedBatch, recompute: bool, compile: bool) -> KV
         cache = KVCache.for_model(model, batch_size=batch.size, max_len=batch.total)
     if batch.padded:
         cache.mark_padding(batch.valid[:, : batch.prompt_len])
+    cache.positions_checked = True  # _check_request checked the whole range against the model's positions
     return cache
 
 

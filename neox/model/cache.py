@@ -39,6 +39,9 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
         self.has_padding = False
+        # set by a caller that checked every position it will pass against the model's tables (generate does,
+        # up front): the model then skips its per-step check, which reads the positions back from the device
+        self.positions_checked = False
 
     @classmethod
     def for_model(

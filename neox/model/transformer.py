@@ -104,6 +104,7 @@ class GPT(nn.Module):
             pos = torch.arange(t, device=x.device)[None]
         if (
             kv_cache is not None
+            and not kv_cache.positions_checked
             and self.pos_emb in ("learned", "sinusoidal", "rotary")
             and not torch.compiler.is_compiling()
         ):
