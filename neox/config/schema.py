@@ -250,12 +250,6 @@ class CheckpointConfig:
         "continue training and try again at the next save. Either way the earlier checkpoints are untouched.",
         ("stop", "continue"),
     )
-    on_save_error: str = opt(
-        "stop",
-        "When a checkpoint cannot be written (disk full, no permission): stop the run with a one-line error, or "
-        "continue training and try again at the next save. Either way the earlier checkpoints are untouched.",
-        ("stop", "continue"),
-    )
 
 
 @dataclass
