@@ -127,7 +127,7 @@ def _exclusive(lock_path: str):
 def _save(path: str, array: np.ndarray) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=True)
+        np.save(f, array, allow_pickle=False)  # numbers only: the cache never unpickles
     os.replace(tmp, path)  # readers never see a half-written file
 
 
@@ -173,7 +173,7 @@ def build_index_mappings(
         if not all(os.path.isfile(p) for p in paths.values()):
             return None
         try:
-            arrays = {k: np.load(p, allow_pickle=True, mmap_mode="r") for k, p in paths.items()}
+            arrays = {k: np.load(p, allow_pickle=False, mmap_mode="r") for k, p in paths.items()}
         except (ValueError, OSError):
             return None
         if any(arrays[k].shape != shape for k, shape in expected.items()):

@@ -151,12 +151,23 @@ def resumes(load: str | Path, save: str | Path) -> bool:
     return load == save or load.parent == save
 
 
+def read_latest(path: Path) -> str:
+    """The checkpoint name a `latest` file holds (one line of text), or a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (UnicodeDecodeError, OSError) as e:
+        reason = "not text" if isinstance(e, UnicodeDecodeError) else e.strerror
+        raise NeoxError(
+            f"{path}: unreadable ({reason}); it should hold the name of the newest checkpoint, e.g. iter_0000020"
+        ) from None
+
+
 def newest_name(save_dir: str | Path) -> str | None:
     """The checkpoint `latest` names, else the highest-numbered one; None when there is none."""
     found = list_checkpoints(save_dir)
     latest = Path(save_dir) / LATEST
     if latest.is_file():
-        return latest.read_text().strip() or None
+        return read_latest(latest) or None
     return found[-1].name if found else None
 
 
@@ -223,7 +234,7 @@ def _number(name: str) -> int | None:
 
 def _newest_good(run: Path, verify: bool, announce: bool) -> Path:
     """`latest`'s checkpoint, else (damaged or incomplete) the newest good one before it."""
-    name = (run / LATEST).read_text().strip()
+    name = read_latest(run / LATEST)
     newest = _number(name)
     older = [c for c in reversed(list_checkpoints(run)) if newest is None or _number(c.name) < newest]
     for candidate in [run / name, *older]:

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -147,7 +146,6 @@ def test_checkpoint_metadata_only_raises_neox_errors(latest, metadata, config):
             assert isinstance(saved_config(run), dict)
 
 
-@pytest.mark.xfail(strict=True, reason="neox.train.checkpoint.resolve reads `latest` as UTF-8 without a guard")
 def test_latest_not_utf8(tmp_path):
     (tmp_path / "iter_0000001").mkdir()
     (tmp_path / "latest").write_bytes(b"\x80")
