@@ -1,9 +1,8 @@
 """A compiled decode step: one token per row through the model on a StaticKVCache, plus the greedy choice.
 
 Eager decoding of a small model is mostly per-op overhead (~200 ops a token) and, on CPU, matmuls with a
-handful of rows, where MKL is far from peak (8 x 512 x 50304 fp32: 23 ms on one Zen 3 core). Inductor fuses
-the elementwise ops and, with max-autotune, picks its own CPU GEMM when that is faster (the same product:
-12 ms). Freezing folds the weights in as constants, which is what lets it pre-pack them, so a compiled step
+handful of rows, where MKL is far from peak. Inductor fuses the elementwise ops and, with max-autotune, picks
+its own CPU GEMM when that is faster (figures in docs/benchmarks.md, "Kernel measurements"). Freezing folds the weights in as constants, which is what lets it pre-pack them, so a compiled step
 is only valid while the weights stay as they were: the step is rebuilt when any parameter changes.
 
 Shapes must not change from step to step: the cache is a StaticKVCache, and its length is rounded up to a
@@ -72,7 +71,7 @@ class CompiledStep:
         # around each call instead, which covers the compilations the call triggers
         self.options = {**device_options(device), **QUIET}
         self.shapes: set = set()  # (batch, cache length, greedy) already compiled for
-        # guards on every parameter cost ~0.35 ms a step at 70M parameters; weight changes are caught by
+        # guards on every parameter cost a check per parameter every step; weight changes are caught by
         # `stale` instead
         self.fn = torch.compile(
             _Decode(model),

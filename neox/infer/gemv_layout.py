@@ -1,9 +1,9 @@
 """The output projection's weight kept transposed in memory while decoding one sequence on CPU in fp32.
 
 Decoding a single sequence multiplies one row by the [vocab, hidden] output weight, the largest matrix of a
-small model. MKL reads that weight 2-3x faster when it is stored hidden-major (the transpose made contiguous
-and viewed back: same shape, same values, other strides): one Zen 3 core, 50304 x 512: 8.7 ms -> 4.8 ms,
-50304 x 128: 3.2 ms -> 1.0 ms; whole-step gains measured 1.2-1.4x at pythia-70m/14m shapes. The copy costs
+small model. MKL reads that weight faster when it is stored hidden-major (the transpose made contiguous and
+viewed back: same shape, same values, other strides; figures in docs/benchmarks.md, "Kernel measurements").
+The copy costs
 one pass over the weight per generation, so it is made only when enough tokens follow to repay it.
 """
 
@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-MIN_NEW_TOKENS = 16  # below this the one-off copy (~30 ms at 50304 x 512) outweighs the per-token saving
+MIN_NEW_TOKENS = 16  # below this the one-off copy of the weight outweighs the per-token saving
 
 
 def output_weight(model) -> torch.nn.Parameter | None:

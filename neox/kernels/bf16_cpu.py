@@ -1,8 +1,8 @@
 """bf16 matmuls on CPUs that have no bf16 arithmetic.
 
 Without AVX512-BF16 or AMX (AMD Zen 2/3, Intel before Cooper Lake/Sapphire Rapids) PyTorch's bf16 GEMM takes an
-emulated path: on a Zen 3 EPYC it measured 3-10x slower than fp32 for 8 to 2048 rows (one thread,
-50304x512 weight, 8 rows: 50 ms bf16 vs 16 ms below). Here the weight is converted to fp32 a block of rows at a
+emulated path, several times slower than fp32 (figures in docs/benchmarks.md, "Kernel measurements"). Here the
+weight is converted to fp32 a block of rows at a
 time, small enough to stay in cache, and multiplied in fp32. That is the arithmetic a native bf16 GEMM does
 (bf16 x bf16 products are exact in fp32 and accumulate in fp32), the weight is still read as bf16, and the
 result is rounded back to bf16 once. The backward pass works the same way, so training in bf16 (pure or
