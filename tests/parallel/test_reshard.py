@@ -107,6 +107,8 @@ def test_save_under_one_layout_resume_under_three_others(corpus, tmp_path):
     )
     fp16 = resumed.pop("tp2 fp16")
     assert fp16 == pytest.approx(run_here(corpus, model=SAME_VOCAB, precision={"precision": "fp16"}), abs=1e-2)
+    # and fp16 really ran: the same run in fp32 (`straight`) gives other losses
+    assert max(abs(a - b) for a, b in zip(fp16, straight)) > 1e-4
     resumed["single process"] = single.losses
     for name, losses in resumed.items():
         assert losses == pytest.approx(straight[STOP:], abs=1e-5), name
