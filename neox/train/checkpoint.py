@@ -5,15 +5,16 @@ Layout (docs/architecture.md):
     SAVE/iter_0000020/          DCP shards of {"model", "optim"}; config.yml; trainer_state.pt
 
 A checkpoint is written to `iter_XXXXXXX.tmp`; when every file is in place (DCP fsyncs its shards, neox its own
-files) the sizes and sha256 of all of them go to `manifest.json`, the directory is fsynced and renamed, and
-`latest` is replaced (write, fsync, rename, fsync of the run directory) after that, so a crash at any point
-leaves the previous checkpoint as `latest`. A save that fails (disk full, no permission) removes only its own
-`.tmp` directory and raises `SaveError`, one line, on every rank.
+files) the sizes and sha256 of all of them go to `manifest.json` (neox/train/manifest.py), the directory is
+fsynced and renamed, and `latest` is replaced (write, fsync, rename, fsync of the run directory) after that, so
+a crash at any point leaves the previous checkpoint as `latest`. A save that fails (disk full, no permission)
+removes only its own `.tmp` directory and raises `SaveError`, one line, on every rank.
 
 Loading verifies the manifest (every file present, its size, its sha256, read in 8 MiB chunks; the files are
 split over the ranks) and says so in one line; a damaged or incomplete checkpoint is named with what is wrong and
 the newest good one before it is used instead. Hashing reads the whole checkpoint once: about a second per
-GB per rank. Checkpoints written before manifests existed load unverified, with a note.
+GB per rank. Checkpoints written before manifests existed load unverified, with a note. Every rank's RNG
+streams go into trainer_state.pt (neox/train/rng_state.py).
 Model and optimizer go through get_state_dict / set_state_dict, which give parameter-name keys without
 wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) and DTensor shards under FSDP/TP, so a
 checkpoint saved under one parallel layout loads under another; `load_full_model_state` and `consolidate`
@@ -23,18 +24,12 @@ read any layout's shards whole in one process, without torch.distributed.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-import random
 import re
 import shutil
-import sys
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -53,12 +48,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from neox.config.yaml_io import read_config_file
 from neox.errors import ConfigError, NeoxError, ensure_dir
+from neox.train import manifest
+from neox.train.manifest import MANIFEST as MANIFEST
+from neox.train.manifest import fsync_dir, fsync_file, gather, note, rank, write_atomic
+from neox.train.rng_state import LEGACY_NUMPY_GLOBALS, all_rng_states, set_rng_state
+from neox.train.rng_state import rng_state as rng_state
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yml"
-MANIFEST = "manifest.json"
-_CHUNK = 8 << 20
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
@@ -73,10 +71,6 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -84,20 +78,6 @@ def _barrier() -> None:
 
 class SaveError(NeoxError):
     """A checkpoint could not be written (disk full, no permission); every earlier checkpoint is untouched."""
-
-
-def _note(text: str) -> None:
-    """A line about checkpoints for the user: rank 0, on stderr, so a quiet trainer still shows it."""
-    if _rank() == 0:
-        print(text, file=sys.stderr, flush=True)
-
-
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _reason(e: BaseException) -> str:
@@ -109,31 +89,6 @@ def _reason(e: BaseException) -> str:
         return e.strerror + (f": {e.filename}" if e.filename else "")
     lines = str(e).strip().splitlines()
     return lines[-1] if lines else type(e).__name__
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _describe(root: Path, names) -> dict:
-    return {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -194,7 +149,7 @@ def clear_checkpoints(save_dir: str | Path) -> list[Path]:
     """Remove every checkpoint (complete or not) and `latest` from `save_dir` (rank 0); returns what went."""
     d = Path(save_dir)
     gone = []
-    if _rank() == 0 and d.is_dir():
+    if rank() == 0 and d.is_dir():
         gone = [p for p in d.iterdir() if p.is_dir() and _NAME.match(re.sub(r"\.(tmp|old)$", "", p.name))]
         for p in gone:
             shutil.rmtree(p)
@@ -215,7 +170,7 @@ def resolve(path: str | Path, verify: bool = False, announce: bool = False) -> P
     if (p / LATEST).is_file():
         return _newest_good(p, verify, announce)
     if (p / ".metadata").is_file():
-        problem = _verified(p, announce) if verify else None
+        problem = manifest.verified(p, announce) if verify else None
         if problem:
             raise NeoxError(f"{p}: the checkpoint is damaged ({problem}); use another checkpoint (or copy it again)")
         return p
@@ -241,118 +196,21 @@ def _newest_good(run: Path, verify: bool, announce: bool) -> Path:
         if not (candidate / ".metadata").is_file():
             problem = "missing" if not candidate.is_dir() else "no .metadata: its save did not finish"
         else:
-            problem = _verified(candidate, announce) if verify else None
+            problem = manifest.verified(candidate, announce) if verify else None
         if problem is None:
             return candidate
         if verify or candidate.name == name:
-            _note(f"warning: checkpoint {candidate} is unusable ({problem}); trying the one before it")
+            note(f"warning: checkpoint {candidate} is unusable ({problem}); trying the one before it")
     raise NeoxError(
         f"{run / LATEST} points to {name!r}, which is not a complete and intact checkpoint, and no good one is "
         f"left in {run}; start afresh or copy a checkpoint back"
     )
 
 
-_VERIFIED: dict = {}
-
-
-def _verified(ckpt: Path, announce: bool) -> str | None:
-    """What is wrong with `ckpt` against its manifest (None: nothing), computed once per process."""
-    manifest = ckpt / MANIFEST
-    try:
-        key = (str(ckpt.resolve()), manifest.stat().st_mtime_ns)
-    except OSError:
-        key = (str(ckpt.resolve()), None)
-    if key not in _VERIFIED:
-        _VERIFIED[key] = _verify(ckpt, announce)
-    return _VERIFIED[key]
-
-
-def _verify(ckpt: Path, announce: bool) -> str | None:
-    """Check every file of the manifest (present, size, sha256); rank r hashes files r, r + world, ..."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        _note(f"note: {ckpt} has no {MANIFEST} (saved before neox checked checkpoints): loading it unverified")
-        return None
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} unreadable: {e}"
-    start = time.perf_counter()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = None
-    for name in sorted(files)[rank::world]:
-        f, want = ckpt / name, files[name]
-        if not f.is_file():
-            mine = f"{name} is missing"
-        elif f.stat().st_size != want["size"]:
-            mine = f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
-        elif _sha256(f) != want["sha256"]:
-            mine = f"{name} fails its sha256 checksum"
-        if mine:
-            break
-    problem = next((p for p in _gather(mine) if p), None)
-    if problem is None and announce:
-        size = sum(v["size"] for v in files.values())
-        _note(
-            f"checkpoint {ckpt}: {len(files)} files ({size / 1e6:.1f} MB) match {MANIFEST} "
-            f"(sha256, {time.perf_counter() - start:.1f}s)"
-        )
-    return problem
-
-
-def rng_state() -> dict:
-    """This process's RNG streams: Python, NumPy, torch's CPU generator and, when CUDA is in use, the
-    generator of this rank's own GPU (the current device) only, so a checkpoint restores on any GPU count."""
-    name, keys, *rest = np.random.get_state()
-    # plain ints rather than an ndarray, so trainer_state.pt loads with torch.load(weights_only=True)
-    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), *rest), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore `rng_state()`'s streams; the saved GPU stream goes to the current device whatever the device
-    count (none: only the CPU streams are restored). Checkpoints written before the GPU state was per rank hold
-    every GPU's state in a list: the current device's entry is taken when there is one."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is None or not torch.cuda.is_available():
-        return
-    if isinstance(cuda, (list, tuple)):
-        index = torch.cuda.current_device()
-        if index >= len(cuda):
-            return
-        cuda = cuda[index]
-    torch.cuda.set_rng_state(cuda)
-
-
-def _all_rng_states() -> list[dict]:
-    """Every rank's RNG state (rank order), so each rank resumes its own dropout stream."""
-    mine = rng_state()
-    if not dist.is_initialized():
-        return [mine]
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_state(tmp: Path, state: dict, config: dict) -> None:
     torch.save(state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    _write_atomic(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    fsync_file(tmp / STATE_FILE)
+    write_atomic(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
 
 def _kept(save_dir: Path) -> str:
@@ -365,10 +223,10 @@ def _kept(save_dir: Path) -> str:
 
 def _check(error: str | None, save_dir: Path, final: Path, tmp: Path) -> None:
     """Every rank learns the first error any rank met; then only this save's `.tmp` goes and SaveError rises."""
-    error = next((e for e in _gather(error) if e), None)
+    error = next((e for e in gather(error) if e), None)
     if error is None:
         return
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     raise SaveError(f"checkpoint: could not save {final.name} in {save_dir} ({error}); {_kept(save_dir)}")
 
@@ -399,7 +257,7 @@ def save(
     if saver is not None:
         saver.wait()  # finish the previous save first: it may be the leftover removed below
     error = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)  # leftover of a crashed save
@@ -408,8 +266,8 @@ def save(
             error = _reason(e)
     _check(error, save_dir, final, tmp)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    rngs = _all_rng_states()
-    if _rank() == 0:
+    rngs = all_rng_states()
+    if rank() == 0:
         try:
             _write_state(tmp, {**trainer_state, "iteration": iteration, "rng": rngs}, config)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
@@ -434,18 +292,18 @@ def _publish(save_dir: Path, tmp: Path, final: Path, keep_last_n: int | None) ->
     _barrier()
     error, files = None, {}
     try:
-        files = _describe(tmp, sorted(p.name for p in tmp.glob(f"__{_rank()}_*")))
+        files = manifest.describe(tmp, sorted(p.name for p in tmp.glob(f"__{rank()}_*")))
     except OSError as e:
         error = _reason(e)
-    gathered = _gather((files, error))
+    gathered = gather((files, error))
     error = next((e for _, e in gathered if e), None)
-    if _rank() == 0 and error is None:
+    if rank() == 0 and error is None:
         try:
             _move_into_place(save_dir, tmp, final, {k: v for f, _ in gathered for k, v in f.items()})
         except OSError as e:
             error = _reason(e)
     _check(error, save_dir, final, tmp)
-    if _rank() == 0 and keep_last_n:
+    if rank() == 0 and keep_last_n:
         for old in list_checkpoints(save_dir)[:-keep_last_n]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -453,9 +311,7 @@ def _publish(save_dir: Path, tmp: Path, final: Path, keep_last_n: int | None) ->
 
 
 def _move_into_place(save_dir: Path, tmp: Path, final: Path, files: dict) -> None:
-    rest = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name not in files)
-    files = dict(sorted({**files, **_describe(tmp, rest)}.items()))
-    _write_atomic(tmp / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+    manifest.write(tmp, files)
     previous = final.with_name(final.name + ".old")
     if final.exists():  # re-saving the same iteration: the earlier copy goes only once the new one is in place
         shutil.rmtree(previous, ignore_errors=True)
@@ -466,8 +322,8 @@ def _move_into_place(save_dir: Path, tmp: Path, final: Path, files: dict) -> Non
         if previous.exists():
             os.replace(previous, final)
         raise
-    _fsync_dir(save_dir)
-    _write_atomic(save_dir / LATEST, final.name + "\n")
+    fsync_dir(save_dir)
+    write_atomic(save_dir / LATEST, final.name + "\n")
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -489,22 +345,17 @@ def load(
     state = _read_state(ckpt / STATE_FILE)
     if load_rng:
         rngs = state["rng"]
-        rank = _rank()
-        if rank < len(rngs):
-            set_rng_state(rngs[rank])
+        me = rank()
+        if me < len(rngs):
+            set_rng_state(rngs[me])
     state["path"] = str(ckpt)
     return state
-
-
-# what an older trainer_state.pt (NumPy's RNG keys saved as an ndarray) needs beyond weights_only's own types
-_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed it
-_NUMPY_RNG = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _read_state(path: Path) -> dict:
     """trainer_state.pt without unpickling arbitrary objects (weights_only: tensors and plain containers)."""
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG):
+        with torch.serialization.safe_globals(LEGACY_NUMPY_GLOBALS):
             return torch.load(path, weights_only=True)
     except Exception as e:  # a damaged or foreign file: weights_only refuses what it does not know
         lines = str(e).strip().splitlines()

@@ -162,7 +162,7 @@ def test_disk_full_in_torch_save_and_in_the_manifest(tmp_path, monkeypatch):
     with pytest.raises(ckpt.SaveError, match="PytorchStreamWriter failed writing file"):
         ckpt.save(tmp_path, 3, *make(), {}, {})
     monkeypatch.undo()
-    monkeypatch.setattr(ckpt.json, "dumps", enospc)
+    monkeypatch.setattr(json, "dumps", enospc)  # the manifest is written with json.dumps
     with pytest.raises(ckpt.SaveError, match="No space left on device"):
         ckpt.save(tmp_path, 3, *make(), {}, {})
     monkeypatch.undo()
