@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from neox.commands.common import check_positive
-from neox.data.corpora import EVAL_DATA_ENV
+from neox.data.eval_sets import EVAL_DATA_ENV
 from neox.errors import NeoxError, ensure_dir
 from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
 from neox.interop.eval_tasks import local_task_dirs

@@ -16,7 +16,8 @@ import sys
 
 from neox.config.schema import TokenizerConfig
 from neox.data import corpora
-from neox.data.corpora import EVAL_DATA_ENV, EVAL_SETS, MIRROR_ENV
+from neox.data.download import MIRROR_ENV
+from neox.data.eval_sets import EVAL_DATA_ENV, EVAL_SETS, eval_data_dir
 from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.errors import NeoxError
 
@@ -76,7 +77,7 @@ def run(args) -> int:
                 f"{flag}: {args.name} is an eval set; it goes to the eval data folder "
                 f"(--out DIR, else ${EVAL_DATA_ENV} or ~/.cache/neox/eval-data)"
             )
-        out_dir = corpora.eval_data_dir(args.out)
+        out_dir = eval_data_dir(args.out)
     else:
         out_dir = args.out or os.path.join(args.data_dir or os.environ.get("DATA_DIR", "./data"), args.name)
     jsonl = corpora.prepare(
@@ -88,7 +89,7 @@ def run(args) -> int:
         progress=False if args.quiet else None,
     )
     print(f"wrote {jsonl}")
-    if args.name in EVAL_SETS and out_dir != corpora.eval_data_dir():
+    if args.name in EVAL_SETS and out_dir != eval_data_dir():
         print(f"neox eval reads it with --data-dir {out_dir} (or {EVAL_DATA_ENV}={out_dir})", file=sys.stderr)
     if args.tokenizer_type:
         corpus = corpora.CORPORA.get(args.name)

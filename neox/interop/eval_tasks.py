@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from neox.data.corpora import EVAL_DATA_ENV, eval_data_dir, eval_set_for
+from neox.data.eval_sets import EVAL_DATA_ENV, eval_data_dir, eval_set_for
 from neox.errors import NeoxError
 
 TEMPLATES = Path(__file__).with_name("tasks")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from neox.data.corpora import eval_set_for
+from neox.data.eval_sets import eval_set_for
 from neox.errors import NeoxError
 from neox.infer.generate import generate, select_hidden, unwrap
 from neox.infer.sampling import SamplingParams
