@@ -30,6 +30,9 @@ RENAMES: dict[str, tuple[str, str]] = {
     "num_key_value_heads": ("model", "num_kv_heads"),
     "min_scale": ("precision", "min_loss_scale"),
     "train_label_data_paths": ("data", "label_data_paths"),
+    "moe_loss_coeff": ("model", "moe_aux_loss_coeff"),
+    "num_experts": ("model", "moe_num_experts"),
+    "expert_interval": ("model", "moe_expert_interval"),
 }
 
 # (group, key) -> target, for GPT-NeoX spellings written inside one of our groups.
@@ -131,7 +134,6 @@ NO_EFFECT: dict[str, str] = {
     "use_cpu_initialization": "weights are always initialised on the CPU-or-meta device chosen by the parallel layout",
     "attention_softmax_in_fp32": "the SDPA kernels accumulate the softmax in fp32",
     "data_types": "gradients accumulate in the parameters' dtype: fp32 master weights, except bf16_mode: pure",
-    "log_grad_norm": "grad_norm is always logged with the other training metrics",
     "output_layer_parallelism": "the tensor-parallel plan shards the output layer along the vocabulary",
     "gmlp_attn_dim": "only used by gMLP layers, which are not implemented",
     "rotary_save_freqs_buffer": "rotary frequencies are recomputed, never stored in checkpoints",
@@ -157,26 +159,12 @@ NO_EFFECT: dict[str, str] = {
     "profile_step_start": "only used with profile, which is not supported",
     "profile_step_stop": "only used with profile, which is not supported",
     "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
-    **dict.fromkeys(
-        (
-            "moe_top_k",
-            "moe_loss_coeff",
-            "moe_train_capacity_factor",
-            "moe_eval_capacity_factor",
-            "moe_min_capacity",
-            "moe_token_dropping",
-            "create_moe_param_group",
-            "moe_use_residual",
-            "moe_expert_parallel_size",
-            "moe_type",
-            "moe_glu",
-            "moe_lbl_in_fp32",
-            "moe_jitter_eps",
-            "enable_expert_tensor_parallelism",
-            "expert_interval",
-        ),
-        "only used with moe_num_experts > 1, which is not supported",
-    ),
+    "curriculum_seqlen": "GPT-NeoX tracks the current curriculum length in it at run time; it is computed "
+    "here too (train.curriculum_*)",
+    "create_moe_param_group": "DeepSpeed's separate optimizer group for expert weights; expert parameters "
+    "take the same optimizer settings as the others",
+    "moe_use_residual": "only used by GPT-NeoX's DeepSpeed MoE (moe_type: deepspeed), not by its dropless MoE "
+    "or this one; for an always-on dense expert set moe_num_shared_experts",
     **dict.fromkeys(
         (
             "mamba_selective_scan_fusion",
@@ -207,8 +195,13 @@ NO_EFFECT: dict[str, str] = {
 
 # key -> (values meaning "off", reason when another value is given)
 ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
-    "checkpoint_num_layers": ((1,), "activation checkpointing recomputes one block at a time"),
-    "sparsity_config": ((None, {}), "sparse attention is not implemented (only global attention)"),
+    "moe_expert_parallel_size": ((1,), "expert parallelism is not implemented; experts are sharded by ZeRO "
+    "(zero_stage) like the other weights"),
+    "moe_type": (("megablocks",), "only the dropless (megablocks-style) MoE is implemented; DeepSpeed MoE's "
+    "capacity-limited routing is moe_token_dropping: true"),
+    "moe_glu": ((False,), "experts are gated exactly when activation is geglu, swiglu or reglu; set activation"),
+    "enable_expert_tensor_parallelism": ((False,), "expert weights are not split by tensor parallelism"),
+    "use_tutel": ((False,), "Tutel kernels are not used: experts run as one grouped matmul"),
     "num_unique_layers": ((None,), "layer sharing is not implemented"),
     "soft_prompt_tuning": ((None, {}, {"enabled": False}), "soft prompt tuning is not implemented"),
     "opt_pos_emb_offset": ((0,), "OPT's learned position offset is not implemented"),
@@ -220,11 +213,7 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "use_bnb_optimizer": ((False,), "bitsandbytes optimizers are not supported"),
     "use_checkpoint_lr_scheduler": ((False,), "the schedule is always recomputed from the config"),
     "log_grad_pct_zeros": ((False,), "not implemented"),
-    "log_param_norm": ((False,), "not implemented"),
     "log_optimizer_states": ((False,), "not implemented"),
-    "log_gradient_noise_scale": ((False,), "not implemented"),
-    "gradient_noise_scale_n_batches": ((5,), "gradient noise scale logging is not implemented"),
-    "gradient_noise_scale_cpu_offload": ((False,), "gradient noise scale logging is not implemented"),
     "wandb_init_all_ranks": ((False,), "W&B runs on rank 0 only"),
     "memory_profiling": ((False,), "use torch.profiler / PYTORCH_CUDA_ALLOC_CONF directly"),
     "profile": ((False,), "use torch.profiler directly"),
@@ -233,10 +222,7 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "use_mup": ((False,), "muP is not implemented"),
     "coord_check": ((False,), "muP is not implemented"),
     "save_base_shapes": ((False,), "muP is not implemented"),
-    "moe_num_experts": ((1, None), "mixture of experts is not implemented"),
-    "num_experts": ((1, None), "mixture of experts is not implemented"),
     "use_qk_layernorm": ((False,), "QK layernorm is not implemented"),
-    "sliding_window_width": ((None,), "sliding-window attention is not implemented (only global attention)"),
     "char_level_ppl": ((False,), "not implemented"),
     "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
     **dict.fromkeys(
@@ -272,7 +258,10 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "no_save_rng": ((False,), "checkpoints always hold the RNG state (use no_load_rng when loading)"),
     "checkpoint_in_cpu": ((False,), "activation checkpoints are recomputed, never offloaded"),
     "memory_profiling_path": ((None,), "memory profiling is not implemented"),
-    "sparse_attention": ((None, {}), "sparse attention is not implemented (only global attention)"),
+    "sparse_attention": (
+        (None, {}),
+        "DeepSpeed's own sparse_attention block is not read; set attention_config and sparsity_config",
+    ),
     "data_efficiency": ((None, {}), "DeepSpeed data efficiency is not supported"),
     "compression_training": ((None, {}), "DeepSpeed compression training is not supported"),
     "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
@@ -282,10 +271,8 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
         ((1, 1.0), "muP is not implemented"),
     ),
     "mup_width_scale": ((2,), "muP is not implemented"),
-    "use_tutel": ((False,), "mixture of experts is not implemented"),
     "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
     "allow_chopped": ((True,), "the GPT-NeoX packed order always allows chopped samples"),
-    "curriculum_learning": ((None, {}), "curriculum learning is not implemented"),
     "return_logits": ((False,), "generation returns text"),
     "prompt_end": (("\n",), "prompts are one per line (or JSONL)"),
     "model_arch": (("gpt2",), "only decoder-only models are implemented"),
@@ -311,7 +298,6 @@ REJECTED: dict[str, str] = {
     "wandb_host": "set the WANDB_BASE_URL environment variable instead",
     "s3_path": "neox does not upload checkpoints (no network at run time); copy checkpoint.save yourself",
     "s3_chunk_size": "neox does not upload checkpoints",
-    "curriculum_seqlen": "curriculum learning is not implemented",
     "base_shapes_file": "muP is not implemented",
     "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
     "num_encoder_layers": "only decoder-only models are implemented",
@@ -540,31 +526,14 @@ def handle_zero(c, key: str, value: Any) -> None:
             )
 
 
-_GLOBAL_ATTENTION = ("global", "flash")
-
-
 def handle_attention_config(c, key: str, value: Any) -> None:
-    """`attention_config: [[["global"], N]]`: every layer global causal attention (flash is the same math)."""
+    """GPT-NeoX `attention_config: [[["local", "global"], "all"]]` (or `[[["global"], 12]]`, or one name per
+    layer) -> model.attention_types; the expansion needs num_layers, so it happens after merging (validate)."""
     if value is None:
         return
     if not isinstance(value, list):
-        raise c.error(key, f'expected a list like [[["global"], 12]], got {value!r}')
-    for item in value:
-        if not (
-            isinstance(item, (list, tuple))
-            and len(item) == 2
-            and isinstance(item[0], (list, tuple))
-            and isinstance(item[1], int)
-        ):
-            raise c.error(key, f'expected entries like [["global"], 12], got {item!r}')
-        for kind in item[0]:
-            if kind not in _GLOBAL_ATTENTION:
-                raise c.error(
-                    key,
-                    f"attention type {kind!r} is not supported: only global attention "
-                    "(GPT-NeoX 'global' or 'flash') is implemented",
-                )
-    c.note(key, "every layer uses global causal attention through scaled_dot_product_attention")
+        raise c.error(key, f'expected a list like [[["global"], 12]] or [[["local", "global"], "all"]], got {value!r}')
+    c.set(("model", "attention_types"), value, key)
 
 
 _GATED = {
@@ -623,7 +592,44 @@ def apply_pseudo_fields(merged: dict) -> dict:
     return extras
 
 
+# DeepSpeed's curriculum_learning block -> train.curriculum_* (schedule_config keys are DeepSpeed's).
+_CURRICULUM = {
+    "enabled": "curriculum_enabled",
+    "curriculum_type": "curriculum_type",
+    "min_difficulty": "curriculum_min_difficulty",
+    "max_difficulty": "curriculum_max_difficulty",
+    "schedule_type": "curriculum_schedule_type",
+}
+_CURRICULUM_SCHEDULE = {
+    "total_curriculum_step": "curriculum_total_steps",
+    "difficulty_step": "curriculum_difficulty_step",
+    "root_degree": "curriculum_root_degree",
+    "difficulty": "curriculum_difficulties",
+    "max_step": "curriculum_max_steps",
+}
+
+
+def handle_curriculum(c, key: str, value: Any) -> None:
+    """DeepSpeed `curriculum_learning: {enabled, curriculum_type, min_difficulty, max_difficulty, schedule_type,
+    schedule_config: {total_curriculum_step, difficulty_step, root_degree, difficulty, max_step}}`."""
+    if value is None:
+        return
+    for raw, v in _mapping(c, key, value).items():
+        k, shown = normalize_key(raw), f"{key}.{raw}"
+        if k in _CURRICULUM:
+            c.set(("train", _CURRICULUM[k]), v, shown)
+        elif k == "schedule_config":
+            for raw2, v2 in _mapping(c, shown, v).items():
+                k2, shown2 = normalize_key(raw2), f"{shown}.{raw2}"
+                if k2 not in _CURRICULUM_SCHEDULE:
+                    raise c.error(shown2, "unknown schedule_config setting" + did_you_mean(k2, list(_CURRICULUM_SCHEDULE)))
+                c.set(("train", _CURRICULUM_SCHEDULE[k2]), v2, shown2)
+        else:
+            raise c.error(shown, "unknown curriculum_learning setting" + did_you_mean(k, [*_CURRICULUM, "schedule_config"]))
+
+
 HANDLERS: dict[str, Callable] = {
+    "curriculum_learning": handle_curriculum,
     "precision": handle_precision,
     "optimizer": handle_optimizer,
     "fp16": handle_fp16,
@@ -657,4 +663,7 @@ HANDLER_DOCS: dict[tuple[str, str], list[str]] = {
     ],
     ("model", "activation"): ["mlp_type: llama (turns gelu/relu/silu into geglu/reglu/swiglu)"],
     ("model", "intermediate_size"): ["expansion_factor", "mlp_multiple_of"],
+    ("model", "attention_types"): ["attention_config (expanded to one type per layer)"],
+    **{("train", f): [f"curriculum_learning.{k}"] for k, f in _CURRICULUM.items()},
+    **{("train", f): [f"curriculum_learning.schedule_config.{k}"] for k, f in _CURRICULUM_SCHEDULE.items()},
 }

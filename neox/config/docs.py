@@ -41,8 +41,9 @@ Generated from `neox/config/schema.py` and `neox/config/aliases.py` by `neox con
 - Structured GPT-NeoX keys: `optimizer: {type, params: {lr, betas, eps, weight_decay}}`, `fp16: {enabled,
   loss_scale, initial_scale_power, loss_scale_window, hysteresis, min_loss_scale}`, `bf16: {enabled}`,
   `precision: bfloat16|float16|float32`, `zero_optimization: {stage, cpu_offload, offload_optimizer, ...}`
-  (DeepSpeed bucket/overlap tuning has no effect), `attention_config: [[["global"], N]]` (only `global` and
-  `flash`, which is the same math, are accepted), `mlp_type: llama` (gated form of `activation`).
+  (DeepSpeed bucket/overlap tuning has no effect), `attention_config: [[["local", "global"], "all"]]` or
+  `[[["global"], N], ...]` (expanded into `attention_types`, one per layer; `flash` is global), `mlp_type: llama`
+  (gated form of `activation`).
 - Defaults are neox's own, not GPT-NeoX's: a GPT-NeoX config that relies on GPT-NeoX defaults should state
   them (GPT-NeoX defaults `pos_emb: learned`, `lr_decay_style: linear`, `weight_decay: 0.1`,
   `log_interval: 100`, `eval_iters: 100`, `pipe_parallel_size: 0`, `tokenizer_type: GPT2BPETokenizer`).

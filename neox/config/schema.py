@@ -75,7 +75,80 @@ class ModelConfig:
     init_method: str = opt("normal", "Initialisation of input-side weights.", INIT_METHODS)
     output_layer_init_method: str = opt("scaled_normal", "Initialisation of residual-output weights.", INIT_METHODS)
     init_method_std: float = opt(0.02, "Standard deviation for normal-type inits.")
-
+    attention_types: list | None = opt(
+        None,
+        "Attention type of each layer (GPT-NeoX attention_config, expanded at load: [[[\"local\", \"global\"], "
+        "\"all\"]] alternates over every layer): global (flash is the same and loads as global), local, "
+        "sparse_fixed, sparse_variable, bigbird, bslongformer (DeepSpeed's causal block-sparse layouts, shaped by "
+        "sparsity_config). None = global everywhere.",
+    )
+    sparsity_config: dict = opt(
+        {},
+        "Block-sparse layout settings read by the non-global layer types, GPT-NeoX's keys and defaults: block (16), "
+        "different_layout_per_head, num_local_blocks, num_global_blocks, num_different_global_patterns, "
+        "num_random_blocks, local_window_blocks, global_block_indices, global_block_end_indices, "
+        "num_sliding_window_blocks. Random blocks are drawn from a fixed per-layer seed (same on every rank and resume).",
+    )
+    sliding_window_width: int | None = opt(
+        None,
+        "Mistral-style sliding window (GPT-NeoX's key): each token attends to itself and the previous "
+        "sliding_window_width tokens, in every layer. None = no window.",
+    )
+    moe_num_experts: int = opt(
+        1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE)."
+    )
+    moe_top_k: int = opt(1, "Experts each token is routed to.")
+    moe_router_type: str = opt(
+        "sinkhorn",
+        "Router: topk (the k largest softmax probabilities) or sinkhorn (GPT-NeoX's default, S-BASE: while "
+        "training, the k experts of the Sinkhorn-balanced assignment, weighted by softmax (k > 1) or sigmoid "
+        "(k = 1) of their logits; plain top-k at evaluation).",
+        ("topk", "sinkhorn"),
+    )
+    moe_jitter_eps: float | None = opt(
+        None, "While training, multiply the router's input by uniform noise in [1 - eps, 1 + eps]; None = off."
+    )
+    moe_lbl_in_fp32: bool = opt(
+        False, "Compute the load-balancing loss from fp32 router probabilities (else in the router's dtype)."
+    )
+    moe_aux_loss_coeff: float = opt(
+        0.0,
+        "Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e per MoE layer (f_e: share of "
+        "assignments to expert e, P_e: its mean router probability); 0 = off (GPT-NeoX's dropless MoE has none). "
+        "GPT-NeoX's DeepSpeed-MoE key moe_loss_coeff loads as this.",
+    )
+    moe_z_loss_coeff: float = opt(
+        0.0, "Weight of the ST-MoE router z-loss, mean over tokens of logsumexp(router logits)^2; 0 = off."
+    )
+    moe_expert_interval: int = opt(
+        1, "Block i has an MoE MLP when i % moe_expert_interval == 0 (GPT-NeoX's rule); the others stay dense."
+    )
+    moe_topk_renormalize: bool = opt(
+        False,
+        "Divide the k selected router probabilities by their sum (Mixtral); GPT-NeoX's routers keep them as they are.",
+    )
+    moe_token_dropping: bool = opt(
+        False,
+        "Give each expert a capacity and drop the assignments beyond it (first choices before second choices, "
+        "then token order, as GShard); false = dropless, every assignment is computed.",
+    )
+    moe_train_capacity_factor: float = opt(
+        1.0, "With moe_token_dropping: capacity = max(ceil(factor * tokens * k / E), moe_min_capacity) in training."
+    )
+    moe_eval_capacity_factor: float = opt(1.0, "With moe_token_dropping: the capacity factor at evaluation.")
+    moe_min_capacity: int = opt(4, "With moe_token_dropping: the smallest capacity of an expert.")
+    moe_num_shared_experts: int = opt(
+        0,
+        "Always-on experts (DeepSeek-style): every token also passes a dense MLP of width "
+        "moe_num_shared_experts * intermediate_size, added to the routed experts' output.",
+    )
+    moe_dispatch: str = opt(
+        "grouped_mm",
+        "How the experts run over their tokens: grouped_mm (tokens sorted by expert, torch.nn.functional."
+        "grouped_mm; no host sync) or padded (a batched matmul over [experts, load, hidden], the load being the "
+        "capacity with token dropping, else the largest expert's load, read back once per layer).",
+        ("grouped_mm", "padded"),
+    )
 
 @dataclass
 class TokenizerConfig:
@@ -132,6 +205,44 @@ class TrainConfig:
     seed: int = opt(1234, "Seed for initialisation, dropout and data order.")
     gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
     checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
+    checkpoint_num_layers: int = opt(
+        1, "Transformer blocks per activation checkpoint (checkpoint_granularity: full): only the first block's input is kept."
+    )
+    checkpoint_granularity: str = opt(
+        "full",
+        "What checkpoint_activations recomputes: whole blocks (full), only attention (selective_attention), or "
+        "each block except its matmul and attention outputs, which are kept (selective_op, PyTorch's "
+        "selective activation checkpointing).",
+        ("full", "selective_attention", "selective_op"),
+    )
+    curriculum_enabled: bool = opt(
+        False, "Sequence-length curriculum (DeepSpeed's curriculum_learning.enabled): samples are truncated."
+    )
+    curriculum_type: str = opt("seqlen", "Curriculum metric (curriculum_learning.curriculum_type).", ("seqlen",))
+    curriculum_min_difficulty: int | None = opt(
+        None, "First sequence length of the curriculum (curriculum_learning.min_difficulty); required when enabled."
+    )
+    curriculum_max_difficulty: int | None = opt(
+        None, "Last sequence length of the curriculum (curriculum_learning.max_difficulty); None = seq_length."
+    )
+    curriculum_schedule_type: str = opt(
+        "fixed_linear",
+        "How the sequence length grows (curriculum_learning.schedule_type).",
+        ("fixed_linear", "fixed_root", "fixed_discrete"),
+    )
+    curriculum_total_steps: int | None = opt(
+        None, "Steps from min to max length, fixed_linear/fixed_root (schedule_config.total_curriculum_step)."
+    )
+    curriculum_difficulty_step: int = opt(
+        8, "Lengths are multiples of this, fixed_linear/fixed_root (schedule_config.difficulty_step)."
+    )
+    curriculum_root_degree: float = opt(2, "Root of the fixed_root schedule (schedule_config.root_degree).")
+    curriculum_difficulties: list = opt(
+        [], "fixed_discrete lengths, one more than curriculum_max_steps (schedule_config.difficulty)."
+    )
+    curriculum_max_steps: list = opt(
+        [], "fixed_discrete: the last step of each length but the final one (schedule_config.max_step)."
+    )
     compile: bool = opt(False, "torch.compile the model.")
     device: str = opt("auto", "cpu, cuda, or auto.")
 
@@ -262,6 +373,15 @@ class LoggingConfig:
     wandb_project: str = opt("neox", "W&B project.")
     wandb_group: str | None = opt(None, "W&B group.")
     wandb_mode: str = opt("offline", "W&B mode: online or offline.", ("online", "offline", "disabled"))
+    log_grad_norm: bool = opt(False, "Log each parameter's gradient norm (gradient_norms/NAME) at log lines.")
+    log_param_norm: bool = opt(False, "Log each parameter's norm (parameter_norms/NAME) at log lines.")
+    log_gradient_noise_scale: bool = opt(
+        False, "Log GPT-NeoX's gradient noise scale estimate (noise_scale), from consecutive steps' gradients."
+    )
+    gradient_noise_scale_n_batches: int = opt(
+        5, "Steps averaged into the big-batch gradient of the noise scale estimate (keeps a copy of the gradients)."
+    )
+    gradient_noise_scale_cpu_offload: bool = opt(False, "Keep the noise scale's gradient copy in CPU memory.")
 
 
 @dataclass

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import math
 
+from neox.config.attention import (
+    BLOCK_SPARSE,
+    check_sparsity_keys,
+    check_sparsity_params,
+    expand_attention_config,
+    sparsity_params,
+)
 from neox.config.fields import Resolved
 from neox.config.schema import Config
 from neox.config.shapes import head_dim, max_positions, mlp_width, num_kv_heads, rotary_dims
@@ -44,6 +51,10 @@ _AT_LEAST = [
     ("train", "gradient_accumulation_steps", 1),
     ("train", "train_batch_size", 1),
     ("train", "gradient_clipping", 0),
+    ("train", "checkpoint_num_layers", 1),
+    ("train", "curriculum_difficulty_step", 1),
+    ("train", "curriculum_total_steps", 1),
+    ("logging", "gradient_noise_scale_n_batches", 2),
     ("data", "num_workers", 0),
     ("data", "weighted_sampler_alpha", 0),
     ("optimizer", "lr", 0),
@@ -177,6 +188,110 @@ def validate(r: Resolved) -> None:
         fail("schedule", "lr_decay_fraction", f"must be in (0, 1], got {frac!r}")
 
     _check_data(r)
+    _check_attention(r)
+    _check_checkpointing(r)
+    _check_curriculum(r)
+    _check_moe(r)
+
+
+def _check_moe(r: Resolved) -> None:
+    """Mixture-of-experts ranges, and the layouts MoE layers do not run under yet."""
+    m, p = r.config.model, r.config.parallel
+
+    def fail(group: str, name: str, message: str) -> None:
+        raise ConfigError(f"{r.where(group, name)}: {message}")
+
+    for name in ("moe_num_experts", "moe_top_k", "moe_expert_interval"):
+        if getattr(m, name) < 1:
+            fail("model", name, f"must be at least 1, got {getattr(m, name)!r}")
+    for name in ("moe_min_capacity", "moe_num_shared_experts", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        if getattr(m, name) < 0:
+            fail("model", name, f"must be at least 0, got {getattr(m, name)!r}")
+    for name in ("moe_train_capacity_factor", "moe_eval_capacity_factor"):
+        if getattr(m, name) <= 0:
+            fail("model", name, f"must be above 0, got {getattr(m, name)!r}")
+    if m.moe_jitter_eps is not None and not 0 <= m.moe_jitter_eps < 1:
+        fail("model", "moe_jitter_eps", f"must be in [0, 1) (or null), got {m.moe_jitter_eps!r}")
+    if m.moe_num_experts == 1:
+        return
+    if m.moe_top_k > m.moe_num_experts:
+        fail("model", "moe_top_k", f"{m.moe_top_k} is more than moe_num_experts {m.moe_num_experts}")
+    if p.sequence_parallel and p.model_parallel_size > 1:
+        fail(
+            "parallel",
+            "sequence_parallel",
+            "is not implemented with MoE layers (their experts are replicated over tensor-parallel ranks and "
+            "take whole sequences); set sequence_parallel: false",
+        )
+
+
+def _check_checkpointing(r: Resolved) -> None:
+    """The recomputation knobs only mean something with checkpoint_activations on."""
+    tr = r.config.train
+    if not tr.checkpoint_activations:
+        for name, off in (("checkpoint_granularity", "full"), ("checkpoint_num_layers", 1)):
+            if getattr(tr, name) != off and ("train", name) in r.provenance:
+                raise ConfigError(
+                    f"{r.where('train', name)}: {getattr(tr, name)!r} needs train.checkpoint_activations: true"
+                )
+    if tr.checkpoint_num_layers > 1 and tr.checkpoint_granularity != "full":
+        raise ConfigError(
+            f"{r.where('train', 'checkpoint_num_layers')}: blocks per checkpoint apply to checkpoint_granularity: "
+            f"full, not {tr.checkpoint_granularity}; set it to 1"
+        )
+
+
+def _check_curriculum(r: Resolved) -> None:
+    tr, seq = r.config.train, r.config.model.seq_length
+
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{r.where('train', name)}: {message}")
+
+    if not tr.curriculum_enabled:
+        return
+    low, high = tr.curriculum_min_difficulty, tr.curriculum_max_difficulty
+    if high is None:
+        tr.curriculum_max_difficulty = high = seq
+    if low is None:
+        fail("curriculum_min_difficulty", "the curriculum needs a first sequence length (min_difficulty)")
+    for name, v in (("curriculum_min_difficulty", low), ("curriculum_max_difficulty", high)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= seq:
+            fail(name, f"must be a whole number of tokens in [1, seq_length {seq}], got {v!r}")
+    if low > high:
+        fail("curriculum_min_difficulty", f"{low} is above max_difficulty {high}")
+    kind = tr.curriculum_schedule_type
+    if kind in ("fixed_linear", "fixed_root"):
+        if tr.curriculum_total_steps is None:
+            fail("curriculum_total_steps", f"schedule_type {kind} needs schedule_config.total_curriculum_step")
+        if kind == "fixed_root" and not tr.curriculum_root_degree > 0:
+            fail("curriculum_root_degree", f"must be positive, got {tr.curriculum_root_degree!r}")
+        return
+    lengths, steps = tr.curriculum_difficulties, tr.curriculum_max_steps
+    if not steps or len(lengths) != len(steps) + 1:
+        fail(
+            "curriculum_difficulties",
+            f"fixed_discrete needs schedule_config.max_step (non-empty) and one more difficulty than max_step "
+            f"entries, got {len(lengths)} difficulties and {len(steps)} max_step",
+        )
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= seq for v in lengths):
+        fail("curriculum_difficulties", f"each must be a number of tokens in [1, seq_length {seq}], got {lengths!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps) or steps != sorted(steps):
+        fail("curriculum_max_steps", f"must be increasing step numbers, got {steps!r}")
+
+
+def _check_attention(r: Resolved) -> None:
+    """attention_config expanded to one type per layer, sparsity_config checked for the types in use."""
+    m = r.config.model
+    m.attention_types = expand_attention_config(m.attention_types, m.num_layers, r.where("model", "attention_types"))
+    m.sparsity_config = check_sparsity_keys(m.sparsity_config, r.where("model", "sparsity_config"))
+    for kind in sorted(set(m.attention_types) & set(BLOCK_SPARSE)):
+        where = r.where("model", "sparsity_config")
+        if ("model", "sparsity_config") not in r.provenance:
+            where = f"{r.where('model', 'attention_types')} (with the default sparsity_config)"
+        check_sparsity_params(sparsity_params(kind, m.sparsity_config), m.seq_length, where)
+    w = m.sliding_window_width
+    if w is not None and w < 1:
+        raise ConfigError(f"{r.where('model', 'sliding_window_width')}: must be at least 1 (or null), got {w!r}")
 
 
 def _check_batch_at_load(r: Resolved) -> None:

@@ -162,14 +162,6 @@ def test_deepspeed_checkpoint_block_in_our_checkpoint_group():
     ]
 
 
-def test_attention_config_only_global():
-    assert from_dict({"num_layers": 4, "attention_config": [[["global"], 2], [["flash"], 2]]}).model.num_layers == 4
-    with pytest.raises(ConfigError, match=r"key 'attention-config': attention type 'local' is not supported"):
-        from_dict({"attention-config": [[["global", "local"], 2]]})
-    with pytest.raises(ConfigError, match=r"key 'attention_config': expected entries like"):
-        from_dict({"attention_config": [["global", 2]]})
-
-
 @pytest.mark.parametrize(
     "neox, message",
     [

@@ -130,7 +130,7 @@ def test_gpt_neox_flow_mapping_with_comments(tmp_path):
     assert c.optimizer.type == "adamw" and c.optimizer.lr == 0.001 and c.optimizer.betas == [0.9, 0.95]
     assert c.parallel.zero_stage == 1 and c.parallel.cpu_offload is False
     assert c.precision.precision == "fp16" and c.precision.loss_scale is None and c.precision.initial_scale_power == 12
-    assert any("overlap_comm" in n for n in r.notes) and any("attention-config" in n for n in r.notes)
+    assert any("overlap_comm" in n for n in r.notes) and c.model.attention_types == ["global"] * 6
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
