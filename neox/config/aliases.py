@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from neox.config.attention import type_problem
 from neox.config.fields import Assignment, did_you_mean, group_fields, normalize_key
 from neox.errors import ConfigError
 
@@ -158,6 +159,8 @@ NO_EFFECT: dict[str, str] = {
     "adlr_autoresume_interval": "only used with adlr_autoresume, which is not supported",
     "profile_step_start": "only used with profile, which is not supported",
     "profile_step_stop": "only used with profile, which is not supported",
+    "mup_width_scale": "muP needs no delta model here: the width multipliers are this model's widths over "
+    "model.mup_base_*",
     "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
     "curriculum_seqlen": "GPT-NeoX tracks the current curriculum length in it at run time; it is computed "
     "here too (train.curriculum_*)",
@@ -195,10 +198,15 @@ NO_EFFECT: dict[str, str] = {
 
 # key -> (values meaning "off", reason when another value is given)
 ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
-    "moe_expert_parallel_size": ((1,), "expert parallelism is not implemented; experts are sharded by ZeRO "
-    "(zero_stage) like the other weights"),
-    "moe_type": (("megablocks",), "only the dropless (megablocks-style) MoE is implemented; DeepSpeed MoE's "
-    "capacity-limited routing is moe_token_dropping: true"),
+    "moe_expert_parallel_size": (
+        (1,),
+        "expert parallelism is not implemented; experts are sharded by ZeRO (zero_stage) like the other weights",
+    ),
+    "moe_type": (
+        ("megablocks",),
+        "only the dropless (megablocks-style) MoE is implemented; DeepSpeed MoE's "
+        "capacity-limited routing is moe_token_dropping: true",
+    ),
     "moe_glu": ((False,), "experts are gated exactly when activation is geglu, swiglu or reglu; set activation"),
     "enable_expert_tensor_parallelism": ((False,), "expert weights are not split by tensor parallelism"),
     "use_tutel": ((False,), "Tutel kernels are not used: experts run as one grouped matmul"),
@@ -219,10 +227,8 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "profile": ((False,), "use torch.profiler directly"),
     "adlr_autoresume": ((False,), "NVIDIA ADLR cluster auto-resume is not supported; resume with checkpoint.load"),
     "exit_interval": ((None,), "stop with train_iters instead"),
-    "use_mup": ((False,), "muP is not implemented"),
-    "coord_check": ((False,), "muP is not implemented"),
-    "save_base_shapes": ((False,), "muP is not implemented"),
-    "use_qk_layernorm": ((False,), "QK layernorm is not implemented"),
+    "coord_check": ((False,), "run `neox mup coord-check CONFIG --widths ...` instead of a training run"),
+    "save_base_shapes": ((False,), "no base-shapes file is needed: the base model is model.mup_base_* (widths)"),
     "char_level_ppl": ((False,), "not implemented"),
     "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
     **dict.fromkeys(
@@ -266,11 +272,7 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "compression_training": ((None, {}), "DeepSpeed compression training is not supported"),
     "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
     "autotuning_run": ((None,), "DeepSpeed autotuning is not supported"),
-    **dict.fromkeys(
-        ("mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult"),
-        ((1, 1.0), "muP is not implemented"),
-    ),
-    "mup_width_scale": ((2,), "muP is not implemented"),
+    "mup_rp_embedding_mult": ((1, 1.0), "the T5 relative-position bias (pos_emb: rpe) has no muP multiplier here"),
     "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
     "allow_chopped": ((True,), "the GPT-NeoX packed order always allows chopped samples"),
     "return_logits": ((False,), "generation returns text"),
@@ -298,7 +300,7 @@ REJECTED: dict[str, str] = {
     "wandb_host": "set the WANDB_BASE_URL environment variable instead",
     "s3_path": "neox does not upload checkpoints (no network at run time); copy checkpoint.save yourself",
     "s3_chunk_size": "neox does not upload checkpoints",
-    "base_shapes_file": "muP is not implemented",
+    "base_shapes_file": "give the muP base model's widths instead: model.mup_base_hidden_size (and mup_base_num_attention_heads, mup_base_intermediate_size)",
     "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
     "num_encoder_layers": "only decoder-only models are implemented",
     "precompute_model_name": "DPO/KTO training is not implemented",
@@ -533,6 +535,13 @@ def handle_attention_config(c, key: str, value: Any) -> None:
         return
     if not isinstance(value, list):
         raise c.error(key, f'expected a list like [[["global"], 12]] or [[["local", "global"], "all"]], got {value!r}')
+    # names are checked here, before the other keys' values, so that a gMLP / Mamba / RWKV config is refused
+    # for what it is rather than for a value only those layers read
+    for item in value:
+        names = item[0] if isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple)) else [item]
+        for name in names:
+            if isinstance(name, str) and type_problem(name):
+                raise c.error(key, type_problem(name))
     c.set(("model", "attention_types"), value, key)
 
 
@@ -622,10 +631,14 @@ def handle_curriculum(c, key: str, value: Any) -> None:
             for raw2, v2 in _mapping(c, shown, v).items():
                 k2, shown2 = normalize_key(raw2), f"{shown}.{raw2}"
                 if k2 not in _CURRICULUM_SCHEDULE:
-                    raise c.error(shown2, "unknown schedule_config setting" + did_you_mean(k2, list(_CURRICULUM_SCHEDULE)))
+                    raise c.error(
+                        shown2, "unknown schedule_config setting" + did_you_mean(k2, list(_CURRICULUM_SCHEDULE))
+                    )
                 c.set(("train", _CURRICULUM_SCHEDULE[k2]), v2, shown2)
         else:
-            raise c.error(shown, "unknown curriculum_learning setting" + did_you_mean(k, [*_CURRICULUM, "schedule_config"]))
+            raise c.error(
+                shown, "unknown curriculum_learning setting" + did_you_mean(k, [*_CURRICULUM, "schedule_config"])
+            )
 
 
 HANDLERS: dict[str, Callable] = {

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from neox.errors import ConfigError
-from neox.parallel import compress, pipeline
+from neox.parallel import activation_checkpoint, compress, pipeline
 from neox.parallel.fsdp import apply_fsdp, apply_replicate
 from neox.parallel.mesh import ParallelDims
 from neox.parallel.reduce import masked_mean_loss
@@ -26,16 +26,21 @@ def apply(
     bf16_mode: str = "autocast",
     fp32_allreduce: bool = False,
     device_type: str = "cpu",
+    train=None,
 ) -> nn.Module:
     """Parallelize `model` (a GPT, or one pipeline stage of it) in place for `mesh`; returns it.
 
-    mesh None (one process) leaves the model as it is. The module keeps its class behaviour and
-    parameter names, so checkpoints (get_state_dict) and the trainer treat every layout alike.
+    `train` (a TrainConfig) asks for activation checkpointing, applied first (per stage, so a group of
+    checkpoint_num_layers blocks never spans two stages). mesh None (one process) leaves the model as it is
+    otherwise. The module keeps its class behaviour and parameter names, so checkpoints (get_state_dict) and
+    the trainer treat every layout alike.
     """
+    dims = ParallelDims.from_mesh(mesh, pcfg) if mesh is not None else None
+    if train is not None:
+        activation_checkpoint.apply(model, train, fsdp=dims is not None and dims.dp > 1 and dims.fsdp)
     if mesh is None:
         return model
     compress.validate(pcfg)  # before any wrapping: a layout without DDP cannot take a compression hook
-    dims = ParallelDims.from_mesh(mesh, pcfg)
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
     if dims.dp > 1:
@@ -85,6 +90,7 @@ def parallelize(
         bf16_mode=cfg.precision.bf16_mode,
         fp32_allreduce=cfg.precision.fp32_allreduce,
         device_type=device.type,
+        train=cfg.train,
     )
     if mesh is not None and mesh["pp"].size() > 1:
         if cfg.train.compile:

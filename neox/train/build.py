@@ -14,13 +14,10 @@ they are wrapped (same values).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.utils.checkpoint import checkpoint as recompute
 
 from neox.config.schema import Config, ModelConfig
 from neox.model import GPT
@@ -29,25 +26,13 @@ from neox.parallel.compose import parallelize
 from neox.parallel.runner import StepRunner
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward pass (train.checkpoint_activations).
-
-    The block's `forward` is wrapped in place rather than the block replaced, so parameter names (and so
-    checkpoints and parallel plans) are unchanged.
-    """
-    for block in model.layers.values():
-        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
-
-
 def build_model(
     cfg: Config, layout, precision, device: torch.device, accum: int, loss_fn
 ) -> tuple[nn.Module, StepRunner]:
     """(model, runner) for this process (see neox.parallel.parallelize), with initialised weights."""
     with torch.device("meta"):
         model = GPT(cfg.model)
-    model = precision.prepare(model)
-    if cfg.train.checkpoint_activations:
-        checkpoint_blocks(model)
+    model = precision.prepare(model)  # activation checkpointing is applied by parallelize, per pipeline stage
     # FSDP2 keeps offloaded shards on the CPU: they are allocated there
     where = torch.device("cpu") if cfg.parallel.cpu_offload else device
     replicated = layout.dp_size > 1 and cfg.parallel.zero_stage == 0
