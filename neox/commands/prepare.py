@@ -53,6 +53,13 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--url", default=None, help="fetch the corpus file from this URL (same checksum)")
     parser.add_argument(
+        "--sha256",
+        default=None,
+        metavar="HEX",
+        help="expected sha256 of the (one) file instead of neox's pinned one: another version of it, or a "
+        "corpus neox pins none for (whose first download is otherwise trusted and recorded in DIR/SHA256SUMS)",
+    )
+    parser.add_argument(
         "--mirror",
         default=None,
         help=f"base URL serving the corpus files by their original names (or set {MIRROR_ENV})",
@@ -68,8 +75,8 @@ def run(args) -> int:
         return 0
     if not args.name:
         raise NeoxError(f"name a corpus to prepare: {', '.join(corpora.names())}")
-    if args.name == "stdlib" and (args.url or args.mirror):
-        raise NeoxError("stdlib is built from local files; --url/--mirror do not apply")
+    if args.name == "stdlib" and (args.url or args.mirror or args.sha256):
+        raise NeoxError("stdlib is built from local files; --url/--mirror/--sha256 do not apply")
     if args.name in EVAL_SETS:
         if args.data_dir or args.tokenizer_type:
             flag = "-d/--data-dir" if args.data_dir else "-t/--tokenizer-type"
@@ -87,6 +94,7 @@ def run(args) -> int:
         url=args.url,
         force=args.force_redownload,
         progress=False if args.quiet else None,
+        sha256=args.sha256,
     )
     print(f"wrote {jsonl}")
     if args.name in EVAL_SETS and out_dir != eval_data_dir():

@@ -1,8 +1,12 @@
 """Named corpora: where to download them, their checksums, and how each becomes ``NAME.jsonl``.
 
-The registry follows GPT-NeoX's ``tools/datasets/corpora.py`` (names and URLs); sha256 checksums are those
-The Pile's own download code pins for the same files, and None where no published checksum is known (the
-download then prints the sha256 it got so it can be pinned). Downloading (resume, mirrors, checksums) is
+The registry follows GPT-NeoX's ``tools/datasets/corpora.py`` (names and URLs). Every download is verified
+(neox/data/download.py): the Pile components' sha256 are those The Pile's own download code pins for the same
+files, tinyshakespeare's is the file's (the copy in the shared test data matches it), enwik8's is the one
+Hugging Face ``datasets`` publishes for the same URL (``download_checksums`` of its enwik8 script, 36,445,475
+bytes). ``pile_00`` has none pinned (the-eye's SHA256SUMS.txt is not reachable to check it against): its
+first download is trusted and recorded in the folder's ``SHA256SUMS`` with a warning, or pinned with
+``--sha256``. Downloading (resume, mirrors, checksums) is
 neox/data/download.py; the eval sets (``lambada``, ``piqa``, ``wikitext2``) are neox/data/eval_sets.py, and
 ``prepare`` serves both.
 
@@ -76,7 +80,10 @@ CORPORA = {
             "enwik8",
             "enwik8",
             "enwik8: first 100 MB of an English Wikipedia XML dump; one document per <page>",
-            "http://mattmahoney.net/dc/enwik8.zip",
+            (
+                "http://mattmahoney.net/dc/enwik8.zip",
+                "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+            ),
         ),
         _c(
             "europarl",
@@ -215,20 +222,23 @@ def prepare(
     url: str | None = None,
     force: bool = False,
     progress: bool | None = None,
+    sha256: str | None = None,
 ) -> str:
-    """Download (or build) corpus ``name`` into ``out_dir``; returns the path of ``out_dir/NAME.jsonl``."""
+    """Download (or build) corpus ``name`` into ``out_dir``; returns the path of ``out_dir/NAME.jsonl``.
+    ``sha256`` replaces the expected checksum of a one-file corpus (another version of it, or one neox pins
+    none for)."""
     out_path = os.path.join(out_dir, f"{name}.jsonl")
     if name == "stdlib":
         return build_stdlib_corpus(out_dir)
     if name in EVAL_SETS:
-        return prepare_eval_set(name, out_dir, mirror, url, force, progress)
+        return prepare_eval_set(name, out_dir, mirror, url, force, progress, sha256)
     if name not in CORPORA:
         raise NeoxError(f"unknown corpus {name!r}; choose one of: {', '.join(names())}")
     corpus = CORPORA[name]
     if os.path.isfile(out_path) and not force:
         return out_path
     ensure_dir(out_dir, "corpus folder")
-    files = fetch(name, [(s, s.filename) for s in corpus.sources], out_dir, mirror, url, force, progress)
+    files = fetch(name, [(s, s.filename) for s in corpus.sources], out_dir, mirror, url, force, progress, sha256)
     _to_jsonl(corpus, files, out_path)
     return out_path
 

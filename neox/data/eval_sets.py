@@ -157,21 +157,24 @@ def prepare_eval_set(
     url: str | None = None,
     force: bool = False,
     progress: bool | None = None,
+    sha256: str | None = None,
 ) -> str:
     """Download eval set ``name`` into the eval data folder ``out_dir`` (and build its derived file); returns
     the path of the file the tasks read (the built one, else the download)."""
     spec = EVAL_SETS[name]
     ensure_dir(out_dir, "eval data folder")
-    files = fetch(name, list(spec.downloads), out_dir, mirror, url, force, progress)
+    files = fetch(name, list(spec.downloads), out_dir, mirror, url, force, progress, sha256)
     if not spec.built:
         return files[0]
-    rel, sha256 = spec.built
+    rel, built_sha256 = spec.built
     out_path = os.path.join(out_dir, rel)
     if os.path.isfile(out_path) and not force:
         return out_path
     write_jsonl(out_path, _EVAL_BUILDERS[name](files))
     digest = sha256_of(out_path)
-    if digest != sha256:
+    if digest != built_sha256:
         os.remove(out_path)
-        raise DataError(f"{out_path}: built with sha256 {digest}, expected {sha256}; run with -f to download again")
+        raise DataError(
+            f"{out_path}: built with sha256 {digest}, expected {built_sha256}; run with -f to download again"
+        )
     return out_path
