@@ -11,7 +11,8 @@ Definitions (nb blocks, rows = query blocks; DeepSpeed's sparsity_config.py, uni
   to itself, and every row at or after a window's global blocks sees them. The global blocks of a window are
   num_global_blocks consecutive blocks ending at the window's last block for pattern 0, shifted one group
   earlier per pattern; head h uses pattern h % num_different_global_patterns (different_layout_per_head).
-  A short last window takes its global blocks at the same offset, clipped to the last blocks.
+  A short last window takes its global blocks at the same offset, clipped to the last blocks. Counts
+  larger than nb (windows, random or global blocks) are clipped to nb.
 - sparse_variable: windows of the sizes in local_window_blocks (the last size repeats to the end), global
   columns at global_block_indices (or the ranges [start, end) with global_block_end_indices), plus
   num_random_blocks random columns per row drawn from all nb blocks (those in the future are dropped).
@@ -118,7 +119,7 @@ def _fixed(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tens
     for col in range(first, full_end, nl):
         layout[:, col : col + ng] = True
     if full_end < nb:
-        col = min(full_end + first, nb - ng)
+        col = max(0, min(full_end + first, nb - ng))
         layout[:, col : col + ng] = True
     return layout
 

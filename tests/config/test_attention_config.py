@@ -106,18 +106,6 @@ def test_model_group_form_and_default():
         ),
         (
             {
-                "attention_config": [[["sparse_variable"], 2]],
-                "seq_length": 64,
-                "sparsity_config": {"num_random_blocks": 5},
-            },
-            r"num_random_blocks 5 is more than the 4 blocks",
-        ),
-        (
-            {"attention_config": [[["local"], 2]], "seq_length": 32, "sparsity_config": {"num_local_blocks": 3}},
-            r"local: num_sliding_window_blocks 3 is more than the 2 blocks",
-        ),
-        (
-            {
                 "attention_config": [[["bslongformer"], 2]],
                 "sparsity_config": {"global_block_indices": [0, 4], "global_block_end_indices": [2]},
             },
@@ -138,6 +126,15 @@ def test_bad_attention_settings_are_one_line_errors_naming_the_key(d, message):
     with pytest.raises(ConfigError, match=message) as e:
         from_dict(d)
     assert "\n" not in str(e.value)
+
+
+def test_windows_wider_than_the_sequence_are_clipped_not_refused():
+    # configs/sparse.yml: a 32-block window (for GPT-NeoX's 2048 tokens) over neox's default 128 tokens = 8 blocks
+    cfg = from_dict(
+        {"attention_config": [[["local", "global"], "all"]], "sparsity_config": {"block": 16, "num_local_blocks": 32}}
+    )
+    assert cfg.model.attention_types == ["local", "global"] and cfg.model.seq_length == 128
+    from_dict({"attention_config": [[["bigbird"], 2]], "seq_length": 64, "sparsity_config": {"num_random_blocks": 9}})
 
 
 def test_sparsity_rules_apply_only_to_the_types_in_use():

@@ -55,7 +55,7 @@ def fixed_globals(p: SparsityParams, h: int, nb: int) -> set[int]:
     offset = nl - (1 + h % p.num_different_global_patterns) * ng
     cols = set()
     for start in range(0, nb, nl):
-        first = start + offset if start + nl <= nb else min(start + offset, nb - ng)
+        first = start + offset if start + nl <= nb else max(0, min(start + offset, nb - ng))
         cols |= set(range(first, first + ng))
     return cols
 
@@ -142,8 +142,6 @@ CASES = [
 @pytest.mark.parametrize("kind, p", CASES)
 @pytest.mark.parametrize("nb", [1, 7, 12])
 def test_layout_is_the_definition(kind, p, nb):
-    if kind == "sparse_fixed" and p.num_global_blocks > nb:
-        pytest.skip("load refuses num_global_blocks above the block count")
     heads = 4
     got = block_layout(kind, p, heads, nb, seed=11)
     assert got.dtype == torch.bool and got.shape == (heads, nb, nb)
@@ -158,7 +156,7 @@ def test_layout_is_the_definition(kind, p, nb):
     patterns=st.integers(1, 3),
     sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
     starts=st.lists(st.integers(0, 15), min_size=1, max_size=3),
-    rnd=st.integers(0, 3),
+    rnd=st.integers(0, 16),
     seed=st.integers(0, 2**31),
 )
 def test_fixed_and_variable_match_the_definition_on_random_settings(nb, nl, ng, patterns, sizes, starts, rnd, seed):
@@ -171,13 +169,10 @@ def test_fixed_and_variable_match_the_definition_on_random_settings(nb, nl, ng, 
         different_layout_per_head=patterns > 1,
         num_different_global_patterns=patterns,
     )
-    if ng <= nb:
-        assert block_layout("sparse_fixed", fixed, 3, nb, seed).tolist() == reference(
-            "sparse_fixed", fixed, 3, nb, seed
-        )
+    assert block_layout("sparse_fixed", fixed, 3, nb, seed).tolist() == reference("sparse_fixed", fixed, 3, nb, seed)
     var = SparsityParams(
         "sparse_variable",
-        num_random_blocks=min(rnd, nb),
+        num_random_blocks=rnd,
         local_window_blocks=tuple(sizes),
         global_block_indices=tuple(starts),
         global_block_end_indices=tuple(s + 1 + (s % 3) for s in starts) if seed % 2 else None,
