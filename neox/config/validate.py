@@ -7,7 +7,6 @@ files and `--set` overrides the user knows which line to change.
 from __future__ import annotations
 
 import math
-import re
 
 from neox.config.attention import (
     BLOCK_SPARSE,
@@ -17,7 +16,6 @@ from neox.config.attention import (
     sparsity_params,
 )
 from neox.config.fields import Resolved
-from neox.config.rope import parse_rope_scaling
 from neox.config.schema import Config
 from neox.config.shapes import head_dim, max_positions, mlp_width, num_kv_heads, rotary_dims
 from neox.errors import ConfigError
@@ -56,8 +54,6 @@ _AT_LEAST = [
     ("train", "checkpoint_num_layers", 1),
     ("train", "curriculum_difficulty_step", 1),
     ("train", "curriculum_total_steps", 1),
-    ("train", "loss_spike_window", 0),
-    ("train", "max_rollbacks", 0),
     ("logging", "gradient_noise_scale_n_batches", 2),
     ("data", "num_workers", 0),
     ("data", "weighted_sampler_alpha", 0),
@@ -192,14 +188,10 @@ def validate(r: Resolved) -> None:
         fail("schedule", "lr_decay_fraction", f"must be in (0, 1], got {frac!r}")
 
     _check_data(r)
-    _check_guards(r)
-    _check_run_limits(r)
     _check_attention(r)
     _check_checkpointing(r)
     _check_curriculum(r)
     _check_moe(r)
-    _check_rope_scaling(r)
-    _check_mup(r)
 
 
 def _check_moe(r: Resolved) -> None:
@@ -231,15 +223,6 @@ def _check_moe(r: Resolved) -> None:
             "is not implemented with MoE layers (their experts are replicated over tensor-parallel ranks and "
             "take whole sequences); set sequence_parallel: false",
         )
-
-
-def _check_guards(r: Resolved) -> None:
-    """The loss-spike window needs two losses for a standard deviation, and a z-score above zero."""
-    tr = r.config.train
-    if tr.loss_spike_window == 1:
-        raise ConfigError(f"{r.where('train', 'loss_spike_window')}: must be 0 (off) or at least 2, got 1")
-    if not tr.loss_spike_zscore > 0:
-        raise ConfigError(f"{r.where('train', 'loss_spike_zscore')}: must be above 0, got {tr.loss_spike_zscore!r}")
 
 
 def _check_checkpointing(r: Resolved) -> None:
@@ -370,16 +353,6 @@ def validate_training(r: Resolved) -> None:
     """Rules that only apply when training: there must be data to train on and a tokenizer file to read it."""
     cfg = r.config
     d = cfg.data
-    if cfg.train.max_runtime is not None and not cfg.checkpoint.save:
-        raise ConfigError(
-            f"{r.where('train', 'max_runtime')}: the run saves a checkpoint before its budget ends, so it needs "
-            "checkpoint.save; set save or drop max_runtime"
-        )
-    for name in ("nonfinite_policy", "loss_spike_policy"):
-        if getattr(cfg.train, name) == "rollback" and not cfg.checkpoint.save:
-            raise ConfigError(
-                f"{r.where('train', name)}: rollback reloads a checkpoint of this run; set checkpoint.save"
-            )
     if not d.data_path and not d.train_data_paths:
         raise ConfigError(
             f"{r.where('data', 'data_path')}: training needs data: set data_path (a "
@@ -462,87 +435,3 @@ def resolve_vocab(cfg: Config, tokenizer_vocab_size: int, tp: int = 1) -> int:
             f"size {tp}; leave it unset to derive a padded size"
         )
     return m.vocab_size
-
-
-_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(value: str | None, where: str = "train.max_runtime") -> float | None:
-    """Seconds in a duration: a number of seconds ("3600"), units ("90m", "2h", "1h30m", "1d"), or a clock time
-    "HH:MM:SS" / "D-HH:MM:SS" (Slurm's --time forms with seconds). None stays None."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    clock = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)", text)
-    if clock:
-        days, hours, minutes, seconds = clock.groups()
-        total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    elif re.fullmatch(r"\d+(?:\.\d*)?", text):
-        total = float(text)
-    elif re.fullmatch(r"(?:\d+(?:\.\d*)?[dhms])+", text):
-        total = sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d*)?)([dhms])", text))
-    else:
-        raise ConfigError(
-            f"{where}: {value!r} is not a duration; give seconds (3600), units (90m, 2h, 1h30m, 1d) or HH:MM:SS"
-        )
-    if not total > 0:
-        raise ConfigError(f"{where}: the duration must be more than 0 seconds, got {value!r}")
-    return total
-
-
-def _check_run_limits(r: Resolved) -> None:
-    t = r.config.train
-    parse_duration(t.max_runtime, r.where("train", "max_runtime"))
-    if t.hang_timeout is not None and not t.hang_timeout > 0:
-        raise ConfigError(
-            f"{r.where('train', 'hang_timeout')}: must be a number of seconds > 0, got {t.hang_timeout!r}"
-        )
-
-
-def _check_rope_scaling(r: Resolved) -> None:
-    m = r.config.model
-    if m.rope_scaling is None:
-        return
-    try:
-        scaling = parse_rope_scaling(m.rope_scaling, m.max_position_embeddings)
-    except ValueError as e:
-        raise ConfigError(f"{r.where('model', 'rope_scaling')}: {e}") from None
-    if scaling is not None and m.pos_emb != "rotary":
-        raise ConfigError(f"{r.where('model', 'rope_scaling')}: scales rotary embeddings; needs pos_emb: rotary")
-
-
-_MUP_DEFAULTS = {
-    "mup_base_hidden_size": None,
-    "mup_base_num_attention_heads": None,
-    "mup_base_intermediate_size": None,
-    "mup_init_scale": 1.0,
-    "mup_attn_temp": 1.0,
-    "mup_output_temp": 1.0,
-    "mup_embedding_mult": 1.0,
-}
-
-
-def _check_mup(r: Resolved) -> None:
-    """muP settings: positive, only with use_mup, and a base model whose heads divide its width."""
-    m = r.config.model
-
-    def fail(name: str, message: str) -> None:
-        raise ConfigError(f"{r.where('model', name)}: {message}")
-
-    for name, default in _MUP_DEFAULTS.items():
-        value = getattr(m, name)
-        if value != default and not m.use_mup:
-            fail(name, "has no effect without use_mup: true")
-        if value is not None and not value > 0:
-            fail(name, f"must be positive, got {value!r}")
-    if not m.use_mup:
-        return
-    width = m.mup_base_hidden_size or m.hidden_size
-    heads = m.mup_base_num_attention_heads or m.num_attention_heads
-    if width % heads:
-        fail("mup_base_hidden_size", f"the base width {width} is not divisible by its {heads} attention heads")
-    if (m.num_kv_heads * heads) % m.num_attention_heads:
-        fail(
-            "mup_base_num_attention_heads",
-            f"{heads} base heads cannot keep num_kv_heads / num_attention_heads ({m.num_kv_heads}/{m.num_attention_heads})",
-        )
