@@ -159,8 +159,6 @@ NO_EFFECT: dict[str, str] = {
     "adlr_autoresume_interval": "only used with adlr_autoresume, which is not supported",
     "profile_step_start": "only used with profile, which is not supported",
     "profile_step_stop": "only used with profile, which is not supported",
-    "mup_width_scale": "muP needs no delta model here: the width multipliers are this model's widths over "
-    "model.mup_base_*",
     "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
     "curriculum_seqlen": "GPT-NeoX tracks the current curriculum length in it at run time; it is computed "
     "here too (train.curriculum_*)",
@@ -227,8 +225,10 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "profile": ((False,), "use torch.profiler directly"),
     "adlr_autoresume": ((False,), "NVIDIA ADLR cluster auto-resume is not supported; resume with checkpoint.load"),
     "exit_interval": ((None,), "stop with train_iters instead"),
-    "coord_check": ((False,), "run `neox mup coord-check CONFIG --widths ...` instead of a training run"),
-    "save_base_shapes": ((False,), "no base-shapes file is needed: the base model is model.mup_base_* (widths)"),
+    "use_mup": ((False,), "muP is not implemented"),
+    "coord_check": ((False,), "muP is not implemented"),
+    "save_base_shapes": ((False,), "muP is not implemented"),
+    "use_qk_layernorm": ((False,), "QK layernorm is not implemented"),
     "char_level_ppl": ((False,), "not implemented"),
     "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
     **dict.fromkeys(
@@ -272,7 +272,11 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "compression_training": ((None, {}), "DeepSpeed compression training is not supported"),
     "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
     "autotuning_run": ((None,), "DeepSpeed autotuning is not supported"),
-    "mup_rp_embedding_mult": ((1, 1.0), "the T5 relative-position bias (pos_emb: rpe) has no muP multiplier here"),
+    **dict.fromkeys(
+        ("mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult"),
+        ((1, 1.0), "muP is not implemented"),
+    ),
+    "mup_width_scale": ((2,), "muP is not implemented"),
     "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
     "allow_chopped": ((True,), "the GPT-NeoX packed order always allows chopped samples"),
     "return_logits": ((False,), "generation returns text"),
@@ -300,7 +304,7 @@ REJECTED: dict[str, str] = {
     "wandb_host": "set the WANDB_BASE_URL environment variable instead",
     "s3_path": "neox does not upload checkpoints (no network at run time); copy checkpoint.save yourself",
     "s3_chunk_size": "neox does not upload checkpoints",
-    "base_shapes_file": "give the muP base model's widths instead: model.mup_base_hidden_size (and mup_base_num_attention_heads, mup_base_intermediate_size)",
+    "base_shapes_file": "muP is not implemented",
     "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
     "num_encoder_layers": "only decoder-only models are implemented",
     "precompute_model_name": "DPO/KTO training is not implemented",
