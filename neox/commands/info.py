@@ -121,7 +121,9 @@ def collect(cfg, dp: int = 1) -> dict:
         "tied": not m.no_weight_tying,
         "params": info.num_params(m),
         "params_embedding": embed,
-        "params_blocks": m.num_layers * info.layer_params(m),
+        "params_blocks": info.blocks_params(m),
+        "params_active": info.num_active_params(m),
+        "moe_layers": sum(info.is_moe_layer(m, i) for i in range(m.num_layers)),
         "flops_per_token": info.flops_per_token(m),
         "memory": memory,
         "memory_setup": {
@@ -156,11 +158,17 @@ def format_report(r: dict) -> str:
         f"parameters: {r['params']:,} ({_human(r['params'])}); blocks {_human(r['params_blocks'])}, "
         f"embeddings {_human(r['params_embedding'])}",
         f"FLOPs per token (forward+backward, seq {r['seq_length']}): {_human(r['flops_per_token'], 'FLOP')}  "
-        "[6 * matmul params + 12 * layers * hidden * seq]",
+        f"[6 * {'active ' if r['moe_layers'] else ''}matmul params + 12 * layers * hidden * seq]",
         f"memory per rank ({s['precision']}, zero {s['zero_stage']}, dp {s['dp']}, tp {s['tp']}, pp {s['pp']}, "
         f"micro batch {s['micro_batch']}{', activation checkpointing' if s['checkpoint_activations'] else ''}):",
     ]
     lines.insert(1, f"vocabulary: {r['vocab_size']} ({r['vocab_source']})")
+    if r["moe_layers"]:
+        lines.insert(
+            3,
+            f"mixture of experts: {r['moe_layers']} MoE layers; active parameters per token {r['params_active']:,} "
+            f"({_human(r['params_active'])})",
+        )
     lines += [f"  {k:<12}{_gib(v)}" for k, v in r["memory"].items()]
     return "\n".join(lines)
 

@@ -149,6 +149,60 @@ class ModelConfig:
         "capacity with token dropping, else the largest expert's load, read back once per layer).",
         ("grouped_mm", "padded"),
     )
+    moe_num_experts: int = opt(1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE).")
+    moe_top_k: int = opt(1, "Experts each token is routed to.")
+    moe_router_type: str = opt(
+        "sinkhorn",
+        "Router: topk (the k largest softmax probabilities) or sinkhorn (GPT-NeoX's default, S-BASE: while "
+        "training, the k experts of the Sinkhorn-balanced assignment, weighted by softmax (k > 1) or sigmoid "
+        "(k = 1) of their logits; plain top-k at evaluation).",
+        ("topk", "sinkhorn"),
+    )
+    moe_jitter_eps: float | None = opt(
+        None, "While training, multiply the router's input by uniform noise in [1 - eps, 1 + eps]; None = off."
+    )
+    moe_lbl_in_fp32: bool = opt(
+        False, "Compute the load-balancing loss from fp32 router probabilities (else in the router's dtype)."
+    )
+    moe_aux_loss_coeff: float = opt(
+        0.0,
+        "Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e per MoE layer (f_e: share of "
+        "assignments to expert e, P_e: its mean router probability); 0 = off (GPT-NeoX's dropless MoE has none). "
+        "GPT-NeoX's DeepSpeed-MoE key moe_loss_coeff loads as this.",
+    )
+    moe_z_loss_coeff: float = opt(
+        0.0, "Weight of the ST-MoE router z-loss, mean over tokens of logsumexp(router logits)^2; 0 = off."
+    )
+    moe_expert_interval: int = opt(
+        1, "Block i has an MoE MLP when i % moe_expert_interval == 0 (GPT-NeoX's rule); the others stay dense."
+    )
+    moe_topk_renormalize: bool = opt(
+        False,
+        "Divide the k selected router probabilities by their sum (Mixtral); GPT-NeoX's routers keep them as they are.",
+    )
+    moe_token_dropping: bool = opt(
+        False,
+        "Give each expert a capacity and drop the assignments beyond it (first choices before second choices, "
+        "then token order, as GShard); false = dropless, every assignment is computed.",
+    )
+    moe_train_capacity_factor: float = opt(
+        1.0, "With moe_token_dropping: capacity = max(ceil(factor * tokens * k / E), moe_min_capacity) in training."
+    )
+    moe_eval_capacity_factor: float = opt(1.0, "With moe_token_dropping: the capacity factor at evaluation.")
+    moe_min_capacity: int = opt(4, "With moe_token_dropping: the smallest capacity of an expert.")
+    moe_num_shared_experts: int = opt(
+        0,
+        "Always-on experts (DeepSeek-style): every token also passes a dense MLP of width "
+        "moe_num_shared_experts * intermediate_size, added to the routed experts' output.",
+    )
+    moe_dispatch: str = opt(
+        "grouped_mm",
+        "How the experts run over their tokens: grouped_mm (tokens sorted by expert, torch.nn.functional."
+        "grouped_mm; no host sync) or padded (a batched matmul over [experts, load, hidden], the load being the "
+        "capacity with token dropping, else the largest expert's load, read back once per layer).",
+        ("grouped_mm", "padded"),
+    )
+
 
 @dataclass
 class TokenizerConfig:

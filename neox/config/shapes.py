@@ -60,3 +60,8 @@ def head_dim(cfg: ModelConfig) -> int:
 def rotary_dims(cfg: ModelConfig) -> int:
     """How many of each head's dimensions rotary embeddings rotate."""
     return int(head_dim(cfg) * cfg.rotary_pct)
+
+
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    """GPT-NeoX's rule: block i has an MoE MLP when i % moe_expert_interval == 0 (and there are experts)."""
+    return cfg.moe_num_experts > 1 and layer_idx % cfg.moe_expert_interval == 0

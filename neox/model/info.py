@@ -11,6 +11,7 @@ from neox.config.shapes import (
     head_dim,
     intermediate_size,
     is_gated,
+    is_moe_layer,
     max_positions,
     num_kv_heads,
     rotary_dims,
@@ -59,20 +60,43 @@ def layer_params(cfg: ModelConfig) -> int:
     attn = h * qkv_out + heads * hd * h + (qkv_out + h if cfg.use_bias_in_attn_linear else 0)
     if cfg.pos_emb == "rpe":
         attn += cfg.rpe_num_buckets * heads
-    inter, mlp_bias = intermediate_size(cfg), cfg.use_bias_in_mlp
-    if is_gated(cfg):
-        mlp = 3 * h * inter + (2 * inter + h if mlp_bias else 0)
-    else:
-        mlp = 2 * h * inter + (inter + h if mlp_bias else 0)
     norms = 1 if (cfg.gpt_j_residual and cfg.gpt_j_tied) else 2
-    return attn + mlp + norms * _norm_params(cfg)
+    return attn + _mlp_params(cfg, intermediate_size(cfg), cfg.use_bias_in_mlp) + norms * _norm_params(cfg)
+
+
+def _mlp_params(cfg: ModelConfig, inter: int, bias: bool) -> int:
+    h = cfg.hidden_size
+    if is_gated(cfg):
+        return 3 * h * inter + (2 * inter + h if bias else 0)
+    return 2 * h * inter + (inter + h if bias else 0)
+
+
+def moe_mlp_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters of one MoE MLP (router, experts without biases, shared experts); `active`: only those a
+    token runs through (its top-k experts)."""
+    inter = intermediate_size(cfg)
+    experts = cfg.moe_top_k if active else cfg.moe_num_experts
+    shared = _mlp_params(cfg, cfg.moe_num_shared_experts * inter, False) if cfg.moe_num_shared_experts else 0
+    return cfg.hidden_size * cfg.moe_num_experts + experts * _mlp_params(cfg, inter, False) + shared
+
+
+def block_params(cfg: ModelConfig, layer_idx: int, active: bool = False) -> int:
+    """Parameters of block `layer_idx` (an MoE block counts its experts, or with `active` its top-k)."""
+    dense = layer_params(cfg)
+    if not is_moe_layer(cfg, layer_idx):
+        return dense
+    return dense - _mlp_params(cfg, intermediate_size(cfg), cfg.use_bias_in_mlp) + moe_mlp_params(cfg, active)
+
+
+def blocks_params(cfg: ModelConfig, active: bool = False) -> int:
+    return sum(block_params(cfg, i, active) for i in range(cfg.num_layers))
 
 
 def num_params(cfg: ModelConfig) -> int:
     """Total trainable parameters of neox.model.GPT(cfg) (a tied output layer is counted once)."""
     check_shapes(cfg)
     h, v = cfg.hidden_size, cfg.vocab_size
-    total = v * h + cfg.num_layers * layer_params(cfg) + _norm_params(cfg)
+    total = v * h + blocks_params(cfg) + _norm_params(cfg)
     if cfg.pos_emb == "learned":
         total += max_positions(cfg) * h
     if cfg.no_weight_tying:
@@ -80,16 +104,22 @@ def num_params(cfg: ModelConfig) -> int:
     return total
 
 
+def num_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token's forward pass uses: num_params less the experts the router did not pick."""
+    return num_params(cfg) - blocks_params(cfg) + blocks_params(cfg, active=True)
+
+
 def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
     """Training FLOPs per token (forward + backward): 6 * N_matmul + 12 * L * H * T (PaLM appendix B).
 
-    N_matmul counts the parameters that take part in matrix multiplies: every block parameter plus the
-    output projection (V*H, tied or not); the embedding lookup costs no FLOPs. The attention term is the
+    N_matmul counts the parameters that take part in matrix multiplies: every block parameter (of an MoE
+    block: the router, the k experts a token is routed to and the shared experts, i.e. the active FLOPs) plus
+    the output projection (V*H, tied or not); the embedding lookup costs no FLOPs. The attention term is the
     score and weighted-sum matmuls over a full (not causally halved) T x T, the usual convention for MFU.
     """
     check_shapes(cfg)
     t = seq_length if seq_length is not None else cfg.seq_length
-    n_matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    n_matmul = blocks_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size
     attn_width = cfg.num_attention_heads * head_dim(cfg)
     return 6 * n_matmul + 12 * cfg.num_layers * attn_width * t
 

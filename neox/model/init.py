@@ -70,7 +70,13 @@ def _orthogonal(t: torch.Tensor, gain: float, generator: torch.Generator | None 
 
 
 # Submodule names whose weight is a residual-stream output projection.
-OUTPUT_LAYERS = ("attention.dense", "mlp.dense_4h_to_h", "mlp.w2")
+OUTPUT_LAYERS = (
+    "attention.dense",
+    "mlp.dense_4h_to_h",
+    "mlp.w2",
+    "shared_experts.dense_4h_to_h",
+    "shared_experts.w2",
+)
 
 
 def parameter_rules(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, str]]:
@@ -84,6 +90,9 @@ def parameter_rules(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, str]]
                 yield prefix + "bias", module.bias, ZEROS
         elif isinstance(module, nn.Embedding):
             yield prefix + "weight", module.weight, INPUT
+        elif hasattr(module, "init_rules"):  # modules holding raw parameters (MoE experts) name their rules
+            for pname, rule in module.init_rules():
+                yield prefix + pname, getattr(module, pname), rule
         elif name.endswith("layernorm") or name.endswith("final_layer_norm"):
             for pname, p in module.named_parameters(recurse=False):
                 yield prefix + pname, p, ONES if pname == "weight" else ZEROS

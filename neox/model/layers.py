@@ -66,9 +66,12 @@ ACTIVATION_FNS = {
 class MLP(nn.Module):
     """Non-gated: dense_4h_to_h(act(dense_h_to_4h(x))). Gated (GPT-NeoX LLaMA naming): w2(act(w1(x)) * w3(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None, bias: bool | None = None):
+        """width and bias default to the config's; MoE shared experts set their own."""
         super().__init__()
-        h, inter, bias = cfg.hidden_size, intermediate_size(cfg), cfg.use_bias_in_mlp
+        h = cfg.hidden_size
+        inter = intermediate_size(cfg) if width is None else width
+        bias = cfg.use_bias_in_mlp if bias is None else bias
         self.act = ACTIVATION_FNS[cfg.activation]
         self.gated = is_gated(cfg)
         if self.gated:

@@ -16,6 +16,7 @@ from neox.model import info
 from neox.model.attention import Attention, AttentionInputs, build_attention_inputs
 from neox.model.init import init_weights
 from neox.model.layers import MLP, build_norm
+from neox.model.moe import MoE, is_moe_layer
 from neox.model.positional import ALiBi, RotaryEmbedding, SinusoidalEmbedding
 
 
@@ -30,7 +31,7 @@ class Block(nn.Module):
         tied_norm = cfg.gpt_j_residual and cfg.gpt_j_tied
         self.post_attention_layernorm = None if tied_norm else build_norm(cfg)
         self.attention = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if is_moe_layer(cfg, layer_idx) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:

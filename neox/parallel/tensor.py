@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from neox.model.moe import MoE
+
 
 def _as_replicated_dtensor(mesh):
     """Forward hook: a plain output that is the same on every tp rank becomes a Replicate DTensor, so it can be
@@ -53,7 +55,9 @@ def layer_plan(block, sp: bool) -> dict:
     if block.attention.rpe is not None:
         # nn.Embedding(buckets, heads): a column split gives each rank its heads' biases
         plan["attention.rpe.relative_attention_bias"] = ColwiseParallel(input_layouts=Replicate())
-    if block.mlp.gated:
+    if isinstance(block.mlp, MoE):
+        pass  # experts and router stay whole on every tensor-parallel rank: the MoE input is replicated
+    elif block.mlp.gated:
         plan.update(
             {
                 "mlp.w1": ColwiseParallel(),

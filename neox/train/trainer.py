@@ -31,7 +31,7 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.kernels.device import resolve_device
-from neox.model import flops_per_token, num_params
+from neox.model import flops_per_token, moe, num_params
 from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
@@ -289,6 +289,7 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.iteration - self.skipped_steps)
         scaler = self.precision.scaler
         scale = scaler.scale if scaler is not None else 1.0
+        moe.set_aux_loss_scale(self.model, scale / len(micro_batches))  # the token loss's own factor
         loss = self.runner.forward_backward(micro_batches, loss_scale=scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
@@ -515,6 +516,7 @@ class Trainer:
         if self.precision.scaler is not None:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = w.steps - counted
+        record.update(moe.read_stats(self.model) or {})  # routing statistics of this rank's steps
         return record
 
     def _elapsed_and_eta(self) -> dict:

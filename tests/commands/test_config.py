@@ -20,7 +20,7 @@ def test_docs_cover_every_field_and_table():
         for name in cls.__dataclass_fields__:
             assert f"`{group}.{name}`" in text
     assert "`checkpoint_factor`" in text and "`scaled_upper_triang_masked_softmax_fusion`" in text
-    assert "| `s3_path` |" in text and "| `moe_num_experts` |" in text
+    assert "| `s3_path` |" in text and "| `moe_type` |" in text
 
 
 def test_config_docs_check_and_write(tmp_path, capsys):

@@ -166,7 +166,7 @@ def test_deepspeed_checkpoint_block_in_our_checkpoint_group():
     "neox, message",
     [
         ({"s3_path": "s3://x"}, r"key 's3_path': not supported: neox does not upload"),
-        ({"moe_num_experts": 8}, r"key 'moe_num_experts': unsupported value 8: mixture of experts is not implemented"),
+        ({"moe_type": "deepspeed"}, r"key 'moe_type': unsupported value 'deepspeed': only the dropless"),
         (
             {"optimizer": {"type": "OneBitAdam", "params": {}}},
             r"unsupported value 'OneBitAdam'.*grad_compression: onebit",
