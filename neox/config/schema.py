@@ -53,6 +53,14 @@ class ModelConfig:
     pos_emb: str = opt("rotary", "Positional encoding.", POS_EMBS)
     rotary_pct: float = opt(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.")
     rotary_emb_base: int = opt(10000, "Rotary embedding base (theta).")
+    rope_scaling: dict | None = opt(
+        None,
+        "RoPE scaling as transformers' rope_scaling names it: {type (or rope_type): linear | dynamic | llama3 | "
+        "yarn, factor, ...}; llama3 also reads original_max_position_embeddings (default max_position_embeddings), "
+        "low_freq_factor (1), high_freq_factor (4); yarn original_max_position_embeddings, beta_fast (32), "
+        "beta_slow (1), attention_factor, mscale, mscale_all_dim, truncate (true); dynamic (NTK) rescales the base "
+        "for forwards that reach past original_max_position_embeddings. None = plain rotary.",
+    )
     rpe_num_buckets: int = opt(32, "T5 relative-position buckets (pos_emb: rpe).")
     rpe_max_distance: int = opt(128, "T5 relative-position max distance (pos_emb: rpe).")
     norm: str = opt("layernorm", "Normalisation layer.", NORMS)
@@ -75,6 +83,31 @@ class ModelConfig:
     init_method: str = opt("normal", "Initialisation of input-side weights.", INIT_METHODS)
     output_layer_init_method: str = opt("scaled_normal", "Initialisation of residual-output weights.", INIT_METHODS)
     init_method_std: float = opt(0.02, "Standard deviation for normal-type inits.")
+    use_mup: bool = opt(
+        False,
+        "Maximal update parametrisation (muP): attention scores scaled by 1/head_dim, logits by "
+        "1/(mup_output_temp * width multiplier), embeddings by mup_embedding_mult, hidden matrices initialised "
+        "with std / sqrt(fan-in multiplier) and trained with per-group learning rates (Adam: lr / fan-in "
+        "multiplier for hidden matrices; SGD: muP's SGD rates). Width multipliers are this model's widths over "
+        "the base model's (mup_base_*).",
+    )
+    mup_base_hidden_size: int | None = opt(
+        None, "muP base model width (the width the hyper-parameters were tuned at); None = hidden_size."
+    )
+    mup_base_num_attention_heads: int | None = opt(
+        None, "muP base model's query heads; None = num_attention_heads (heads fixed, head_dim grows with width)."
+    )
+    mup_base_intermediate_size: int | None = opt(
+        None,
+        "muP base model's MLP width; None = the default rule's width at mup_base_hidden_size when "
+        "intermediate_size follows that rule, else intermediate_size scaled by mup_base_hidden_size / hidden_size.",
+    )
+    mup_init_scale: float = opt(1.0, "muP: every weight's initial standard deviation is multiplied by this.")
+    mup_attn_temp: float = opt(1.0, "muP attention temperature: scores are divided by it (on top of 1/head_dim).")
+    mup_output_temp: float = opt(
+        1.0, "muP output temperature: logits are divided by it (on top of 1/width multiplier)."
+    )
+    mup_embedding_mult: float = opt(1.0, "muP: the embedding layer's output is multiplied by this.")
     attention_types: list | None = opt(
         None,
         "Attention type of each layer (GPT-NeoX attention_config, expanded at load: [[[\"local\", \"global\"], "

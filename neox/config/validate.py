@@ -16,6 +16,7 @@ from neox.config.attention import (
     sparsity_params,
 )
 from neox.config.fields import Resolved
+from neox.config.rope import parse_rope_scaling
 from neox.config.schema import Config
 from neox.config.shapes import head_dim, max_positions, mlp_width, num_kv_heads, rotary_dims
 from neox.errors import ConfigError
@@ -192,6 +193,8 @@ def validate(r: Resolved) -> None:
     _check_checkpointing(r)
     _check_curriculum(r)
     _check_moe(r)
+    _check_rope_scaling(r)
+    _check_mup(r)
 
 
 def _check_moe(r: Resolved) -> None:
@@ -435,3 +438,52 @@ def resolve_vocab(cfg: Config, tokenizer_vocab_size: int, tp: int = 1) -> int:
             f"size {tp}; leave it unset to derive a padded size"
         )
     return m.vocab_size
+
+
+def _check_rope_scaling(r: Resolved) -> None:
+    m = r.config.model
+    if m.rope_scaling is None:
+        return
+    try:
+        scaling = parse_rope_scaling(m.rope_scaling, m.max_position_embeddings)
+    except ValueError as e:
+        raise ConfigError(f"{r.where('model', 'rope_scaling')}: {e}") from None
+    if scaling is not None and m.pos_emb != "rotary":
+        raise ConfigError(f"{r.where('model', 'rope_scaling')}: scales rotary embeddings; needs pos_emb: rotary")
+
+
+_MUP_DEFAULTS = {
+    "mup_base_hidden_size": None,
+    "mup_base_num_attention_heads": None,
+    "mup_base_intermediate_size": None,
+    "mup_init_scale": 1.0,
+    "mup_attn_temp": 1.0,
+    "mup_output_temp": 1.0,
+    "mup_embedding_mult": 1.0,
+}
+
+
+def _check_mup(r: Resolved) -> None:
+    """muP settings: positive, only with use_mup, and a base model whose heads divide its width."""
+    m = r.config.model
+
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{r.where('model', name)}: {message}")
+
+    for name, default in _MUP_DEFAULTS.items():
+        value = getattr(m, name)
+        if value != default and not m.use_mup:
+            fail(name, "has no effect without use_mup: true")
+        if value is not None and not value > 0:
+            fail(name, f"must be positive, got {value!r}")
+    if not m.use_mup:
+        return
+    width = m.mup_base_hidden_size or m.hidden_size
+    heads = m.mup_base_num_attention_heads or m.num_attention_heads
+    if width % heads:
+        fail("mup_base_hidden_size", f"the base width {width} is not divisible by its {heads} attention heads")
+    if (m.num_kv_heads * heads) % m.num_attention_heads:
+        fail(
+            "mup_base_num_attention_heads",
+            f"{heads} base heads cannot keep num_kv_heads / num_attention_heads ({m.num_kv_heads}/{m.num_attention_heads})",
+        )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox.config.schema import ModelConfig
+from neox.model import mup
 from neox.model.info import head_dim, num_kv_heads
 from neox.model.positional import RelativePositionBias, apply_rotary, t5_relative_bucket
 
@@ -50,6 +51,7 @@ class Attention(nn.Module):
         h, bias = cfg.hidden_size, cfg.use_bias_in_attn_linear
         self.query_key_value = nn.Linear(h, self.num_kv_heads * (self.group + 2) * self.head_dim, bias=bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.query_scale = mup.query_scale(cfg)  # muP's 1/head_dim softmax scale, folded into the queries
         self.rpe = None
         if cfg.pos_emb == "rpe":
             self.rpe = RelativePositionBias(cfg.rpe_num_buckets, cfg.rpe_max_distance, self.num_heads, self.head_dim)
@@ -64,6 +66,8 @@ class Attention(nn.Module):
             # q and k rotated in one op: the cos/sin tables broadcast over groups and heads
             qk = apply_rotary(qk, *inputs.rotary)
         q = qk[:, :, :, :g].reshape(b, t, -1, hd).transpose(1, 2)
+        if self.query_scale != 1.0:
+            q = q * self.query_scale
         k = qk[:, :, :, g].transpose(1, 2)
         v = qkv[:, :, :, g + 1].transpose(1, 2)
         if kv_cache is not None:

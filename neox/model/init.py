@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from neox.config.schema import ModelConfig
+from neox.model.mup import init_multiplier
 
 InitFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,9 +107,12 @@ def method_of(rule: str, cfg: ModelConfig) -> str:
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """(Re)initialise every parameter of a neox.model.GPT in place, from the global torch RNG."""
     fns = {INPUT: init_fn(cfg.init_method, cfg), OUTPUT: init_fn(cfg.output_layer_init_method, cfg)}
-    for _, p, rule in parameter_rules(model):
+    for name, p, rule in parameter_rules(model):
         if rule in fns:
             fns[rule](p)
+            scale = init_multiplier(cfg, name, tuple(p.shape))
+            if scale != 1.0:
+                p.mul_(scale)
         else:
             p.fill_(1.0 if rule == ONES else 0.0)
 
@@ -135,9 +139,10 @@ def seeded_rows(
     if rule in (ZEROS, ONES):
         return torch.full(local, 1.0 if rule == ONES else 0.0)
     method = method_of(rule, cfg)
+    scale = init_multiplier(cfg, name, shape)
     if method == "orthogonal":
         g = torch.Generator().manual_seed(block_seed(seed, name, -1))
-        return _orthogonal(torch.empty(shape), ORTHOGONAL_GAIN, generator=g)[start:stop].clone()
+        return _orthogonal(torch.empty(shape), ORTHOGONAL_GAIN, generator=g)[start:stop] * scale
     std = init_std(method, cfg)
     if std is None:  # xavier: the fans of the whole matrix, elementwise draws
         fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
@@ -153,4 +158,4 @@ def seeded_rows(
         values.uniform_(-bound, bound, generator=g) if uniform else values.normal_(0.0, std, generator=g)
         lo, hi = max(b0, start), min(b1, stop)
         out[lo - start : hi - start] = values[lo - b0 : hi - b0]
-    return out
+    return out.mul_(scale) if scale != 1.0 else out

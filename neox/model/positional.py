@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from neox.config.rope import RopeScaling, parse_rope_scaling
+
 
 class _DerivedTables(nn.Module, metaclass=abc.ABCMeta):
     """Holds fp32 tables derived from hyper-parameters (non-persistent buffers, so not in the state dict).
@@ -49,29 +51,117 @@ class SinusoidalEmbedding(_DerivedTables):
         return self.table[positions]
 
 
+def rotary_inv_freq(dim: int, base: float) -> torch.Tensor:
+    """inv_freq_i = base^(-2i/dim), i < dim/2, in fp32 (the exponent too, as transformers computes it)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(factor) + 1 (1 when nothing is stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _llama3(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # wavelengths longer than original/low_freq_factor are interpolated by the factor, shorter than
+    # original/high_freq_factor kept, and those between blended linearly in original/wavelength
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    middle = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(middle, blended, out)
+
+
+def _yarn(dim: int, base: float, s: RopeScaling) -> tuple[torch.Tensor, float]:
+    # dims that turn fewer than beta_slow times over the original context are interpolated, those that turn
+    # more than beta_fast times extrapolated (kept), with a linear ramp over the dims in between
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of width zero would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (the original frequency), 0 = interpolate (divided by the factor)
+    inv_freq = rotary_inv_freq(dim, base)
+    inv_freq = inv_freq / s.factor * (1 - keep) + inv_freq * keep
+    if s.attention_factor is not None:
+        return inv_freq, s.attention_factor
+    if s.mscale and s.mscale_all_dim:
+        return inv_freq, yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return inv_freq, yarn_mscale(s.factor)
+
+
+def scaled_inv_freq(dim: int, base: float, s: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2], cos/sin multiplier) of a static scaling method (or none); `dynamic` starts from the
+    unscaled frequencies and changes them per forward (`dynamic_inv_freq`)."""
+    if s is None or s.type == "dynamic":
+        return rotary_inv_freq(dim, base), 1.0
+    if s.type == "linear":
+        return rotary_inv_freq(dim, base) / s.factor, 1.0
+    if s.type == "llama3":
+        return _llama3(rotary_inv_freq(dim, base), s), 1.0
+    if s.type == "yarn":
+        return _yarn(dim, base, s)
+    raise ValueError(f"unknown rope scaling {s.type!r}")
+
+
+def dynamic_inv_freq(dim: int, base: float, s: RopeScaling, seq_len: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK: for a forward reaching seq_len > the original context, the base grows to
+    base * (factor * seq_len / original - (factor - 1)) ^ (dim / (dim - 2)); seq_len is a 0-d tensor (no sync)."""
+    ratio = s.factor * seq_len.float() / s.original_max_position_embeddings - (s.factor - 1)
+    grown = base * ratio ** (dim / (dim - 2))
+    return 1.0 / (grown ** (torch.arange(0, dim, 2, dtype=torch.float32, device=seq_len.device) / dim))
+
+
 class RotaryEmbedding(_DerivedTables):
     """Rotary tables for the first `rotary_ndims` dims of each head, GPT-NeoX / HF GPTNeoX layout:
-    inv_freq_i = base^(-2i/rotary_ndims), cos/sin tables are the frequencies repeated twice (rotate_half style)."""
+    inv_freq_i = base^(-2i/rotary_ndims), cos/sin tables are the frequencies repeated twice (rotate_half style).
 
-    def __init__(self, rotary_ndims: int, max_positions: int, base: float = 10000.0):
+    `scaling` (model.rope_scaling) changes the frequencies as transformers' rope_scaling does: linear, llama3
+    and yarn once in the tables (yarn also scales cos/sin by its attention factor); dynamic NTK per forward,
+    from the largest position the forward reaches, for positions past the original context."""
+
+    def __init__(self, rotary_ndims: int, max_positions: int, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         self.rotary_ndims, self.max_positions, self.base = rotary_ndims, max_positions, base
+        self.scaling = parse_rope_scaling(scaling, max_positions) if isinstance(scaling, dict) else scaling
         self._build(torch.device("cpu"))
 
     def _build(self, device):
-        d = self.rotary_ndims
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(self.max_positions, device=device, dtype=torch.float32), inv_freq)
+        inv_freq, attention_factor = scaled_inv_freq(self.rotary_ndims, self.base, self.scaling)
+        self.attention_factor = attention_factor
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq).to(device)
         angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
+        self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `positions` [B|1, T] in `dtype`, shaped [B|1, T, 1, 1, rotary_ndims] to broadcast over the
         fused qkv view [B, T, kv_groups, heads_per_group, head_dim]. Cast once per forward, not once per layer."""
-        cos = self.cos[positions].to(dtype)[:, :, None, None, :]
-        sin = self.sin[positions].to(dtype)[:, :, None, None, :]
-        return cos, sin
+        if self.scaling is not None and self.scaling.type == "dynamic":
+            cos, sin = self._dynamic(positions)
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
+        return cos.to(dtype)[:, :, None, None, :], sin.to(dtype)[:, :, None, None, :]
+
+    def _dynamic(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one set of frequencies for the whole forward, as transformers picks it; chosen on the device
+        seq_len = positions.max() + 1
+        inv_freq = dynamic_inv_freq(self.rotary_ndims, self.base, self.scaling, seq_len)
+        angles = positions[..., None].float() * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        grown = seq_len > self.scaling.original_max_position_embeddings
+        return torch.where(grown, angles.cos(), self.cos[positions]), torch.where(
+            grown, angles.sin(), self.sin[positions]
+        )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

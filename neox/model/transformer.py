@@ -12,7 +12,7 @@ from torch import nn
 
 from neox.config.schema import ModelConfig
 from neox.errors import NeoxError
-from neox.model import info
+from neox.model import info, mup
 from neox.model.attention import Attention, AttentionInputs, build_attention_inputs
 from neox.model.init import init_weights
 from neox.model.layers import MLP, build_norm
@@ -64,7 +64,12 @@ class GPT(nn.Module):
         # derived fp32 tables: non-persistent buffers, so the state dict holds only the parameters above/below
         self.sinusoidal = SinusoidalEmbedding(h, max_pos) if cfg.pos_emb == "sinusoidal" else None
         rotary_ndims = info.rotary_dims(cfg)
-        self.rotary = RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base) if cfg.pos_emb == "rotary" else None
+        self.rotary = (
+            RotaryEmbedding(rotary_ndims, max_pos, cfg.rotary_emb_base, cfg.rope_scaling)
+            if cfg.pos_emb == "rotary"
+            else None
+        )
+        self.embedding_mult, self.output_mult = mup.embedding_multiplier(cfg), mup.output_multiplier(cfg)
         self.alibi = ALiBi(cfg.num_attention_heads) if cfg.pos_emb == "alibi" else None
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -122,6 +127,8 @@ class GPT(nn.Module):
                 x = x + self.embed_pos(pos)
             elif self.sinusoidal is not None:
                 x = x + self.sinusoidal(pos).to(x.dtype)
+            if self.embedding_mult != 1.0:
+                x = x * self.embedding_mult
             x = self.embed_dropout(x)
 
         inputs = build_attention_inputs(self, b, t, pos, segment_ids, kv_cache, self.compute_dtype(x), x.device)
@@ -133,6 +140,8 @@ class GPT(nn.Module):
         if self.final_layer_norm is None:
             return x
         x = self.final_layer_norm(x)
+        if self.output_mult != 1.0:  # muP's logit multiplier, on the head's input (the head has no bias)
+            x = x * self.output_mult
         if self.embed_out is not None:
             return self.embed_out(x)
         if self.tied and self.embed_in is not None:

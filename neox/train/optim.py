@@ -1,4 +1,4 @@
-"""Optimizer construction: weight-decay parameter groups and the Adam/AdamW/SGD choice."""
+"""Optimizer construction: weight-decay (and muP learning-rate) parameter groups and the Adam/AdamW/SGD choice."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import functools
 import torch
 from torch import nn
 
-from neox.config.schema import OptimizerConfig
+from neox.config.schema import ModelConfig, OptimizerConfig
 from neox.errors import ConfigError
+from neox.model.mup import lr_multiplier
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -22,18 +23,30 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith("bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices and undecayed vectors; frozen parameters are left out."""
-    decay, plain = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, mcfg: ModelConfig | None = None, kind: str = "adamw"
+) -> list[dict]:
+    """Decayed matrices and undecayed vectors; frozen parameters are left out. With muP (mcfg.use_mup) each
+    of the two splits further by learning-rate multiplier (`lr_scale`, which the schedule applies), and a
+    decayed group's weight decay is divided by its multiplier, so lr * weight_decay keeps its base value."""
+    buckets: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (plain if no_decay(name, p) else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": plain, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
+        scale = lr_multiplier(mcfg, name, tuple(p.shape), kind) if mcfg is not None else 1.0
+        buckets.setdefault((not no_decay(name, p), scale), []).append(p)
+    groups = []
+    for (decay, scale), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        name = "decay" if decay else "no_decay"
+        groups.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay / scale if decay else 0.0,
+                "lr_scale": scale,
+                "name": name if scale == 1.0 else f"{name}_lr_x{scale:g}",
+            }
+        )
+    return groups
 
 
 def _implementation(params: list[torch.Tensor]) -> dict:
@@ -60,13 +73,14 @@ def _keep_kernels(optimizer: torch.optim.Optimizer, impl: dict) -> None:
         group["fused"], group["foreach"] = impl.get("fused", False), impl.get("foreach", False)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer named by cfg.type over `param_groups(model, cfg.weight_decay)`.
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, mcfg: ModelConfig | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by cfg.type over `param_groups(model, cfg.weight_decay, mcfg)` (mcfg: the model's
+    config, for muP's per-group learning rates).
 
     `adam` adds weight decay to the gradient (torch.optim.Adam, L2); `adamw` decays the weights directly
     (decoupled, what GPT-NeoX's FusedAdam does by default). The learning rate is set by the schedule.
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, mcfg, cfg.type.lower())
     if not groups:
         raise ConfigError("model has no trainable parameters; nothing to optimize")
     params = [p for g in groups for p in g["params"]]

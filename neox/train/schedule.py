@@ -68,10 +68,11 @@ class LRSchedule:
         return max(lr, self.min_lr)
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        """Set every parameter group's rate for the update at `iteration`; returns it."""
+        """Set every parameter group's rate for the update at `iteration` (times the group's `lr_scale`, muP's
+        per-group multiplier, when it has one); returns the unscaled rate."""
         lr = self.lr_at(iteration)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def state_dict(self) -> dict:

@@ -148,7 +148,7 @@ class Trainer:
             cfg, self.layout, self.precision, self.device, self.accum, loss_fn=masked_mean_loss
         )
         self._seed(tr.seed + self.layout.dp_rank)  # a dropout stream per rank (the init is seeded per parameter)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.model)
         self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.train_iters)
         self._build_data()
         self.curriculum = Curriculum(tr) if tr.curriculum_enabled else None

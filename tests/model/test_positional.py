@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from neox.config import from_dict
 from neox.config.schema import ModelConfig
+from neox.errors import ConfigError
 from neox.model import GPT
 from neox.model.positional import (
     ALiBi,
@@ -107,3 +109,166 @@ def test_tables_stay_fp32_and_out_of_the_state_dict(pos_emb):
     for name, buf in model.named_buffers():
         assert buf.dtype == torch.float32
         torch.testing.assert_close(buf, tables[name], atol=0, rtol=0)
+
+
+# -- RoPE scaling: each method by its formula (plain Python, float64) and against transformers -------------
+
+
+def inv_freq_by_formula(d, base, s):
+    """Per-frequency definitions of transformers' rope_scaling methods, one frequency at a time."""
+    out = []
+    orig = s.get("original_max_position_embeddings")
+    for i in range(d // 2):
+        f = base ** (-2 * i / d)
+        kind = s["type"]
+        if kind == "linear":
+            f = f / s["factor"]
+        elif kind == "llama3":
+            lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+            wavelen = 2 * math.pi / f
+            if wavelen > orig / lo:
+                f = f / s["factor"]
+            elif wavelen >= orig / hi:
+                smooth = (orig / wavelen - lo) / (hi - lo)
+                f = (1 - smooth) * f / s["factor"] + smooth * f
+        elif kind == "yarn":
+            fast, slow = s.get("beta_fast", 32), s.get("beta_slow", 1)
+
+            def dim_at(rot):
+                return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+            low, high = max(math.floor(dim_at(fast)), 0), min(math.ceil(dim_at(slow)), d - 1)
+            ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: keep, 1: divide by the factor
+            f = f * (1 - ramp) + f / s["factor"] * ramp
+        out.append(f)
+    return out
+
+
+SCALINGS = [
+    {"type": "linear", "factor": 4.0},
+    {
+        "type": "llama3",
+        "factor": 8.0,
+        "original_max_position_embeddings": 64,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+    {
+        "rope_type": "llama3",
+        "factor": 2.0,
+        "original_max_position_embeddings": 32,
+        "low_freq_factor": 2.0,
+        "high_freq_factor": 8.0,
+    },
+    {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128, "beta_fast": 16, "beta_slow": 2},
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: f"{s.get('type', s.get('rope_type'))}-{s['factor']:g}")
+def test_rope_scaling_tables_match_formula(scaling):
+    d, base, max_pos = 32, 10000.0, 256
+    s = {"type": scaling.get("type", scaling.get("rope_type")), **scaling}
+    rope = RotaryEmbedding(d, max_positions=max_pos, base=base, scaling=scaling)
+    freqs = inv_freq_by_formula(d, base, s)
+    mscale = 0.1 * math.log(s["factor"]) + 1 if s["type"] == "yarn" else 1.0
+    positions = torch.tensor([[0, 1, 5, 63, 64, 200, 255]])
+    cos, sin = rope(positions, torch.float32)
+    for j, p in enumerate(positions[0].tolist()):
+        want = torch.tensor([math.cos(p * f) * mscale for f in freqs] * 2)
+        torch.testing.assert_close(cos[0, j, 0, 0].double(), want.double(), atol=2e-5, rtol=1e-5)
+        want = torch.tensor([math.sin(p * f) * mscale for f in freqs] * 2)
+        torch.testing.assert_close(sin[0, j, 0, 0].double(), want.double(), atol=2e-5, rtol=1e-5)
+
+
+def test_dynamic_ntk_rescales_the_base_past_the_original_context():
+    d, base, orig, factor = 16, 10000.0, 32, 2.0
+    rope = RotaryEmbedding(
+        d, 128, base, {"type": "dynamic", "factor": factor, "original_max_position_embeddings": orig}
+    )
+    plain = RotaryEmbedding(d, 128, base)
+    short = torch.arange(32)[None]
+    torch.testing.assert_close(rope(short, torch.float32), plain(short, torch.float32))  # inside: unchanged
+    long = torch.arange(100)[None]
+    cos, _ = rope(long, torch.float32)
+    grown = base * (factor * 100 / orig - (factor - 1)) ** (d / (d - 2))
+    for p in (0, 7, 99):
+        want = [math.cos(p * grown ** (-2 * i / d)) for i in range(d // 2)] * 2
+        torch.testing.assert_close(cos[0, p, 0, 0].double(), torch.tensor(want).double(), atol=2e-5, rtol=1e-5)
+
+
+def _hf_rope(rope_parameters, max_pos, head_dim=32, heads=2):
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=head_dim * heads,
+        num_attention_heads=heads,
+        max_position_embeddings=max_pos,
+        rope_parameters={"rope_theta": 10000.0, **rope_parameters},
+    )
+    return llama.LlamaRotaryEmbedding(config)
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: f"{s.get('type', s.get('rope_type'))}-{s['factor']:g}")
+def test_rope_scaling_matches_transformers(scaling):
+    max_pos = 256
+    hf = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    hf_rope = _hf_rope(hf, max_pos)
+    positions = torch.tensor([[0, 3, 17, 64, 130, 255]])
+    want_cos, want_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = RotaryEmbedding(32, max_pos, 10000, scaling)(positions, torch.float32)
+    torch.testing.assert_close(cos[:, :, 0, 0], want_cos, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sin[:, :, 0, 0], want_sin, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 200])
+def test_dynamic_ntk_matches_transformers(length):
+    # transformers' dynamic type grows from its max_position_embeddings, neox's from original_max_position_embeddings
+    orig, factor = 64, 4.0
+    hf_rope = _hf_rope({"rope_type": "dynamic", "factor": factor}, orig)
+    positions = torch.arange(length)[None]
+    want_cos, want_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
+    scaling = {"type": "dynamic", "factor": factor, "original_max_position_embeddings": orig}
+    cos, sin = RotaryEmbedding(32, 256, 10000, scaling)(positions, torch.float32)
+    torch.testing.assert_close(cos[:, :, 0, 0], want_cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sin[:, :, 0, 0], want_sin, atol=1e-5, rtol=1e-5)
+
+
+def test_yarn_attention_factor_options():
+    s = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+    pos = torch.tensor([[0]])
+    for extra, want in (
+        ({}, 0.1 * math.log(8.0) + 1),
+        ({"attention_factor": 0.5}, 0.5),
+        ({"mscale": 2.0, "mscale_all_dim": 1.0}, (0.2 * math.log(8.0) + 1) / (0.1 * math.log(8.0) + 1)),
+    ):
+        cos, _ = RotaryEmbedding(16, 128, 10000, {**s, **extra})(pos, torch.float32)
+        assert cos[0, 0, 0, 0, 0].item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"type": "ntk", "factor": 2.0}, "type 'ntk' is not one of linear, dynamic, llama3, yarn"),
+        ({"type": "linear"}, "linear scaling needs a factor"),
+        ({"type": "linear", "factor": 0.5}, "factor must be at least 1"),
+        ({"type": "yarn", "factor": 2.0, "low_freq_factor": 1.0}, "yarn scaling has no key 'low_freq_factor'"),
+        ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "must be larger than"),
+        ({"type": "linear", "rope_type": "yarn", "factor": 2.0}, "disagree"),
+        ({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": "long"}, "positive integer"),
+        ("linear", "expected a mapping"),
+    ],
+)
+def test_rope_scaling_errors_are_one_line(bad, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        from_dict({"rope_scaling": bad})
+    assert "\n" not in str(e.value) and "rope_scaling" in str(e.value)
+
+
+def test_rope_scaling_needs_rotary_and_reaches_the_model():
+    with pytest.raises(ConfigError, match="needs pos_emb: rotary"):
+        from_dict({"pos_emb": "alibi", "rope_scaling": {"type": "linear", "factor": 2.0}})
+    cfg = from_dict({"vocab_size": 64, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    model = GPT(cfg.model)
+    torch.testing.assert_close(model.rotary.cos[10], RotaryEmbedding(16, 128, 10000).cos[5])  # positions halved
