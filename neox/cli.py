@@ -31,6 +31,7 @@ COMMANDS = {
     "export": ("neox.commands.hf", "export a checkpoint to Hugging Face transformers"),
     "import": ("neox.commands.hf", "import a Hugging Face model as a neox checkpoint"),
     "config": ("neox.commands.config", "show the resolved config or regenerate docs/config.md"),
+    "plot": ("neox.commands.plot", "draw loss, validation loss, learning rate, grad norm and throughput of runs"),
 }
 
 

@@ -157,8 +157,6 @@ NO_EFFECT: dict[str, str] = {
     "torch.utils.checkpoint on",
     "load_universal": "DCP checkpoints load into any parallel layout without conversion",
     "adlr_autoresume_interval": "only used with adlr_autoresume, which is not supported",
-    "profile_step_start": "only used with profile, which is not supported",
-    "profile_step_stop": "only used with profile, which is not supported",
     "dynamic_loss_scale": "fp16 loss scaling is dynamic exactly when loss_scale is unset (or 0)",
     "curriculum_seqlen": "GPT-NeoX tracks the current curriculum length in it at run time; it is computed "
     "here too (train.curriculum_*)",
@@ -222,7 +220,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "log_optimizer_states": ((False,), "not implemented"),
     "wandb_init_all_ranks": ((False,), "W&B runs on rank 0 only"),
     "memory_profiling": ((False,), "use torch.profiler / PYTORCH_CUDA_ALLOC_CONF directly"),
-    "profile": ((False,), "use torch.profiler directly"),
     "adlr_autoresume": ((False,), "NVIDIA ADLR cluster auto-resume is not supported; resume with checkpoint.load"),
     "exit_interval": ((None,), "stop with train_iters instead"),
     "use_mup": ((False,), "muP is not implemented"),

@@ -110,8 +110,8 @@ class ModelConfig:
     mup_embedding_mult: float = opt(1.0, "muP: the embedding layer's output is multiplied by this.")
     attention_types: list | None = opt(
         None,
-        "Attention type of each layer (GPT-NeoX attention_config, expanded at load: [[[\"local\", \"global\"], "
-        "\"all\"]] alternates over every layer): global (flash is the same and loads as global), local, "
+        'Attention type of each layer (GPT-NeoX attention_config, expanded at load: [[["local", "global"], '
+        '"all"]] alternates over every layer): global (flash is the same and loads as global), local, '
         "sparse_fixed, sparse_variable, bigbird, bslongformer (DeepSpeed's causal block-sparse layouts, shaped by "
         "sparsity_config). None = global everywhere.",
     )
@@ -127,9 +127,7 @@ class ModelConfig:
         "Mistral-style sliding window (GPT-NeoX's key): each token attends to itself and the previous "
         "sliding_window_width tokens, in every layer. None = no window.",
     )
-    moe_num_experts: int = opt(
-        1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE)."
-    )
+    moe_num_experts: int = opt(1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE).")
     moe_top_k: int = opt(1, "Experts each token is routed to.")
     moe_router_type: str = opt(
         "sinkhorn",
@@ -293,7 +291,8 @@ class TrainConfig:
     gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
     checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
     checkpoint_num_layers: int = opt(
-        1, "Transformer blocks per activation checkpoint (checkpoint_granularity: full): only the first block's input is kept."
+        1,
+        "Transformer blocks per activation checkpoint (checkpoint_granularity: full): only the first block's input is kept.",
     )
     checkpoint_granularity: str = opt(
         "full",
@@ -469,6 +468,12 @@ class LoggingConfig:
         5, "Steps averaged into the big-batch gradient of the noise scale estimate (keeps a copy of the gradients)."
     )
     gradient_noise_scale_cpu_offload: bool = opt(False, "Keep the noise scale's gradient copy in CPU memory.")
+    profile: bool = opt(
+        False, "Record a torch.profiler trace and a memory record of steps profile_step_start..profile_step_stop."
+    )
+    profile_step_start: int = opt(10, "First profiled step: the one that begins at this iteration (counted from 0).")
+    profile_step_stop: int = opt(12, "Last profiled step: the one that begins at this iteration.")
+    profile_dir: str | None = opt(None, "Where profile traces go; None = RUN/profile (RUN: the run directory).")
 
 
 @dataclass

@@ -78,6 +78,8 @@ _AT_LEAST = [
     ("checkpoint", "save_interval", 1),
     ("checkpoint", "keep_last_n_checkpoints", 1),
     ("logging", "log_interval", 1),
+    ("logging", "profile_step_start", 0),
+    ("logging", "profile_step_stop", 0),
     ("eval", "eval_interval", 0),
     ("eval", "eval_iters", 0),
     ("eval", "eval_tasks_interval", 1),
@@ -120,6 +122,13 @@ def validate(r: Resolved) -> None:
         if not _in(v, low, high, interval):
             fail(g, name, f"must be in {interval}, got {v!r}")
 
+    lg = cfg.logging
+    if lg.profile and lg.profile_step_stop < lg.profile_step_start:
+        fail(
+            "logging",
+            "profile_step_stop",
+            f"{lg.profile_step_stop} is before profile_step_start {lg.profile_step_start}; profiling needs start <= stop",
+        )
     if m.hidden_size % m.num_attention_heads:
         fail(
             "model",

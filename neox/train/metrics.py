@@ -118,6 +118,33 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+# metrics.jsonl keys -> TensorBoard / W&B tags, grouped as GPT-NeoX groups its charts (train/, validation/,
+# test/, runtime/) so dashboards built for GPT-NeoX runs read neox runs too. Keys that already carry a group
+# ("eval_tasks/lambada/acc", "moe/aux_loss") keep it; any other key is a training quantity.
+TAGS = {
+    "loss": "train/lm_loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "loss_scale": "train/loss_scale",
+    "skipped": "train/skipped_iters",
+    "val_loss": "validation/lm_loss",
+    "val_ppl": "validation/lm_loss_ppl",
+    "test_loss": "test/lm_loss",
+    "test_ppl": "test/lm_loss_ppl",
+    "tokens_per_s": "runtime/tokens_per_sec",
+    "mfu": "runtime/mfu",
+    "step_time_s": "runtime/iteration_time",
+    "peak_mem_bytes": "runtime/peak_mem_bytes",
+    "elapsed_s": "runtime/elapsed_s",
+    "eta_s": "runtime/eta_s",
+}
+
+
+def tag(key: str) -> str:
+    """The TensorBoard / W&B name of a metrics.jsonl key."""
+    return TAGS.get(key) or (key if "/" in key else f"train/{key}")
+
+
 def _finite(value):
     """JSON has no NaN/inf; write them as strings so the file stays valid JSON for every reader."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -180,6 +207,7 @@ class Metrics:
             for k, v in record.items()
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
+        scalars = {tag(k): v for k, v in scalars.items()}
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)

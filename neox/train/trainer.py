@@ -49,6 +49,7 @@ from neox.train.metrics import (
 )
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
+from neox.train.profiling import StepProfiler
 from neox.train.schedule import LRSchedule
 
 # (model, tokenizer) -> {"task/metric": score}: lm-eval tasks on the in-memory model
@@ -64,6 +65,10 @@ class Layout:
     dp_size: int = 1
     world_size: int = 1
     is_logging_rank: bool = True
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 @dataclass
@@ -391,6 +396,7 @@ class Trainer:
             f"ZeRO {p.zero_stage} | {self.precision.label()} on {self.device} | matmul peak {peak / 1e9:.1f} GFLOP/s"
         )
         summary: dict = {}
+        self.profiler = StepProfiler(cfg.logging, self.run_dir, self.device, _rank()) if cfg.logging.profile else None
         try:
             self._train_until(end, peak, metrics, console, summary)
             if self.iteration >= self.train_iters:
@@ -406,6 +412,10 @@ class Trainer:
             self._save_before_exit(console, "stopping on an error")
             raise
         finally:
+            if self.profiler is not None:
+                self.profiler.close()
+                if self.profiler.written:
+                    console.print(f"profile written to {self.profiler.dir} ({len(self.profiler.written)} files)")
             if self.saver is not None:
                 self.saver.wait()  # the last checkpoint is complete (and `latest`) before returning
             console.close()
@@ -436,7 +446,12 @@ class Trainer:
         window = _Window()
         self._clock = (time.perf_counter(), self.iteration)  # wall time (evaluations, saves too) for the ETA
         while self.iteration < end:
+            began = self.iteration
+            if self.profiler is not None:
+                self.profiler.before_step(began)
             self._timed_step(data, window)
+            if self.profiler is not None:
+                self.profiler.after_step(began)
             console.advance()
             if self.iteration % log_every == 0 or self.iteration == end:
                 record = self._log_record(window, tokens_per_step, fpt, peak)
