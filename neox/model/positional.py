@@ -136,9 +136,11 @@ class RotaryEmbedding(_DerivedTables):
         self._build(torch.device("cpu"))
 
     def _build(self, device):
-        inv_freq, attention_factor = scaled_inv_freq(self.rotary_ndims, self.base, self.scaling)
+        # computed on `device` itself: under a meta-device build (train/build.py) the defaults are meta tensors
+        with torch.device(device):
+            inv_freq, attention_factor = scaled_inv_freq(self.rotary_ndims, self.base, self.scaling)
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
         self.attention_factor = attention_factor
-        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq).to(device)
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
