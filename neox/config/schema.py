@@ -127,58 +127,18 @@ class ModelConfig:
         "Mistral-style sliding window (GPT-NeoX's key): each token attends to itself and the previous "
         "sliding_window_width tokens, in every layer. None = no window.",
     )
-    moe_num_experts: int = opt(1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE).")
-    moe_top_k: int = opt(1, "Experts each token is routed to.")
-    moe_router_type: str = opt(
-        "sinkhorn",
-        "Router: topk (the k largest softmax probabilities) or sinkhorn (GPT-NeoX's default, S-BASE: while "
-        "training, the k experts of the Sinkhorn-balanced assignment, weighted by softmax (k > 1) or sigmoid "
-        "(k = 1) of their logits; plain top-k at evaluation).",
-        ("topk", "sinkhorn"),
-    )
-    moe_jitter_eps: float | None = opt(
-        None, "While training, multiply the router's input by uniform noise in [1 - eps, 1 + eps]; None = off."
-    )
-    moe_lbl_in_fp32: bool = opt(
-        False, "Compute the load-balancing loss from fp32 router probabilities (else in the router's dtype)."
-    )
-    moe_aux_loss_coeff: float = opt(
-        0.0,
-        "Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e per MoE layer (f_e: share of "
-        "assignments to expert e, P_e: its mean router probability); 0 = off (GPT-NeoX's dropless MoE has none). "
-        "GPT-NeoX's DeepSpeed-MoE key moe_loss_coeff loads as this.",
-    )
-    moe_z_loss_coeff: float = opt(
-        0.0, "Weight of the ST-MoE router z-loss, mean over tokens of logsumexp(router logits)^2; 0 = off."
-    )
-    moe_expert_interval: int = opt(
-        1, "Block i has an MoE MLP when i % moe_expert_interval == 0 (GPT-NeoX's rule); the others stay dense."
-    )
-    moe_topk_renormalize: bool = opt(
+    use_qk_layernorm: bool = opt(
         False,
-        "Divide the k selected router probabilities by their sum (Mixtral); GPT-NeoX's routers keep them as they are.",
+        "Normalise queries and keys per head before rotary (QK-norm), with the model's norm type over head_dim; "
+        "one norm shared by queries and keys (GPT-NeoX's key).",
     )
-    moe_token_dropping: bool = opt(
-        False,
-        "Give each expert a capacity and drop the assignments beyond it (first choices before second choices, "
-        "then token order, as GShard); false = dropless, every assignment is computed.",
-    )
-    moe_train_capacity_factor: float = opt(
-        1.0, "With moe_token_dropping: capacity = max(ceil(factor * tokens * k / E), moe_min_capacity) in training."
-    )
-    moe_eval_capacity_factor: float = opt(1.0, "With moe_token_dropping: the capacity factor at evaluation.")
-    moe_min_capacity: int = opt(4, "With moe_token_dropping: the smallest capacity of an expert.")
-    moe_num_shared_experts: int = opt(
-        0,
-        "Always-on experts (DeepSeek-style): every token also passes a dense MLP of width "
-        "moe_num_shared_experts * intermediate_size, added to the routed experts' output.",
-    )
-    moe_dispatch: str = opt(
-        "grouped_mm",
-        "How the experts run over their tokens: grouped_mm (tokens sorted by expert, torch.nn.functional."
-        "grouped_mm; no host sync) or padded (a batched matmul over [experts, load, hidden], the load being the "
-        "capacity with token dropping, else the largest expert's load, read back once per layer).",
-        ("grouped_mm", "padded"),
+    attention_impl: str = opt(
+        "auto",
+        "How masked attention (ALiBi, T5 bias, documents, windows, block-sparse layers, KV cache) is computed: "
+        "auto (FlexAttention on CUDA; on CPU block-sparse for layouts, query-chunked SDPA otherwise), dense (the "
+        "[T, T] mask reference), chunked, block_sparse, flex (forward only on CPU). Plain causal attention "
+        "always uses SDPA's causal kernel.",
+        ("auto", "dense", "chunked", "block_sparse", "flex"),
     )
     moe_num_experts: int = opt(1, "Experts of each MoE layer (GPT-NeoX's key); 1 = dense MLPs everywhere (no MoE).")
     moe_top_k: int = opt(1, "Experts each token is routed to.")
@@ -272,7 +232,18 @@ class DataConfig:
     weighted_sampler_alpha: float = opt(1.0, "Temperature for weight_by_num_documents.")
     split: str = opt("969,30,1", "Train,valid,test proportions when a single data_path is given.")
     data_impl: str = opt("mmap", "Dataset format (only the GPT-NeoX mmap format).", ("mmap",))
-    pack_impl: str = opt("packed", "How documents become samples (GPT-NeoX packed order).", ("packed",))
+    pack_impl: str = opt(
+        "packed",
+        "How documents become samples, in GPT-NeoX's order: packed (concatenated and cut into seq_length + 1 "
+        "token samples), pack_until_overflow (whole documents packed until the next would overflow, padded), "
+        "unpacked (one document per sample, padded or cut).",
+        ("packed", "pack_until_overflow", "unpacked"),
+    )
+    allow_chopped: bool = opt(
+        True,
+        "pack_until_overflow / unpacked: keep documents longer than seq_length + 1 (cut to it); false leaves "
+        "them out. Part of the index cache name (_ac), as in GPT-NeoX.",
+    )
     mmap_warmup: bool = opt(False, "Touch every page of the .bin at open.")
     reset_position_ids: bool = opt(False, "Restart position ids at every document boundary.")
     reset_attention_mask: bool = opt(False, "Forbid attention across document boundaries.")
@@ -289,6 +260,28 @@ class TrainConfig:
     train_batch_size: int | None = opt(None, "Global batch = micro * accumulation * data-parallel size.")
     seed: int = opt(1234, "Seed for initialisation, dropout and data order.")
     gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    nonfinite_policy: str = opt(
+        "skip",
+        "A step whose loss or gradient norm is NaN/inf never updates the weights (checked on the device); then: "
+        "skip (the batch is consumed, the step counted in the log line's guard_skipped), rollback (reload the "
+        "newest checkpoint from before it and go on after the offending batches; needs checkpoint.save) or stop "
+        "(one line, nothing saved). Acted on at the next log line or checkpoint. Under fp16 a non-finite "
+        "gradient norm is the loss scaler's overflow, as before; only a non-finite loss is this policy's.",
+        ("skip", "rollback", "stop"),
+    )
+    loss_spike_window: int = opt(
+        0,
+        "Loss-spike detection over this many recent accepted steps (0 = off, else at least 2): a step whose "
+        "loss (mean over data-parallel ranks) is more than loss_spike_zscore standard deviations above the "
+        "window's mean is a spike, handled by loss_spike_policy.",
+    )
+    loss_spike_zscore: float = opt(6.0, "How many standard deviations above the window's mean loss is a spike.")
+    loss_spike_policy: str = opt(
+        "skip", "What a loss spike does, as nonfinite_policy: skip, rollback or stop.", ("skip", "rollback", "stop")
+    )
+    max_rollbacks: int = opt(
+        3, "Rollbacks allowed in one run (the two rollback policies together); one more stops it with one line."
+    )
     checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
     checkpoint_num_layers: int = opt(
         1,
@@ -331,6 +324,21 @@ class TrainConfig:
     )
     compile: bool = opt(False, "torch.compile the model.")
     device: str = opt("auto", "cpu, cuda, or auto.")
+    max_runtime: str | None = opt(
+        None,
+        "Wall-clock budget of the job: seconds (3600), units (90m, 2h, 1h30m, 1d) or HH:MM:SS, counted from the "
+        "start of `neox train` (the launcher's start under --nproc, restarts included). The run saves a "
+        "checkpoint and exits with code 75 at the last step boundary from which the next step and the save still "
+        "fit (step time: the longest of the last 8 steps; save time: the last save's, or an estimate at 100 MB/s "
+        "before one); the same command resumes. Needs checkpoint.save. None = no budget.",
+    )
+    hang_timeout: float | None = opt(
+        None,
+        "Seconds without a finished training step (or a checkpoint save starting) after which a process prints "
+        "its rank, iteration, pending operation and where its main thread is, and exits with code 124 so that "
+        "torchrun --max-restarts can restart the job from the last checkpoint. Evaluations and the first step "
+        "(compilation) count against it. None = parallel.dist_timeout_minutes under torchrun, off in one process.",
+    )
 
 
 @dataclass

@@ -111,6 +111,8 @@ def _build_split_datasets(data, seq_length, seed, num_samples, return_segments, 
                 cache_dir=data.data_cache_dir,
                 return_segments=return_segments,
                 verbose=verbose,
+                pack_impl=data.pack_impl,
+                allow_chopped=data.allow_chopped,
             )
         )
     return tuple(out)
@@ -164,6 +166,8 @@ def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, v
                     cache_dir=data.data_cache_dir,
                     return_segments=return_segments,
                     verbose=verbose,
+                    pack_impl=data.pack_impl,
+                    allow_chopped=data.allow_chopped,
                 )
             )
         out.append(BlendableDataset(parts, norm))

@@ -53,7 +53,7 @@ def test_single_path_split(tmp_path):
     assert set(train.doc_idx) == set(range(90)) and set(valid.doc_idx) == set(range(90, 98))
     assert set(test.doc_idx) == {98, 99}
     for name, n in (("train", 50), ("valid", 10), ("test", 5)):
-        assert os.path.isfile(tmp_path / f"d_text_document_{name}_indexmap_{n}ns_16sl_1234s_shuffle_idx.npy")
+        assert os.path.isfile(tmp_path / f"d_text_document_{name}_indexmap_{n}ns_16sl_1234s_packedpi_ac_shuffle_idx.npy")
     # Another split under the same cache names: the stale index is noticed and rebuilt.
     with pytest.warns(UserWarning, match="does not match"):
         _, _, none = build_datasets(DataConfig(data_path=cfg.data_path, split="95,5"), 16, 1234, (50, 10, 5))
@@ -76,9 +76,9 @@ def test_path_lists_weights_and_labels(tmp_path):
     assert [d.name for d in train.datasets] == ["train_0", "train_1"]
     assert list(train.weights) == [0.75, 0.25]
     # Each part is asked for its share plus 0.5%, which names its cache.
-    assert os.path.isfile(str(a.prefix) + "_train_0_indexmap_151ns_8sl_7s_doc_idx.npy")
-    assert os.path.isfile(str(b.prefix) + "_train_1_indexmap_51ns_8sl_7s_doc_idx.npy")
-    assert os.path.isfile(str(b.prefix) + "_valid_0_indexmap_21ns_8sl_7s_doc_idx.npy")  # ceil(20 * 1.005)
+    assert os.path.isfile(str(a.prefix) + "_train_0_indexmap_151ns_8sl_7s_packedpi_ac_doc_idx.npy")
+    assert os.path.isfile(str(b.prefix) + "_train_1_indexmap_51ns_8sl_7s_packedpi_ac_doc_idx.npy")
+    assert os.path.isfile(str(b.prefix) + "_valid_0_indexmap_21ns_8sl_7s_packedpi_ac_doc_idx.npy")  # ceil(20 * 1.005)
     item = train[0]
     assert set(item) == {"text", "label"} and item["label"].shape == (9,)
     assert "label" not in valid[0]

@@ -151,6 +151,8 @@ def test_training_start_checks_the_sample(tmp_path):
         mmap_warmup=False,
         split="8,1,1",
         data_cache_dir=str(tmp_path / "cache"),
+        pack_impl="packed",
+        allow_chopped=True,
         train_data_paths=[],
         valid_data_paths=[],
         test_data_paths=[],

@@ -138,7 +138,8 @@ def test_dataset_order_is_the_documented_stream(tmp_path):
 def test_cache_file_names_dtypes_and_reuse(tmp_path, monkeypatch):
     ds = write_dataset(tmp_path / "c_text_document", [[1, 2, 3, 4, 5]] * 6)
     GPT2Dataset("valid", ds.prefix, np.arange(6, dtype=np.int32), ds, 7, 4, 42)
-    stem = str(tmp_path / "c_text_document_valid_indexmap_7ns_4sl_42s")
+    # current GPT-NeoX's name: the pack mode and allow_chopped appended
+    stem = str(tmp_path / "c_text_document_valid_indexmap_7ns_4sl_42s_packedpi_ac")
     assert index_file_prefix(ds.prefix, "valid", 7, 4, 42) == stem
     arrays = {k: np.load(f"{stem}_{k}.npy") for k in ("doc_idx", "sample_idx", "shuffle_idx")}
     assert arrays["doc_idx"].dtype == np.int32
@@ -155,7 +156,7 @@ def test_cache_file_names_dtypes_and_reuse(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.undo()
     GPT2Dataset("valid", ds.prefix, np.arange(6, dtype=np.int32), ds, 7, 4, 42, cache_dir=str(cache))
-    assert os.path.isfile(cache / "c_text_document_valid_indexmap_7ns_4sl_42s_doc_idx.npy")
+    assert os.path.isfile(cache / "c_text_document_valid_indexmap_7ns_4sl_42s_packedpi_ac_doc_idx.npy")
 
 
 def test_labels_segments_and_errors(tmp_path):
@@ -236,7 +237,7 @@ def test_concurrent_builders_agree(tmp_path):
     assert orders[0] == orders[1] == orders[2]
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["r.bin", "r.idx", "r.checksums.json"]
-        + [f"r_train_indexmap_300ns_8sl_5s_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")]
+        + [f"r_train_indexmap_300ns_8sl_5s_packedpi_ac_{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")]
     )
 
 
