@@ -53,7 +53,9 @@ def test_single_path_split(tmp_path):
     assert set(train.doc_idx) == set(range(90)) and set(valid.doc_idx) == set(range(90, 98))
     assert set(test.doc_idx) == {98, 99}
     for name, n in (("train", 50), ("valid", 10), ("test", 5)):
-        assert os.path.isfile(tmp_path / f"d_text_document_{name}_indexmap_{n}ns_16sl_1234s_packedpi_ac_shuffle_idx.npy")
+        assert os.path.isfile(
+            tmp_path / f"d_text_document_{name}_indexmap_{n}ns_16sl_1234s_packedpi_ac_shuffle_idx.npy"
+        )
     # Another split under the same cache names: the stale index is noticed and rebuilt.
     with pytest.warns(UserWarning, match="does not match"):
         _, _, none = build_datasets(DataConfig(data_path=cfg.data_path, split="95,5"), 16, 1234, (50, 10, 5))
