@@ -119,9 +119,11 @@ class GradientNoiseScale:
         if self.buffer is None:
             self.buffer = [self._copy(p.grad) for p in params]
         else:
-            torch._foreach_add_(self.buffer, [self._copy(p.grad) for p in params])
+            for held, p in zip(self.buffer, params):  # one by one: plain tensors and DTensors may be mixed
+                held.add_(p.grad.detach().to(held.device, torch.float32))
         if self.n_updates % self.n_batches == self.n_batches - 1:
-            torch._foreach_div_(self.buffer, float(self.n_batches))
+            for held in self.buffer:
+                held.div_(self.n_batches)
             g_big = grad_norm([_Held(g, t) for g, t in zip(self.buffer, tied)], mesh) ** 2
             g_small = grad_norm(params, mesh) ** 2
             self.buffer = None
