@@ -55,6 +55,8 @@ _AT_LEAST = [
     ("train", "checkpoint_num_layers", 1),
     ("train", "curriculum_difficulty_step", 1),
     ("train", "curriculum_total_steps", 1),
+    ("train", "loss_spike_window", 0),
+    ("train", "max_rollbacks", 0),
     ("logging", "gradient_noise_scale_n_batches", 2),
     ("data", "num_workers", 0),
     ("data", "weighted_sampler_alpha", 0),
@@ -198,6 +200,7 @@ def validate(r: Resolved) -> None:
         fail("schedule", "lr_decay_fraction", f"must be in (0, 1], got {frac!r}")
 
     _check_data(r)
+    _check_guards(r)
     _check_attention(r)
     _check_checkpointing(r)
     _check_curriculum(r)
@@ -235,6 +238,15 @@ def _check_moe(r: Resolved) -> None:
             "is not implemented with MoE layers (their experts are replicated over tensor-parallel ranks and "
             "take whole sequences); set sequence_parallel: false",
         )
+
+
+def _check_guards(r: Resolved) -> None:
+    """The loss-spike window needs two losses for a standard deviation, and a z-score above zero."""
+    tr = r.config.train
+    if tr.loss_spike_window == 1:
+        raise ConfigError(f"{r.where('train', 'loss_spike_window')}: must be 0 (off) or at least 2, got 1")
+    if not tr.loss_spike_zscore > 0:
+        raise ConfigError(f"{r.where('train', 'loss_spike_zscore')}: must be above 0, got {tr.loss_spike_zscore!r}")
 
 
 def _check_checkpointing(r: Resolved) -> None:
@@ -365,6 +377,11 @@ def validate_training(r: Resolved) -> None:
     """Rules that only apply when training: there must be data to train on and a tokenizer file to read it."""
     cfg = r.config
     d = cfg.data
+    for name in ("nonfinite_policy", "loss_spike_policy"):
+        if getattr(cfg.train, name) == "rollback" and not cfg.checkpoint.save:
+            raise ConfigError(
+                f"{r.where('train', name)}: rollback reloads a checkpoint of this run; set checkpoint.save"
+            )
     if not d.data_path and not d.train_data_paths:
         raise ConfigError(
             f"{r.where('data', 'data_path')}: training needs data: set data_path (a "

@@ -13,7 +13,7 @@ from torch import nn
 from neox.config.schema import ModelConfig
 from neox.errors import NeoxError
 from neox.model import info, mup
-from neox.model.attention import Attention, AttentionInputs, build_attention_inputs
+from neox.model.attention import Attention, AttentionInputs, SparseLayouts, build_attention_inputs
 from neox.model.init import init_weights
 from neox.model.layers import MLP, build_norm
 from neox.model.moe import MoE, is_moe_layer
@@ -71,6 +71,9 @@ class GPT(nn.Module):
         )
         self.embedding_mult, self.output_mult = mup.embedding_multiplier(cfg), mup.output_multiplier(cfg)
         self.alibi = ALiBi(cfg.num_attention_heads) if cfg.pos_emb == "alibi" else None
+        self.attention_impl = cfg.attention_impl
+        sparse = any(kind != "global" for kind in cfg.attention_types or ())
+        self.layouts = SparseLayouts(cfg) if sparse else None
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
 
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})

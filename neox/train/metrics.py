@@ -244,6 +244,8 @@ def format_record(r: dict, total_iters: int) -> str:
         parts.append(f"scale {r['loss_scale']:g}")
     if r.get("skipped"):
         parts.append(f"skipped {r['skipped']}")
+    if r.get("guard_skipped"):
+        parts.append(f"guard-skipped {r['guard_skipped']}")
     if "moe/aux_loss" in r:
         parts.append(f"moe lbl {r['moe/aux_loss']:.3f} z {r['moe/z_loss']:.3g} drop {100 * r['moe/dropped_frac']:.1f}%")
     if "elapsed_s" in r:

@@ -38,6 +38,7 @@ from neox.train import checkpoint as ckpt
 from neox.train.build import build_model
 from neox.train.curriculum import Curriculum, truncate
 from neox.train.diagnostics import Diagnostics
+from neox.train.guards import POLICY_KEYS, Event, Guards, GuardStop, documents_of, event_record, fused_optimizer
 from neox.train.loss import masked_mean_loss
 from neox.train.metrics import (
     METRICS_FILE,
@@ -80,23 +81,38 @@ class _Window:
     losses: list = field(default_factory=list)  # per step: this rank's loss, a 0-d tensor on the device
     norms: list = field(default_factory=list)  # per step: the global gradient norm, likewise
     skipped: list = field(default_factory=list)  # per step: skipped for fp16 overflow (not in the means)
+    verdicts: list = field(default_factory=list)  # per step: the guards' [code, zscore, loss, norm], on the device
+    read_verdicts: list = field(default_factory=list)  # the same as floats, for the steps read so far
+    handled: int = 0  # steps whose guard events were acted on
     tokens: int = 0  # tokens trained on (a sequence-length curriculum shortens the samples)
 
     @property
     def steps(self) -> int:
         return len(self.losses)
 
-    def add(self, loss: torch.Tensor, norm: torch.Tensor, skipped: bool) -> None:
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, skipped: bool, verdict: torch.Tensor) -> None:
         self.losses.append(loss.detach().float())
         self.norms.append(norm.detach().float())
         self.skipped.append(skipped)
+        self.verdicts.append(verdict)
+
+    def guarded(self, i: int) -> bool:
+        """Whether the guards rejected step i (read first)."""
+        return self.read_verdicts[i][0] > 0
+
+    def read_guards(self) -> None:
+        """The verdicts not read yet, in one host read (before a checkpoint that does not follow a log line)."""
+        if len(self.read_verdicts) < self.steps:
+            self.read_verdicts += torch.stack(self.verdicts[len(self.read_verdicts) :]).tolist()
 
     def read(self, mesh) -> tuple[list[float], list[float]]:
         """Per step, the loss averaged over data-parallel ranks and the gradient norm, as floats: one
         all-reduce and one host read for the whole window (they wait for its steps to finish)."""
         losses = mean_over(torch.stack(self.losses), mesh)
-        both = torch.stack([losses, torch.stack(self.norms).to(losses.device)])
-        loss_values, norm_values = both.tolist()
+        verdicts = torch.stack(self.verdicts).to(losses.device)
+        rows = torch.cat([torch.stack([losses, torch.stack(self.norms).to(losses.device)]), verdicts.T])
+        loss_values, norm_values, *verdict_rows = rows.tolist()
+        self.read_verdicts = [list(v) for v in zip(*verdict_rows)]
         return loss_values, norm_values
 
 
@@ -154,6 +170,7 @@ class Trainer:
         )
         self._seed(tr.seed + self.layout.dp_rank)  # a dropout stream per rank (the init is seeded per parameter)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.model)
+        self.guards = Guards(tr, self.device, self.layout.world_size, fp16=self.precision.scaler is not None)
         self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.train_iters)
         self._build_data()
         self.curriculum = Curriculum(tr) if tr.curriculum_enabled else None
@@ -238,9 +255,19 @@ class Trainer:
             self._say(f"fine-tuning from the weights of {where} (optimizer, schedule and data start fresh)")
             return
         state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer, load_rng=not c.no_load_rng)
+        self._restore(state)
+        self.resumed = True
+        changes = self.schedule.changes_from(state.get("schedule", {}))
+        if changes:
+            self._say(f"note: the learning-rate schedule differs from the checkpoint's: {'; '.join(changes)}")
+        self._say(
+            f"resumed from {state['path']} at iteration {self.iteration} ({self.consumed_samples} samples consumed)"
+        )
+
+    def _restore(self, state: dict) -> None:
+        """The loop's counters and stateful helpers from a loaded checkpoint's trainer state."""
         if self.save_dir is not None and ckpt.resumes(state["path"], self.save_dir):
             self._last_saved = int(state["iteration"])  # that checkpoint is already in the save directory
-        self.resumed = True
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -251,12 +278,7 @@ class Trainer:
             self.diagnostics.noise.load_state_dict(state["noise_scale"], self.device)
         if self.precision.scaler is not None and state.get("loss_scaler"):
             self.precision.scaler.load_state_dict(state["loss_scaler"])
-        changes = self.schedule.changes_from(state.get("schedule", {}))
-        if changes:
-            self._say(f"note: the learning-rate schedule differs from the checkpoint's: {'; '.join(changes)}")
-        self._say(
-            f"resumed from {state['path']} at iteration {self.iteration} ({self.consumed_samples} samples consumed)"
-        )
+        self.guards.load_state_dict(state.get("guard"))
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, start_sample: int, loop: bool = False) -> Iterator[dict]:
@@ -300,16 +322,29 @@ class Trainer:
         if scale != 1.0:
             scale_grads_(params, 1.0 / scale)  # plain and DTensor gradients may be mixed
         norm = clip_grad_norm_(params, self.cfg.train.gradient_clipping, self.layout.mesh)  # foreach, on the device
-        overflow = scaler is not None and not bool(torch.isfinite(norm))
+        self._verdict = self.guards.verdict(loss, norm)  # on the device; its policy acts when the window is read
+        overflow, guarded = self._decide_update(norm, self._verdict)
         if self.diagnostics is not None:
-            self.diagnostics.after_clip(self.model, self._logs_after_this_step(), skipped=overflow)
-        if not overflow:
+            self.diagnostics.after_clip(self.model, self._logs_after_this_step(), skipped=overflow or guarded)
+        if not (overflow or guarded):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
+        if scaler is not None and not guarded:  # a rejected loss is no overflow: the scale did not cause it
             scaler.update(overflow)
         self._lr = lr
         return loss.detach(), norm, overflow
+
+    def _decide_update(self, norm: torch.Tensor, verdict: torch.Tensor) -> tuple[bool, bool]:
+        """(fp16 overflow, rejected by the guards) as far as the host must know to skip the update. A fused
+        optimizer (without fp16) skips a rejected update on the device, so nothing is read; otherwise one read a
+        step: the overflow check fp16 makes anyway and the guards' verdict together (neox.train.guards)."""
+        scaler = self.precision.scaler
+        if scaler is None and fused_optimizer(self.optimizer):
+            self.guards.arm(self.optimizer, verdict)
+            return False, False
+        finite, code = torch.stack([torch.isfinite(norm).float().to(verdict.device), verdict[0]]).tolist()
+        guarded = code > 0
+        return scaler is not None and not finite and not guarded, guarded
 
     def evaluate(self, split: str = "valid") -> dict | None:
         """Mean loss over eval_iters global batches of the valid (next unused slot) or test split."""
@@ -342,6 +377,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "schedule": self.schedule.state_dict(),
             "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+            "guard": self.guards.state_dict(),
         }
         try:
             path = ckpt.save(
@@ -407,6 +443,8 @@ class Trainer:
         except KeyboardInterrupt:
             self._save_before_exit(console, "interrupted")
             raise
+        except GuardStop:
+            raise  # nothing is saved: the newest checkpoint stays the last one from before the event
         except NeoxError:
             # a user-facing error mid-run (bad data, an unwritable directory) must not cost the steps taken
             self._save_before_exit(console, "stopping on an error")
@@ -421,6 +459,7 @@ class Trainer:
             console.close()
             metrics.close()
         summary.update(iteration=self.iteration, skipped_steps=self.skipped_steps)
+        summary.update(guard_skipped_steps=self.guards.skipped, rollbacks=self.guards.counts["rollbacks"])
         return summary
 
     def _save_before_exit(self, console: Console, why: str) -> None:
@@ -458,12 +497,19 @@ class Trainer:
                 metrics.log(record)
                 console.print(format_record(record, self.train_iters))
                 summary["loss"] = record["loss"]
+                rolled_back = self._act_on_guards(window, metrics, console)
                 window = _Window()
+                if rolled_back:
+                    data = self._loader(self.train_data, self.consumed_samples, loop=True)
+                    continue
             if self._valid_due():
                 self._eval_and_log("valid", metrics, console, summary)
             if self.cfg.eval.eval_tasks and self._tasks_due():
                 self._eval_tasks_and_log(metrics, console, summary)
             if self._should_save():
+                if self._act_on_guards(window, metrics, console, logged=False):  # a checkpoint must follow good steps
+                    data, window = self._loader(self.train_data, self.consumed_samples, loop=True), _Window()
+                    continue
                 self.save()
 
     def _timed_step(self, data: Iterator[dict], window: _Window) -> None:
@@ -472,7 +518,7 @@ class Trainer:
         if window.steps == 0:
             window.start = time.perf_counter()
         loss, norm, skipped = self.train_step(self._next_step_batches(data))
-        window.add(loss, norm, skipped)
+        window.add(loss, norm, skipped, self._verdict)
         window.tokens += self._step_tokens
         self.iteration += 1
         self.consumed_samples += self.global_batch
@@ -500,6 +546,73 @@ class Trainer:
         if self.cfg.eval.eval_tasks and not self._tasks_due():
             self._eval_tasks_and_log(metrics, console, summary)
 
+    # ---------------------------------------------------------------- numerical guards (neox.train.guards)
+    def _act_on_guards(self, w: _Window, metrics: Metrics, console: Console, logged: bool = True) -> bool:
+        """Log the events among `w`'s steps not yet acted on and apply their policies (reading the verdicts
+        first unless the log line just did); True when the run rolled back. `logged`: the window's losses are
+        in `self.losses` already."""
+        w.read_guards()
+        first_iteration = self.iteration - w.steps + 1
+        first_sample = self.consumed_samples - w.steps * self.global_batch
+        events = [
+            Event(int(code), first_iteration + i, loss, norm, z, first_sample + i * self.global_batch)
+            for i, (code, z, loss, norm) in enumerate(w.read_verdicts[w.handled :], start=w.handled)
+            if code > 0
+        ]
+        w.handled = w.steps
+        acting = None
+        for e in events:
+            self.guards.count(e)
+            policy = self.guards.policy(e)
+            samples = list(range(e.first_sample, e.first_sample + self.global_batch))
+            metrics.log(event_record(e, policy, samples, [documents_of(self.train_data, i) for i in samples]))
+            console.print(f"iter {e.iteration}: {e.describe()}: update skipped ({POLICY_KEYS[e.code]}: {policy})")
+            acting = acting or (e if policy != "skip" else None)
+        if acting is None:
+            return False
+        if self.guards.policy(acting) == "stop":
+            raise self.guards.stop(acting, self._newest_checkpoint())
+        self._roll_back(acting, events[-1], unlogged=0 if logged else w.steps, metrics=metrics, console=console)
+        return True
+
+    def _newest_checkpoint(self, before: int | None = None) -> Path | None:
+        found = ckpt.list_checkpoints(self.save_dir) if self.save_dir is not None else []
+        found = [p for p in found if before is None or int(p.name.split("_")[1]) < before]
+        return found[-1] if found else None
+
+    def _roll_back(self, first: Event, last: Event, unlogged: int, metrics: Metrics, console: Console) -> None:
+        """Reload the newest checkpoint from before `first` and go on from the sample after `last`'s batch: the
+        batches in between are not trained on (re-running them would lead back to the same state)."""
+        if self.saver is not None:
+            self.saver.wait()
+        good = self._newest_checkpoint(before=first.iteration)
+        self.guards.check_rollback_budget(first, good and good.name)
+        if good is None:
+            raise GuardStop(
+                f"step {first.iteration}: {first.describe()}; {POLICY_KEYS[first.code]}: rollback, but "
+                f"{self.save_dir} has no checkpoint from before it; stopping, nothing saved"
+            )
+        left, counts = self.iteration, dict(self.guards.counts)
+        state = ckpt.load(good, self.model, self.optimizer, load_rng=True)
+        self._restore(state)
+        self.guards.counts = {**counts, "rollbacks": counts["rollbacks"] + 1}  # this run's tally, not the checkpoint's
+        from_sample, self.consumed_samples = int(state["consumed_samples"]), last.first_sample + self.global_batch
+        dropped = max(0, left - unlogged - self.iteration)  # logged steps after the checkpoint: undone
+        del self.losses[max(0, len(self.losses) - dropped) :]
+        metrics.log(
+            {
+                "iteration": self.iteration,
+                "event": "rollback",
+                "from_iteration": left,
+                "checkpoint": str(good),
+                "skipped_samples": [from_sample, self.consumed_samples],
+            }
+        )
+        console.print(
+            f"rolled back from iteration {left} to {good.name}; training goes on from sample {self.consumed_samples} "
+            f"(samples {from_sample}..{self.consumed_samples - 1} are not trained on)"
+        )
+
     def _log_record(self, w: _Window, tokens_per_step: int, fpt: int, peak: float) -> dict:
         """The log line of window `w`: its mean loss and norm over the steps not skipped, and its throughput
         (wall time from its first step's data to the end of its last step on the device, which reading the
@@ -507,7 +620,7 @@ class Trainer:
         losses, norms = w.read(self.layout.mesh)
         seconds = time.perf_counter() - w.start
         self.losses.extend(losses)
-        kept = [i for i, skipped in enumerate(w.skipped) if not skipped]
+        kept = [i for i, skipped in enumerate(w.skipped) if not skipped and not w.guarded(i)]
         counted = len(kept)
         tokens_per_s = w.tokens / seconds if seconds > 0 else 0.0
         record = {
@@ -521,6 +634,7 @@ class Trainer:
             "peak_mem_bytes": peak_memory_bytes(str(self.device)),
             "consumed_samples": self.consumed_samples,
             "consumed_tokens": self.consumed_tokens,
+            "guard_skipped": sum(w.guarded(i) for i in range(w.steps)),
             **self._elapsed_and_eta(),
         }
         if self.curriculum is not None:
@@ -530,7 +644,7 @@ class Trainer:
             record.update(self.diagnostics.read())
         if self.precision.scaler is not None:
             record["loss_scale"] = self.precision.scaler.scale
-            record["skipped"] = w.steps - counted
+            record["skipped"] = sum(w.skipped)  # overflows; the guards' rejections are guard_skipped
         record.update(moe.read_stats(self.model) or {})  # routing statistics of this rank's steps
         return record
 
