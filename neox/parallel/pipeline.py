@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neox.errors import ConfigError
+from neox.model.moe import set_aux_loss_scale
 from neox.parallel.comm import all_reduce_
 from neox.parallel.mesh import dist_timeout, submesh
 from neox.parallel.reduce import TIED_COPY_ATTR, broadcast_from_last_stage, loss_context, masked_mean_loss
@@ -345,6 +346,7 @@ class PipelineRunner:
         self._step_losses = []
         for m in self.stages:
             m.train()
+            set_aux_loss_scale(m, loss_scale / self.n_micro)  # MoE aux losses: the token loss's factor
         self._run(self.schedule, micro_batches, train=True)
         self._sum_tied_grads()
         # the first step also calls the loss once on placeholder outputs (shape inference): keep the real ones

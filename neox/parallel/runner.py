@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from neox.model.moe import set_aux_loss_scale
 from neox.parallel.fsdp import set_gradient_sync
 from neox.parallel.reduce import loss_context, masked_mean_loss
 
@@ -73,6 +74,7 @@ class LocalRunner:
 
     def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
         n = len(micro_batches)
+        set_aux_loss_scale(self.model, loss_scale / n)  # MoE aux losses: the token loss's factor
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(micro_batches):
             set_gradient_sync(self.model, i == n - 1)

@@ -316,7 +316,6 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.iteration - self.skipped_steps)
         scaler = self.precision.scaler
         scale = scaler.scale if scaler is not None else 1.0
-        moe.set_aux_loss_scale(self.model, scale / len(micro_batches))  # the token loss's own factor
         loss = self.runner.forward_backward(micro_batches, loss_scale=scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:

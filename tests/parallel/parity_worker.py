@@ -59,6 +59,7 @@ def run_case(case: dict, mesh=None, micro_batches: int = 1) -> list[float]:
     blocks (one per data-parallel rank of the layout it stands for), each block's masked mean, the mean of
     those accumulated by hand."""
     from neox.model import GPT
+    from neox.model.moe import set_aux_loss_scale
     from neox.parallel import apply, clip_grad_norm_, dp_rank_and_size, is_vocab_parallel, loss_context, mean_over
     from neox.parallel.reduce import masked_mean_loss
 
@@ -71,6 +72,8 @@ def run_case(case: dict, mesh=None, micro_batches: int = 1) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     blocks = [(dp_rank, dp_size)] if mesh is not None else [(i, micro_batches) for i in range(micro_batches)]
+    # MoE aux losses are scaled as the token loss is: 1/blocks by hand in one process, averaged by the layout
+    set_aux_loss_scale(model, 1.0 if mesh is not None else 1.0 / len(blocks))
     losses = []
     for step, data in enumerate(batches(mcfg.vocab_size)):
         masks = loss_masks(step)

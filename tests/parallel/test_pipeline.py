@@ -141,6 +141,7 @@ def micro_batches(step_data, lo, hi):
 
 def reference(model_over: dict, docs: bool = False) -> list[float]:
     """One process: the trainer's step (mean over micro-batches of masked-mean loss, clip, AdamW)."""
+    from neox.model.moe import set_aux_loss_scale
     from neox.parallel.reduce import clip_grad_norm_, masked_mean_loss
 
     model = _model(**model_over)
@@ -153,6 +154,7 @@ def reference(model_over: dict, docs: bool = False) -> list[float]:
     losses = []
     for step_data in batches():
         mbs = micro_batches(step_data, 0, GLOBAL_BATCH)
+        set_aux_loss_scale(model, 1.0 / len(mbs))  # MoE aux losses weighted as the token loss is
         total = 0.0
         for mb in mbs:
             loss = loss_of(mb)
