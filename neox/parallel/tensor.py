@@ -34,7 +34,8 @@ def _as_replicated_dtensor(mesh):
 
 
 def _slice_heads(rank: int, local_heads: int):
-    """Forward hook for the shared ALiBi bias [B, H, T, S]: keep this rank's heads."""
+    """Forward hook for a per-head table shared by the layers, heads on dim 1 (the ALiBi bias [B, H, T, S], the
+    block-sparse layouts [1, H, nb, nb]): keep this rank's heads."""
 
     def hook(module, args, out):
         return out.narrow(1, rank * local_heads, local_heads)
@@ -55,6 +56,10 @@ def layer_plan(block, sp: bool) -> dict:
     if block.attention.rpe is not None:
         # nn.Embedding(buckets, heads): a column split gives each rank its heads' biases
         plan["attention.rpe.relative_attention_bias"] = ColwiseParallel(input_layouts=Replicate())
+    if block.attention.qk_layernorm is not None:
+        # one norm over head_dim, replicated: the fused q/k view [B, T, kv groups, ., head_dim] is sharded on its
+        # kv groups, and the weight's gradient (partial per rank's heads) is summed over the ranks
+        plan["attention.qk_layernorm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     if isinstance(block.mlp, MoE):
         pass  # experts and router stay whole on every tensor-parallel rank: the MoE input is replicated
     elif block.mlp.gated:
@@ -122,6 +127,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         model.final_layer_norm.register_forward_hook(_as_replicated_dtensor(tp_mesh))
     if getattr(model, "alibi", None) is not None:
         model.alibi.register_forward_hook(_slice_heads(rank, model.alibi.num_heads // tp))
+    if getattr(model, "layouts", None) is not None:
+        # block-sparse layouts [1, H, nb, nb] are built for all heads: keep this rank's, as for ALiBi
+        model.layouts.register_forward_hook(_slice_heads(rank, model.layouts.num_heads // tp))
 
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, layer_plan(block, sp))

@@ -40,6 +40,12 @@ TWO = [
         "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
         "model": {"pos_emb": "rpe", "gpt_j_residual": True, "gpt_j_tied": True},
     },
+    # QK-norm's one replicated weight sees only its rank's heads: its gradient must be summed over the ranks
+    {
+        "name": "tp2 sp qk-layernorm rmsnorm",
+        "parallel": {"model_parallel_size": 2, "sequence_parallel": True},
+        "model": {"use_qk_layernorm": True, "norm": "rmsnorm"},
+    },
 ]
 FOUR = [
     {"name": "dp2 x tp2 (zero0)", "parallel": {"model_parallel_size": 2}},
