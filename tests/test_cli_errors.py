@@ -207,6 +207,13 @@ CASES = [
     ("import hf {d}/gpt2 {d}/o/imp", "model_type='gpt2'"),
     ("import hf {d}/neoxcfg {d}/run", "already holds checkpoints"),
     ("import hf {d}/neoxcfg {d}/afile/imp", "afile"),
+    # mup coord-check (flags and the width list are checked before any training)
+    ("mup coord-check {d}/model.yml --widths 64", "--widths"),
+    ("mup coord-check {d}/model.yml --widths 64,x", "--widths"),
+    ("mup coord-check {d}/model.yml --widths 32,33 --steps 1", "33 is not divisible by num_attention_heads"),
+    ("mup coord-check {d}/model.yml --widths 32,64 --steps 0", "--steps"),
+    ("mup coord-check {d}/model.yml --widths 32,64 --out {d}/afile/c.png", "afile"),
+    ("mup coord-check {d}/nope.yml --widths 32,64", "nope.yml"),
     # prepare (the folder is checked before any download)
     ("prepare nosuchcorpus", "nosuchcorpus"),
     ("prepare tinyshakespeare --out {d}/afile/ts", "afile"),
