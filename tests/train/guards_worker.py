@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import Trainer
@@ -29,6 +30,7 @@ def poison(trainer: Trainer, rank: int, iteration: int) -> None:
         loss = forward_backward(micro_batches, loss_scale)
         if dist.get_rank() == rank and trainer.iteration + 1 == iteration:
             grad = next(p.grad for p in trainer.model.parameters() if p.grad is not None)
+            grad = grad.to_local() if isinstance(grad, DTensor) else grad  # tensor parallel: this rank's shard
             grad.view(-1)[0] = float("nan")
         return loss
 

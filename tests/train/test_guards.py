@@ -323,20 +323,28 @@ def test_guarded_steps_read_nothing_on_the_host(corpus):
 # ---------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_ranks_decide_alike_when_one_rank_goes_bad(corpus, tmp_path):
-    """A NaN in rank 1's gradient after the reduction (rank 0's are finite): every rank skips that update
-    (dp2: the weights stay identical on both ranks), and the run follows the one-process run that skipped it."""
-    groups = {"train": {"train_iters": 5, "train_batch_size": 4}, "eval": {"eval_iters": 0}}
+    """A NaN in one rank's gradient after the reduction (the other's are finite): every rank skips that update
+    (dp2: the weights stay identical on both ranks), and dp2, pp2 and tp2 follow the one-process run that
+    skipped it."""
+    # a vocabulary that two tensor-parallel shards split without padding it further
+    groups = {
+        "model": {"vocab_size": 384},
+        "train": {"train_iters": 5, "train_batch_size": 4},
+        "eval": {"eval_iters": 0},
+    }
     one = Trainer(tiny_config(corpus, **groups), quiet=True)
     nan_grad(one, {3})
     one.fit()
     runs = [
         {"name": "dp2", "groups": groups, "rank": 1, "iteration": 3},
         {"name": "pp2", "groups": {**groups, "parallel": {"pipe_parallel_size": 2}}, "rank": 0, "iteration": 3},
+        # DTensor parameters: foreach AdamW, so the verdict is read on the host
+        {"name": "tp2", "groups": {**groups, "parallel": {"model_parallel_size": 2}}, "rank": 1, "iteration": 3},
     ]
     (tmp_path / "spec.json").write_text(json.dumps({"data": corpus, "runs": runs}))
     torchrun("../train/guards_worker.py", 2, str(tmp_path / "spec.json"), str(tmp_path / "out"))
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
-    for name in ("dp2", "pp2"):
+    for name in ("dp2", "pp2", "tp2"):
         for got in ranks:
             assert got[name]["counts"] == {"nonfinite": 1, "loss_spike": 0, "rollbacks": 0}, name
             assert got[name]["guard_skipped_steps"] == 1
