@@ -306,18 +306,23 @@ def test_spike_state_survives_a_resume(corpus, tmp_path):
 
 
 # ---------------------------------------------------------------- host syncs
-def test_guarded_steps_read_nothing_on_the_host(corpus):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_guarded_steps_read_nothing_on_the_host(corpus, device):
     """The verdict and the skipped update stay on the device (fused AdamW): a step that does not log reads
     nothing, and a log line still reads its window once, verdicts included."""
-    cfg = config(corpus, train={"train_iters": 6, "loss_spike_window": 2}, logging={"log_interval": 3})
+    cfg = config(
+        corpus, train={"train_iters": 6, "loss_spike_window": 2, "device": device}, logging={"log_interval": 3}
+    )
     trainer = Trainer(cfg, quiet=True)
     nan_grad(trainer, {2})
+    seen = around_step(trainer, 2)
     steps, logs = traced(trainer)
     with count_syncs() as everything:
         summary = trainer.fit()
     assert steps == [[]] * 6
     assert [len(x) for x in logs] == [1, 1] and len(everything) == 2, everything
     assert summary["guard_skipped_steps"] == 1
+    assert_same(seen["before"], seen["after"])
 
 
 # ---------------------------------------------------------------- two processes
