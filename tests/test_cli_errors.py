@@ -171,6 +171,10 @@ CASES = [
     ("train {d}/model.yml --set save={d}/run", "already holds a run's checkpoints (newest iter_0000001)"),
     ("train {d}/model.yml --set load={d}/rnu", "checkpoint.load"),
     ("train {d}/model.yml --set eval_interval=-1", "eval_interval"),
+    ("train {d}/model.yml --set max_runtime=2x", "'2x' is not a duration"),
+    ("train {d}/model.yml --set save={d}/o/mr --set max_runtime=0:00:00", "more than 0 seconds"),
+    ("train {d}/model.yml --set max_runtime=1h", "needs checkpoint.save"),
+    ("train {d}/model.yml --set hang_timeout=-1", "key 'hang_timeout': must be a number of seconds > 0"),
     # checkpoint
     ("checkpoint consolidate {d}/notckpt {d}/o/m.pt", "notckpt"),
     ("checkpoint consolidate {d}/nolatest {d}/o/m.pt", "'latest'"),

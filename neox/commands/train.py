@@ -15,9 +15,11 @@ from neox.config import load, resolve_batch
 from neox.interop.lm_eval import evaluate_model
 from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
+from neox.train import preempt
 from neox.train.checkpoint import check_run_dirs
 from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import TaskEvaluator, Trainer
+from neox.train.watchdog import collective_timeout, is_collective_timeout
 
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
@@ -32,12 +34,24 @@ def run(args) -> int:
     c = cfg.checkpoint
     # here, before torchrun starts N workers that would each refuse; a restarted worker resumes its own save
     check_run_dirs(c.save, launch.resume_dir(c.load, c.save), c.overwrite)
-    code = launch.launch(args, sys.argv[1:], validate=lambda world: check_layout(cfg, world, source))
+    code = launch.launch(
+        args,
+        sys.argv[1:],
+        validate=lambda world: check_layout(cfg, world, source),
+        grace_s=cfg.parallel.dist_timeout_minutes * 60,  # a stopping step and save; the watchdog ends a stuck one
+    )
     if code is not None:
         return code
     cfg = resume_config(cfg)
     trainer = Trainer(cfg, layout=make_layout(cfg, source), evaluate_tasks=task_evaluator(cfg))
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except RuntimeError as e:
+        if is_collective_timeout(e):  # one line naming this rank and the pending step, then EXIT_HANG
+            collective_timeout(e, trainer.stopper.watchdog, cfg.parallel.dist_timeout_minutes)
+        raise
+    if summary.get("stopped"):
+        return preempt.exit_code(summary["stopped"])  # EXIT_PREEMPTED: the same command resumes
     if not trainer.quiet:
         parts = [f"{k} {v:.4f}" for k, v in summary.items() if k.endswith(("loss", "ppl"))]
         print(f"done: iteration {trainer.iteration}" + (" | " + " | ".join(parts) if parts else ""))

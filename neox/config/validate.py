@@ -7,6 +7,7 @@ files and `--set` overrides the user knows which line to change.
 from __future__ import annotations
 
 import math
+import re
 
 from neox.config.attention import (
     BLOCK_SPARSE,
@@ -201,6 +202,7 @@ def validate(r: Resolved) -> None:
 
     _check_data(r)
     _check_guards(r)
+    _check_run_limits(r)
     _check_attention(r)
     _check_checkpointing(r)
     _check_curriculum(r)
@@ -377,6 +379,11 @@ def validate_training(r: Resolved) -> None:
     """Rules that only apply when training: there must be data to train on and a tokenizer file to read it."""
     cfg = r.config
     d = cfg.data
+    if cfg.train.max_runtime is not None and not cfg.checkpoint.save:
+        raise ConfigError(
+            f"{r.where('train', 'max_runtime')}: the run saves a checkpoint before its budget ends, so it needs "
+            "checkpoint.save; set save or drop max_runtime"
+        )
     for name in ("nonfinite_policy", "loss_spike_policy"):
         if getattr(cfg.train, name) == "rollback" and not cfg.checkpoint.save:
             raise ConfigError(
@@ -464,6 +471,41 @@ def resolve_vocab(cfg: Config, tokenizer_vocab_size: int, tp: int = 1) -> int:
             f"size {tp}; leave it unset to derive a padded size"
         )
     return m.vocab_size
+
+
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: str | None, where: str = "train.max_runtime") -> float | None:
+    """Seconds in a duration: a number of seconds ("3600"), units ("90m", "2h", "1h30m", "1d"), or a clock time
+    "HH:MM:SS" / "D-HH:MM:SS" (Slurm's --time forms with seconds). None stays None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    clock = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)", text)
+    if clock:
+        days, hours, minutes, seconds = clock.groups()
+        total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    elif re.fullmatch(r"\d+(?:\.\d*)?", text):
+        total = float(text)
+    elif re.fullmatch(r"(?:\d+(?:\.\d*)?[dhms])+", text):
+        total = sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d*)?)([dhms])", text))
+    else:
+        raise ConfigError(
+            f"{where}: {value!r} is not a duration; give seconds (3600), units (90m, 2h, 1h30m, 1d) or HH:MM:SS"
+        )
+    if not total > 0:
+        raise ConfigError(f"{where}: the duration must be more than 0 seconds, got {value!r}")
+    return total
+
+
+def _check_run_limits(r: Resolved) -> None:
+    t = r.config.train
+    parse_duration(t.max_runtime, r.where("train", "max_runtime"))
+    if t.hang_timeout is not None and not t.hang_timeout > 0:
+        raise ConfigError(
+            f"{r.where('train', 'hang_timeout')}: must be a number of seconds > 0, got {t.hang_timeout!r}"
+        )
 
 
 def _check_rope_scaling(r: Resolved) -> None:

@@ -9,10 +9,18 @@ Multi-node, three ways:
   over ssh (the local one directly), node rank = line order, master = first host;
 - inside a Slurm step (`srun --ntasks-per-node=1 neox train ...`): nodes, node rank and master come from
   SLURM_NNODES, SLURM_NODEID and the first host of SLURM_JOB_NODELIST.
+
+Stopping: SIGTERM, SIGINT and SIGUSR1 sent to this launcher go to torchrun, which passes them to every worker
+(`--signals-to-handle` adds SIGUSR1, Slurm's warning signal, to torchrun's list) and gives them the shutdown
+grace to save before it kills them. Workers report why they stopped through a status folder
+(neox.parallel.worker_status): the launcher exits EXIT_PREEMPTED when they all saved, EXIT_HANG after a hang,
+else with torchrun's code. Hosts started over ssh get no signal from here: signal their own launchers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import shlex
@@ -20,11 +28,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from neox.errors import NeoxError
+from neox.parallel.worker_status import (
+    JOB_START_ENV,
+    STATUS_DIR_ENV,
+    launcher_exit_code,
+    resumable_after_stop,
+    worker_pids,
+)
 
 # option -> takes a value; these are removed from the worker's command line.
 LAUNCH_OPTIONS = {
@@ -38,6 +55,9 @@ LAUNCH_OPTIONS = {
     "--print-launch": False,
 }
 DEFAULT_PORT = 29500
+# what torchrun passes on to the workers: its defaults plus SIGUSR1, which would otherwise kill torchrun itself
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def add_arguments(parser) -> None:
@@ -76,6 +96,7 @@ class Plan:
     master_port: int = DEFAULT_PORT
     max_restarts: int = 0
     hosts: tuple = ()  # hostfile hosts, in node-rank order
+    shutdown_grace_s: int = 1800  # after a signal, how long torchrun waits for its workers before killing them
 
     @property
     def world_size(self) -> int:
@@ -190,6 +211,8 @@ def torchrun_argv(plan: Plan, node_rank: int, cmd: list[str]) -> list[str]:
         "torch.distributed.run",
         f"--nproc-per-node={plan.nproc}",
         f"--max-restarts={plan.max_restarts}",
+        f"--signals-to-handle={FORWARDED_SIGNALS}",
+        f"--shutdown-timeout={plan.shutdown_grace_s}",
     ]
     if plan.nnodes == 1:
         # a private rendezvous on a free port, so concurrent single-node jobs never collide
@@ -238,9 +261,10 @@ def commands(plan: Plan, cmd: list[str]) -> list[list[str]]:
     return out
 
 
-def launch(args, argv: list[str], validate: Callable[[int], None] | None = None) -> int | None:
+def launch(args, argv: list[str], validate: Callable[[int], None] | None = None, grace_s: float = 1800) -> int | None:
     """If the flags ask for more than one process, start them and return the exit code; else return None
-    and the caller runs in this process. `validate(world_size)` checks the layout before anything starts."""
+    and the caller runs in this process. `validate(world_size)` checks the layout before anything starts;
+    `grace_s`: after a stop signal, how long the workers may take to save before torchrun kills them."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         return None  # already a torchrun worker
     plan = plan_from_args(args)
@@ -248,21 +272,39 @@ def launch(args, argv: list[str], validate: Callable[[int], None] | None = None)
         return None
     if validate is not None:
         validate(plan.world_size)
+    plan.shutdown_grace_s = max(1, math.ceil(grace_s))
     cmds = commands(plan, worker_argv(argv))
     if args.print_launch:
         for c in cmds:
             print(shlex.join(c))
         return 0
-    procs = [subprocess.Popen(c, env=worker_env()) for c in cmds]
+    with tempfile.TemporaryDirectory(prefix="neox-launch-") as status:
+        env = {**worker_env(), STATUS_DIR_ENV: status, JOB_START_ENV: repr(time.time())}
+        codes = _run_forwarding_signals(cmds, env)
+        code = next((c for c in codes if c), 0)
+        return launcher_exit_code(code, status, plan.nproc) if not plan.hosts else code
+
+
+def _run_forwarding_signals(cmds: list[list[str]], env: dict) -> list[int]:
+    """Run the commands to their end, passing every stop signal this process gets straight to the workers
+    (which registered their pids in the status folder; torchrun before they have), so a signal sent to this
+    process alone stops the run too, and a second one reaches the workers even while torchrun is shutting down.
+    Copies that also reach them from torchrun or the scheduler count once (neox.train.preempt)."""
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        pids = worker_pids(env[STATUS_DIR_ENV])
+        for pid in pids or [p.pid for p in procs if p.poll() is None]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        raise
-    return next((c for c in codes if c), 0)
+        procs.extend(subprocess.Popen(c, env=env) for c in cmds)
+        return [p.wait() for p in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def restart_count() -> int:
@@ -271,10 +313,11 @@ def restart_count() -> int:
 
 
 def resume_dir(load: str | None, save: str | None) -> str | None:
-    """Where to resume from: checkpoint.load if set; after an elastic restart, the run's own save directory
-    when it holds a complete checkpoint (so `--max-restarts` continues from the last save)."""
+    """Where to resume from: checkpoint.load if set; else the run's own save directory when it holds a complete
+    checkpoint and either torchrun restarted the workers (so `--max-restarts` continues from the last save) or
+    that checkpoint is the one a stop signal or max_runtime saved (so the same command resumes the run)."""
     if load:
         return load
-    if save and restart_count() > 0 and (Path(save) / "latest").is_file():
+    if save and (restart_count() > 0 or resumable_after_stop(save)) and (Path(save) / "latest").is_file():
         return save
     return None

@@ -26,6 +26,7 @@ import torch
 
 from neox.config import resolve_batch, resolve_vocab, to_dict
 from neox.config.schema import Config
+from neox.config.validate import parse_duration
 from neox.data.datasets import build_datasets, num_samples_for
 from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
@@ -50,6 +51,7 @@ from neox.train.metrics import (
 )
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
+from neox.train.preempt import Stopper
 from neox.train.profiling import StepProfiler
 from neox.train.schedule import LRSchedule
 
@@ -191,6 +193,7 @@ class Trainer:
                 ensure_dir(path, key)
         self._last_saved = None
         self.saver = AsyncSaver() if cfg.checkpoint.async_save and self.save_dir is not None else None
+        self.stopper = self._build_stopper()  # creates a process group: the same point on every rank
         self.resumed = False
         if c.overwrite and self.save_dir is not None and not (c.load and ckpt.resumes(c.load, c.save)):
             self._clear_previous_run()
@@ -236,6 +239,18 @@ class Trainer:
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
         if gone:
             self._say(f"overwrite: removed {len(gone)} checkpoint(s) of the previous run in {self.save_dir}")
+
+    def _build_stopper(self) -> Stopper:
+        """Stop signals, train.max_runtime and the hang watchdog (neox.train.preempt, neox.train.watchdog)."""
+        tr, p, world = self.cfg.train, self.cfg.parallel, self.layout.world_size
+        return Stopper(
+            parse_duration(tr.max_runtime),
+            world,
+            announce=not self.quiet,
+            hang_timeout_s=tr.hang_timeout or (p.dist_timeout_minutes * 60 if world > 1 else None),
+            state_bytes=num_params(self.cfg.model) * 12 // world,  # fp32 weights and two Adam moments
+            timeout_min=p.dist_timeout_minutes,
+        )
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -432,6 +447,7 @@ class Trainer:
         )
         summary: dict = {}
         self.profiler = StepProfiler(cfg.logging, self.run_dir, self.device, _rank()) if cfg.logging.profile else None
+        self.stopper.arm(self.iteration)
         try:
             self._train_until(end, peak, metrics, console, summary)
             if self.iteration >= self.train_iters:
@@ -439,6 +455,7 @@ class Trainer:
             where = self.save()
             if where is not None:
                 console.print(f"saved checkpoint {where}")
+            summary["stopped"] = self._stop_report(metrics, console, where)
         except KeyboardInterrupt:
             self._save_before_exit(console, "interrupted")
             raise
@@ -449,6 +466,7 @@ class Trainer:
             self._save_before_exit(console, "stopping on an error")
             raise
         finally:
+            self.stopper.disarm()
             if self.profiler is not None:
                 self.profiler.close()
                 if self.profiler.written:
@@ -460,6 +478,20 @@ class Trainer:
         summary.update(iteration=self.iteration, skipped_steps=self.skipped_steps)
         summary.update(guard_skipped_steps=self.guards.skipped, rollbacks=self.guards.counts["rollbacks"])
         return summary
+
+    def _stop_report(self, metrics: Metrics, console: Console, where: Path | None) -> dict | None:
+        """After a stop for a signal or train.max_runtime: its event in metrics.jsonl and on the console."""
+        if self.stopper.reason is None:
+            return None
+        saved = self._last_saved == self.iteration
+        where = where or (self.save_dir / ckpt.checkpoint_name(self.iteration) if saved else None)
+        record = self.stopper.stop_record(self.iteration, where, saved)
+        metrics.log(record)
+        console.print(
+            f"stopped at iteration {self.iteration} ({record['reason']}): "
+            + ("checkpoint saved; run the same command to resume" if saved else "no checkpoint was saved")
+        )
+        return record
 
     def _save_before_exit(self, console: Console, why: str) -> None:
         if self.save_dir is None or self.iteration == 0 or self._last_saved == self.iteration:
@@ -491,7 +523,8 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.after_step(began)
             console.advance()
-            if self.iteration % log_every == 0 or self.iteration == end:
+            stop = self.iteration < end and self.stopper.due(self.iteration)  # signals, max_runtime (all ranks)
+            if self.iteration % log_every == 0 or self.iteration == end or stop:
                 record = self._log_record(window, tokens_per_step, fpt, peak)
                 metrics.log(record)
                 console.print(format_record(record, self.train_iters))
@@ -509,7 +542,10 @@ class Trainer:
                 if self._act_on_guards(window, metrics, console, logged=False):  # a checkpoint must follow good steps
                     data, window = self._loader(self.train_data, self.consumed_samples, loop=True), _Window()
                     continue
-                self.save()
+                self.stopper.timed_save(self.save, self.iteration)
+            if stop:
+                break
+        self.stopper.finish()
 
     def _timed_step(self, data: Iterator[dict], window: _Window) -> None:
         """One optimizer step on the next micro-batches; counts it in the run and in the log window (no host
