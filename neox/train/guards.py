@@ -57,7 +57,7 @@ class Event:
 
     code: int
     iteration: int  # the iteration the step would have completed
-    loss: float  # mean over data-parallel ranks
+    loss: float  # mean over data-parallel ranks (tensor and pipeline ranks hold the same value)
     grad_norm: float
     zscore: float
     first_sample: int  # the step's global samples are first_sample .. first_sample + global_batch - 1
@@ -91,11 +91,6 @@ class Guards:
         self.history = torch.zeros(self.window, dtype=torch.float32, device=device)
         self.filled = torch.zeros((), dtype=torch.float32, device=device)  # accepted losses seen, up to window
         self.counts = {"nonfinite": 0, "loss_spike": 0, "rollbacks": 0}
-
-    @property
-    def needs_look_before_save(self) -> bool:
-        """Rollback and stop must see every step before a checkpoint can count as good."""
-        return any(p != "skip" for p in self.policies.values())
 
     # ------------------------------------------------------------ on the device, every step
     def verdict(self, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
