@@ -45,7 +45,26 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_torchrun() -> None:
+    """In a torchrun worker, ask Linux for SIGKILL when torchrun dies. torch elastic starts each worker in a
+    session of its own, so a kill -9 of the job's process group (the launcher and torchrun) does not reach the
+    workers: orphaned, they would train on into the same run directory as the relaunched job. Called first
+    thing, before the seconds of importing torch; a torchrun killed before this point leaves a worker whose
+    rendezvous store is gone, which then fails instead of training."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # torchrun died between the two calls: the signal will not come
+        os._exit(137)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_torchrun()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv or ["--help"])
