@@ -95,28 +95,27 @@ class Guards:
     # ------------------------------------------------------------ on the device, every step
     def verdict(self, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """[code, zscore, loss, norm] of one step (the loss averaged over ranks), a float32 tensor on the
-        device; updates the spike window."""
+        device; updates the spike window. A handful of scalar kernels, none of which waits."""
         loss = loss.detach().float().reshape(())
         norm = norm.detach().float().reshape(()).to(loss.device)
-        bad = ~torch.isfinite(loss)
-        if not self.fp16:
-            bad = bad | ~torch.isfinite(norm)
+        # one check for both: the norm is >= 0, so loss + norm is finite exactly when both are
+        bad = ~torch.isfinite(loss if self.fp16 else loss + norm)
         if self.world_size > 1 and dist.is_initialized():
             both = torch.stack([loss, bad.float()])
             all_reduce_(both, None)  # every rank: the same mean loss and whether any rank saw a bad step
             loss, bad = both[0] / self.world_size, both[1] > 0
-        code = bad.float() * NONFINITE
-        z = torch.zeros((), dtype=torch.float32, device=loss.device)
-        if self.window > 0:
-            z = self.zscore(loss)
-            spike = (self.filled >= self.window) & (z > self.threshold) & ~bad
-            code = code + spike.float() * SPIKE
-            self._remember(loss, code == 0)
+        if self.window == 0:
+            return torch.stack([bad.float(), torch.zeros_like(loss), loss, norm])
+        z = self.zscore(loss)
+        spike = (z > self.threshold) & (self.filled >= self.window) & ~bad
+        code = bad.float() * NONFINITE + spike.float() * SPIKE
+        self._remember(loss, ~(bad | spike))
         return torch.stack([code, z, loss, norm])
 
     def zscore(self, loss: torch.Tensor) -> torch.Tensor:
         """(loss - mean) / std of the window (std with n - 1); meaningful once the window is full."""
-        return (loss - self.history.mean()) / self.history.std()
+        std, mean = torch.std_mean(self.history)
+        return (loss - mean) / std
 
     def _remember(self, loss: torch.Tensor, accepted: torch.Tensor) -> None:
         shifted = torch.cat([self.history[1:], loss.reshape(1)])
