@@ -323,12 +323,6 @@ REJECTED_VALUES: dict[tuple[str, str], dict[str, str]] = {
     ("tokenizer", "tokenizer_type"): {
         "hfgpt2tokenizer": "use GPT2BPETokenizer (vocab.json + merges.txt) or HFTokenizer (tokenizer.json)",
     },
-    ("optimizer", "type"): {
-        "onebitadam": "DeepSpeed 1-bit Adam is not used; use type adamw with parallel.grad_compression: onebit",
-        "sm3": "SM3 is not implemented (adam, adamw, sgd are)",
-        "madgrad_wd": "MADGRAD is not implemented (adam, adamw, sgd are)",
-        "lion": "Lion is not implemented (adam, adamw, sgd are)",
-    },
 }
 
 
@@ -368,10 +362,26 @@ def handle_precision(c, key: str, value: Any) -> None:
 
 # GPT-NeoX optimizer types -> ours. GPT-NeoX's `Adam` is apex FusedAdam (and `cpu_adam` DeepSpeedCPUAdam),
 # both in their default decoupled-weight-decay mode, i.e. AdamW; `cpu_torch_adam` is torch.optim.Adam (L2).
-NEOX_OPTIMIZERS = {"adam": "adamw", "cpu_adam": "adamw", "cpu_torch_adam": "adam", "sgd": "sgd", "adamw": "adamw"}
+NEOX_OPTIMIZERS = {
+    "adam": "adamw",
+    "cpu_adam": "adamw",
+    "cpu_torch_adam": "adam",
+    "sgd": "sgd",
+    "adamw": "adamw",
+    "lion": "lion",
+    "sm3": "sm3",
+    "madgrad_wd": "madgrad_wd",
+    "adafactor": "adafactor",
+    "muon": "muon",
+}
 
 
 def _neox_optimizer_type(c, key: str, value: Any) -> None:
+    if isinstance(value, str) and value.lower() == "onebitadam":
+        # DeepSpeed's 1-bit Adam = Adam whose gradient all-reduce is 1-bit compressed after a warm-up:
+        # here AdamW with the onebit communication hook (parallel.grad_compression_start_iter is its freeze_step)
+        c.set(("parallel", "grad_compression"), "onebit", key)
+        value = "adamw"
     if isinstance(value, str) and value.lower() in NEOX_OPTIMIZERS:
         value = NEOX_OPTIMIZERS[value.lower()]
     c.set(("optimizer", "type"), value, key)
@@ -392,17 +402,17 @@ def handle_optimizer(c, key: str, value: Any) -> None:
         k, shown = normalize_key(raw), f"{key}.{raw}"
         if k == "type" and neox_form:
             _neox_optimizer_type(c, shown, v)
+        elif k == "type" and isinstance(v, str) and v.lower() in NEOX_OPTIMIZERS:
+            c.set(("optimizer", "type"), v.lower(), shown)  # names are case-insensitive, as in GPT-NeoX
         elif k == "params":
             for praw, pv in _mapping(c, shown, v).items():
                 pk, pshown = normalize_key(praw), f"{shown}.{praw}"
                 if pk in fields and pk != "type":
                     c.set(("optimizer", pk), pv, pshown)
-                elif pk in ("freeze_step", "cuda_aware", "comm_backend_name"):
-                    raise c.error(
-                        pshown,
-                        "1-bit Adam settings: use parallel.grad_compression: onebit "
-                        "and parallel.grad_compression_start_iter",
-                    )
+                elif pk == "freeze_step":  # 1-bit Adam's uncompressed warm-up steps
+                    c.set(("parallel", "grad_compression_start_iter"), pv, pshown)
+                elif pk in ("cuda_aware", "comm_backend_name"):
+                    c.note(pshown, "1-bit Adam transport settings: the onebit hook uses the process group's backend")
                 else:
                     raise c.error(pshown, "unknown optimizer parameter" + did_you_mean(pk, fields))
         elif k in fields:

@@ -367,13 +367,14 @@ class TrainConfig:
 class OptimizerConfig:
     type: str = opt(
         "adamw",
-        "Optimizer: adam = torch.optim.Adam (weight decay added to the gradient), adamw = decoupled weight decay (what GPT-NeoX's `type: Adam` runs: apex FusedAdam in AdamW mode, so it loads as adamw), sgd.",
-        ("adam", "adamw", "sgd"),
+        "Optimizer: adam = torch.optim.Adam (weight decay added to the gradient), adamw = decoupled weight decay (what GPT-NeoX's `type: Adam` runs: apex FusedAdam in AdamW mode, so it loads as adamw), sgd, lion, sm3, madgrad_wd (MADGRAD with decoupled weight decay), adafactor (torch.optim.Adafactor's algorithm), muon (torch.optim.Muon on hidden matrices, AdamW on embeddings, head, norms and biases).",
+        ("adam", "adamw", "sgd", "lion", "sm3", "madgrad_wd", "adafactor", "muon"),
     )
     lr: float = opt(6e-4, "Peak learning rate.")
-    betas: list = opt([0.9, 0.95], "Adam betas.")
-    eps: float = opt(1e-8, "Adam epsilon.")
-    momentum: float = opt(0.0, "SGD momentum.")
+    betas: list = opt([0.9, 0.95], "Adam betas (Lion: its b1, b2; Muon: betas[0] is Muon's momentum).")
+    eps: float = opt(1e-8, "Adam epsilon (also SM3's and MADGRAD's).")
+    momentum: float = opt(0.0, "SGD, SM3 and MADGRAD momentum.")
+    beta: float = opt(0.0, "SM3's accumulator decay (0 = the paper's sums of squared gradients).")
     weight_decay: float = opt(0.0, "Decoupled weight decay (not applied to norms and biases).")
 
 

@@ -1,4 +1,4 @@
-"""Optimizer construction: weight-decay (and muP learning-rate) parameter groups and the Adam/AdamW/SGD choice."""
+"""Optimizer construction: weight-decay (and muP learning-rate) parameter groups and the choice of optimizer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 from neox.config.schema import ModelConfig, OptimizerConfig
 from neox.errors import ConfigError
 from neox.model.mup import lr_multiplier
+from neox.train.optimizers import MADGRAD, SM3, Adafactor, Lion, MuonWithAdamW
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -73,26 +74,66 @@ def _keep_kernels(optimizer: torch.optim.Optimizer, impl: dict) -> None:
         group["fused"], group["foreach"] = impl.get("fused", False), impl.get("foreach", False)
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "sm3", "madgrad_wd", "adafactor", "muon")
+
+
+def muon_eligible(name: str, param: torch.Tensor) -> bool:
+    """Muon orthogonalises hidden matrices only: 2-D weights that are neither the token/position embeddings
+    nor the output head (those, the norms, the biases and 3-D expert banks take AdamW, as Muon is used)."""
+    leaf = name.split(".")
+    return param.ndim == 2 and not any(part.startswith("embed") for part in leaf)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, mcfg: ModelConfig | None = None) -> torch.optim.Optimizer:
     """The optimizer named by cfg.type over `param_groups(model, cfg.weight_decay, mcfg)` (mcfg: the model's
     config, for muP's per-group learning rates).
 
     `adam` adds weight decay to the gradient (torch.optim.Adam, L2); `adamw` decays the weights directly
-    (decoupled, what GPT-NeoX's FusedAdam does by default). The learning rate is set by the schedule.
+    (decoupled, what GPT-NeoX's FusedAdam does by default); lion, sm3 and madgrad_wd are GPT-NeoX's others;
+    adafactor is torch.optim.Adafactor's algorithm without its host reads; muon is torch.optim.Muon on hidden matrices with AdamW for the rest.
+    The learning rate is set by the schedule.
     """
-    groups = param_groups(model, cfg.weight_decay, mcfg, cfg.type.lower())
+    kind = cfg.type.lower()
+    groups = param_groups(model, cfg.weight_decay, mcfg, kind)
     if not groups:
         raise ConfigError("model has no trainable parameters; nothing to optimize")
     params = [p for g in groups for p in g["params"]]
-    kind = cfg.type.lower()
+    if kind in ("adam", "adamw", "lion", "muon") and len(cfg.betas) != 2:
+        raise ConfigError(f"optimizer.betas must be two numbers, got {cfg.betas!r}")
+    betas = tuple(float(b) for b in cfg.betas)
     if kind in ("adam", "adamw"):
-        if len(cfg.betas) != 2:
-            raise ConfigError(f"optimizer.betas must be two numbers, got {cfg.betas!r}")
         cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         impl = _implementation(params)
-        opt = cls(groups, lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps, **impl)
+        opt = cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **impl)
         opt.register_load_state_dict_post_hook(functools.partial(_keep_kernels, impl=impl))
         return opt
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    raise ConfigError(f"optimizer.type: unknown optimizer {cfg.type!r}; use adam, adamw or sgd")
+    if kind == "lion":
+        return Lion(groups, lr=cfg.lr, betas=betas)
+    if kind == "sm3":
+        return SM3(groups, lr=cfg.lr, momentum=cfg.momentum, beta=cfg.beta, eps=cfg.eps)
+    if kind == "madgrad_wd":
+        return MADGRAD(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
+    if kind == "adafactor":
+        return Adafactor(groups, lr=cfg.lr)
+    if kind == "muon":
+        return MuonWithAdamW(
+            _muon_groups(model, groups),
+            adamw={"lr": cfg.lr, "betas": betas, "eps": cfg.eps, "foreach": False},
+            # one learning rate for both halves: Muon's update is rescaled to AdamW's typical RMS (0.2 sqrt(max dim))
+            muon={"lr": cfg.lr, "momentum": betas[0], "adjust_lr_fn": "match_rms_adamw"},
+        )
+    raise ConfigError(f"optimizer.type: unknown optimizer {cfg.type!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def _muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Each group split into its Muon-eligible matrices (`muon: True`) and the rest."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in groups:
+        for flag in (True, False):
+            chosen = [p for p in g["params"] if muon_eligible(names[id(p)], p) == flag]
+            if chosen:
+                out.append({**g, "params": chosen, "muon": flag, "name": g["name"] + ("_muon" if flag else "")})
+    return out

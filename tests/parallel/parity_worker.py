@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import torch
 
-from neox.config.schema import ModelConfig, ParallelConfig
+from neox.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+from neox.train.optim import build_optimizer
 from tests.parallel.dist_helpers import strict_collectives
 
 COLLECTIVES_KEY = "_checked_collectives"  # results entry: strict_collectives' counts on rank 0
@@ -69,7 +70,10 @@ def run_case(case: dict, mesh=None, micro_batches: int = 1) -> list[float]:
     model = GPT(mcfg)
     precision = case.get("precision", "fp32")
     apply(model, pcfg, mesh, precision=precision)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    if "optimizer" in case:  # one of neox's optimizers, as the Trainer builds it (its groups, its kernels)
+        opt = build_optimizer(model, OptimizerConfig(**case["optimizer"]), mcfg)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     blocks = [(dp_rank, dp_size)] if mesh is not None else [(i, micro_batches) for i in range(micro_batches)]
     # MoE aux losses are scaled as the token loss is: 1/blocks by hand in one process, averaged by the layout
