@@ -1,8 +1,10 @@
-"""Config and weight mapping between neox and Hugging Face GPTNeoXForCausalLM / LlamaForCausalLM.
+"""Config and weight mapping between neox and Hugging Face GPTNeoXForCausalLM / LlamaForCausalLM /
+MixtralForCausalLM.
 
 Pure functions on dicts and tensors (no files), so they are easy to test and both directions stay in one place.
 neox parameter names are HF GPTNeoX's minus the `gpt_neox.` prefix (docs/architecture.md), so GPTNeoX is a
-rename; Llama needs the fused, kv-grouped qkv split into q/k/v.
+rename; Llama needs the fused, kv-grouped qkv split into q/k/v; Mixtral also the stacked expert weights split
+per expert (and, on import, transformers 5's fused gate_up_proj split into w1 / w3).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from neox.model.info import intermediate_size, max_positions
 
 GPTNEOX = "GPTNeoXForCausalLM"
 LLAMA = "LlamaForCausalLM"
+MIXTRAL = "MixtralForCausalLM"
 
 # neox activation -> HF hidden_act (ungated MLP, GPTNeoX)
 _NEOX_ACT = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "mish": "mish"}
@@ -32,6 +35,8 @@ def _refuse(arch: str, option: str, value, why: str) -> ExportError:
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """Which HF class expresses this config; raises ExportError naming the first option it cannot express."""
+    if cfg.moe_num_experts > 1:
+        return _mixtral_architecture(cfg)
     arch = LLAMA if cfg.norm == "rmsnorm" else GPTNEOX
     if cfg.pos_emb != "rotary":
         raise _refuse(arch, "pos_emb", cfg.pos_emb, "HF GPTNeoX and Llama only have rotary position embeddings")
@@ -56,6 +61,46 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return arch
 
 
+def _mixtral_architecture(cfg: ModelConfig) -> str:
+    """MoE configs export as Mixtral: Llama blocks whose every MLP is top-k softmax routing over gated experts,
+    the k weights renormalised, dropless; each option it cannot express is refused by name."""
+    arch = MIXTRAL
+    checks = (
+        ("norm", cfg.norm, cfg.norm == "rmsnorm", "Mixtral uses rmsnorm"),
+        ("pos_emb", cfg.pos_emb, cfg.pos_emb == "rotary", "Mixtral only has rotary position embeddings"),
+        ("rotary_pct", cfg.rotary_pct, cfg.rotary_pct == 1.0, "Mixtral rotates the whole head (1.0)"),
+        (
+            "activation",
+            cfg.activation,
+            cfg.activation in _LLAMA_ACT,
+            f"Mixtral's experts are gated: {sorted(_LLAMA_ACT)}",
+        ),
+        ("gpt_j_residual", cfg.gpt_j_residual, not cfg.gpt_j_residual, "Mixtral blocks are sequential"),
+        ("use_bias_in_attn_linear", True, not cfg.use_bias_in_attn_linear, "Mixtral's attention has no biases"),
+        ("use_bias_in_norms", True, not cfg.use_bias_in_norms, "Mixtral's RMSNorm has no bias"),
+        ("moe_expert_interval", cfg.moe_expert_interval, cfg.moe_expert_interval == 1, "every Mixtral MLP is MoE"),
+        ("moe_router_type", cfg.moe_router_type, cfg.moe_router_type == "topk", "Mixtral routes by top-k softmax"),
+        (
+            "moe_topk_renormalize",
+            cfg.moe_topk_renormalize,
+            cfg.moe_topk_renormalize,
+            "Mixtral divides the k routing weights by their sum (set moe_topk_renormalize: true)",
+        ),
+        ("moe_token_dropping", True, not cfg.moe_token_dropping, "Mixtral's experts are dropless"),
+        ("moe_num_shared_experts", cfg.moe_num_shared_experts, cfg.moe_num_shared_experts == 0, "Mixtral has none"),
+        (
+            "sliding_window_width",
+            getattr(cfg, "sliding_window_width", None),
+            getattr(cfg, "sliding_window_width", None) is None,
+            "not exported to Mixtral's sliding_window",
+        ),
+    )
+    for option, value, ok, why in checks:
+        if not ok:
+            raise _refuse(arch, option, value, why)
+    return arch
+
+
 def to_hf_config(
     cfg: ModelConfig,
     eos_id: int | None = None,
@@ -64,7 +109,7 @@ def to_hf_config(
     dtype: str = "float32",
 ):
     """A transformers config object for `cfg` (GPTNeoXConfig or LlamaConfig)."""
-    from transformers import GPTNeoXConfig, LlamaConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, MixtralConfig
 
     arch = hf_architecture(cfg)
     common = dict(
@@ -84,6 +129,20 @@ def to_hf_config(
         architectures=[arch],
         dtype=dtype,
     )
+    if arch == MIXTRAL:
+        common.pop("attention_bias")
+        return MixtralConfig(
+            **common,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_attention_heads,
+            hidden_act=_LLAMA_ACT[cfg.activation],
+            rms_norm_eps=cfg.rms_norm_epsilon,
+            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+            num_local_experts=cfg.moe_num_experts,
+            num_experts_per_tok=cfg.moe_top_k,
+            # transformers' balancing loss sums f over the k choices, k times neox's f
+            router_aux_loss_coef=cfg.moe_aux_loss_coeff / cfg.moe_top_k,
+            router_jitter_noise=0.0,
+        )
     if arch == LLAMA:
         return LlamaConfig(
             **common,
@@ -121,11 +180,11 @@ def from_hf_config(hf) -> dict:
     """neox `model` group (a dict of ModelConfig fields) for a transformers GPTNeoX or Llama config object."""
     arch = (getattr(hf, "architectures", None) or [""])[0]
     model_type = getattr(hf, "model_type", "")
-    if model_type not in ("gpt_neox", "llama") and arch not in (GPTNEOX, LLAMA):
+    if model_type not in ("gpt_neox", "llama", "mixtral") and arch not in (GPTNEOX, LLAMA, MIXTRAL):
         # before reading any field: other architectures lack some of them (GPT-2 has no intermediate_size)
         raise NeoxError(
             f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
-            f"import handles {GPTNEOX} and {LLAMA}"
+            f"import handles {GPTNEOX}, {LLAMA} and {MIXTRAL}"
         )
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
@@ -166,33 +225,58 @@ def from_hf_config(hf) -> dict:
             "use_bias_in_norms": True,
             "hidden_dropout": float(getattr(hf, "hidden_dropout", 0.0) or 0.0),
         }
+    if model_type == "mixtral" or arch == MIXTRAL:
+        return {**base, **_llama_fields(hf, rope), **_mixtral_fields(hf)}
     if model_type == "llama" or arch == LLAMA:
-        act = {v: k for k, v in _LLAMA_ACT.items()}.get(hf.hidden_act)
-        if act is None:
-            raise NeoxError(
-                f"config.json: hidden_act={hf.hidden_act!r} has no neox gated equivalent; "
-                f"supported: {sorted(_LLAMA_ACT.values())}"
-            )
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        if head_dim * hf.num_attention_heads != hf.hidden_size:
-            raise NeoxError(
-                f"config.json: head_dim={head_dim} * num_attention_heads != hidden_size; "
-                "neox models need head_dim = hidden_size / num_attention_heads"
-            )
-        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise NeoxError("config.json: partial_rotary_factor != 1 is not Llama's rotary; cannot import")
-        return {
-            **base,
-            "norm": "rmsnorm",
-            "rms_norm_epsilon": hf.rms_norm_eps,
-            "activation": act,
-            "num_kv_heads": hf.num_key_value_heads or hf.num_attention_heads,
-            "rotary_pct": 1.0,
-            "gpt_j_residual": False,
-            "use_bias_in_mlp": bool(getattr(hf, "mlp_bias", False)),
-            "use_bias_in_norms": False,
-        }
+        return {**base, **_llama_fields(hf, rope)}
     raise AssertionError("unreachable: the architecture was checked above")
+
+
+def _mixtral_fields(hf) -> dict:
+    if float(getattr(hf, "router_jitter_noise", 0.0) or 0.0):
+        raise NeoxError(
+            "config.json: router_jitter_noise != 0 cannot import: Mixtral's jitter scales the experts' input too, "
+            "neox's moe_jitter_eps only the router's"
+        )
+    if getattr(hf, "sliding_window", None) is not None:
+        raise NeoxError("config.json: sliding_window is set; Mixtral's sliding window does not import into neox")
+    k = hf.num_experts_per_tok
+    return {
+        "moe_num_experts": hf.num_local_experts,
+        "moe_top_k": k,
+        "moe_router_type": "topk",
+        "moe_topk_renormalize": True,
+        "moe_aux_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0) * k,
+        "use_bias_in_mlp": False,
+    }
+
+
+def _llama_fields(hf, rope: dict) -> dict:
+    """The neox fields of a Llama-style block (Llama, Mixtral's attention and norms)."""
+    act = {v: k for k, v in _LLAMA_ACT.items()}.get(hf.hidden_act)
+    if act is None:
+        raise NeoxError(
+            f"config.json: hidden_act={hf.hidden_act!r} has no neox gated equivalent; "
+            f"supported: {sorted(_LLAMA_ACT.values())}"
+        )
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        raise NeoxError(
+            f"config.json: head_dim={head_dim} * num_attention_heads != hidden_size; "
+            "neox models need head_dim = hidden_size / num_attention_heads"
+        )
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise NeoxError("config.json: partial_rotary_factor != 1 is not Llama's rotary; cannot import")
+    return {
+        "norm": "rmsnorm",
+        "rms_norm_epsilon": hf.rms_norm_eps,
+        "activation": act,
+        "num_kv_heads": hf.num_key_value_heads or hf.num_attention_heads,
+        "rotary_pct": 1.0,
+        "gpt_j_residual": False,
+        "use_bias_in_mlp": bool(getattr(hf, "mlp_bias", False)),
+        "use_bias_in_norms": False,
+    }
 
 
 def _int_if_whole(x):
@@ -266,6 +350,12 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
                     out[f"{prefix}self_attn.{name}_proj.{kind}"] = part
             elif rest in _LLAMA_LAYER:
                 out[prefix + _LLAMA_LAYER[rest]] = v
+            elif arch == MIXTRAL and rest == "mlp.router.weight":
+                out[prefix + "block_sparse_moe.gate.weight"] = v
+            elif arch == MIXTRAL and rest in ("mlp.experts.w1", "mlp.experts.w3", "mlp.experts.w2"):
+                # transformers 4.x's per-expert layout, which 5.x also loads (fusing w1/w3 into gate_up_proj)
+                for e in range(v.shape[0]):
+                    out[f"{prefix}block_sparse_moe.experts.{e}.{rest[-2:]}.weight"] = v[e]
             elif rest.endswith("layernorm.bias") and not v.any():
                 continue  # an all-zero norm bias changes nothing; RMSNorm in HF has none
             else:
@@ -289,8 +379,26 @@ def _complete_gptneox(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
     sd.setdefault("final_layer_norm.bias", torch.zeros_like(sd["final_layer_norm.weight"]))
 
 
+def _from_mixtral_moe(out: dict, experts: dict, i: str, rest: str, v: torch.Tensor) -> bool:
+    """One Mixtral MoE weight of layer i into `out` (or, per expert, into `experts`); False if it is none.
+    Both layouts: 4.x's block_sparse_moe.experts.{e}.w1/w3/w2 and 5.x's fused mlp.experts.gate_up_proj."""
+    if rest in ("block_sparse_moe.gate.weight", "mlp.gate.weight"):
+        out[f"layers.{i}.mlp.router.weight"] = v
+    elif rest == "mlp.experts.gate_up_proj":  # [E, 2I, H]: gate (w1) rows, then up (w3)
+        w1, w3 = v.chunk(2, dim=1)
+        out[f"layers.{i}.mlp.experts.w1"], out[f"layers.{i}.mlp.experts.w3"] = w1.contiguous(), w3.contiguous()
+    elif rest == "mlp.experts.down_proj":
+        out[f"layers.{i}.mlp.experts.w2"] = v
+    elif rest.startswith("block_sparse_moe.experts.") and rest.endswith(("w1.weight", "w2.weight", "w3.weight")):
+        _, _, e, w, _ = rest.split(".")
+        experts.setdefault((i, w), {})[int(e)] = v
+    else:
+        return False
+    return True
+
+
 def from_hf_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF GPTNeoX / Llama state dict -> neox state dict for a config made by from_hf_config."""
+    """HF GPTNeoX / Llama / Mixtral state dict -> neox state dict for a config made by from_hf_config."""
     out: dict[str, torch.Tensor] = {}
     if cfg.norm == "layernorm":
         for k, v in hf_sd.items():
@@ -305,7 +413,9 @@ def from_hf_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict
     else:
         top = {v: k for k, v in _LLAMA_TOP.items()}
         layer = {v: k for k, v in _LLAMA_LAYER.items()}
+        arch = MIXTRAL if cfg.moe_num_experts > 1 else LLAMA
         qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         for k, v in hf_sd.items():
             if k.endswith("rotary_emb.inv_freq"):
                 continue
@@ -313,15 +423,23 @@ def from_hf_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict
                 out[top[k]] = v
                 continue
             if not k.startswith("model.layers."):
-                raise NeoxError(f"weight {k!r} is not a LlamaForCausalLM weight")
+                raise NeoxError(f"weight {k!r} is not a {arch} weight")
             _, _, i, rest = k.split(".", 3)
             if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
                 proj, kind = rest.split(".")[1:]
                 qkv.setdefault((i, kind), {})[proj[0]] = v
             elif rest in layer:
                 out[f"layers.{i}.{layer[rest]}"] = v
+            elif arch == MIXTRAL and _from_mixtral_moe(out, experts, i, rest, v):
+                continue
             else:
-                raise NeoxError(f"weight {k!r} is not a LlamaForCausalLM weight")
+                raise NeoxError(f"weight {k!r} is not a {arch} weight")
+        for (i, w), per_expert in experts.items():
+            if sorted(per_expert) != list(range(cfg.moe_num_experts)):
+                raise NeoxError(
+                    f"layer {i}: expert {w} weights for {sorted(per_expert)}, not all {cfg.moe_num_experts}"
+                )
+            out[f"layers.{i}.mlp.experts.{w}"] = torch.stack([per_expert[e] for e in range(cfg.moe_num_experts)])
         for (i, kind), parts in qkv.items():
             out[f"layers.{i}.attention.query_key_value.{kind}"] = _fuse_qkv(parts["q"], parts["k"], parts["v"], cfg)
     if not cfg.no_weight_tying:
