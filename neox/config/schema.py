@@ -282,28 +282,6 @@ class TrainConfig:
     max_rollbacks: int = opt(
         3, "Rollbacks allowed in one run (the two rollback policies together); one more stops it with one line."
     )
-    nonfinite_policy: str = opt(
-        "skip",
-        "A step whose loss or gradient norm is NaN/inf never updates the weights (checked on the device); then: "
-        "skip (the batch is consumed, the step counted in the log line's guard_skipped), rollback (reload the "
-        "newest checkpoint from before it and go on after the offending batches; needs checkpoint.save) or stop "
-        "(one line, nothing saved). Acted on at the next log line or checkpoint. Under fp16 a non-finite "
-        "gradient norm is the loss scaler's overflow, as before; only a non-finite loss is this policy's.",
-        ("skip", "rollback", "stop"),
-    )
-    loss_spike_window: int = opt(
-        0,
-        "Loss-spike detection over this many recent accepted steps (0 = off, else at least 2): a step whose "
-        "loss (mean over data-parallel ranks) is more than loss_spike_zscore standard deviations above the "
-        "window's mean is a spike, handled by loss_spike_policy.",
-    )
-    loss_spike_zscore: float = opt(6.0, "How many standard deviations above the window's mean loss is a spike.")
-    loss_spike_policy: str = opt(
-        "skip", "What a loss spike does, as nonfinite_policy: skip, rollback or stop.", ("skip", "rollback", "stop")
-    )
-    max_rollbacks: int = opt(
-        3, "Rollbacks allowed in one run (the two rollback policies together); one more stops it with one line."
-    )
     checkpoint_activations: bool = opt(False, "Recompute each block's activations in the backward pass.")
     checkpoint_num_layers: int = opt(
         1,
