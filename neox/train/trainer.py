@@ -496,6 +496,13 @@ class Trainer:
     def _save_before_exit(self, console: Console, why: str) -> None:
         if self.save_dir is None or self.iteration == 0 or self._last_saved == self.iteration:
             return
+        pending = next((e for e in self._unacted_events() if self.guards.policy(e) != "skip"), None)
+        if pending is not None:  # its rollback or stop never ran: this state must not become the newest checkpoint
+            console.print(
+                f"{why}: not saving iteration {self.iteration}: step {pending.iteration} ({pending.describe()}) "
+                f"was not acted on ({POLICY_KEYS[pending.code]}: {self.guards.policy(pending)})"
+            )
+            return
         console.print(f"{why}: saving iteration {self.iteration} before exiting")
         try:
             where = self.save()
@@ -552,6 +559,7 @@ class Trainer:
         sync: the window is read, and timed, at its log line)."""
         if window.steps == 0:
             window.start = time.perf_counter()
+        self._window = window  # for a save on the way out (_save_before_exit)
         loss, norm, skipped = self.train_step(self._next_step_batches(data))
         window.add(loss, norm, skipped, self._verdict)
         window.tokens += self._step_tokens
@@ -586,14 +594,7 @@ class Trainer:
         """Log the events among `w`'s steps not yet acted on and apply their policies (reading the verdicts
         first unless the log line just did); True when the run rolled back. `logged`: the window's losses are
         in `self.losses` already."""
-        w.read_guards()
-        first_iteration = self.iteration - w.steps + 1
-        first_sample = self.consumed_samples - w.steps * self.global_batch
-        events = [
-            Event(int(code), first_iteration + i, loss, norm, z, first_sample + i * self.global_batch)
-            for i, (code, z, loss, norm) in enumerate(w.read_verdicts[w.handled :], start=w.handled)
-            if code > 0
-        ]
+        events = self._unacted_events(w)
         w.handled = w.steps
         acting = None
         for e in events:
@@ -609,6 +610,21 @@ class Trainer:
             raise self.guards.stop(acting, self._newest_checkpoint())
         self._roll_back(acting, events[-1], unlogged=0 if logged else w.steps, metrics=metrics, console=console)
         return True
+
+    def _unacted_events(self, w: _Window | None = None) -> list[Event]:
+        """The rejected steps of window `w` (default: the current one) no policy has acted on yet (reads the
+        verdicts not read so far)."""
+        w = w or getattr(self, "_window", None)
+        if w is None or w.handled == w.steps:
+            return []
+        w.read_guards()
+        first_iteration = self.iteration - w.steps + 1
+        first_sample = self.consumed_samples - w.steps * self.global_batch
+        return [
+            Event(int(code), first_iteration + i, loss, norm, z, first_sample + i * self.global_batch)
+            for i, (code, z, loss, norm) in enumerate(w.read_verdicts[w.handled :], start=w.handled)
+            if code > 0
+        ]
 
     def _newest_checkpoint(self, before: int | None = None) -> Path | None:
         found = ckpt.list_checkpoints(self.save_dir) if self.save_dir is not None else []

@@ -241,6 +241,32 @@ def test_rollbacks_are_limited(corpus, tmp_path):
     assert len(events(tmp_path, "rollback")) == 1 and len(events(tmp_path, "nonfinite")) == 2
 
 
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_an_interrupted_run_does_not_save_over_an_unhandled_event(corpus, tmp_path, policy):
+    """Ctrl-C saves on the way out, unless a rollback or stop is still owed for a step before it."""
+    cfg = config(
+        corpus,
+        tmp_path,
+        train={"nonfinite_policy": policy},
+        logging={"log_interval": 10},
+        checkpoint={"save": str(tmp_path), "save_interval": 100},
+    )
+    trainer = Trainer(cfg, quiet=True)
+    nan_batch(trainer, 2 * GB)  # step 3
+    step = trainer.train_step
+
+    def interrupted(micro_batches):
+        if trainer.iteration + 1 == 5:
+            raise KeyboardInterrupt
+        return step(micro_batches)
+
+    trainer.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    saved = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert saved == (["iter_0000004"] if policy == "skip" else [])
+
+
 def test_rollback_needs_a_save_directory(corpus):
     d = {"data": {"data_path": corpus}, "train": {"loss_spike_policy": "rollback"}}
     with pytest.raises(ConfigError, match="train.loss_spike_policy': rollback reloads a checkpoint"):
