@@ -1,10 +1,11 @@
 """Config and weight mapping between neox and Hugging Face GPTNeoXForCausalLM / LlamaForCausalLM /
-MixtralForCausalLM.
+MistralForCausalLM / MixtralForCausalLM.
 
 Pure functions on dicts and tensors (no files), so they are easy to test and both directions stay in one place.
 neox parameter names are HF GPTNeoX's minus the `gpt_neox.` prefix (docs/architecture.md), so GPTNeoX is a
-rename; Llama needs the fused, kv-grouped qkv split into q/k/v; Mixtral also the stacked expert weights split
-per expert (and, on import, transformers 5's fused gate_up_proj split into w1 / w3).
+rename; Llama (and Mistral, whose weights are named as Llama's) needs the fused, kv-grouped qkv split into
+q/k/v; Mixtral also the stacked expert weights split per expert (and, on import, transformers 5's fused
+gate_up_proj split into w1 / w3). RoPE scaling is mapped in hf_rope.py, Mistral's window in hf_mistral.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from neox.config.schema import GATED_ACTIVATIONS, ModelConfig
 from neox.errors import NeoxError
-from neox.model.info import intermediate_size, max_positions
+from neox.interop.hf_mistral import MISTRAL, hf_sliding_window, mistral_checks, mistral_fields
+from neox.interop.hf_rope import hf_max_positions, legacy_rope_scaling, rope_fields, rope_parameters
+from neox.model.info import intermediate_size
 
 GPTNEOX = "GPTNeoXForCausalLM"
 LLAMA = "LlamaForCausalLM"
@@ -35,8 +38,12 @@ def _refuse(arch: str, option: str, value, why: str) -> ExportError:
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """Which HF class expresses this config; raises ExportError naming the first option it cannot express."""
+    for option, value, why in _no_hf_equivalent(cfg):
+        raise _refuse("transformers", option, value, why)
     if cfg.moe_num_experts > 1:
         return _mixtral_architecture(cfg)
+    if cfg.sliding_window_width is not None:
+        return _mistral_architecture(cfg)
     arch = LLAMA if cfg.norm == "rmsnorm" else GPTNEOX
     if cfg.pos_emb != "rotary":
         raise _refuse(arch, "pos_emb", cfg.pos_emb, "HF GPTNeoX and Llama only have rotary position embeddings")
@@ -59,6 +66,28 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if kv != cfg.num_attention_heads:
         raise _refuse(arch, "num_kv_heads", kv, "GPTNeoX has no grouped-query attention (Llama-style configs do)")
     return arch
+
+
+def _no_hf_equivalent(cfg: ModelConfig) -> list[tuple[str, object, str]]:
+    """(option, value, why) for the neox options none of the exported architectures has."""
+    rows = [
+        ("use_mup", cfg.use_mup, "transformers' models have no muP multipliers (attention 1/d, logits, embeddings)"),
+        ("use_qk_layernorm", cfg.use_qk_layernorm, "GPTNeoX, Llama and Mistral have no QK layernorm"),
+        (
+            "attention_types",
+            cfg.attention_types,
+            any(t != "global" for t in cfg.attention_types or ()),
+            "the exported models attend globally in every layer (a sliding window exports to Mistral)",
+        ),
+    ]
+    return [(o, v, why) for o, v, *bad, why in rows if (bad[0] if bad else v)]
+
+
+def _mistral_architecture(cfg: ModelConfig) -> str:
+    for option, value, ok, why in mistral_checks(cfg, _LLAMA_ACT):
+        if not ok:
+            raise _refuse(MISTRAL, option, value, why)
+    return MISTRAL
 
 
 def _mixtral_architecture(cfg: ModelConfig) -> str:
@@ -109,7 +138,7 @@ def to_hf_config(
     dtype: str = "float32",
 ):
     """A transformers config object for `cfg` (GPTNeoXConfig or LlamaConfig)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, MixtralConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, MixtralConfig
 
     arch = hf_architecture(cfg)
     common = dict(
@@ -118,7 +147,7 @@ def to_hf_config(
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=intermediate_size(cfg),
-        max_position_embeddings=max_positions(cfg),
+        max_position_embeddings=hf_max_positions(cfg),
         initializer_range=cfg.init_method_std,
         tie_word_embeddings=not cfg.no_weight_tying,
         attention_bias=cfg.use_bias_in_attn_linear,
@@ -136,12 +165,23 @@ def to_hf_config(
             num_key_value_heads=cfg.num_kv_heads or cfg.num_attention_heads,
             hidden_act=_LLAMA_ACT[cfg.activation],
             rms_norm_eps=cfg.rms_norm_epsilon,
-            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+            rope_parameters=rope_parameters(cfg),
             num_local_experts=cfg.moe_num_experts,
             num_experts_per_tok=cfg.moe_top_k,
             # transformers' balancing loss sums f over the k choices, k times neox's f
             router_aux_loss_coef=cfg.moe_aux_loss_coeff / cfg.moe_top_k,
             router_jitter_noise=0.0,
+        )
+    if arch == MISTRAL:
+        common.pop("attention_bias")
+        return MistralConfig(
+            **common,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_attention_heads,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads,
+            hidden_act=_LLAMA_ACT[cfg.activation],
+            rms_norm_eps=cfg.rms_norm_epsilon,
+            rope_parameters=rope_parameters(cfg),
+            sliding_window=hf_sliding_window(cfg),
         )
     if arch == LLAMA:
         return LlamaConfig(
@@ -150,7 +190,7 @@ def to_hf_config(
             hidden_act=_LLAMA_ACT[cfg.activation],
             rms_norm_eps=cfg.rms_norm_epsilon,
             mlp_bias=cfg.use_bias_in_mlp,
-            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+            rope_parameters=rope_parameters(cfg),
         )
     return GPTNeoXConfig(
         **common,
@@ -158,11 +198,7 @@ def to_hf_config(
         layer_norm_eps=cfg.layernorm_epsilon,
         use_parallel_residual=cfg.gpt_j_residual,
         hidden_dropout=cfg.hidden_dropout,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": float(cfg.rotary_emb_base),
-            "partial_rotary_factor": float(cfg.rotary_pct),
-        },
+        rope_parameters=rope_parameters(cfg, partial=True),
     )
 
 
@@ -173,25 +209,23 @@ def legacy_config_keys(cfg: ModelConfig, dtype: str = "float32") -> dict:
     rope = {"rope_theta": float(cfg.rotary_emb_base)}
     if hf_architecture(cfg) == GPTNEOX:
         rope = {"rotary_pct": float(cfg.rotary_pct), "rotary_emb_base": float(cfg.rotary_emb_base)}
-    return {**rope, "torch_dtype": dtype}
+    if hf_architecture(cfg) == MISTRAL:
+        rope["sliding_window"] = hf_sliding_window(cfg)
+    return {**rope, **legacy_rope_scaling(cfg), "torch_dtype": dtype}
 
 
 def from_hf_config(hf) -> dict:
     """neox `model` group (a dict of ModelConfig fields) for a transformers GPTNeoX or Llama config object."""
     arch = (getattr(hf, "architectures", None) or [""])[0]
     model_type = getattr(hf, "model_type", "")
-    if model_type not in ("gpt_neox", "llama", "mixtral") and arch not in (GPTNEOX, LLAMA, MIXTRAL):
+    if model_type not in ("gpt_neox", "llama", "mixtral", "mistral") and arch not in (GPTNEOX, LLAMA, MIXTRAL, MISTRAL):
         # before reading any field: other architectures lack some of them (GPT-2 has no intermediate_size)
         raise NeoxError(
             f"config.json: model_type={model_type!r} / architectures={arch!r} is not supported; "
-            f"import handles {GPTNEOX}, {LLAMA} and {MIXTRAL}"
+            f"import handles {GPTNEOX}, {LLAMA}, {MISTRAL} and {MIXTRAL}"
         )
     rope = dict(getattr(hf, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise NeoxError(
-            f"config.json: rope_type={rope['rope_type']!r} (RoPE scaling) is not supported by neox models; "
-            "only plain rotary embeddings import"
-        )
+    scaling = rope_fields(hf, rope)
     base = dict(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
@@ -207,6 +241,7 @@ def from_hf_config(hf) -> dict:
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
     )
+    base.update(scaling)  # dynamic NTK also lengthens max_position_embeddings
     if model_type == "gpt_neox" or arch == GPTNEOX:
         act = {v: k for k, v in _NEOX_ACT.items() if k != "swish"}.get(hf.hidden_act)
         if act is None:
@@ -227,6 +262,8 @@ def from_hf_config(hf) -> dict:
         }
     if model_type == "mixtral" or arch == MIXTRAL:
         return {**base, **_llama_fields(hf, rope), **_mixtral_fields(hf)}
+    if model_type == "mistral" or arch == MISTRAL:
+        return {**base, **_llama_fields(hf, rope), **mistral_fields(hf)}
     if model_type == "llama" or arch == LLAMA:
         return {**base, **_llama_fields(hf, rope)}
     raise AssertionError("unreachable: the architecture was checked above")
