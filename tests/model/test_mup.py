@@ -19,6 +19,9 @@ from neox.model.init import INPUT, OUTPUT, parameter_rules, seeded_rows
 from neox.train.coord_check import coord_check
 from neox.train.optim import build_optimizer
 from neox.train.schedule import LRSchedule
+from neox.train.trainer import Trainer
+from tests.train.tiny_run import make_corpus
+from tests.train.tiny_run import tiny_config as train_config
 
 
 def cfg_of(**over):
@@ -205,3 +208,24 @@ def test_coord_check_command_writes_png_and_numbers(tmp_path):
                 assert abs(slope) < 0.6, (layer, values)  # flat: within a factor 2.3 over 4x the width
             else:
                 assert slope > 1.2, (layer, values)  # grows faster than the width itself
+
+
+def test_trainer_builds_mup_init_and_groups_and_resumes_exactly(tmp_path):
+    prefix = make_corpus(tmp_path / "corpus", docs=120)
+    model = {"hidden_size": 64, "use_mup": True, "mup_base_hidden_size": 32}
+    groups = dict(model=model, eval={"eval_iters": 0})
+    straight = Trainer(train_config(prefix, tmp_path / "a", **groups), quiet=True)
+    qkv = straight.model.layers["0"].attention.query_key_value.weight
+    assert qkv.std().item() == pytest.approx(0.02 / math.sqrt(2), rel=0.1)  # the layout-independent init path
+    straight.fit()
+    scales = sorted({g["lr_scale"] for g in straight.optimizer.param_groups})
+    assert scales == [0.5, 1.0]
+    lr = straight.schedule.lr_at(19)
+    assert {g["lr"] for g in straight.optimizer.param_groups} == {lr * 0.5, lr}
+    first = Trainer(train_config(prefix, tmp_path / "b", **groups), quiet=True)
+    first.fit(stop_at=10)
+    resumed = Trainer(
+        train_config(prefix, tmp_path / "b", checkpoint={"load": str(tmp_path / "b")}, **groups), quiet=True
+    )
+    resumed.fit()
+    assert first.losses + resumed.losses == straight.losses
