@@ -28,7 +28,7 @@ from neox.model import attention_paths as paths
 from neox.model import mup
 from neox.model.info import head_dim, num_kv_heads
 from neox.model.layers import build_norm
-from neox.model.masks import ForwardMask, LayerMask
+from neox.model.masks import ForwardMask, LayerMask, rpe_by_distance
 from neox.model.positional import RelativePositionBias, apply_rotary
 from neox.model.sparsity import block_layout, layout_seed, num_blocks
 
@@ -161,7 +161,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=inputs.causal_fast, enable_gqa=self.group > 1
             )
-        table = self.rpe_table() if self.rpe is not None else None
+        table = rpe_by_distance(fm, self.rpe_table()) if self.rpe is not None else None
         path = inputs.impl
         if path == "flex":
             return paths.flex(q, k, v, fm, lm, inputs.block_masks[self.mask_key], table, compiled=q.is_cuda)
@@ -258,7 +258,7 @@ def forward_mask(model, batch, seq, positions, segment_ids, kv_cache, device) ->
     bm = batch if per_row else 1
     fm = ForwardMask(q_offset=q_offset, num_queries=seq, num_keys=num_keys, batch=bm)
     if segment_ids is not None:
-        fm.segments = segment_ids.expand(bm, seq)
+        fm.set_segments(segment_ids.expand(bm, seq))
     fm.key_valid = key_valid
     if has_bias:
         fm.q_pos = q_pos.expand(bm, q_pos.shape[1])

@@ -4,9 +4,10 @@ q [B, H, T, D], k / v [B, H_kv, S, D] (H a multiple of H_kv: grouped-query heads
 [B, H, T, D]. Masks and biases come from neox.model.masks, evaluated only over the grid each path needs:
 
 - dense: one [T, S] mask for SDPA. Memory O(H T S); the reference.
-- chunked: query chunks of CHUNK rows, each with the key range it can see (causal, and a sliding window cut
-  to the window) and its own mask tile. Under autograd each chunk is recomputed in the backward pass
-  (activation checkpointing), so no mask tile outlives its chunk: memory O(H * CHUNK * S).
+- chunked: query chunks of CHUNK rows, each with the key range it can see (causal, a sliding window's start,
+  the first key of the chunk's earliest document) and its own mask tile, which is not kept for the backward
+  pass: on CPU the flash kernel's backward gets the tile rebuilt, elsewhere (and for a T5 table's gradient)
+  the chunk is recomputed. Memory O(H * CHUNK * S) beyond q, k, v-sized tensors.
 - block_sparse: only the pairs of (query block, key block) some head's layout allows, scored per pair and
   normalised per query row with a softmax across pairs: memory and work O(pairs * block^2), plain PyTorch,
   forward and backward on any device.
@@ -30,12 +31,12 @@ from neox.model.masks import ForwardMask, LayerMask, allowed, bias, grid_indices
 CHUNK = 256
 
 
-def dense(q, k, v, fm: ForwardMask, lm: LayerMask, rpe_table=None, dropout: float = 0.0) -> torch.Tensor:
+def dense(q, k, v, fm: ForwardMask, lm: LayerMask, rpe_bias=None, dropout: float = 0.0) -> torch.Tensor:
     """Reference: the whole [T, S] mask (with the bias folded in) handed to SDPA."""
     t, s = q.shape[2], k.shape[2]
     device = q.device
     mask = tile_scores_mask(
-        fm, lm, q.shape[1], torch.arange(t, device=device), torch.arange(s, device=device), rpe_table, q.dtype
+        fm, lm, q.shape[1], torch.arange(t, device=device), torch.arange(s, device=device), rpe_bias, q.dtype
     )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1]
@@ -50,35 +51,78 @@ def key_range(fm: ForwardMask, lm: LayerMask, start: int, stop: int) -> tuple[in
         return 0, fm.num_keys
     hi = min(fm.num_keys, fm.q_offset + stop)
     lo = 0 if lm.window is None else max(0, fm.q_offset + start - lm.window)
+    if fm.key_floor is not None:
+        lo = max(lo, min(fm.key_floor[start:stop]))
     return lo, hi
 
 
-def _chunk(q_c, k_c, v_c, fm, lm, rpe_table, start, lo, dropout):
+def _chunk(q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout):
     device = q_c.device
     q_idx = torch.arange(start, start + q_c.shape[2], device=device)
     k_idx = torch.arange(lo, lo + k_c.shape[2], device=device)
-    mask = tile_scores_mask(fm, lm, q_c.shape[1], q_idx, k_idx, rpe_table, q_c.dtype)
+    mask = tile_scores_mask(fm, lm, q_c.shape[1], q_idx, k_idx, rpe_bias, q_c.dtype)
     return F.scaled_dot_product_attention(
         q_c, k_c, v_c, attn_mask=mask, dropout_p=dropout, enable_gqa=q_c.shape[1] != k_c.shape[1]
     )
 
 
+def _additive_tile(q_c, k_c, fm, lm, start, lo):
+    device = q_c.device
+    q_idx = torch.arange(start, start + q_c.shape[2], device=device)
+    k_idx = torch.arange(lo, lo + k_c.shape[2], device=device)
+    mask = tile_scores_mask(fm, lm, q_c.shape[1], q_idx, k_idx, None, q_c.dtype)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q_c.dtype, device=device).masked_fill(~mask, float("-inf"))
+    return mask
+
+
+class _CpuChunk(torch.autograd.Function):
+    """One chunk through the CPU flash-attention kernel, its mask tile rebuilt for the backward kernel instead
+    of being saved (what SDPA keeps is the same kernel's output and logsumexp). For masks without learned
+    parameters (ALiBi, documents, windows, layouts); a T5 table's gradient needs the scores, so it is
+    recomputed through SDPA instead."""
+
+    @staticmethod
+    def forward(ctx, q_c, k_c, v_c, fm, lm, start, lo):
+        mask = _additive_tile(q_c, k_c, fm, lm, start, lo)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_c, k_c, v_c, 0.0, False, attn_mask=mask)
+        ctx.save_for_backward(q_c, k_c, v_c, out, lse)
+        ctx.where = (fm, lm, start, lo)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_c, k_c, v_c, out, lse = ctx.saved_tensors
+        mask = _additive_tile(q_c, k_c, *ctx.where)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q_c, k_c, v_c, out, lse, 0.0, False, attn_mask=mask
+        )
+        return dq, dk, dv, None, None, None, None
+
+
 def chunked(
-    q, k, v, fm: ForwardMask, lm: LayerMask, rpe_table=None, dropout: float = 0.0, chunk: int = CHUNK
+    q, k, v, fm: ForwardMask, lm: LayerMask, rpe_bias=None, dropout: float = 0.0, chunk: int = CHUNK
 ) -> torch.Tensor:
     """Query-chunked SDPA with a mask tile per chunk (see the module docstring)."""
     t = q.shape[2]
-    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, rpe_table) if x is not None)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, rpe_bias) if x is not None)
+    # Kept for the backward pass, the chunks' mask tiles would add up to the dense mask. On CPU the flash kernel
+    # is called with the tile rebuilt for its backward; elsewhere (or with a T5 table to train, or dropout)
+    # a chunk with a bias is recomputed in the backward pass, and a bias-free tile (one value per row, query
+    # and key of the causal / window / document range) is kept.
+    rebuild = grad and q.device.type == "cpu" and rpe_bias is None and not dropout
+    recompute = grad and not rebuild and fm.has_bias
     outs = []
     for start in range(0, t, chunk):
         stop = min(t, start + chunk)
         lo, hi = key_range(fm, lm, start, stop)
-        args = (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], fm, lm, rpe_table, start, lo, dropout)
-        if recompute:
-            # the mask tile is rebuilt in the backward pass instead of being kept for it
-            outs.append(checkpoint(_chunk, *args, use_reentrant=False))
+        q_c, k_c, v_c = q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi]
+        if rebuild:
+            outs.append(_CpuChunk.apply(q_c, k_c, v_c, fm, lm, start, lo))
+        elif recompute:
+            outs.append(checkpoint(_chunk, q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout, use_reentrant=False))
         else:
-            outs.append(_chunk(*args))
+            outs.append(_chunk(q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -101,7 +145,7 @@ class BlockPairs:
 
 
 def block_sparse(
-    q, k, v, fm: ForwardMask, lm: LayerMask, pairs: BlockPairs, rpe_table=None, dropout: float = 0.0
+    q, k, v, fm: ForwardMask, lm: LayerMask, pairs: BlockPairs, rpe_bias=None, dropout: float = 0.0
 ) -> torch.Tensor:
     """Attention over the visible block pairs only, with a softmax across the pairs of each query row.
 
@@ -124,7 +168,7 @@ def block_sparse(
     b, h, qi, ki = grid_indices(fm, heads, pairs.q_idx, pairs.k_idx)
     qi_c, ki_c = qi.clamp(max=t - 1), ki.clamp(max=t - 1)  # padding rows / keys read a real index, then drop
     ok = allowed(fm, lm, b, h, qi_c, ki_c) & (ki < t)
-    extra = bias(fm, b, h, qi_c, ki_c, rpe_table)
+    extra = bias(fm, b, h, qi_c, ki_c, rpe_bias)
     if extra is not None:
         scores = scores + extra
     scores = scores.masked_fill(~ok, float("-inf"))
@@ -147,7 +191,7 @@ def block_sparse(
     return out.view(bsz, heads, nb * blk, d)[:, :, :t]
 
 
-def flex_mods(fm: ForwardMask, lm: LayerMask, rpe_table=None):
+def flex_mods(fm: ForwardMask, lm: LayerMask, rpe_bias=None):
     """(mask_mod, score_mod or None) for FlexAttention: the same `allowed` and `bias` with scalar indices."""
 
     # FlexAttention calls the mods with every real batch row; tensors without a batch axis (Bm = 1) take row 0
@@ -161,7 +205,7 @@ def flex_mods(fm: ForwardMask, lm: LayerMask, rpe_table=None):
         return mask_mod, None
 
     def score_mod(score, b, h, q, k):
-        return score + bias(fm, row(b), h, q, k, rpe_table)
+        return score + bias(fm, row(b), h, q, k, rpe_bias)
 
     return mask_mod, score_mod
 
@@ -186,8 +230,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex(q, k, v, fm: ForwardMask, lm: LayerMask, block_mask, rpe_table=None, compiled: bool = True):
+def flex(q, k, v, fm: ForwardMask, lm: LayerMask, block_mask, rpe_bias=None, compiled: bool = True):
     """FlexAttention with `block_mask` (from flex_block_mask) and the bias as a score_mod."""
-    _, score_mod = flex_mods(fm, lm, rpe_table)
+    _, score_mod = flex_mods(fm, lm, rpe_bias)
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])

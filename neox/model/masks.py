@@ -23,7 +23,7 @@ from neox.model.positional import t5_relative_bucket
 class ForwardMask:
     """What one forward pass's queries may see, shared by all its layers.
 
-    segments: [Bm, T] document ids (reset_attention_mask; no cache). key_valid: [Bm, S] False on KV-cache
+    segments: [Bm, T] document ids (reset_attention_mask; no cache; set with set_segments). key_valid: [Bm, S] False on KV-cache
     padding slots. q_pos / k_pos: [Bm, T] / [Bm, S] position values, set when a bias needs them. Bm is the batch
     size where some tensor differs per row, else 1 (so masks broadcast over the batch).
     alibi_slopes: [H_local] fp32, or None. rpe: (num_buckets, max_distance) of T5 buckets, or None.
@@ -39,6 +39,18 @@ class ForwardMask:
     k_pos: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
     rpe: tuple[int, int] | None = None
+    key_floor: list[int] | None = None
+
+    def set_segments(self, segments: torch.Tensor) -> None:
+        """Documents [Bm, T]; also notes, per query, the first key of its document in any row (`key_floor`), so
+        the chunked path skips the keys of earlier documents. Read on the host once per forward."""
+        self.segments = segments
+        t = segments.shape[1]
+        _, ids = torch.unique(segments, return_inverse=True)
+        slots = torch.arange(t, device=segments.device).expand_as(ids)
+        first = torch.full((ids.shape[0], int(ids.max()) + 1), t, dtype=torch.long, device=segments.device)
+        first = first.scatter_reduce(1, ids, slots, "amin")
+        self.key_floor = first.gather(1, ids).amin(0).tolist()
 
     @property
     def has_bias(self) -> bool:
@@ -75,16 +87,24 @@ def allowed(fm: ForwardMask, lm: LayerMask, b, h, q, k) -> torch.Tensor:
     return ok
 
 
-def bias(fm: ForwardMask, b, h, q, k, rpe_table: torch.Tensor | None) -> torch.Tensor | None:
+def rpe_by_distance(fm: ForwardMask, rpe_table: torch.Tensor) -> torch.Tensor:
+    """A layer's T5 bias per (head, distance n = query pos - key pos, 0..max_distance): its table [H_local,
+    buckets] (already scaled) at each distance's bucket. Buckets saturate at max_distance and every key in the
+    future is distance 0, so n clamped to that range finds every bucket: one lookup per score, no logarithm."""
+    num_buckets, max_distance = fm.rpe
+    n = torch.arange(max_distance + 1, device=rpe_table.device)
+    return rpe_table[:, t5_relative_bucket(-n, num_buckets, max_distance)]
+
+
+def bias(fm: ForwardMask, b, h, q, k, rpe_bias: torch.Tensor | None) -> torch.Tensor | None:
     """fp32 score bias broadcast over b, h, q, k, or None. ALiBi: -slope_h * (query pos - key pos).
-    T5: rpe_table[h, bucket(key pos - query pos)] (the layer's table [H_local, buckets], already scaled)."""
+    T5: the layer's bias at bucket(key pos - query pos), from rpe_bias = rpe_by_distance(fm, its table)."""
     if not fm.has_bias:
         return None
-    distance = fm.k_pos[b, k] - fm.q_pos[b, q]
+    distance = fm.q_pos[b, q] - fm.k_pos[b, k]
     if fm.alibi_slopes is not None:
-        return fm.alibi_slopes[h] * distance.float()
-    buckets = t5_relative_bucket(distance, *fm.rpe)
-    return rpe_table[h, buckets].float()
+        return fm.alibi_slopes[h] * -distance.float()
+    return rpe_bias[h, distance.clamp(0, fm.rpe[1])].float()
 
 
 def grid_indices(fm: ForwardMask, heads: int, q_idx: torch.Tensor, k_idx: torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 
 from neox.config.attention import SparsityParams
 from neox.model import attention_paths as paths
-from neox.model.masks import ForwardMask, LayerMask
+from neox.model.masks import ForwardMask, LayerMask, rpe_by_distance
 from neox.model.positional import ALiBi, RelativePositionBias, t5_relative_bucket
 from neox.model.sparsity import block_layout, token_mask
 
@@ -68,7 +68,7 @@ def case(kind, extra):
     rpe = None
     if extra == "documents":
         seg = segments()
-        fm.segments = seg
+        fm.set_segments(seg)
         mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
     if extra in ("alibi", "rpe"):
         fm.q_pos = fm.k_pos = pos
@@ -132,7 +132,9 @@ def test_paths_equal_the_dense_reference(kind, extra):
     expect_grads = grads(expect, weights)
     names = ["dense", "chunked", "flex"] + (["block_sparse"] if lm.layout is not None else [])
     for name in names:
-        table = rpe(torch.arange(RPE[0])[None, :, None])[0, :, :, 0] if rpe is not None else None
+        table = None
+        if rpe is not None:
+            table = rpe_by_distance(fm, rpe(torch.arange(RPE[0])[None, :, None])[0, :, :, 0])
         out = run_path(name, q, k, v, fm, lm, table)
         torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         if name == "flex":
