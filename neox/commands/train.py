@@ -15,14 +15,23 @@ from neox.config import load, resolve_batch
 from neox.interop.lm_eval import evaluate_model
 from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
+from neox.parallel.worker_status import EXIT_HANG, EXIT_PREEMPTED
 from neox.train import preempt
 from neox.train.checkpoint import check_run_dirs
 from neox.train.distributed import make_layout, resume_config
 from neox.train.trainer import TaskEvaluator, Trainer
 from neox.train.watchdog import collective_timeout, is_collective_timeout
 
+EXIT_CODES = (
+    f"exit codes: 0 trained to train_iters; 2 a user error (one line); {EXIT_PREEMPTED} stopped by SIGTERM, SIGINT, "
+    "SIGUSR1 or train.max_runtime with a checkpoint saved (run the same command to resume); "
+    f"{EXIT_HANG} a hang (train.hang_timeout) or a collective timeout; 128+N a second stop signal N (exited at "
+    "once, nothing saved)"
+)
+
 
 def register(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.epilog = EXIT_CODES
     add_config_args(parser)
     launch.add_arguments(parser)
     parser.set_defaults(func=run)

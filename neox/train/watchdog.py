@@ -85,6 +85,7 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
                 self._fire(idle)
+                return  # fires once (in a process, _fire does not return)
 
     def _fire(self, idle: float) -> None:
         where = _main_thread_frame()

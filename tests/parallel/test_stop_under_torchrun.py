@@ -72,7 +72,10 @@ def test_a_stuck_rank_ends_the_job_within_the_hang_timeout_naming_itself(tmp_pat
     text = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_HANG, text[-5000:]
     hang_start = float((out / "hang_start").read_text())
-    assert ended - hang_start < timeout + 10, "the job outlived the hang timeout by more than the teardown"
+    # torchrun's teardown after the watchdog's exit takes seconds more on a loaded machine
+    assert ended - hang_start < timeout + 30, f"the job outlived the hang timeout by more than a teardown: {text}"
     line = next(s for s in text.splitlines() if "rank 1 of 2: no progress for" in s)
+    idle = float(line.split("no progress for ")[1].split(" s")[0])
+    assert timeout <= idle <= timeout + 2, line  # it fired on time (polled 20 times per timeout)
     assert "after iteration 3, pending: train step 4" in line and "sitecustomize.py" in line, line
     assert f"exiting with code {EXIT_HANG}" in line
