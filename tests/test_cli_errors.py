@@ -221,6 +221,8 @@ CASES = [
     # prepare (the folder is checked before any download)
     ("prepare nosuchcorpus", "nosuchcorpus"),
     ("prepare tinyshakespeare --out {d}/afile/ts", "afile"),
+    ("prepare tinyshakespeare --out {d}/ts --sha256 abc", "--sha256"),
+    ("prepare piqa --out {d}/ev --sha256 " + "0" * 64, "--sha256: piqa has 2 files"),
 ]
 
 
