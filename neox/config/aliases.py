@@ -225,7 +225,7 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "adlr_autoresume": ((False,), "NVIDIA ADLR cluster auto-resume is not supported; resume with checkpoint.load"),
     "exit_interval": ((None,), "stop with train_iters instead"),
     "coord_check": ((False,), "run `neox mup coord-check CONFIG --widths ...` instead of a training run"),
-    "save_base_shapes": ((False,), "no base-shapes file is needed: the base model is model.mup_base_* (widths)"),
+    "save_base_shapes": ((False,), "no base-shapes file is needed: the base model is model.mup_base_config"),
     "char_level_ppl": ((False,), "not implemented"),
     "use_comet": ((False, None), "Comet logging is not supported (TensorBoard and W&B are)"),
     **dict.fromkeys(
@@ -296,7 +296,8 @@ REJECTED: dict[str, str] = {
     "wandb_host": "set the WANDB_BASE_URL environment variable instead",
     "s3_path": "neox does not upload checkpoints (no network at run time); copy checkpoint.save yourself",
     "s3_chunk_size": "neox does not upload checkpoints",
-    "base_shapes_file": "give the muP base model's widths instead: model.mup_base_hidden_size (and mup_base_num_attention_heads, mup_base_intermediate_size)",
+    "base_shapes_file": "give the muP base model as a config instead: model.mup_base_config (or its widths: "
+    "mup_base_hidden_size, mup_base_num_attention_heads, mup_base_intermediate_size)",
     "decoder_seq_length": "only decoder-only models are implemented; use seq_length",
     "num_encoder_layers": "only decoder-only models are implemented",
     "precompute_model_name": "DPO/KTO training is not implemented",

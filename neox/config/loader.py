@@ -256,10 +256,36 @@ def build(collectors: list[Collector], announce: bool = True) -> Resolved:
     provenance = {t: a for t, a in merged.items() if t[0] in GROUPS}
     resolved = Resolved(Config(**groups), provenance, notes)
     derive(resolved.config, **extras)
+    _fill_mup_base(resolved)
     validate(resolved)
     if announce:
         announce_notes(collectors)
     return resolved
+
+
+_MUP_BASE = {
+    "mup_base_hidden_size": "hidden_size",
+    "mup_base_num_attention_heads": "num_attention_heads",
+    "mup_base_intermediate_size": "intermediate_size",
+}
+
+
+def _fill_mup_base(r: Resolved) -> None:
+    """model.mup_base_config: the base config's widths fill the mup_base_* fields left unset (a config read
+    back from a checkpoint has them all, so it never needs the file again)."""
+    m = r.config.model
+    if not m.use_mup or m.mup_base_config is None or all(getattr(m, k) is not None for k in _MUP_BASE):
+        return
+    where = r.where("model", "mup_base_config")
+    if not os.path.isfile(m.mup_base_config):
+        raise ConfigError(f"{where}: {m.mup_base_config} is not a file; give the base model's config file")
+    try:  # the base's own muP settings do not matter: only its shapes
+        base = resolve([m.mup_base_config], ["model.mup_base_config=null"], announce=False)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: the base config does not load: {e}") from None
+    for field_name, base_field in _MUP_BASE.items():
+        if getattr(m, field_name) is None:
+            setattr(m, field_name, getattr(base.config.model, base_field))
 
 
 def announce_notes(collectors: list[Collector]) -> None:

@@ -521,6 +521,7 @@ def _check_rope_scaling(r: Resolved) -> None:
 
 
 _MUP_DEFAULTS = {
+    "mup_base_config": None,
     "mup_base_hidden_size": None,
     "mup_base_num_attention_heads": None,
     "mup_base_intermediate_size": None,
@@ -542,7 +543,7 @@ def _check_mup(r: Resolved) -> None:
         value = getattr(m, name)
         if value != default and not m.use_mup:
             fail(name, "has no effect without use_mup: true")
-        if value is not None and not value > 0:
+        if value is not None and name != "mup_base_config" and not value > 0:
             fail(name, f"must be positive, got {value!r}")
     if not m.use_mup:
         return

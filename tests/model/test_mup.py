@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from neox.cli import main as cli_main
-from neox.config import from_dict
+from neox.config import from_dict, load, to_dict
 from neox.config.schema import OptimizerConfig, ScheduleConfig
 from neox.errors import ConfigError
 from neox.model import GPT, mup
@@ -229,3 +229,21 @@ def test_trainer_builds_mup_init_and_groups_and_resumes_exactly(tmp_path):
     )
     resumed.fit()
     assert first.losses + resumed.losses == straight.losses
+
+
+def test_base_shapes_from_a_base_config_file(tmp_path):
+    (tmp_path / "base.yml").write_text("hidden_size: 32\nnum_attention_heads: 2\nactivation: swiglu\n")
+    (tmp_path / "big.yml").write_text(
+        f"hidden_size: 128\nnum_attention_heads: 4\nactivation: swiglu\nuse_mup: true\n"
+        f"mup_base_config: {tmp_path / 'base.yml'}\nmup_base_num_attention_heads: 4\n"
+    )
+    cfg = load([str(tmp_path / "big.yml")])
+    m = cfg.model
+    # unset fields come from the base's model (its derived MLP width too); a given one stays
+    assert (m.mup_base_hidden_size, m.mup_base_num_attention_heads, m.mup_base_intermediate_size) == (32, 4, 256)
+    (tmp_path / "base.yml").unlink()  # a checkpoint's config.yml holds the widths: no file needed to resume
+    assert from_dict(to_dict(cfg)).model == m
+    with pytest.raises(ConfigError, match="mup_base_config': .*nope.yml is not a file"):
+        from_dict({"use_mup": True, "mup_base_config": str(tmp_path / "nope.yml")})
+    with pytest.raises(ConfigError, match="mup_base_config': has no effect without use_mup"):
+        from_dict({"mup_base_config": "base.yml"})
