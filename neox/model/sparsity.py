@@ -21,10 +21,13 @@ Definitions (nb blocks, rows = query blocks; DeepSpeed's sparsity_config.py, uni
 - bslongformer: the same sliding window, plus global rows and columns at global_block_indices (or ranges).
 Without different_layout_per_head every head has head 0's layout.
 
-Random blocks come from `torch.Generator().manual_seed(seed)`: for each layout head in order, for each row i
-in order, `torch.randperm(population, generator=g)[:k]` picks the columns (population nb for sparse_variable,
-i + 1 for bigbird; k = min(num_random_blocks, population)). The seed is a function of the layer alone
-(`layout_seed`), so every rank, every resume and every inference run sees the same layout.
+Random blocks come from `torch.Generator().manual_seed(seed)`: one draw of `torch.rand(heads, nb, nb,
+generator=g)` (heads = num_heads with different_layout_per_head, else 1) scores every block, and row i of
+head h takes the k highest-scoring columns of its population (all nb blocks for sparse_variable, blocks
+[0, i] for bigbird; k = min(num_random_blocks, nb); a row whose population is smaller takes all of it): a
+uniformly random k-subset per row, as DeepSpeed's `random.sample`, in a few tensor ops.
+The seed is a function of the layer alone (`layout_seed`), so every rank, every resume and every inference
+run sees the same layout.
 """
 
 from __future__ import annotations
@@ -62,11 +65,16 @@ def block_layout(
     p = sparsity if isinstance(sparsity, SparsityParams) else sparsity_params(kind, sparsity)
     if p.kind != kind:
         raise ValueError(f"sparsity parameters are for {p.kind}, not {kind}")
-    build = _BUILDERS[kind]
     layout_heads = num_heads if p.different_layout_per_head and kind != "local" else 1
-    g = torch.Generator().manual_seed(seed)
-    heads = [build(p, h, num_blocks, g) for h in range(layout_heads)]
-    layout = torch.stack(heads) if layout_heads > 1 else heads[0].expand(num_heads, num_blocks, num_blocks)
+    if kind == "sparse_fixed":
+        # heads differ only by their global pattern, which repeats every num_different_global_patterns heads
+        patterns = [_fixed(p, h, num_blocks) for h in range(min(p.num_different_global_patterns, layout_heads))]
+        heads = torch.stack([patterns[h % len(patterns)] for h in range(layout_heads)])
+    else:
+        heads = _BUILDERS[kind](p, num_blocks).expand(layout_heads, num_blocks, num_blocks).clone()
+    if kind in ("sparse_variable", "bigbird") and p.num_random_blocks:
+        _random(heads, p.num_random_blocks, torch.Generator().manual_seed(seed), upto_row=kind == "bigbird")
+    layout = heads.expand(num_heads, num_blocks, num_blocks) if layout_heads == 1 else heads
     causal = torch.ones(num_blocks, num_blocks, dtype=torch.bool).tril()
     return (layout & causal).contiguous()
 
@@ -89,12 +97,14 @@ def _windows(nb: int, sizes: list[int]) -> torch.Tensor:
     return (owner[:, None] == owner[None, :]).tril()
 
 
-def _random(layout: torch.Tensor, k: int, g: torch.Generator, upto_row: bool) -> None:
-    nb = layout.shape[0]
-    for row in range(nb):
-        population = row + 1 if upto_row else nb
-        if k:
-            layout[row, torch.randperm(population, generator=g)[: min(k, population)]] = True
+def _random(heads: torch.Tensor, k: int, g: torch.Generator, upto_row: bool) -> None:
+    h, nb, _ = heads.shape
+    scores = torch.rand(h, nb, nb, generator=g)
+    if upto_row:
+        scores = scores.masked_fill(~torch.ones(nb, nb, dtype=torch.bool).tril(), -1.0)
+    # a row with fewer than k blocks in its past also picks future ones, which the causal cut drops
+    top = scores.topk(min(k, nb), dim=-1).indices
+    heads.scatter_(-1, top, True)
 
 
 def _global_columns(layout: torch.Tensor, p: SparsityParams, rows_too: bool) -> None:
@@ -107,11 +117,11 @@ def _global_columns(layout: torch.Tensor, p: SparsityParams, rows_too: bool) -> 
                 layout[start : min(end, nb), :] = True
 
 
-def _local(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tensor:
+def _local(p: SparsityParams, nb: int) -> torch.Tensor:
     return _window(nb, p.num_sliding_window_blocks // 2)
 
 
-def _fixed(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tensor:
+def _fixed(p: SparsityParams, h: int, nb: int) -> torch.Tensor:
     nl, ng = p.num_local_blocks, p.num_global_blocks
     layout = _windows(nb, [nl])
     first = nl - (1 + h % p.num_different_global_patterns) * ng
@@ -124,32 +134,28 @@ def _fixed(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tens
     return layout
 
 
-def _variable(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tensor:
-    layout = torch.zeros(nb, nb, dtype=torch.bool)
-    _random(layout, p.num_random_blocks, g, upto_row=False)
-    layout |= _windows(nb, list(p.local_window_blocks))
+def _variable(p: SparsityParams, nb: int) -> torch.Tensor:
+    layout = _windows(nb, list(p.local_window_blocks))
     _global_columns(layout, p, rows_too=False)
     return layout
 
 
-def _bigbird(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tensor:
-    layout = torch.zeros(nb, nb, dtype=torch.bool)
-    _random(layout, p.num_random_blocks, g, upto_row=True)
-    layout |= _window(nb, p.num_sliding_window_blocks // 2)
+def _bigbird(p: SparsityParams, nb: int) -> torch.Tensor:
+    layout = _window(nb, p.num_sliding_window_blocks // 2)
     layout[: p.num_global_blocks, :] = True
     layout[:, : p.num_global_blocks] = True
     return layout
 
 
-def _bslongformer(p: SparsityParams, h: int, nb: int, g: torch.Generator) -> torch.Tensor:
+def _bslongformer(p: SparsityParams, nb: int) -> torch.Tensor:
     layout = _window(nb, p.num_sliding_window_blocks // 2)
     _global_columns(layout, p, rows_too=True)
     return layout
 
 
-_BUILDERS: dict[str, Callable[[SparsityParams, int, int, torch.Generator], torch.Tensor]] = {
+# the layout every head shares (sparse_fixed's per-pattern heads are built by _fixed itself)
+_BUILDERS: dict[str, Callable[[SparsityParams, int], torch.Tensor]] = {
     "local": _local,
-    "sparse_fixed": _fixed,
     "sparse_variable": _variable,
     "bigbird": _bigbird,
     "bslongformer": _bslongformer,

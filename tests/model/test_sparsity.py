@@ -15,15 +15,17 @@ from neox.model.sparsity import block_layout, layout_seed, mask_mod, token_mask,
 
 
 def random_columns(p: SparsityParams, heads: int, nb: int, seed: int, upto_row: bool) -> list[list[set[int]]]:
-    """The documented draw: per layout head, per row, the first k of a seeded randperm of the population."""
-    g = torch.Generator().manual_seed(seed)
+    """The documented draw: one [heads, nb, nb] uniform score table; each row takes the k best-scored blocks
+    of its population, or all of it when smaller (ranked here by sorting in Python)."""
+    table = torch.rand(heads, nb, nb, generator=torch.Generator().manual_seed(seed)).tolist()
     out = []
-    for _ in range(heads):
+    for scores in table:
         rows = []
         for r in range(nb):
-            pop = r + 1 if upto_row else nb
-            k = min(p.num_random_blocks, pop)
-            rows.append(set(torch.randperm(pop, generator=g)[:k].tolist()) if k else set())
+            population = range(r + 1) if upto_row else range(nb)
+            k = min(p.num_random_blocks, len(population))
+            ranked = sorted(population, key=lambda c: -scores[r][c]) if k else []
+            rows.append(set(ranked[:k]))
         out.append(rows)
     return out
 
