@@ -216,7 +216,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
         "not implemented: SDPA keeps the softmax in fp32, which is what this flag protects",
     ),
     "fp16_lm_cross_entropy": ((False,), "the loss is always computed in fp32"),
-    "use_bnb_optimizer": ((False,), "bitsandbytes optimizers are not supported"),
     "use_checkpoint_lr_scheduler": ((False,), "the schedule is always recomputed from the config"),
     "log_grad_pct_zeros": ((False,), "not implemented"),
     "log_optimizer_states": ((False,), "not implemented"),

@@ -358,6 +358,11 @@ class OptimizerConfig:
     eps: float = opt(1e-8, "Adam epsilon (also SM3's and MADGRAD's).")
     momentum: float = opt(0.0, "SGD, SM3 and MADGRAD momentum.")
     beta: float = opt(0.0, "SM3's accumulator decay (0 = the paper's sums of squared gradients).")
+    use_bnb_optimizer: bool = opt(
+        False,
+        "8-bit Adam/AdamW state through bitsandbytes (GPT-NeoX's key; needs `pip install bitsandbytes` with a "
+        "backend for the training device; whole, unsharded parameters only: zero_stage 0, no tensor parallelism).",
+    )
     weight_decay: float = opt(0.0, "Decoupled weight decay (not applied to norms and biases).")
 
 

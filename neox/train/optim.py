@@ -12,6 +12,11 @@ from neox.errors import ConfigError
 from neox.model.mup import lr_multiplier
 from neox.train.optimizers import MADGRAD, SM3, Adafactor, Lion, MuonWithAdamW
 
+try:  # optional: 8-bit optimizer state (use_bnb_optimizer)
+    import bitsandbytes
+except ImportError:
+    bitsandbytes = None
+
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """GPT-NeoX exempts biases and normalisation weights from weight decay.
@@ -101,6 +106,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, mcfg: ModelConfig | 
     if kind in ("adam", "adamw", "lion", "muon") and len(cfg.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers, got {cfg.betas!r}")
     betas = tuple(float(b) for b in cfg.betas)
+    if cfg.use_bnb_optimizer:
+        return _bnb_optimizer(kind, groups, params, cfg, betas)
     if kind in ("adam", "adamw"):
         cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         impl = _implementation(params)
@@ -125,6 +132,23 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, mcfg: ModelConfig | 
             muon={"lr": cfg.lr, "momentum": betas[0], "adjust_lr_fn": "match_rms_adamw"},
         )
     raise ConfigError(f"optimizer.type: unknown optimizer {cfg.type!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def _bnb_optimizer(kind: str, groups: list[dict], params: list[torch.Tensor], cfg: OptimizerConfig, betas):
+    """bitsandbytes' 8-bit Adam/AdamW (block-wise quantised moments) over the same parameter groups."""
+    if kind not in ("adam", "adamw"):
+        raise ConfigError(f"optimizer.use_bnb_optimizer: 8-bit state exists for adam and adamw, not {kind!r}")
+    if bitsandbytes is None:
+        raise ConfigError(
+            "optimizer.use_bnb_optimizer is true but bitsandbytes is not installed: pip install bitsandbytes"
+        )
+    if any(type(p) is not nn.Parameter and type(p) is not torch.Tensor for p in params):
+        raise ConfigError(
+            "optimizer.use_bnb_optimizer: bitsandbytes quantises whole tensors; it cannot run on sharded (ZeRO-3 / "
+            "tensor-parallel) parameters: use zero_stage 0 and no model_parallel_size, or turn it off"
+        )
+    cls = bitsandbytes.optim.AdamW8bit if kind == "adamw" else bitsandbytes.optim.Adam8bit
+    return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
 def _muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:

@@ -4,12 +4,15 @@ from the definitions), then each one training the tiny model and resuming bitwis
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from neox.config.schema import OptimizerConfig
+from neox.errors import ConfigError
+from neox.train import optim
 from neox.train.optim import build_optimizer, muon_eligible
 from neox.train.optimizers import MADGRAD, SM3, Lion, MuonWithAdamW
 from neox.train.trainer import Trainer
@@ -221,3 +224,29 @@ def test_each_optimizer_trains_and_resumes_bitwise(corpus, tmp_path, kind):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.mean(straight.losses[-5:]) < np.mean(straight.losses[:5]) - 0.2, straight.losses
+
+
+def test_bnb_optimizer_without_bitsandbytes_is_one_line(monkeypatch):
+    monkeypatch.setattr(optim, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=r"bitsandbytes is not installed: pip install bitsandbytes"):
+        build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig(use_bnb_optimizer=True))
+    with pytest.raises(ConfigError, match=r"8-bit state exists for adam and adamw, not 'lion'"):
+        build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig(type="lion", use_bnb_optimizer=True))
+
+
+def test_bnb_optimizer_gets_the_parameter_groups(monkeypatch):
+    # bitsandbytes is not installed here: a stand-in records what neox hands its 8-bit AdamW
+    made = {}
+
+    class AdamW8bit:
+        def __init__(self, groups, **kwargs):
+            made.update(groups=groups, **kwargs)
+
+    monkeypatch.setattr(optim, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    build_optimizer(model, OptimizerConfig(use_bnb_optimizer=True, lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
+    assert made["lr"] == 1e-3 and made["betas"] == (0.9, 0.99)
+    assert [(g["name"], len(g["params"]), g["weight_decay"]) for g in made["groups"]] == [
+        ("decay", 1, 0.1),
+        ("no_decay", 3, 0.0),
+    ]
