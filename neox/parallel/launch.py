@@ -37,6 +37,7 @@ from pathlib import Path
 from neox.errors import NeoxError
 from neox.parallel.worker_status import (
     JOB_START_ENV,
+    REPEAT_WINDOW_S,
     STATUS_DIR_ENV,
     launcher_exit_code,
     resumable_after_stop,
@@ -291,8 +292,16 @@ def _run_forwarding_signals(cmds: list[list[str]], env: dict) -> list[int]:
     process alone stops the run too, and a second one reaches the workers even while torchrun is shutting down.
     Copies that also reach them from torchrun or the scheduler count once (neox.train.preempt)."""
     procs: list[subprocess.Popen] = []
+    first: list[float] = []  # when the first stop signal came
 
     def forward(signum, frame):
+        now = time.monotonic()
+        if first and now - first[0] >= REPEAT_WINDOW_S:
+            # a second signal ends the workers at once: torchrun must be shutting down first, not restarting them
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        first[:] = first or [now]
         pids = worker_pids(env[STATUS_DIR_ENV])
         for pid in pids or [p.pid for p in procs if p.poll() is None]:
             with contextlib.suppress(ProcessLookupError, PermissionError):

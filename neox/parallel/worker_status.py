@@ -18,6 +18,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint saved; run t
 EXIT_HANG = 124  # "timed out", as GNU timeout reports it: no progress within train.hang_timeout, or a collective
 STATUS_DIR_ENV = "NEOX_LAUNCH_STATUS_DIR"  # the launcher's folder for its workers' records
 JOB_START_ENV = "NEOX_JOB_START"  # time.time() when the launcher started: train.max_runtime counts from it
+# a stop signal this long after the first is a second one (exit at once); copies arriving closer are the same
+REPEAT_WINDOW_S = 1.0
 RESUME_MARKER = "preempted.json"  # in the save directory: its newest checkpoint is a stop's, resume from it
 
 

@@ -37,11 +37,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neox.parallel.worker_status import EXIT_PREEMPTED, JOB_START_ENV, mark_resumable, register_worker, write_status
+from neox.parallel.worker_status import (
+    EXIT_PREEMPTED,
+    JOB_START_ENV,
+    REPEAT_WINDOW_S,
+    mark_resumable,
+    register_worker,
+    write_status,
+)
 from neox.train.watchdog import Watchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-REPEAT_WINDOW_S = 1.0
 SAVE_BYTES_PER_S = 100e6  # a slow shared filesystem: the save estimate before a save has been timed
 STEP_WINDOW = 8  # step intervals the step-time estimate looks back over
 _MAX_RUNTIME = 1  # stop code of the budget; signals use their numbers (all > 1), MAX picks a signal over it
