@@ -8,7 +8,8 @@ A checkpoint is written to `iter_XXXXXXX.tmp`; when every file is in place (DCP 
 files) the sizes and sha256 of all of them go to `manifest.json` (neox/train/manifest.py), the directory is
 fsynced and renamed, and `latest` is replaced (write, fsync, rename, fsync of the run directory) after that, so
 a crash at any point leaves the previous checkpoint as `latest`. A save that fails (disk full, no permission)
-removes only its own `.tmp` directory and raises `SaveError`, one line, on every rank.
+removes only its own `.tmp` directory and raises `SaveError`, one line, on every rank; the next save removes
+the `.tmp` directories that crashed saves (kill -9) left.
 
 Loading verifies the manifest (every file present, its size, its sha256, read in 8 MiB chunks; the files are
 split over the ranks) and says so in one line; a damaged or incomplete checkpoint is named with what is wrong and
@@ -235,6 +236,17 @@ def _failed(save_dir: Path, final: Path, tmp: Path, e: BaseException) -> None:
     _check(_reason(e), save_dir, final, tmp)
 
 
+def _remove_unfinished(save_dir: Path) -> None:
+    """Remove the `.tmp` directories crashed saves left (a kill -9, a lost node): once any earlier async save
+    has finished, no other save of this run is in flight, and one whose iteration is never saved again (another
+    save_interval or train_iters on resume) would otherwise hold its disk space for good."""
+    if not save_dir.is_dir():
+        return
+    for p in save_dir.iterdir():
+        if p.is_dir() and p.name.endswith(".tmp") and _NAME.match(p.name[: -len(".tmp")]):
+            shutil.rmtree(p)
+
+
 def save(
     save_dir: str | Path,
     iteration: int,
@@ -255,12 +267,11 @@ def save(
     final = save_dir / checkpoint_name(iteration)
     tmp = save_dir / (final.name + ".tmp")
     if saver is not None:
-        saver.wait()  # finish the previous save first: it may be the leftover removed below
+        saver.wait()  # finish the previous save first: its .tmp is not a leftover
     error = None
     if rank() == 0:
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # leftover of a crashed save
+            _remove_unfinished(save_dir)
             tmp.mkdir(parents=True)
         except OSError as e:
             error = _reason(e)

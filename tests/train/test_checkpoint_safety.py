@@ -217,3 +217,20 @@ def test_async_save_failure_is_reported_when_it_completes(tmp_path, monkeypatch)
     ckpt.save(tmp_path, 4, *make(), {}, {}, saver=saver)  # the next save works again
     saver.wait()
     assert intact(tmp_path, 4)
+
+
+def test_a_save_removes_every_leftover_of_crashed_saves(tmp_path):
+    # kill -9 during saves of iterations 7 and 9; the resumed run saves other iterations (another save_interval)
+    two_checkpoints(tmp_path)
+    for name in ("iter_0000007.tmp", "iter_0000009.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"\0" * 4096)  # half-written shards
+    (tmp_path / "notes.tmp").mkdir()  # not a checkpoint's: left alone
+    ckpt.save(tmp_path, 3, *make(), {}, {})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "iter_0000001",
+        "iter_0000002",
+        "iter_0000003",
+        "notes.tmp",
+    ]
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000003" and load_weights(tmp_path)[1]["iteration"] == 3

@@ -254,6 +254,7 @@ def test_kill_minus_nine_at_random_moments_resumes_bitwise(tmp_path, monkeypatch
         run = tmp_path / f"killed{nproc}"
         _chain(config, run, nproc, KILLS[nproc], rng, stats)
         assert _iteration(ckpt.resolve(run)) == TRAIN_ITERS[nproc]
+        assert not list(run.glob("*.tmp")) and not list(run.glob("*.old")), sorted(p.name for p in run.iterdir())
         got, want = _weights(run), _weights(ref)
         assert got.keys() == want.keys()
         for name in want:
