@@ -247,3 +247,20 @@ def test_base_shapes_from_a_base_config_file(tmp_path):
         from_dict({"use_mup": True, "mup_base_config": str(tmp_path / "nope.yml")})
     with pytest.raises(ConfigError, match="mup_base_config': has no effect without use_mup"):
         from_dict({"mup_base_config": "base.yml"})
+
+
+@pytest.mark.cuda
+def test_mup_and_dynamic_rope_model_on_cuda_matches_cpu():
+    m = cfg_of(
+        use_mup=True,
+        mup_base_hidden_size=32,
+        max_position_embeddings=256,
+        rope_scaling={"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    torch.manual_seed(0)
+    model = GPT(m).eval()
+    tokens = torch.randint(0, 96, (2, 200))  # past the original context: the per-forward frequencies
+    with torch.no_grad():
+        want = model(tokens)
+        got = model.cuda()(tokens.cuda()).cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
