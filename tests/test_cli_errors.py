@@ -153,6 +153,10 @@ CASES = [
     ("info {d}/model.yml --set model.num_layers=abc", "model.num_layers"),
     ("info {d}/model.yml --vocab-size -5", "--vocab-size"),
     ("config show {d}/malformed.yml", "malformed.yml"),
+    ("config show {d}/model.yml --set attention_config=[[[local],3]]", "'attention_config': gives 3 layer types"),
+    ("config show {d}/model.yml --set attention_config=[[[gmlp],all]]", "'gmlp' is not supported: gMLP"),
+    ("config show {d}/model.yml --set sparsity_config.blok=8", "'sparsity_config.blok'"),
+    ("config show {d}/model.yml --set pack_impl=sorted", "'pack_impl'"),
     # train
     ("train {d}/unknown.yml", "'num_layerz'"),
     ("train {d}/model.yml --set data_path={d}/nope/x", "data.data_path"),
