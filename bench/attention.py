@@ -64,7 +64,7 @@ def setup(case: str, t: int, heads: int, head_dim: int):
     lm, table, pairs = LayerMask(), None, None
     pos = torch.arange(t)[None]
     if case == "alibi":
-        fm.q_pos = fm.k_pos = pos
+        fm.q_pos = fm.k_pos = pos.float()
         fm.alibi_slopes = ALiBi(heads).slopes
     elif case == "rpe":
         fm.q_pos = fm.k_pos = pos

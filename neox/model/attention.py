@@ -261,8 +261,9 @@ def forward_mask(model, batch, seq, positions, segment_ids, kv_cache, device) ->
         fm.set_segments(segment_ids.expand(bm, seq))
     fm.key_valid = key_valid
     if has_bias:
-        fm.q_pos = q_pos.expand(bm, q_pos.shape[1])
-        fm.k_pos = k_pos.expand(bm, k_pos.shape[1])
+        as_type = torch.float32 if pos_emb == "alibi" else torch.long
+        fm.q_pos = q_pos.expand(bm, q_pos.shape[1]).to(as_type)
+        fm.k_pos = k_pos.expand(bm, k_pos.shape[1]).to(as_type)
     if pos_emb == "alibi":
         one = torch.ones(1, 1, dtype=torch.long, device=device)
         # through the module, so a tensor-parallel shard's head slice (a forward hook) applies

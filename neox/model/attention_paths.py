@@ -76,28 +76,56 @@ def _additive_tile(q_c, k_c, fm, lm, start, lo):
     return mask
 
 
-class _CpuChunk(torch.autograd.Function):
-    """One chunk through the CPU flash-attention kernel, its mask tile rebuilt for the backward kernel instead
-    of being saved (what SDPA keeps is the same kernel's output and logsumexp). For masks without learned
-    parameters (ALiBi, documents, windows, layouts); a T5 table's gradient needs the scores, so it is
-    recomputed through SDPA instead."""
+def _chunks(fm: ForwardMask, lm: LayerMask, t: int, chunk: int):
+    """(start, stop, lo, hi) of each query chunk and the keys it can see."""
+    for start in range(0, t, chunk):
+        stop = min(t, start + chunk)
+        yield (start, stop, *key_range(fm, lm, start, stop))
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _CpuChunked(torch.autograd.Function):
+    """All chunks through the CPU flash-attention kernel (the one SDPA calls), each chunk's mask tile built
+    again for the backward kernel instead of being saved: what is kept is q, k, v, the output and its
+    logsumexp, as for SDPA without a mask. Gradients go straight into one dq / dk / dv, not through a
+    full-size gradient per chunk. For masks without learned parameters (ALiBi, documents, windows, layouts,
+    cache padding); a T5 table's gradient needs the scores, so those chunks are recomputed through SDPA."""
 
     @staticmethod
-    def forward(ctx, q_c, k_c, v_c, fm, lm, start, lo):
-        mask = _additive_tile(q_c, k_c, fm, lm, start, lo)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_c, k_c, v_c, 0.0, False, attn_mask=mask)
-        ctx.save_for_backward(q_c, k_c, v_c, out, lse)
-        ctx.where = (fm, lm, start, lo)
+    def forward(ctx, q, k, v, fm, lm, chunk):
+        b, h, t, d = q.shape
+        out, lse = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device), None
+        for start, stop, lo, hi in _chunks(fm, lm, t, chunk):
+            k_c, v_c = k[:, :, lo:hi], v[:, :, lo:hi]
+            mask = _additive_tile(q[:, :, start:stop], k_c, fm, lm, start, lo)
+            o, logsumexp = _FLASH_CPU(q[:, :, start:stop], k_c, v_c, 0.0, False, attn_mask=mask)
+            if lse is None:  # the kernel's own dtype for it (fp32 under low-precision inputs too)
+                lse = torch.empty(b, h, t, dtype=logsumexp.dtype, device=q.device)
+            out[:, :, start:stop], lse[:, :, start:stop] = o, logsumexp
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.where = (fm, lm, chunk)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_c, k_c, v_c, out, lse = ctx.saved_tensors
-        mask = _additive_tile(q_c, k_c, *ctx.where)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q_c, k_c, v_c, out, lse, 0.0, False, attn_mask=mask
-        )
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        fm, lm, chunk = ctx.where
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for start, stop, lo, hi in _chunks(fm, lm, q.shape[2], chunk):
+            rows = slice(start, stop)
+            q_c, k_c, v_c = q[:, :, rows], k[:, :, lo:hi], v[:, :, lo:hi]
+            mask = _additive_tile(q_c, k_c, fm, lm, start, lo)
+            g_q, g_k, g_v = _FLASH_CPU_BACKWARD(
+                grad_out[:, :, rows], q_c, k_c, v_c, out[:, :, rows], lse[:, :, rows], 0.0, False, attn_mask=mask
+            )
+            dq[:, :, rows] = g_q
+            dk[:, :, lo:hi] += g_k
+            dv[:, :, lo:hi] += g_v
+        return dq, dk, dv, None, None, None
 
 
 def chunked(
@@ -107,22 +135,19 @@ def chunked(
     t = q.shape[2]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, rpe_bias) if x is not None)
     # Kept for the backward pass, the chunks' mask tiles would add up to the dense mask. On CPU the flash kernel
-    # is called with the tile rebuilt for its backward; elsewhere (or with a T5 table to train, or dropout)
+    # is called with the tiles rebuilt for its backward; elsewhere (or with a T5 table to train, or dropout)
     # a chunk with a bias is recomputed in the backward pass, and a bias-free tile (one value per row, query
     # and key of the causal / window / document range) is kept.
-    rebuild = grad and q.device.type == "cpu" and rpe_bias is None and not dropout
-    recompute = grad and not rebuild and fm.has_bias
+    if grad and q.device.type == "cpu" and rpe_bias is None and not dropout:
+        return _CpuChunked.apply(q, k, v, fm, lm, chunk)
+    recompute = grad and fm.has_bias
     outs = []
-    for start in range(0, t, chunk):
-        stop = min(t, start + chunk)
-        lo, hi = key_range(fm, lm, start, stop)
-        q_c, k_c, v_c = q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi]
-        if rebuild:
-            outs.append(_CpuChunk.apply(q_c, k_c, v_c, fm, lm, start, lo))
-        elif recompute:
-            outs.append(checkpoint(_chunk, q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout, use_reentrant=False))
+    for start, stop, lo, hi in _chunks(fm, lm, t, chunk):
+        args = (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], fm, lm, rpe_bias, start, lo, dropout)
+        if recompute:
+            outs.append(checkpoint(_chunk, *args, use_reentrant=False))
         else:
-            outs.append(_chunk(q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout))
+            outs.append(_chunk(*args))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

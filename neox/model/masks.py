@@ -24,7 +24,8 @@ class ForwardMask:
     """What one forward pass's queries may see, shared by all its layers.
 
     segments: [Bm, T] document ids (reset_attention_mask; no cache; set with set_segments). key_valid: [Bm, S] False on KV-cache
-    padding slots. q_pos / k_pos: [Bm, T] / [Bm, S] position values, set when a bias needs them. Bm is the batch
+    padding slots. q_pos / k_pos: [Bm, T] / [Bm, S] position values, set when a bias needs them (fp32 for
+    ALiBi, integers for T5 buckets). Bm is the batch
     size where some tensor differs per row, else 1 (so masks broadcast over the batch).
     alibi_slopes: [H_local] fp32, or None. rpe: (num_buckets, max_distance) of T5 buckets, or None.
     """
@@ -101,9 +102,10 @@ def bias(fm: ForwardMask, b, h, q, k, rpe_bias: torch.Tensor | None) -> torch.Te
     T5: the layer's bias at bucket(key pos - query pos), from rpe_bias = rpe_by_distance(fm, its table)."""
     if not fm.has_bias:
         return None
-    distance = fm.q_pos[b, q] - fm.k_pos[b, k]
     if fm.alibi_slopes is not None:
-        return fm.alibi_slopes[h] * -distance.float()
+        # positions held as fp32 for ALiBi (exact below 2^24): no integer-to-float pass per score
+        return fm.alibi_slopes[h] * (fm.k_pos[b, k] - fm.q_pos[b, q])
+    distance = fm.q_pos[b, q] - fm.k_pos[b, k]
     return rpe_bias[h, distance.clamp(0, fm.rpe[1])].float()
 
 

@@ -73,6 +73,7 @@ def case(kind, extra):
     if extra in ("alibi", "rpe"):
         fm.q_pos = fm.k_pos = pos
     if extra == "alibi":
+        fm.q_pos = fm.k_pos = pos.float()
         fm.alibi_slopes = ALiBi(H).slopes
         ref_bias = ALiBi(H)(pos, pos)
     if extra == "rpe":
