@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from neox.data.chat import ChatOptions, preprocess_chat
 from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.data.readers import TEXT_MODES
 from neox.data.tokenizers import TOKENIZER_TYPES
@@ -74,6 +75,18 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     g.add_argument(
         "--prompt-key", default=None, help="JSON key of a prompt put before the text; the label dataset is -100 over it"
     )
+    g = parser.add_argument_group("chat SFT (GPT-NeoX preprocess_data_with_chat_template.py)")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|tokenizer",
+        help="render JSONL conversations (--json-keys, default messages: a list of {role, content}) with this "
+        "Jinja template, or with tokenizer_config.json's chat_template beside --vocab-file ('tokenizer'); writes "
+        "OUTPUT_PREFIX_{key}_document and OUTPUT_PREFIX_{key}_label_document (loss on --generation-role turns)",
+    )
+    g.add_argument("--generation-role", default="assistant", help="the role trained on (default assistant)")
+    g.add_argument("--only-last", action="store_true", help="train on the last turn of that role only")
+    g.add_argument("--no-mask", action="store_true", help="train on every token of the conversation")
     g = parser.add_argument_group("runtime")
     g.add_argument(
         "--workers",
@@ -102,7 +115,31 @@ def parse_token_ids(spec: str | None) -> list | None:
     return ids
 
 
+def run_chat(args) -> int:
+    if args.mask_before_token or args.prompt_key:
+        raise ConfigError("--chat-template makes its own labels; drop --mask-before-token / --prompt-key")
+    keys = ["messages"] if args.json_keys == ["text"] else args.json_keys
+    if len(keys) != 1:
+        raise ConfigError("--json-keys: --chat-template reads exactly one key (the list of messages)")
+    opts = ChatOptions(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        template=args.chat_template,
+        key=keys[0],
+        generation_role=args.generation_role,
+        only_last_turn=args.only_last,
+        no_mask=args.no_mask,
+        dtype=args.dtype,
+    )
+    summary = preprocess_chat(opts, args)
+    if not args.quiet:
+        print(f"neox preprocess: {summary.line()}")
+    return 0
+
+
 def run(args) -> int:
+    if args.chat_template is not None:
+        return run_chat(args)
     opts = PreprocessOptions(
         inputs=args.input,
         output_prefix=args.output_prefix,

@@ -251,8 +251,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
             "neg_test_label_data_paths",
         )
     },
-    "valid_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
-    "test_label_data_paths": ((None, []), "label datasets are used for training only (label_data_paths)"),
     "dataset_impl": (("gpt2",), "only the GPT-2 style language-model dataset is implemented"),
     "z_loss": ((0, 0.0), "z-loss is not implemented"),
     "train_epochs": ((None,), "set train_iters instead"),

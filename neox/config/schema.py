@@ -230,6 +230,8 @@ class DataConfig:
     valid_data_paths: list = opt([], "Validation dataset prefixes.")
     test_data_paths: list = opt([], "Test dataset prefixes.")
     label_data_paths: list = opt([], "Label datasets (-100 = no loss) parallel to train_data_paths, for fine-tuning.")
+    valid_label_data_paths: list = opt([], "Label datasets parallel to valid_data_paths (validation loss on them).")
+    test_label_data_paths: list = opt([], "Label datasets parallel to test_data_paths.")
     train_data_weights: list = opt([], "Blend weights for train_data_paths (default equal).")
     valid_data_weights: list = opt([], "Blend weights for valid_data_paths.")
     test_data_weights: list = opt([], "Blend weights for test_data_paths.")

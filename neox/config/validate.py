@@ -353,11 +353,17 @@ def _check_data(r: Resolved) -> None:
             raise ConfigError(
                 f"{r.where('data', f'{kind}_data_weights')}: weights must be non-negative numbers, got {weights!r}"
             )
-    if d.label_data_paths and len(d.label_data_paths) != len(d.train_data_paths):
-        raise ConfigError(
-            f"{r.where('data', 'label_data_paths')}: {len(d.label_data_paths)} label datasets for "
-            f"{len(d.train_data_paths)} train_data_paths; give one per training path"
-        )
+    for kind, key in (
+        ("train", "label_data_paths"),
+        ("valid", "valid_label_data_paths"),
+        ("test", "test_label_data_paths"),
+    ):
+        labels, paths = getattr(d, key), getattr(d, f"{kind}_data_paths")
+        if labels and len(labels) != len(paths):
+            raise ConfigError(
+                f"{r.where('data', key)}: {len(labels)} label datasets for "
+                f"{len(paths)} {kind}_data_paths; give one per {kind} path"
+            )
     split_proportions(d.split, r.where("data", "split"))
 
 

@@ -120,12 +120,14 @@ def _build_split_datasets(data, seq_length, seed, num_samples, return_segments, 
 
 def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, verbose):
     lists = {name: list(getattr(data, f"{name}_data_paths")) for name in SPLITS}
-    labels = list(data.label_data_paths)
-    if labels and len(labels) != len(lists["train"]):
-        raise ConfigError(
-            f"data.label_data_paths: {len(labels)} label datasets for {len(lists['train'])} "
-            f"train_data_paths; give one label dataset per training prefix"
-        )
+    label_keys = {name: "label_data_paths" if name == "train" else f"{name}_label_data_paths" for name in SPLITS}
+    labels = {name: list(getattr(data, label_keys[name])) for name in SPLITS}
+    for name in SPLITS:
+        if labels[name] and len(labels[name]) != len(lists[name]):
+            raise ConfigError(
+                f"data.{label_keys[name]}: {len(labels[name])} label datasets for {len(lists[name])} "
+                f"{name}_data_paths; give one label dataset per {name} prefix"
+            )
     weights = {
         name: _equal_or_given(list(getattr(data, f"{name}_data_weights")), lists[name], f"{name}_data_weights")
         for name in SPLITS
@@ -134,7 +136,10 @@ def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, v
         name: [open_indexed(p, f"data.{name}_data_paths[{i}]", data.mmap_warmup) for i, p in enumerate(lists[name])]
         for name in SPLITS
     }
-    label_sets = [open_indexed(p, f"data.label_data_paths[{i}]", data.mmap_warmup) for i, p in enumerate(labels)]
+    label_sets = {
+        name: [open_indexed(p, f"data.{label_keys[name]}[{i}]", data.mmap_warmup) for i, p in enumerate(labels[name])]
+        for name in SPLITS
+    }
 
     if data.weight_by_num_documents:
         weights = {
@@ -152,7 +157,7 @@ def _build_list_datasets(data, seq_length, seed, num_samples, return_segments, v
         norm, counts = normalized_weights_and_num_samples(weights[name], num_samples[s])
         parts = []
         for i, ds in enumerate(opened[name]):
-            label = label_sets[i] if name == "train" and label_sets else None
+            label = label_sets[name][i] if label_sets[name] else None
             parts.append(
                 GPT2Dataset(
                     f"{name}_{i}",
@@ -190,8 +195,13 @@ def build_datasets(
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
     has_lists = any(getattr(data, f"{name}_data_paths") for name in SPLITS)
-    if data.label_data_paths and not data.train_data_paths:
-        raise ConfigError("data.label_data_paths needs data.train_data_paths (labels pair with training prefixes)")
+    for key, paths in (
+        ("label_data_paths", "train"),
+        ("valid_label_data_paths", "valid"),
+        ("test_label_data_paths", "test"),
+    ):
+        if getattr(data, key) and not getattr(data, f"{paths}_data_paths"):
+            raise ConfigError(f"data.{key} needs data.{paths}_data_paths (labels pair with those prefixes)")
     if data.data_path and has_lists:
         raise ConfigError(
             "data.data_path and data.train/valid/test_data_paths are both set; use data_path "
