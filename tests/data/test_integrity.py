@@ -157,6 +157,8 @@ def test_training_start_checks_the_sample(tmp_path):
         valid_data_paths=[],
         test_data_paths=[],
         label_data_paths=[],
+        valid_label_data_paths=[],
+        test_label_data_paths=[],
     )
     assert build_datasets(data, 16, 1, (4, 2, 2))[0] is not None
     _flip(prefix + ".bin", 500)
