@@ -126,6 +126,9 @@ CASES = [
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/afile/x", "afile"),
     ("preprocess --input {d}/empty.jsonl --output-prefix {d}/o/g", "no documents"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/h --json-keys body", "--json-keys (body)"),
+    ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/i --preference pairs", "corpus.jsonl:1: key 'prompt'"),
+    ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/j --chat-template {d}/nope.jinja", "nope.jinja"),
+    ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/k --chat-template tokenizer", "--vocab-file"),
     # tokenizer
     ("tokenizer train {d}/nope.txt --vocab-size 300 --out {d}/o/tok.json", "nope.txt"),
     ("tokenizer train {d}/corpus.jsonl --vocab-size 10 --out {d}/o/tok.json", "--vocab-size"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from neox.data.chat import ChatOptions, preprocess_chat
+from neox.data.preference import PreferenceOptions, preprocess_preferences
 from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.data.readers import TEXT_MODES
 from neox.data.tokenizers import TOKENIZER_TYPES
@@ -87,6 +88,16 @@ def register(parser: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--generation-role", default="assistant", help="the role trained on (default assistant)")
     g.add_argument("--only-last", action="store_true", help="train on the last turn of that role only")
     g.add_argument("--no-mask", action="store_true", help="train on every token of the conversation")
+    g = parser.add_argument_group("preference data (train_impl dpo / kto)")
+    g.add_argument(
+        "--preference",
+        choices=["pairs", "unpaired"],
+        default=None,
+        help="pairs: JSONL of prompt, chosen, rejected -> OUTPUT_PREFIX_{chosen,rejected}_document and their "
+        "_label_document (pos_/neg_*_data_paths); unpaired (KTO): prompt, completion, label (true/false) -> "
+        "OUTPUT_PREFIX_completion_document, its label dataset and OUTPUT_PREFIX_reward_document; the labels are "
+        "-100 over the prompt and every completion ends with EOD",
+    )
     g = parser.add_argument_group("runtime")
     g.add_argument(
         "--workers",
@@ -137,7 +148,24 @@ def run_chat(args) -> int:
     return 0
 
 
+def run_preference(args) -> int:
+    if args.mask_before_token or args.prompt_key or args.chat_template:
+        raise ConfigError(
+            "--preference makes its own labels; drop --mask-before-token / --prompt-key / --chat-template"
+        )
+    opts = PreferenceOptions(args.input, args.output_prefix, kind=args.preference, dtype=args.dtype)
+    summary = preprocess_preferences(opts, args)
+    if not args.quiet:
+        print(
+            f"neox preprocess: {summary.documents:,} records, {summary.tokens:,} tokens; wrote "
+            + ", ".join(f"{p}.{{bin,idx}}" for p in summary.outputs.values())
+        )
+    return 0
+
+
 def run(args) -> int:
+    if args.preference is not None:
+        return run_preference(args)
     if args.chat_template is not None:
         return run_chat(args)
     opts = PreprocessOptions(

@@ -181,16 +181,8 @@ NO_EFFECT: dict[str, str] = {
         "only used by Mamba / RWKV layers, which are not implemented",
     ),
     **dict.fromkeys(
-        (
-            "dpo_fp32",
-            "dpo_reference_free",
-            "dpo_beta",
-            "kto_fp32",
-            "kto_desirable_weight",
-            "kto_undesirable_weight",
-            "kto_beta",
-        ),
-        "only used by DPO/KTO/reward-model training, which is not implemented",
+        ("dpo_fp32", "kto_fp32"),
+        "sequence log-probabilities and preference losses are always computed in fp32",
     ),
 }
 
@@ -231,26 +223,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
         ("comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others"),
         ((None,), "Comet logging is not supported (TensorBoard and W&B are)"),
     ),
-    **{
-        k: ((None, []), "DPO/KTO/reward-model datasets are not supported")
-        for k in (
-            "train_reward_data_paths",
-            "valid_reward_data_paths",
-            "test_reward_data_paths",
-            "pos_train_data_paths",
-            "neg_train_data_paths",
-            "pos_valid_data_paths",
-            "neg_valid_data_paths",
-            "pos_test_data_paths",
-            "neg_test_data_paths",
-            "pos_train_label_data_paths",
-            "neg_train_label_data_paths",
-            "pos_valid_label_data_paths",
-            "neg_valid_label_data_paths",
-            "pos_test_label_data_paths",
-            "neg_test_label_data_paths",
-        )
-    },
     "dataset_impl": (("gpt2",), "only the GPT-2 style language-model dataset is implemented"),
     "z_loss": ((0, 0.0), "z-loss is not implemented"),
     "train_epochs": ((None,), "set train_iters instead"),
@@ -267,7 +239,6 @@ ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
     "wandb": ((None, {}), "DeepSpeed's monitor block; use use_wandb and wandb_project"),
     "autotuning_run": ((None,), "DeepSpeed autotuning is not supported"),
     "mup_rp_embedding_mult": ((1, 1.0), "the T5 relative-position bias (pos_emb: rpe) has no muP multiplier here"),
-    "train_impl": (("normal",), "only plain language-model training is implemented (no DPO/KTO/RM)"),
     "return_logits": ((False,), "generation returns text"),
     "prompt_end": (("\n",), "prompts are one per line (or JSONL)"),
     "model_arch": (("gpt2",), "only decoder-only models are implemented"),

@@ -232,6 +232,28 @@ class DataConfig:
     label_data_paths: list = opt([], "Label datasets (-100 = no loss) parallel to train_data_paths, for fine-tuning.")
     valid_label_data_paths: list = opt([], "Label datasets parallel to valid_data_paths (validation loss on them).")
     test_label_data_paths: list = opt([], "Label datasets parallel to test_data_paths.")
+    pos_train_data_paths: list = opt(
+        [], "train_impl dpo / rm: the chosen completions (neox preprocess --preference pairs)."
+    )
+    neg_train_data_paths: list = opt(
+        [], "train_impl dpo / rm: the rejected completions, document i pairs with pos's i."
+    )
+    pos_valid_data_paths: list = opt([], "Chosen completions of the validation pairs.")
+    neg_valid_data_paths: list = opt([], "Rejected completions of the validation pairs.")
+    pos_test_data_paths: list = opt([], "Chosen completions of the test pairs.")
+    neg_test_data_paths: list = opt([], "Rejected completions of the test pairs.")
+    pos_train_label_data_paths: list = opt([], "Labels of pos_train_data_paths (-100 over the prompt).")
+    neg_train_label_data_paths: list = opt([], "Labels of neg_train_data_paths (-100 over the prompt).")
+    pos_valid_label_data_paths: list = opt([], "Labels of pos_valid_data_paths.")
+    neg_valid_label_data_paths: list = opt([], "Labels of neg_valid_data_paths.")
+    pos_test_label_data_paths: list = opt([], "Labels of pos_test_data_paths.")
+    neg_test_label_data_paths: list = opt([], "Labels of neg_test_data_paths.")
+    train_reward_data_paths: list = opt(
+        [],
+        "train_impl kto: per-document desirability (1 / -1) of train_data_paths (neox preprocess --preference unpaired).",
+    )
+    valid_reward_data_paths: list = opt([], "train_impl kto: desirability of valid_data_paths.")
+    test_reward_data_paths: list = opt([], "train_impl kto: desirability of test_data_paths.")
     train_data_weights: list = opt([], "Blend weights for train_data_paths (default equal).")
     valid_data_weights: list = opt([], "Blend weights for valid_data_paths.")
     test_data_weights: list = opt([], "Blend weights for test_data_paths.")
@@ -329,6 +351,26 @@ class TrainConfig:
     curriculum_max_steps: list = opt(
         [], "fixed_discrete: the last step of each length but the final one (schedule_config.max_step)."
     )
+    train_impl: str = opt(
+        "normal",
+        "Training objective: normal (language modelling), dpo (direct preference optimisation on pos/neg pairs; "
+        "the reference is the initial weights, their log-probabilities computed once before the first step), "
+        "kto (unpaired desirable/undesirable completions).",
+        ("normal", "dpo", "kto"),
+    )
+    dpo_beta: float = opt(0.1, "DPO / IPO: the strength of the implicit KL to the reference (beta).")
+    dpo_label_smoothing: float = opt(
+        0.0, "Conservative DPO: the assumed probability (in [0, 0.5)) that a pair's preference is flipped."
+    )
+    dpo_reference_free: bool = opt(False, "DPO against a uniform reference (no reference log-probabilities).")
+    dpo_loss: str = opt(
+        "sigmoid",
+        "sigmoid (DPO) or ipo (IPO: squared distance of the log-ratio margin from 1 / (2 beta)).",
+        ("sigmoid", "ipo"),
+    )
+    kto_beta: float = opt(0.1, "KTO: beta of the reward beta * log(pi / pi_ref).")
+    kto_desirable_weight: float = opt(1.0, "KTO: weight of the desirable completions' loss (lambda_D).")
+    kto_undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable completions' loss (lambda_U).")
     compile: bool = opt(False, "torch.compile the model.")
     device: str = opt("auto", "cpu, cuda, or auto.")
     max_runtime: str | None = opt(

@@ -209,6 +209,35 @@ def validate(r: Resolved) -> None:
     _check_moe(r)
     _check_rope_scaling(r)
     _check_mup(r)
+    _check_post_training(r)
+
+
+def _check_post_training(r: Resolved) -> None:
+    """train_impl: the parameters' ranges, and the layouts and features a preference objective runs under."""
+    cfg = r.config
+    t, p = cfg.train, cfg.parallel
+    if t.train_impl == "normal":
+        return
+
+    def fail(name: str, message: str, group: str = "train") -> None:
+        raise ConfigError(f"{r.where(group, name)}: {message}")
+
+    for name in ("dpo_beta", "kto_beta"):
+        if not getattr(t, name) > 0:
+            fail(name, f"must be above 0, got {getattr(t, name)!r}")
+    if not 0 <= t.dpo_label_smoothing < 0.5:
+        fail("dpo_label_smoothing", f"must be in [0, 0.5), got {t.dpo_label_smoothing!r}")
+    for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if getattr(t, name) < 0:
+            fail(name, f"must be >= 0, got {getattr(t, name)!r}")
+    if p.pipe_parallel_size > 1 or p.model_parallel_size > 1:
+        fail(
+            "train_impl",
+            f"{t.train_impl} runs under data parallelism and ZeRO only for now; set pipe_parallel_size and "
+            "model_parallel_size to 1",
+        )
+    if t.curriculum_enabled:
+        fail("train_impl", f"{t.train_impl} scores whole completions; turn curriculum_enabled off")
 
 
 def _check_moe(r: Resolved) -> None:
@@ -395,7 +424,18 @@ def validate_training(r: Resolved) -> None:
             raise ConfigError(
                 f"{r.where('train', name)}: rollback reloads a checkpoint of this run; set checkpoint.save"
             )
-    if not d.data_path and not d.train_data_paths:
+    if cfg.train.train_impl == "dpo":
+        if not (d.pos_train_data_paths and d.neg_train_data_paths):
+            raise ConfigError(
+                f"{r.where('data', 'pos_train_data_paths')}: train_impl dpo needs pos_train_data_paths and "
+                "neg_train_data_paths with their label datasets (neox preprocess --preference pairs)"
+            )
+    elif cfg.train.train_impl == "kto" and not (d.train_data_paths and d.train_reward_data_paths):
+        raise ConfigError(
+            f"{r.where('data', 'train_reward_data_paths')}: train_impl kto needs train_data_paths, "
+            "label_data_paths and train_reward_data_paths (neox preprocess --preference unpaired)"
+        )
+    elif not d.data_path and not d.train_data_paths:
         raise ConfigError(
             f"{r.where('data', 'data_path')}: training needs data: set data_path (a "
             "PREFIX_text_document built by `neox preprocess`) or train_data_paths"

@@ -70,7 +70,9 @@ class LocalRunner:
             )
         if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
             return masked_mean_loss(logits, b["labels"], b["loss_mask"])
-        return self.loss_fn(logits, b["labels"], b["loss_mask"])
+        # an objective's loss (neox.train.preference) also takes the batch entries it names in batch_keys
+        extras = {k: b[k] for k in getattr(self.loss_fn, "batch_keys", ()) if k in b}
+        return self.loss_fn(logits, b["labels"], b["loss_mask"], **extras)
 
     def forward_backward(self, micro_batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
         n = len(micro_batches)

@@ -52,6 +52,7 @@ from neox.train.metrics import (
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.preempt import Stopper
+from neox.train.preference import build_objective
 from neox.train.profiling import StepProfiler
 from neox.train.schedule import LRSchedule
 
@@ -166,9 +167,10 @@ class Trainer:
             raise ConfigError(f"train.train_iters must be >= 0, got {self.train_iters}")
 
         self.precision = Precision(cfg.precision, self.device.type)
+        self.objective = build_objective(tr)  # train_impl: its loss, data and reference; None = language modelling
         # built on the meta device, parallelized, then each rank's shard allocated and initialised
         self.model, self.runner = build_model(
-            cfg, self.layout, self.precision, self.device, self.accum, loss_fn=masked_mean_loss
+            cfg, self.layout, self.precision, self.device, self.accum, loss_fn=self.objective or masked_mean_loss
         )
         self._seed(tr.seed + self.layout.dp_rank)  # a dropout stream per rank (the init is seeded per parameter)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.model)
@@ -199,6 +201,8 @@ class Trainer:
             self._clear_previous_run()
         if c.load:
             self._load(c.load)
+        if self.objective is not None:
+            self._prepare_reference()
 
     # ---------------------------------------------------------------- setup helpers
     @staticmethod
@@ -215,8 +219,31 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def _prepare_reference(self) -> None:
+        """The preference reference: the starting weights' log-probabilities, kept in the run directory so that
+        a resumed run uses the first run's (neox.train.preference)."""
+        if self.resumed and self.run_dir is not None and self.objective.load_reference(self.run_dir):
+            return
+        if self.resumed:
+            raise ConfigError(
+                f"train_impl {self.cfg.train.train_impl}: resuming needs the reference log-probabilities the run "
+                f"started with ({self.run_dir}/reference_logps.pt), which are missing"
+            )
+        self.objective.compute_reference(self.model, self.precision, self.device, self.tokenizer.eod_id, self.micro)
+        if self.run_dir is not None and self.layout.is_logging_rank:
+            self.objective.save_reference(self.run_dir)
+
     def _build_data(self) -> None:
         cfg = self.cfg
+        if self.objective is not None:
+            self.train_data, self.valid_data, self.test_data = self.objective.datasets(
+                cfg.data, self.seq_length, cfg.train.seed
+            )
+            if self.train_data is None:
+                raise DataError(
+                    f"train_impl {cfg.train.train_impl}: no training data (see neox preprocess --preference)"
+                )
+            return
         samples = num_samples_for(self.train_iters, self.global_batch, cfg.eval.eval_interval, cfg.eval.eval_iters)
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg.data,
@@ -298,6 +325,11 @@ class Trainer:
     # ---------------------------------------------------------------- data
     def _loader(self, dataset, start_sample: int, loop: bool = False) -> Iterator[dict]:
         d = self.cfg.data
+        if self.objective is not None:
+            lay = self.layout
+            return self.objective.batches(
+                dataset, self.micro, lay.dp_rank, lay.dp_size, start_sample, eod_id=self.tokenizer.eod_id, loop=loop
+            )
         return batches(
             dataset,
             self.micro,
@@ -697,6 +729,8 @@ class Trainer:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = sum(w.skipped)  # overflows; the guards' rejections are guard_skipped
         record.update(moe.read_stats(self.model) or {})  # routing statistics of this rank's steps
+        if self.objective is not None:
+            record.update(self.objective.read_stats())  # reward margin and accuracy of this rank's steps
         return record
 
     def _elapsed_and_eta(self) -> dict:

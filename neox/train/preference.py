@@ -1,0 +1,184 @@
+"""Preference objectives (GPT-NeoX's ``train_impl``): DPO (and IPO, conservative DPO) on chosen/rejected pairs,
+KTO on unpaired desirable/undesirable completions.
+
+The loop does not change: the objective is the runner's loss function (``neox.parallel.runner.LossFn`` plus
+the batch entries named in ``batch_keys``) and supplies the datasets and loaders (``neox.data.preference``).
+Every loss works on sequence log-probabilities: the sum over a row's completion tokens (labels != -100) of
+log pi(token), in fp32.
+
+The reference policy is the weights the run starts from (after ``checkpoint.load`` with ``finetune``): their
+log-probabilities for every document of every split are computed once, before the first step, and kept in
+the run directory (``reference_logps.pt``) so a resumed run scores against the same reference. This costs one
+forward pass over the data and no second model in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from neox.data.preference import PreferenceDataset, build_preference_datasets, preference_batches
+from neox.errors import ConfigError
+
+REFERENCE_FILE = "reference_logps.pt"
+# what the log lines report, per objective (means over the training micro-batches since the last line)
+STAT_NAMES = {
+    "dpo": ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"),
+    "kto": ("reward_margin", "reward_accuracy", "mean_reward", "kl_estimate"),
+}
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B] sums of log-softmax(logits) at the labels over the kept positions (fp32)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    keep = (loss_mask > 0) & (labels >= 0)
+    return (picked * keep).sum(-1)
+
+
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, chosen rewards, rejected rewards) over pairs of sequence log-probabilities.
+
+    sigmoid (Rafailov et al.): -log sigmoid(beta * h), h = (chosen - ref_chosen) - (rejected - ref_rejected);
+    with label smoothing e (conservative DPO) -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h).
+    ipo (Azar et al.): (h - 1 / (2 beta))^2. Rewards are beta * (logp - ref_logp)."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if kind == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, rewards, KL estimate) of KTO (Ethayarajh et al.) over completions.
+
+    reward r = log pi - log pi_ref; z0 = the batch's mean r clamped at 0, without gradient (the paper's
+    estimate of KL(pi || pi_ref), here from the batch's own completions); loss = lambda_D (1 - sigmoid(beta (r -
+    z0))) for desirable completions, lambda_U (1 - sigmoid(beta (z0 - r))) for undesirable ones."""
+    r = logps - ref_logps
+    z0 = r.detach().mean().clamp(min=0)
+    good = 1.0 - torch.sigmoid(beta * (r - z0))
+    bad = 1.0 - torch.sigmoid(beta * (z0 - r))
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return losses.mean(), beta * r.detach(), z0
+
+
+class PreferenceObjective:
+    """The loss function, data and reference of one ``train_impl``; the trainer calls it as a runner loss."""
+
+    batch_keys = ("ref_logps", "reward")
+
+    def __init__(self, train_cfg):
+        self.cfg = train_cfg
+        self.impl = train_cfg.train_impl
+        self.paired = self.impl == "dpo"
+        self.reference: dict[str, torch.Tensor] = {}  # split -> [documents, sides]
+        self._stats: list[torch.Tensor] = []
+
+    # ---- data
+    def datasets(self, data_cfg, seq_length: int, seed: int) -> tuple:
+        self.splits = build_preference_datasets(data_cfg, seq_length, seed, paired=self.paired)
+        return self.splits
+
+    def batches(self, dataset: PreferenceDataset, micro: int, dp_rank: int, dp_size: int, start: int, *, eod_id, loop):
+        split = ("train", "valid", "test")[[id(d) for d in self.splits].index(id(dataset))]
+        table = self.reference.get(split)
+        for batch in preference_batches(dataset, micro, dp_rank, dp_size, start, eod_id=eod_id, loop=loop):
+            if table is not None:  # [b, sides] -> the batch's row order: all chosen rows, then all rejected
+                batch["ref_logps"] = table[batch["pair_index"]].T.reshape(-1)
+            yield batch
+
+    # ---- reference
+    @torch.no_grad()
+    def compute_reference(self, model, precision, device, eod_id: int, micro: int) -> None:
+        """Log-probabilities of every document of every split under the current (initial) weights."""
+        if self.cfg.dpo_reference_free and self.paired:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            for split, ds in zip(("train", "valid", "test"), self.splits):
+                if ds is None:
+                    continue
+                sides = len(ds.sides)
+                table = torch.empty(len(ds), sides, dtype=torch.float32)
+                for start in range(0, len(ds), micro):
+                    docs = range(start, min(start + micro, len(ds)))
+                    items = ds.batch_documents(docs, eod_id)
+                    with precision.autocast():
+                        logits = model(items["tokens"].to(device))
+                    lp = sequence_logps(logits, items["labels"].to(device), items["loss_mask"].to(device)).cpu()
+                    table[start : start + len(docs)] = lp.reshape(sides, -1).T
+                self.reference[split] = table
+        finally:
+            model.train(was_training)
+
+    def save_reference(self, run_dir: Path) -> None:
+        torch.save(self.reference, Path(run_dir) / REFERENCE_FILE)
+
+    def load_reference(self, run_dir: Path) -> bool:
+        path = Path(run_dir) / REFERENCE_FILE
+        if not path.is_file():
+            return False
+        self.reference = torch.load(path, weights_only=True)
+        return True
+
+    # ---- the loss
+    def __call__(self, logits, labels, loss_mask, ref_logps=None, reward=None) -> torch.Tensor:
+        logps = sequence_logps(logits, labels, loss_mask)
+        if ref_logps is None:
+            if not (self.paired and self.cfg.dpo_reference_free):
+                raise ConfigError(f"train_impl {self.impl}: the batch has no reference log-probabilities")
+            ref_logps = torch.zeros_like(logps)
+        ref_logps = ref_logps.to(logps.device)
+        c = self.cfg
+        if self.paired:
+            b = logps.shape[0] // 2
+            loss, good, bad = dpo_loss(
+                logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], c.dpo_beta, c.dpo_label_smoothing, c.dpo_loss
+            )
+            stats = torch.stack([(good - bad).mean(), (good > bad).float().mean(), good.mean(), bad.mean()])
+        else:
+            desirable = reward.to(logps.device) > 0
+            loss, rewards, kl = kto_loss(
+                logps, ref_logps, desirable, c.kto_beta, c.kto_desirable_weight, c.kto_undesirable_weight
+            )
+            signed = torch.where(desirable, rewards, -rewards)
+            stats = torch.stack([signed.mean(), (signed > 0).float().mean(), rewards.mean(), kl])
+        if torch.is_grad_enabled():  # training steps only, not evaluation
+            self._stats.append(stats)
+        return loss
+
+    def read_stats(self) -> dict:
+        """Means since the last read (this rank's micro-batches): one host read, at log lines."""
+        if not self._stats:
+            return {}
+        values = torch.stack(self._stats).mean(0).tolist()
+        self._stats.clear()
+        return dict(zip(STAT_NAMES[self.impl], values))
+
+
+def build_objective(train_cfg) -> PreferenceObjective | None:
+    """The objective of ``train.train_impl``; None for plain language modelling."""
+    if train_cfg.train_impl == "normal":
+        return None
+    return PreferenceObjective(train_cfg)
