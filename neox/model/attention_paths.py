@@ -128,6 +128,96 @@ class _CpuChunked(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _window_parts(start: int, stop: int, window: int):
+    """A chunk's keys under a sliding window alone, cut so that only small tiles need a mask:
+    (lo, hi, causal, mask_rule) with mask_rule None (every key visible to every query of the chunk, or plain
+    causal) or True (a [C, hi - lo] tile of k <= q, q - k <= window)."""
+    c = stop - start
+    # the chunk's own keys: the causal kernel, unless the window is shorter than the chunk
+    parts = [(start, stop, window >= c - 1, window < c - 1)]
+    full_lo = min(max(0, stop - 1 - window), start)  # keys every query of the chunk sees
+    band_lo = max(0, start - window)
+    if band_lo < full_lo:
+        parts.append((band_lo, full_lo, False, True))  # the window's edge: a triangle of C x (<= C)
+    if full_lo < start:
+        parts.append((full_lo, start, False, False))
+    return parts
+
+
+def _window_tile(q_idx, lo, hi, window, dtype, device):
+    k_idx = torch.arange(lo, hi, device=device)
+    d = q_idx[:, None] - k_idx[None, :]
+    ok = (d >= 0) & (d <= window)
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf")), ok.any(-1)
+
+
+class _CpuWindow(torch.autograd.Function):
+    """Mistral's sliding window with nothing else to mask, on the CPU flash kernel: per query chunk its own
+    keys (causal kernel), the keys all its queries see (no mask) and only the window's edge with a mask tile;
+    the parts' outputs are merged by their logsumexps, and each part's backward runs with the merged output
+    and logsumexp, which makes its gradients exactly its share. Less work than global causal attention and no
+    [C, window] mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, chunk):
+        b, h, t, _ = q.shape
+        out, lse = torch.empty_like(q), None
+        for start in range(0, t, chunk):
+            stop = min(t, start + chunk)
+            q_c, q_idx = q[:, :, start:stop], torch.arange(start, stop, device=q.device)
+            outs, lses = [], []
+            for lo, hi, causal, masked in _window_parts(start, stop, window):
+                mask, seen = _window_tile(q_idx, lo, hi, window, q.dtype, q.device) if masked else (None, None)
+                o, l_part = _FLASH_CPU(q_c, k[:, :, lo:hi], v[:, :, lo:hi], 0.0, causal, attn_mask=mask)
+                if seen is not None:  # a row with no key in this part: the kernel says 0, the merge needs -inf
+                    l_part = l_part.masked_fill(~seen, float("-inf"))
+                outs.append(o)
+                lses.append(l_part)
+            l_all = torch.logsumexp(torch.stack(lses), dim=0)
+            merged = sum(o * torch.exp(l_part - l_all)[..., None].to(o.dtype) for o, l_part in zip(outs, lses))
+            if lse is None:
+                lse = torch.empty(b, h, t, dtype=l_all.dtype, device=q.device)
+            out[:, :, start:stop], lse[:, :, start:stop] = merged, l_all
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.where = (window, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        window, chunk = ctx.where
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        t = q.shape[2]
+        for start in range(0, t, chunk):
+            stop = min(t, start + chunk)
+            rows = slice(start, stop)
+            q_idx = torch.arange(start, stop, device=q.device)
+            for lo, hi, causal, masked in _window_parts(start, stop, window):
+                mask = _window_tile(q_idx, lo, hi, window, q.dtype, q.device)[0] if masked else None
+                g_q, g_k, g_v = _FLASH_CPU_BACKWARD(
+                    grad_out[:, :, rows],
+                    q[:, :, rows],
+                    k[:, :, lo:hi],
+                    v[:, :, lo:hi],
+                    out[:, :, rows],
+                    lse[:, :, rows],
+                    0.0,
+                    causal,
+                    attn_mask=mask,
+                )
+                dq[:, :, rows] += g_q
+                dk[:, :, lo:hi] += g_k
+                dv[:, :, lo:hi] += g_v
+        return dq, dk, dv, None, None
+
+
+def _window_only(q, fm: ForwardMask, lm: LayerMask, rpe_bias, dropout) -> bool:
+    plain = fm.segments is None and fm.key_valid is None and not fm.has_bias and rpe_bias is None
+    no_cache = isinstance(fm.q_offset, int) and fm.q_offset == 0 and fm.num_keys == fm.num_queries
+    return q.device.type == "cpu" and lm.window is not None and lm.layout is None and plain and no_cache and not dropout
+
+
 def chunked(
     q, k, v, fm: ForwardMask, lm: LayerMask, rpe_bias=None, dropout: float = 0.0, chunk: int = CHUNK
 ) -> torch.Tensor:
@@ -138,6 +228,8 @@ def chunked(
     # is called with the tiles rebuilt for its backward; elsewhere (or with a T5 table to train, or dropout)
     # a chunk with a bias is recomputed in the backward pass, and a bias-free tile (one value per row, query
     # and key of the causal / window / document range) is kept.
+    if _window_only(q, fm, lm, rpe_bias, dropout):
+        return _CpuWindow.apply(q, k, v, lm.window, chunk)
     if grad and q.device.type == "cpu" and rpe_bias is None and not dropout:
         return _CpuChunked.apply(q, k, v, fm, lm, chunk)
     recompute = grad and fm.has_bias
