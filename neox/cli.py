@@ -28,6 +28,7 @@ COMMANDS = {
     "checkpoint": ("neox.commands.checkpoint", "checkpoint tools (consolidate a sharded checkpoint)"),
     "generate": ("neox.commands.generate", "sample text from a checkpoint"),
     "eval": ("neox.commands.eval", "evaluate a checkpoint with lm-evaluation-harness"),
+    "score": ("neox.commands.score", "rate JSONL pairs or completions with a reward model (train_impl: rm)"),
     "export": ("neox.commands.hf", "export a checkpoint to Hugging Face transformers"),
     "import": ("neox.commands.hf", "import a Hugging Face model as a neox checkpoint"),
     "config": ("neox.commands.config", "show the resolved config or regenerate docs/config.md"),

@@ -129,6 +129,9 @@ CASES = [
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/i --preference pairs", "corpus.jsonl:1: key 'prompt'"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/j --chat-template {d}/nope.jinja", "nope.jinja"),
     ("preprocess --input {d}/corpus.jsonl --output-prefix {d}/o/k --chat-template tokenizer", "--vocab-file"),
+    # score
+    ("score {d}/nope --input {d}/corpus.jsonl", "corpus.jsonl:1: key 'prompt' is missing"),
+    ("score {d}/nope --input {d}/corpus.jsonl --batch-size 0", "--batch-size"),
     # tokenizer
     ("tokenizer train {d}/nope.txt --vocab-size 300 --out {d}/o/tok.json", "nope.txt"),
     ("tokenizer train {d}/corpus.jsonl --vocab-size 10 --out {d}/o/tok.json", "--vocab-size"),

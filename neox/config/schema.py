@@ -355,8 +355,10 @@ class TrainConfig:
         "normal",
         "Training objective: normal (language modelling), dpo (direct preference optimisation on pos/neg pairs; "
         "the reference is the initial weights, their log-probabilities computed once before the first step), "
-        "kto (unpaired desirable/undesirable completions).",
-        ("normal", "dpo", "kto"),
+        "kto (unpaired desirable/undesirable completions), rm (a reward model on pos/neg pairs: the EOD logit at "
+        "the last completion token is the score, trained by the pairwise Bradley-Terry loss; `neox score` rates "
+        "JSONL with it).",
+        ("normal", "dpo", "kto", "rm"),
     )
     dpo_beta: float = opt(0.1, "DPO / IPO: the strength of the implicit KL to the reference (beta).")
     dpo_label_smoothing: float = opt(

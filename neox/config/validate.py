@@ -424,10 +424,10 @@ def validate_training(r: Resolved) -> None:
             raise ConfigError(
                 f"{r.where('train', name)}: rollback reloads a checkpoint of this run; set checkpoint.save"
             )
-    if cfg.train.train_impl == "dpo":
+    if cfg.train.train_impl in ("dpo", "rm"):
         if not (d.pos_train_data_paths and d.neg_train_data_paths):
             raise ConfigError(
-                f"{r.where('data', 'pos_train_data_paths')}: train_impl dpo needs pos_train_data_paths and "
+                f"{r.where('data', 'pos_train_data_paths')}: train_impl {cfg.train.train_impl} needs pos_train_data_paths and "
                 "neg_train_data_paths with their label datasets (neox preprocess --preference pairs)"
             )
     elif cfg.train.train_impl == "kto" and not (d.train_data_paths and d.train_reward_data_paths):

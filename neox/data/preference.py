@@ -37,8 +37,9 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 UNPAIRED_KEYS = ("prompt", "completion", "label")
 
 
-def _records(inputs, keys: tuple) -> Iterator[tuple[str, dict]]:
-    """(file:line, object) of every non-blank line; a malformed one is a one-line DataError naming it."""
+def _records(inputs, keys: tuple | None) -> Iterator[tuple[str, dict]]:
+    """(file:line, object) of every non-blank line; a malformed one is a one-line DataError naming it.
+    keys None: a pair line (prompt, chosen, rejected) or a completion line (prompt, completion), as scored."""
     for path in expand_inputs(inputs):
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -49,6 +50,11 @@ def _records(inputs, keys: tuple) -> Iterator[tuple[str, dict]]:
                     obj = json.loads(raw)
                 except ValueError as e:
                     raise DataError(f"{where}: {json_line_error(e)}") from None
+                if keys is None:
+                    keys = PAIR_KEYS if isinstance(obj, dict) and "chosen" in obj else ("prompt", "completion")
+                    fixed = None
+                else:
+                    fixed = keys
                 if not isinstance(obj, dict):
                     raise DataError(f"{where}: expected a JSON object with {', '.join(keys)}")
                 for key in keys:
@@ -60,6 +66,17 @@ def _records(inputs, keys: tuple) -> Iterator[tuple[str, dict]]:
                             f"({'true/false' if want is bool else 'strings'})"
                         )
                 yield where, obj
+                keys = fixed
+
+
+def scoring_records(inputs) -> Iterator[tuple[str, dict]]:
+    """Lines to score with a reward model: pairs (prompt, chosen, rejected) or (prompt, completion)."""
+    return _records(inputs, None)
+
+
+def encode_completion(tok, prompt: str, completion: str, append_eod: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, labels) of prompt + completion (+ EOD), labels -100 over the prompt: what training reads."""
+    return _encode(tok, prompt, completion, append_eod)
 
 
 def _encode(tok, prompt: str, completion: str, append_eod: bool) -> tuple[np.ndarray, np.ndarray]:

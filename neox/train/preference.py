@@ -1,5 +1,5 @@
 """Preference objectives (GPT-NeoX's ``train_impl``): DPO (and IPO, conservative DPO) on chosen/rejected pairs,
-KTO on unpaired desirable/undesirable completions.
+KTO on unpaired desirable/undesirable completions, and reward models (rm) on pairs.
 
 The loop does not change: the objective is the runner's loss function (``neox.parallel.runner.LossFn`` plus
 the batch entries named in ``batch_keys``) and supplies the datasets and loaders (``neox.data.preference``).
@@ -10,6 +10,12 @@ The reference policy is the weights the run starts from (after ``checkpoint.load
 log-probabilities for every document of every split are computed once, before the first step, and kept in
 the run directory (``reference_logps.pt``) so a resumed run scores against the same reference. This costs one
 forward pass over the data and no second model in memory.
+
+A reward model's scalar head is the output layer's row of the end-of-document token, read at the last
+completion token (the position whose target is the EOD that ends every preference completion): a linear
+function of the final hidden state with no new parameters, so every layout, checkpoint and export of the
+language model serves reward models unchanged, and the score starts from the LM's "this answer ends here"
+logit. Pairs train it by the Bradley-Terry loss -log sigmoid(score(chosen) - score(rejected)).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neox.data.preference import PreferenceDataset, build_preference_datasets, preference_batches
+from neox.data.loader import collate
+from neox.data.preference import PreferenceDataset, build_preference_datasets, encode_completion, preference_batches
 from neox.errors import ConfigError
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -27,6 +34,7 @@ REFERENCE_FILE = "reference_logps.pt"
 STAT_NAMES = {
     "dpo": ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"),
     "kto": ("reward_margin", "reward_accuracy", "mean_reward", "kl_estimate"),
+    "rm": ("score_margin", "pair_accuracy"),
 }
 
 
@@ -82,6 +90,39 @@ def kto_loss(
     return losses.mean(), beta * r.detach(), z0
 
 
+def reward_scores(logits: torch.Tensor, labels: torch.Tensor, token: int) -> torch.Tensor:
+    """[B] the logit of `token` at each row's last position with a target (labels >= 0), in fp32."""
+    t = labels.shape[1]
+    positions = torch.arange(t, device=labels.device).expand_as(labels)
+    last = torch.where(labels >= 0, positions, torch.full_like(positions, -1)).amax(dim=1).clamp(min=0)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return logits[rows, last, token].float()
+
+
+@torch.no_grad()
+def score_completions(model, tokenizer, pieces: list, seq_length: int, device, batch_size: int = 8) -> list[float]:
+    """Reward-model scores of (prompt, completion) pairs, encoded and cut as training reads them."""
+    out: list[float] = []
+    for start in range(0, len(pieces), batch_size):
+        items = []
+        for prompt, completion in pieces[start : start + batch_size]:
+            tokens, labels = encode_completion(tokenizer, prompt, completion)
+            n = seq_length + 1
+            text, lab = torch.full((n,), -1, dtype=torch.int64), torch.full((n,), -100, dtype=torch.int64)
+            text[: min(n, len(tokens))] = torch.from_numpy(tokens[:n])
+            lab[: min(n, len(labels))] = torch.from_numpy(labels[:n].astype("int64"))
+            items.append({"text": text.numpy(), "label": lab.numpy()})
+        b = collate(items, eod_id=tokenizer.eod_id)
+        logits = model(b["tokens"].to(device))
+        out.extend(reward_scores(logits, b["labels"].to(device), tokenizer.eod_id).cpu().tolist())
+    return out
+
+
+def rm_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: mean of -log sigmoid(chosen - rejected) over pairs of scores."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
 class PreferenceObjective:
     """The loss function, data and reference of one ``train_impl``; the trainer calls it as a runner loss."""
 
@@ -90,7 +131,8 @@ class PreferenceObjective:
     def __init__(self, train_cfg):
         self.cfg = train_cfg
         self.impl = train_cfg.train_impl
-        self.paired = self.impl == "dpo"
+        self.paired = self.impl in ("dpo", "rm")
+        self.eod_id: int | None = None  # the reward model's score token, set with the loaders
         self.reference: dict[str, torch.Tensor] = {}  # split -> [documents, sides]
         self._stats: list[torch.Tensor] = []
 
@@ -102,6 +144,7 @@ class PreferenceObjective:
     def batches(self, dataset: PreferenceDataset, micro: int, dp_rank: int, dp_size: int, start: int, *, eod_id, loop):
         split = ("train", "valid", "test")[[id(d) for d in self.splits].index(id(dataset))]
         table = self.reference.get(split)
+        self.eod_id = eod_id
         for batch in preference_batches(dataset, micro, dp_rank, dp_size, start, eod_id=eod_id, loop=loop):
             if table is not None:  # [b, sides] -> the batch's row order: all chosen rows, then all rejected
                 batch["ref_logps"] = table[batch["pair_index"]].T.reshape(-1)
@@ -111,7 +154,8 @@ class PreferenceObjective:
     @torch.no_grad()
     def compute_reference(self, model, precision, device, eod_id: int, micro: int) -> None:
         """Log-probabilities of every document of every split under the current (initial) weights."""
-        if self.cfg.dpo_reference_free and self.paired:
+        self.eod_id = eod_id
+        if self.impl == "rm" or (self.impl == "dpo" and self.cfg.dpo_reference_free):
             return
         was_training = model.training
         model.eval()
@@ -144,9 +188,17 @@ class PreferenceObjective:
 
     # ---- the loss
     def __call__(self, logits, labels, loss_mask, ref_logps=None, reward=None) -> torch.Tensor:
+        if self.impl == "rm":
+            scores = reward_scores(logits, labels, self.eod_id)
+            b = scores.shape[0] // 2
+            loss = rm_loss(scores[:b], scores[b:])
+            diff = (scores[:b] - scores[b:]).detach()
+            if torch.is_grad_enabled():
+                self._stats.append(torch.stack([diff.mean(), (diff > 0).float().mean()]))
+            return loss
         logps = sequence_logps(logits, labels, loss_mask)
         if ref_logps is None:
-            if not (self.paired and self.cfg.dpo_reference_free):
+            if not (self.impl == "dpo" and self.cfg.dpo_reference_free):
                 raise ConfigError(f"train_impl {self.impl}: the batch has no reference log-probabilities")
             ref_logps = torch.zeros_like(logps)
         ref_logps = ref_logps.to(logps.device)

@@ -10,9 +10,10 @@ import random
 import pytest
 import torch
 
+from neox.cli import main as cli
 from neox.config.schema import TokenizerConfig
 from neox.data.preference import PreferenceOptions, preprocess_preferences
-from neox.train.preference import REFERENCE_FILE, dpo_loss, kto_loss, sequence_logps
+from neox.train.preference import REFERENCE_FILE, dpo_loss, kto_loss, reward_scores, rm_loss, sequence_logps
 from neox.train.trainer import Trainer
 from tests.train.tiny_run import WORDS, tiny_config
 
@@ -183,3 +184,63 @@ def test_kto_training_separates_desirable_from_undesirable(tmp_path):
     margins = [r["reward_margin"] for r in records if "reward_margin" in r]
     assert margins[-1] > margins[0] + 0.3, margins
     assert t.losses[-1] < t.losses[0]
+
+
+def test_reward_scores_read_the_last_target_position():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    labels = torch.tensor([[-100, 5, 2, -100], [-100, -100, -100, 1]])
+    # row 0: last target at t=2 -> logits[0, 2, token]; row 1: t=3
+    assert reward_scores(logits, labels, 1).tolist() == [logits[0, 2, 1].item(), logits[1, 3, 1].item()]
+    c, r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert rm_loss(c, r).item() == pytest.approx((-math.log(_sig(1.0)) - math.log(_sig(-1.0))) / 2, abs=1e-6)
+
+
+def _rm_rows(n, seed):
+    """Synthetic preferences: the chosen answer is made of 'liked' words, the rejected one of the others."""
+    rng = random.Random(seed)
+    liked, disliked = sorted(set(WORDS))[::2], sorted(set(WORDS))[1::2]
+    return [
+        {
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(3)) + ":",
+            "chosen": " " + " ".join(rng.choice(liked) for _ in range(2)),
+            "rejected": " " + " ".join(rng.choice(disliked) for _ in range(2)),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_reward_model_ranks_held_out_pairs_and_neox_score_rates_them(tmp_path, capsys):
+    torch.set_num_threads(1)
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rm_rows(64, seed=5)), encoding="utf-8")
+    out = preprocess_preferences(
+        PreferenceOptions([str(src)], str(tmp_path / "rm")), TokenizerConfig(tokenizer_type="ByteLevelTokenizer")
+    ).outputs
+    run = tmp_path / "run"
+    cfg = _dpo_config(out, run, train_impl="rm", train_iters=40, train_micro_batch_size_per_gpu=8)
+    cfg.checkpoint.save_interval = 40
+    t = Trainer(cfg, quiet=True)
+    assert t.objective.reference == {}  # a reward model needs no reference
+    t.fit()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pair_accuracy"] for r in records if "pair_accuracy" in r][-1] > 0.8
+    held_out = tmp_path / "held_out.jsonl"
+    rows = _rm_rows(40, seed=99)
+    held_out.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "a", "completion": " b"}) + "\n"
+    )
+    capsys.readouterr()
+    assert cli(["score", str(run), "--input", str(held_out)]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(scored) == 41 and "score" in scored[-1]
+    accuracy = sum(s["chosen_score"] > s["rejected_score"] for s in scored[:40]) / 40
+    assert accuracy >= 0.8, accuracy  # chance is 0.5
+    # neox score's numbers are the trained model's: the training batch of pair 0 gives the same scores
+    b = t.train_data.batch_documents([0], t.tokenizer.eod_id)
+    with torch.no_grad():
+        here = reward_scores(t.model(b["tokens"]), b["labels"], t.tokenizer.eod_id).tolist()
+    capsys.readouterr()
+    src.write_text(src.read_text().splitlines()[0] + "\n")
+    assert cli(["score", str(run), "--input", str(src)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [got["chosen_score"], got["rejected_score"]] == pytest.approx(here, abs=1e-4)
