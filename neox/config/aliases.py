@@ -20,7 +20,8 @@ from neox.config.fields import Assignment, did_you_mean, group_fields, normalize
 from neox.errors import ConfigError
 
 # Field names that are not accepted flat at the top level because they mean nothing out of their group.
-NOT_FLAT = {"type"}
+# lora.rank / alpha / dropout are set inside their group (GPT-NeoX has a run-time `rank` key of its own)
+NOT_FLAT = {"type", "rank", "alpha", "dropout"}
 
 RENAMES: dict[str, tuple[str, str]] = {
     "checkpoint_factor": ("checkpoint", "save_interval"),

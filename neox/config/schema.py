@@ -573,6 +573,23 @@ class GenerationConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = opt(
+        0,
+        "LoRA rank r: 0 = off; > 0 freezes every base weight and trains low-rank adapters (A [r, in] random, "
+        "B [out, r] zeros) beside the target_modules' linear layers (neox.model.lora). Checkpoints hold the "
+        "adapters (and adapter_model.safetensors + adapter_config.json); inference and neox export hf merge them.",
+    )
+    alpha: float = opt(16.0, "LoRA alpha: the adapter term is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the adapter's input (training only), in [0, 1).")
+    target_modules: list = opt(
+        ["query_key_value", "dense"],
+        "Linear layers that get adapters, by attribute name: query_key_value, dense (attention output), "
+        "dense_h_to_4h, dense_4h_to_h, w1, w2, w3 (MLP), embed_out, router.",
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -586,3 +603,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)

@@ -92,6 +92,7 @@ _AT_LEAST = [
     ("generation", "temperature", 0),
     ("generation", "top_k", 0),
     ("generation", "repetition_penalty", 0),
+    ("lora", "rank", 0),
 ]
 
 # (group, field, low, high) closed-open or closed intervals written out in the message.
@@ -100,6 +101,7 @@ _FRACTIONS = [
     ("model", "attention_dropout", 0.0, 1.0, "[0, 1)"),
     ("schedule", "warmup", 0.0, 1.0, "[0, 1]"),
     ("generation", "top_p", 0.0, 1.0, "[0, 1]"),
+    ("lora", "dropout", 0.0, 1.0, "[0, 1)"),
 ]
 
 
@@ -209,6 +211,7 @@ def validate(r: Resolved) -> None:
     _check_moe(r)
     _check_rope_scaling(r)
     _check_mup(r)
+    _check_lora(r)
     _check_post_training(r)
 
 
@@ -268,6 +271,36 @@ def _check_moe(r: Resolved) -> None:
             "sequence_parallel",
             "is not implemented with MoE layers (their experts are replicated over tensor-parallel ranks and "
             "take whole sequences); set sequence_parallel: false",
+        )
+
+
+# the Linear layers of neox.model.GPT, by attribute name (neox.model.lora.targets checks the built model)
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3", "embed_out", "router")
+
+
+def _check_lora(r: Resolved) -> None:
+    """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP)."""
+    lo, p = r.config.lora, r.config.parallel
+    if lo.rank <= 0:
+        return
+
+    def fail(name: str, message: str, group: str = "lora") -> None:
+        raise ConfigError(f"{r.where(group, name)}: {message}")
+
+    if not lo.alpha > 0:
+        fail("alpha", f"must be above 0, got {lo.alpha!r}")
+    if not lo.target_modules:
+        fail("target_modules", f"name at least one linear layer ({', '.join(LORA_TARGETS)})")
+    for name in lo.target_modules:
+        if name not in LORA_TARGETS:
+            fail(
+                "target_modules", f"{name!r} is not a linear layer of the model; choose from {', '.join(LORA_TARGETS)}"
+            )
+    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
+        fail(
+            "rank",
+            "LoRA runs on one process or under data parallelism (DDP, ZeRO/FSDP) only for now; set "
+            "model_parallel_size and pipe_parallel_size to 1",
         )
 
 

@@ -19,6 +19,7 @@ from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
 from neox.kernels.device import torch_dtype
 from neox.model import GPT
+from neox.model.lora import apply_lora, is_adapter_key, merge_lora_
 from neox.train.checkpoint import load_model_weights, resolve
 
 
@@ -30,8 +31,12 @@ def checkpoint_config(ckpt: Path, extra_configs: Iterable[str] = (), overrides: 
 def build_model(cfg, ckpt: Path | None, device="cpu", dtype=None):
     """GPT for cfg.model with the checkpoint's weights (random init when ckpt is None), in eval mode."""
     model = GPT(cfg.model)
+    lo = cfg.lora
+    if lo.rank:  # a LoRA run's checkpoint: its adapters are loaded, then folded into the weights
+        apply_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
     if ckpt is not None:
-        load_model_weights(str(ckpt), model)
+        load_model_weights(str(ckpt), model, optional=is_adapter_key if lo.rank else None)
+    merge_lora_(model)
     dtype = torch_dtype(dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()

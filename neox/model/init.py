@@ -89,6 +89,9 @@ def parameter_rules(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, str]]
             yield prefix + "weight", module.weight, OUTPUT if name.endswith(OUTPUT_LAYERS) else INPUT
             if module.bias is not None:
                 yield prefix + "bias", module.bias, ZEROS
+            if hasattr(module, "lora_A"):  # LoRA (neox.model.lora): A drawn as an input weight, B zeros
+                yield prefix + "lora_A", module.lora_A, INPUT
+                yield prefix + "lora_B", module.lora_B, ZEROS
         elif isinstance(module, nn.Embedding):
             yield prefix + "weight", module.weight, INPUT
         elif hasattr(module, "init_rules"):  # modules holding raw parameters (MoE experts) name their rules

@@ -22,6 +22,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from neox.config.schema import Config, ModelConfig
 from neox.model import GPT
 from neox.model.init import parameter_rules, seeded_rows
+from neox.model.lora import apply_lora
 from neox.parallel.compose import parallelize
 from neox.parallel.runner import StepRunner
 
@@ -32,6 +33,9 @@ def build_model(
     """(model, runner) for this process (see neox.parallel.parallelize), with initialised weights."""
     with torch.device("meta"):
         model = GPT(cfg.model)
+    lo = cfg.lora
+    if lo.rank:  # adapters before anything wraps the model: they are parameters like the others from here on
+        apply_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
     model = precision.prepare(model)  # activation checkpointing is applied by parallelize, per pipeline stage
     # FSDP2 keeps offloaded shards on the CPU: they are allocated there
     where = torch.device("cpu") if cfg.parallel.cpu_offload else device

@@ -256,8 +256,12 @@ def save(
     config: dict,
     keep_last_n: int | None = None,
     saver=None,
+    extra=None,
 ) -> Path:
     """Write checkpoint `iteration` (collective when a process group exists); returns its final directory.
+
+    `extra(directory)` writes more files into the checkpoint on rank 0 (LoRA's adapter files), with the
+    trainer state: the manifest covers them and they appear with the rest.
 
     With `saver` (a neox.parallel.dcp.AsyncSaver) the shards are written in the background and the rename,
     `latest` update and pruning happen when that save completes (at the next save or `saver.wait()`).
@@ -281,6 +285,8 @@ def save(
     if rank() == 0:
         try:
             _write_state(tmp, {**trainer_state, "iteration": iteration, "rng": rngs}, config)
+            if extra is not None:
+                extra(tmp)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = _reason(e)
     _check(error, save_dir, final, tmp)
@@ -386,12 +392,18 @@ def _dcp_load(state_dict: dict, ckpt: Path) -> None:
         ) from e
 
 
-def load_model_weights(checkpoint_path: str | Path, model: nn.Module) -> Path:
-    """Load only the weights of a checkpoint (a run dir means its latest good one) into `model`; returns the dir."""
+def load_model_weights(checkpoint_path: str | Path, model: nn.Module, optional=None) -> Path:
+    """Load only the weights of a checkpoint (a run dir means its latest good one) into `model`; returns the dir.
+
+    `optional(name) -> bool` names parameters the checkpoint may lack (LoRA adapters fine-tuning a plain
+    checkpoint): those it lacks keep their values; every other parameter must be there."""
     ckpt = resolve(checkpoint_path, verify=True)
     model_sd = get_model_state_dict(model)
+    if optional is not None:
+        saved = tensor_entries(ckpt)
+        model_sd = {k: v for k, v in model_sd.items() if k in saved or not optional(k)}
     _dcp_load({"model": model_sd}, ckpt)
-    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=optional is None))
     return ckpt
 
 

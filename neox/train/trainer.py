@@ -33,9 +33,11 @@ from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.kernels.device import resolve_device
 from neox.model import flops_per_token, moe, num_params
+from neox.model.lora import is_adapter_key
 from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
+from neox.train.adapters import adapter_tensors, write_adapter_files
 from neox.train.build import build_model
 from neox.train.curriculum import Curriculum, truncate
 from neox.train.diagnostics import Diagnostics
@@ -293,7 +295,9 @@ class Trainer:
             self._say(f"no checkpoint in {path} yet: starting from scratch")
             return
         if c.finetune:
-            where = ckpt.load_model_weights(path, self.model)
+            # a plain checkpoint has no LoRA adapters: those start from their initial values
+            optional = is_adapter_key if self.cfg.lora.rank else None
+            where = ckpt.load_model_weights(path, self.model, optional=optional)
             self._say(f"fine-tuning from the weights of {where} (optimizer, schedule and data start fresh)")
             return
         state = ckpt.load(path, self.model, None if c.no_load_optim else self.optimizer, load_rng=not c.no_load_rng)
@@ -435,6 +439,7 @@ class Trainer:
                 to_dict(self.cfg),
                 keep_last_n=self.cfg.checkpoint.keep_last_n_checkpoints,
                 saver=self.saver,
+                extra=self._adapter_writer(),
             )
         except ckpt.SaveError as e:
             if self.cfg.checkpoint.on_save_error == "continue":
@@ -444,6 +449,13 @@ class Trainer:
             raise
         self._last_saved = self.iteration
         return path
+
+    def _adapter_writer(self):
+        """LoRA: the adapters' own files for the checkpoint (gathered on every rank; rank 0 writes them)."""
+        if not self.cfg.lora.rank:
+            return None
+        tensors = adapter_tensors(self.model)
+        return lambda directory: write_adapter_files(directory, tensors, self.cfg.lora)
 
     def _should_save(self) -> bool:
         c = self.cfg.checkpoint
