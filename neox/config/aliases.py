@@ -35,6 +35,7 @@ RENAMES: dict[str, tuple[str, str]] = {
     "moe_loss_coeff": ("model", "moe_aux_loss_coeff"),
     "num_experts": ("model", "moe_num_experts"),
     "expert_interval": ("model", "moe_expert_interval"),
+    "moe_expert_parallel_size": ("parallel", "expert_parallel_size"),
 }
 
 # (group, key) -> target, for GPT-NeoX spellings written inside one of our groups.
@@ -189,10 +190,6 @@ NO_EFFECT: dict[str, str] = {
 
 # key -> (values meaning "off", reason when another value is given)
 ONLY_DEFAULT: dict[str, tuple[tuple, str]] = {
-    "moe_expert_parallel_size": (
-        (1,),
-        "expert parallelism is not implemented; experts are sharded by ZeRO (zero_stage) like the other weights",
-    ),
     "moe_type": (
         ("megablocks",),
         "only the dropless (megablocks-style) MoE is implemented; DeepSpeed MoE's "

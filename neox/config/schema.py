@@ -454,6 +454,12 @@ class PrecisionConfig:
 class ParallelConfig:
     pipe_parallel_size: int = opt(1, "Pipeline stages.")
     model_parallel_size: int = opt(1, "Tensor-parallel degree.")
+    expert_parallel_size: int = opt(
+        1,
+        "Expert parallelism: each MoE layer's experts are split over this many data-parallel ranks, tokens "
+        "exchanged by all-to-all (GPT-NeoX's moe_expert_parallel_size loads as this). For now it must equal the "
+        "data-parallel size, without tensor or pipeline parallelism, with moe_dispatch: grouped_mm.",
+    )
     sequence_parallel: bool = opt(False, "Shard norms/dropout along the sequence across tensor-parallel ranks.")
     zero_stage: int = opt(
         0, "ZeRO stage: 0 = DDP, 1/2 = FSDP2 without resharding after forward, 3 = full FSDP2 sharding.", (0, 1, 2, 3)

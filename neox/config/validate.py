@@ -261,6 +261,23 @@ def _check_moe(r: Resolved) -> None:
             fail("model", name, f"must be above 0, got {getattr(m, name)!r}")
     if m.moe_jitter_eps is not None and not 0 <= m.moe_jitter_eps < 1:
         fail("model", "moe_jitter_eps", f"must be in [0, 1) (or null), got {m.moe_jitter_eps!r}")
+    ep = p.expert_parallel_size
+    if ep < 1:
+        fail("parallel", "expert_parallel_size", f"must be at least 1, got {ep!r}")
+    if ep > 1:
+        if m.moe_num_experts % ep:
+            fail("parallel", "expert_parallel_size", f"{ep} does not divide moe_num_experts {m.moe_num_experts}")
+        if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
+            fail(
+                "parallel",
+                "expert_parallel_size",
+                "is not implemented with tensor or pipeline parallelism yet; use model_parallel_size: 1 and "
+                "pipe_parallel_size: 1 (or expert_parallel_size: 1, experts then sharded by zero_stage)",
+            )
+        if m.moe_dispatch != "grouped_mm":
+            fail("parallel", "expert_parallel_size", "needs moe_dispatch: grouped_mm")
+        if p.grad_compression != "none":
+            fail("parallel", "grad_compression", "is a DDP hook; expert parallelism replicates through FSDP2: use none")
     if m.moe_num_experts == 1:
         return
     if m.moe_top_k > m.moe_num_experts:

@@ -134,6 +134,7 @@ class Experts(nn.Module):
         self.act = ACTIVATION_FNS[cfg.activation]
         self.gated = is_gated(cfg)
         names = ("w1", "w3", "w2") if self.gated else ("dense_h_to_4h", "dense_4h_to_h")
+        self.weight_names = names
         shapes = {"w1": (inter, h), "w3": (inter, h), "w2": (h, inter)}
         shapes |= {"dense_h_to_4h": (inter, h), "dense_4h_to_h": (h, inter)}
         for name in names:
@@ -147,17 +148,19 @@ class Experts(nn.Module):
             return [("w1", "input"), ("w3", "input"), ("w2", "output")]
         return [("dense_h_to_4h", "input"), ("dense_4h_to_h", "output")]
 
-    def _mlp(self, x: torch.Tensor, mm) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, mm, weights: dict | None = None) -> torch.Tensor:
         dt = x.dtype
+        w = weights if weights is not None else {n: getattr(self, n) for n in self.weight_names}
         if self.gated:
-            h = self.act(mm(x, self.w1.to(dt))) * mm(x, self.w3.to(dt))
-            return mm(h, self.w2.to(dt))
-        return mm(self.act(mm(x, self.dense_h_to_4h.to(dt))), self.dense_4h_to_h.to(dt))
+            h = self.act(mm(x, w["w1"].to(dt))) * mm(x, w["w3"].to(dt))
+            return mm(h, w["w2"].to(dt))
+        return mm(self.act(mm(x, w["dense_h_to_4h"].to(dt))), w["dense_4h_to_h"].to(dt))
 
-    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, H] sorted by expert, counts [E] -> [M, H], one grouped matmul per projection."""
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        """x [M, H] sorted by expert, counts [E] -> [M, H], one grouped matmul per projection. `weights`
+        (name -> [E', ...]) replace the parameters: an expert-parallel rank passes its local experts."""
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return self._mlp(x, lambda a, w: F.grouped_mm(a, w.transpose(-2, -1), offs=offs))
+        return self._mlp(x, lambda a, w: F.grouped_mm(a, w.transpose(-2, -1), offs=offs), weights)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [E, C, H] (rows beyond an expert's load are zero) -> [E, C, H], batched matmuls."""
@@ -208,6 +211,8 @@ class MoE(nn.Module):
         # gradient scale of the aux losses (the runner's loss_scale / micro-batches), see set_aux_loss_scale
         self.aux_grad_scale = 1.0
         self.stats: torch.Tensor | None = None
+        # how tokens reach the experts: `dispatch` here; expert parallelism (neox.parallel.expert) sets its own
+        self.dispatcher = dispatch
 
     def capacity(self, n_tokens: int) -> int:
         factor = self.capacity_factors[0 if self.training else 1]
@@ -225,7 +230,7 @@ class MoE(nn.Module):
         keep = None
         if self.token_dropping:
             keep = assignments_kept(experts, self.num_experts, self.capacity(flat.shape[0]))
-        out = dispatch(self.experts, flat, weights, experts, keep, self.dispatch, self.capacity(flat.shape[0]))
+        out = self.dispatcher(self.experts, flat, weights, experts, keep, self.dispatch, self.capacity(flat.shape[0]))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         out = out.reshape(shape)

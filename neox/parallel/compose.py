@@ -10,6 +10,7 @@ from torch import nn
 
 from neox.errors import ConfigError
 from neox.parallel import activation_checkpoint, compress, pipeline
+from neox.parallel.expert import apply_expert_parallel, expert_mesh
 from neox.parallel.fsdp import apply_fsdp, apply_replicate
 from neox.parallel.mesh import ParallelDims
 from neox.parallel.reduce import masked_mean_loss
@@ -41,6 +42,7 @@ def apply(
     if mesh is None:
         return model
     compress.validate(pcfg)  # before any wrapping: a layout without DDP cannot take a compression hook
+    experts = apply_expert_parallel(model, expert_mesh(dims, device_type), dims.dp) if dims.ep > 1 else []
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
     if dims.dp > 1:
@@ -57,9 +59,18 @@ def apply(
                 cpu_offload=pcfg.cpu_offload,
                 device_type=device_type,
                 reshard_after_forward=False if dims.pp > 1 else None,
+                ignored=experts,
             )
         else:
-            apply_replicate(model, dims, mesh, precision=precision, bf16_mode=bf16_mode, fp32_allreduce=fp32_allreduce)
+            apply_replicate(
+                model,
+                dims,
+                mesh,
+                precision=precision,
+                bf16_mode=bf16_mode,
+                fp32_allreduce=fp32_allreduce,
+                ignored=experts,
+            )
             compress.register(model, pcfg, mesh["dp_replicate"].get_group())
     return model
 

@@ -74,10 +74,12 @@ def apply_fsdp(
     cpu_offload: bool = False,
     device_type: str = "cpu",
     reshard_after_forward=None,
+    ignored: list[nn.Module] = (),
 ) -> nn.Module:
     """fully_shard each block, then the root. `reshard_after_forward` overrides the stage's choice (pipeline
     stages pass False: zero-bubble schedules run the weight backward after the next forward, and gradients
-    from resharded parameters come out silently wrong)."""
+    from resharded parameters come out silently wrong). The parameters of `ignored` modules (expert-parallel
+    experts, neox.parallel.expert) stay as they are."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = dims.zero_stage == 3 if reshard_after_forward is None else reshard_after_forward
@@ -85,6 +87,7 @@ def apply_fsdp(
         mesh=dp_mesh_for(dims, mesh),
         mp_policy=mixed_precision(precision, bf16_mode, fp32_allreduce),
         offload_policy=offload_policy(cpu_offload, device_type),
+        ignored_params={p for m in ignored for p in m.parameters()} or None,
     )
     for unit in _units(model):
         fully_shard(unit, reshard_after_forward=reshard, **kw)
@@ -101,20 +104,27 @@ def apply_replicate(
     precision: str = "fp32",
     bf16_mode: str = "autocast",
     fp32_allreduce: bool = False,
+    ignored: list[nn.Module] = (),
 ) -> nn.Module:
     """ZeRO 0. Without tensor parallelism: DDP (composable form, so the module keeps its class and
     parameter names; DDP communication hooks from neox.parallel.compress register on it). With DTensor
     parameters, or on a pipeline stage (the schedule drives FSDP-style gradient sync, not DDP's reducer):
     FSDP2's replicate, which all-reduces gradients over the data-parallel dim in `mixed_precision`'s dtype.
     DDP all-reduces gradients in their own dtype (fp32 masters under autocast; `fp32_allreduce` does not apply):
-    `parallel.grad_compression: fp16` halves that traffic."""
-    if dims.tp == 1 and dims.pp == 1:
+    `parallel.grad_compression: fp16` halves that traffic. The parameters of `ignored` modules (expert-parallel
+    experts) are left out."""
+    if dims.tp == 1 and dims.pp == 1 and not ignored:
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=mesh["dp_replicate"])
     from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_fsdp
 
-    kw = dict(mesh=mesh["dp_replicate"], mp_policy=mixed_precision(precision, bf16_mode, fp32_allreduce))
+    # `ignored` (expert-parallel experts) also takes this form: DDP's replicate loses their gradients
+    kw = dict(
+        mesh=mesh["dp_replicate"],
+        mp_policy=mixed_precision(precision, bf16_mode, fp32_allreduce),
+        ignored_params={p for m in ignored for p in m.parameters()} or None,
+    )
     for unit in _units(model):
         replicate_fsdp(unit, **kw)
     replicate_fsdp(model, **kw)

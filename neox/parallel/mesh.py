@@ -38,6 +38,7 @@ class ParallelDims:
     tp: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
+    ep: int = 1  # expert-parallel ranks (neox.parallel.expert): for now, all data-parallel ranks
 
     @property
     def dp(self) -> int:
@@ -69,7 +70,11 @@ class ParallelDims:
         """The dims of an existing mesh (built by build_mesh) with the config's ZeRO stage and SP flag."""
         sizes = {name: mesh[name].size() for name in DIM_NAMES}
         return cls(
-            world_size=mesh.size(), zero_stage=pcfg.zero_stage, sequence_parallel=bool(pcfg.sequence_parallel), **sizes
+            world_size=mesh.size(),
+            zero_stage=pcfg.zero_stage,
+            sequence_parallel=bool(pcfg.sequence_parallel),
+            ep=getattr(pcfg, "expert_parallel_size", 1),
+            **sizes,
         )
 
     @classmethod
@@ -131,7 +136,13 @@ class ParallelDims:
             tp=tp,
             zero_stage=pcfg.zero_stage,
             sequence_parallel=bool(pcfg.sequence_parallel),
+            ep=getattr(pcfg, "expert_parallel_size", 1),
         )
+        if dims.ep > 1 and dims.ep != dims.dp:
+            raise ConfigError(
+                f"{source}: parallel.expert_parallel_size={dims.ep} must equal the data-parallel size {dims.dp} "
+                f"(world {world_size} / pp {pp} / tp {tp}) for now; run {dims.ep * pp * tp} processes or change it"
+            )
         if model_cfg is not None:
             dims.check_model(model_cfg, pcfg, source)
         return dims

@@ -14,6 +14,7 @@ from neox.config import from_dict
 from neox.errors import ConfigError
 from neox.model import GPT
 from neox.model import moe as M
+from neox.parallel.mesh import ParallelDims
 
 BASE = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8, "vocab_size": 64}
 
@@ -257,8 +258,15 @@ def test_moe_config_errors_and_gpt_neox_keys():
         from_dict({**BASE, "moe_num_experts": 2, "moe_top_k": 3})
     with pytest.raises(ConfigError, match="moe_type"):
         from_dict({**BASE, "moe_num_experts": 2, "moe_type": "deepspeed"})
-    with pytest.raises(ConfigError, match="moe_expert_parallel_size"):
-        from_dict({**BASE, "moe_num_experts": 2, "moe_expert_parallel_size": 2})
+    with pytest.raises(ConfigError, match="moe_expert_parallel_size.*does not divide moe_num_experts 2"):
+        from_dict({**BASE, "moe_num_experts": 2, "moe_expert_parallel_size": 3})
+    with pytest.raises(ConfigError, match="expert_parallel_size.*tensor or pipeline"):
+        from_dict({**BASE, "moe_num_experts": 2, "expert_parallel_size": 2, "model_parallel_size": 2})
+    cfg = from_dict({**BASE, "moe_num_experts": 4, "moe_expert_parallel_size": 2})
+    assert cfg.parallel.expert_parallel_size == 2
+    with pytest.raises(ConfigError, match="expert_parallel_size=2 must equal the data-parallel size 4"):
+        ParallelDims.from_config(cfg.parallel, 4, cfg.model)
+    assert ParallelDims.from_config(cfg.parallel, 2, cfg.model).ep == 2
     with pytest.raises(ConfigError, match="moe_glu"):
         from_dict({**BASE, "moe_num_experts": 2, "moe_glu": True})
     with pytest.raises(ConfigError, match="sequence_parallel"):
