@@ -159,12 +159,30 @@ class Experts(nn.Module):
     def grouped(self, x: torch.Tensor, counts: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
         """x [M, H] sorted by expert, counts [E] -> [M, H], one grouped matmul per projection. `weights`
         (name -> [E', ...]) replace the parameters: an expert-parallel rank passes its local experts."""
+        if not grouped_mm_supported(x):
+            # one matmul per expert over its rows (reads the loads back once)
+            sizes = counts.tolist()
+
+            def per_expert(a, w):
+                return torch.cat([part @ w[e].T for e, part in enumerate(a.split(sizes))])
+
+            return self._mlp(x, per_expert, weights)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return self._mlp(x, lambda a, w: F.grouped_mm(a, w.transpose(-2, -1), offs=offs), weights)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [E, C, H] (rows beyond an expert's load are zero) -> [E, C, H], batched matmuls."""
         return self._mlp(x, lambda a, w: torch.bmm(a, w.transpose(-2, -1)))
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Where torch's grouped matmul runs: on the CPU in every dtype; on CUDA in bf16 from compute capability 8
+    (torch.nn.functional.grouped_mm's documented inputs)."""
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    return False
 
 
 class _AttachAuxLoss(torch.autograd.Function):

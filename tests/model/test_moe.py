@@ -153,6 +153,33 @@ def test_dispatch_equals_per_token_loop(how, activation, dropping):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_per_expert_fallback_equals_grouped_mm(monkeypatch):
+    """Devices and dtypes grouped_mm does not take (CUDA fp32) run one matmul per expert: same numbers."""
+    cfg = moe_cfg(activation="swiglu", intermediate_size=24)
+    mod = M.Experts(cfg, 4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 16, generator=g)
+    counts = torch.tensor([3, 0, 6, 2])
+    with torch.no_grad():
+        grouped = mod.grouped(x, counts)
+        monkeypatch.setattr(M, "grouped_mm_supported", lambda x: False)
+        torch.testing.assert_close(mod.grouped(x, counts), grouped, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dispatch_on_cuda_equals_per_token_loop(dtype):
+    cfg = moe_cfg(activation="swiglu", intermediate_size=64)
+    mod = M.Experts(cfg, 4).cuda()
+    x = torch.randn(33, 16, device="cuda")
+    weights, experts, _ = M.route(torch.randn(33, 4, device="cuda"), 2, "topk", training=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        got = M.dispatch(mod, x, weights, experts, None, "grouped_mm", 0)
+    ref = reference_moe(mod.cpu(), x.cpu(), weights.cpu(), experts.cpu(), None, gated=True)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got.cpu(), ref, atol=tol, rtol=tol)
+
+
 def test_dispatch_gradients_match_loop():
     cfg = moe_cfg(activation="swiglu", intermediate_size=24)
     mod = M.Experts(cfg, 4)
