@@ -2,7 +2,7 @@
 neox/model/attention_paths.py now picks on CPU.
 
     .venv/bin/python bench/attention.py [--cases alibi,rpe,documents,bigbird,window] [--heads 8] [--head-dim 64]
-                                        [--trials 2] [--threads 2]
+                                        [--trials 2] [--threads 1]
 
 One attention op (q, k, v [1, heads, T, head_dim] fp32, 2 kv heads fewer than query heads: GQA 8/4), as a
 layer of the model calls it:
@@ -18,7 +18,7 @@ Memory: each point runs in a fresh process; "peak MiB" is the growth of the proc
 v (and the output gradient) exist, so it counts what the attention call allocates: masks, scores, saved
 tensors, gradients. Time: best of --trials calls after that
 first one. "train" = forward + backward, "infer" = forward under no_grad. The machine may be shared; the
-numbers in docs/benchmarks.md say when it was.
+numbers in docs/benchmarks.md say when it was (and why they use one thread).
 """
 
 from __future__ import annotations
@@ -153,7 +153,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    # one thread by default: on a shared machine a second thread makes each of the chunked paths' many small
+    # kernels wait for it whenever it is descheduled, and the timing measures that instead of the path
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--one", nargs=3, metavar=("CASE", "PATH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
