@@ -12,13 +12,19 @@ import sys
 
 from neox.commands.common import add_config_args
 from neox.config import load, resolve_batch
+from neox.data.tokenizers import build_tokenizer
+from neox.infer.api import load as load_checkpoint
+from neox.infer.generate import generate
+from neox.infer.sampling import SamplingParams
 from neox.interop.lm_eval import evaluate_model
+from neox.kernels.device import resolve_device
 from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
 from neox.parallel.worker_status import EXIT_HANG, EXIT_PREEMPTED
 from neox.train import preempt
 from neox.train.checkpoint import check_run_dirs
 from neox.train.distributed import make_layout, resume_config
+from neox.train.preference import score_completions
 from neox.train.trainer import TaskEvaluator, Trainer
 from neox.train.watchdog import collective_timeout, is_collective_timeout
 
@@ -52,7 +58,9 @@ def run(args) -> int:
     if code is not None:
         return code
     cfg = resume_config(cfg)
-    trainer = Trainer(cfg, layout=make_layout(cfg, source), evaluate_tasks=task_evaluator(cfg))
+    trainer = Trainer(
+        cfg, layout=make_layout(cfg, source), evaluate_tasks=task_evaluator(cfg), **reinforce_functions(cfg)
+    )
     try:
         summary = trainer.fit()
     except RuntimeError as e:
@@ -65,6 +73,32 @@ def run(args) -> int:
         parts = [f"{k} {v:.4f}" for k, v in summary.items() if k.endswith(("loss", "ppl"))]
         print(f"done: iteration {trainer.iteration}" + (" | " + " | ".join(parts) if parts else ""))
     return 0
+
+
+def reinforce_functions(cfg) -> dict:
+    """train_impl reinforce: the sampler (neox.infer.generate) and the reward (train.reinforce_reward_model, a
+    reward model scoring the decoded prompt and completion) the trainer takes; nothing otherwise."""
+    t = cfg.train
+    if t.train_impl != "reinforce":
+        return {}
+    device = resolve_device(t.device, "train.device")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    eod = tokenizer.eod_id
+    reward_model, reward_tokenizer = load_checkpoint(t.reinforce_reward_model, device=device)
+    reward_model.eval()
+
+    def sampler(model, prompts, max_new_tokens, temperature):
+        out = generate(model, prompts, max_new_tokens, SamplingParams(temperature=temperature), eod_id=eod)
+        return [y + [eod] if why == "eod" else y for y, why in zip(out.tokens, out.finish_reasons)]
+
+    def reward_fn(prompts, completions):
+        pieces = [
+            (tokenizer.decode(p), tokenizer.decode([i for i in y if i != eod])) for p, y in zip(prompts, completions)
+        ]
+        seq = reward_model.cfg.model.seq_length
+        return score_completions(reward_model, reward_tokenizer, pieces, seq, device)
+
+    return {"sampler": sampler, "reward_fn": reward_fn}
 
 
 def task_evaluator(cfg) -> TaskEvaluator | None:

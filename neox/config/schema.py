@@ -357,9 +357,20 @@ class TrainConfig:
         "the reference is the initial weights, their log-probabilities computed once before the first step), "
         "kto (unpaired desirable/undesirable completions), rm (a reward model on pos/neg pairs: the EOD logit at "
         "the last completion token is the score, trained by the pairwise Bradley-Terry loss; `neox score` rates "
-        "JSONL with it).",
-        ("normal", "dpo", "kto", "rm"),
+        "JSONL with it), reinforce (online REINFORCE: completions of the train_data_paths prompts sampled from the "
+        "policy, scored by reinforce_reward_model, with a baseline and a KL penalty to the starting weights).",
+        ("normal", "dpo", "kto", "rm", "reinforce"),
     )
+    reinforce_reward_model: str | None = opt(
+        None, "reinforce: the reward-model checkpoint (a train_impl: rm run) that scores the sampled completions."
+    )
+    reinforce_max_new_tokens: int = opt(32, "reinforce: tokens sampled per completion at most.")
+    reinforce_temperature: float = opt(1.0, "reinforce: sampling temperature (above 0).")
+    reinforce_samples_per_prompt: int = opt(1, "reinforce: completions sampled for each prompt of a micro-batch.")
+    reinforce_leave_one_out: bool = opt(
+        False, "reinforce: each completion's baseline is the mean shaped reward of the others in its micro-batch."
+    )
+    kl_div_beta: float = opt(0.1, "reinforce: weight of the KL penalty log pi - log pi_ref in the shaped reward.")
     dpo_beta: float = opt(0.1, "DPO / IPO: the strength of the implicit KL to the reference (beta).")
     dpo_label_smoothing: float = opt(
         0.0, "Conservative DPO: the assumed probability (in [0, 0.5)) that a pair's preference is flipped."

@@ -230,6 +230,15 @@ def _check_post_training(r: Resolved) -> None:
             fail(name, f"must be above 0, got {getattr(t, name)!r}")
     if not 0 <= t.dpo_label_smoothing < 0.5:
         fail("dpo_label_smoothing", f"must be in [0, 0.5), got {t.dpo_label_smoothing!r}")
+    if t.train_impl == "reinforce":
+        if t.reinforce_max_new_tokens < 1 or t.reinforce_samples_per_prompt < 1:
+            fail("reinforce_max_new_tokens", "reinforce_max_new_tokens and reinforce_samples_per_prompt must be >= 1")
+        if t.reinforce_max_new_tokens >= cfg.model.seq_length:
+            fail("reinforce_max_new_tokens", f"must be below seq_length {cfg.model.seq_length} (room for the prompt)")
+        if not t.reinforce_temperature > 0:
+            fail("reinforce_temperature", f"must be above 0 (sampling), got {t.reinforce_temperature!r}")
+        if cfg.parallel.model_parallel_size * cfg.parallel.pipe_parallel_size > 1 or p.zero_stage > 0:
+            fail("train_impl", "reinforce runs in one process or under DDP (zero_stage 0) for now")
     for name in ("kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(t, name) < 0:
             fail(name, f"must be >= 0, got {getattr(t, name)!r}")
@@ -484,6 +493,11 @@ def validate_training(r: Resolved) -> None:
         raise ConfigError(
             f"{r.where('data', 'train_reward_data_paths')}: train_impl kto needs train_data_paths, "
             "label_data_paths and train_reward_data_paths (neox preprocess --preference unpaired)"
+        )
+    elif cfg.train.train_impl == "reinforce" and not (d.train_data_paths and cfg.train.reinforce_reward_model):
+        raise ConfigError(
+            f"{r.where('train', 'reinforce_reward_model')}: train_impl reinforce needs train_data_paths (prompts, "
+            "one per document) and reinforce_reward_model (a train_impl: rm checkpoint)"
         )
     elif not d.data_path and not d.train_data_paths:
         raise ConfigError(

@@ -160,6 +160,20 @@ class _Side:
         return {"text": text, "label": label}
 
 
+class EpochOrder:
+    """Sample i -> document ``permutation(epoch)[i % n]``, a seeded permutation per epoch (the last one kept)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._order: dict[int, np.ndarray] = {}
+
+    def document(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._order:
+            self._order = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(self.n)}
+        return int(self._order[epoch][i % self.n])
+
+
 class PreferenceDataset:
     """Pairs (``chosen`` and ``rejected`` sides) or unpaired completions with a reward, one per sample.
 
@@ -176,16 +190,13 @@ class PreferenceDataset:
         if rewards is not None and len(rewards) != self.n:
             raise DataError(f"{name}: {len(rewards)} rewards for {self.n} completions")
         self.seq_length = seq_length
-        self._order: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(self.n, seed)
 
     def __len__(self) -> int:
         return self.n
 
     def document(self, i: int) -> int:
-        epoch = i // self.n
-        if epoch not in self._order:
-            self._order = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(self.n)}
-        return int(self._order[epoch][i % self.n])
+        return self.order.document(i)
 
     def batch(self, indices, eod_id: int) -> dict:
         """The batch of samples ``indices`` (in the seeded order)."""
@@ -263,3 +274,34 @@ def _one(key: str, *lists) -> None:
             f"data.{key}: preference training takes one prefix per split with its label (and pos/neg or "
             f"reward) datasets; got {[len(x) for x in lists]} paths"
         )
+
+
+class PromptDataset:
+    """Prompts for online training (train_impl reinforce): one document of a text dataset per sample, in the
+    same seeded per-epoch order as PreferenceDataset; ``prompts(indices)`` gives their token lists."""
+
+    def __init__(self, prefix: str, key: str, seed: int):
+        self.indexed = open_indexed(prefix, key)
+        self.n = len(self.indexed.sizes)
+        if self.n == 0:
+            raise DataError(f"{key}: {prefix} has no prompts")
+        self.order = EpochOrder(self.n, seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def prompts(self, indices) -> list[list[int]]:
+        return [self.indexed[self.order.document(int(i))].tolist() for i in indices]
+
+
+def build_prompt_datasets(data, seed: int) -> tuple:
+    """(train, valid, test) prompt datasets from {split}_data_paths (one prefix each); None where unset."""
+    out = []
+    for i, split in enumerate(("train", "valid", "test")):
+        paths = list(getattr(data, f"{split}_data_paths"))
+        if not paths:
+            out.append(None)
+            continue
+        _one(f"{split}_data_paths", paths)
+        out.append(PromptDataset(paths[0], f"data.{split}_data_paths", seed + i))
+    return tuple(out)

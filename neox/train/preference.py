@@ -179,7 +179,8 @@ class PreferenceObjective:
     def save_reference(self, run_dir: Path) -> None:
         torch.save(self.reference, Path(run_dir) / REFERENCE_FILE)
 
-    def load_reference(self, run_dir: Path) -> bool:
+    def load_reference(self, run_dir: Path, model, precision, device, eod_id: int) -> bool:
+        self.eod_id = eod_id
         path = Path(run_dir) / REFERENCE_FILE
         if not path.is_file():
             return False
@@ -229,8 +230,18 @@ class PreferenceObjective:
         return dict(zip(STAT_NAMES[self.impl], values))
 
 
-def build_objective(train_cfg) -> PreferenceObjective | None:
-    """The objective of ``train.train_impl``; None for plain language modelling."""
-    if train_cfg.train_impl == "normal":
-        return None
-    return PreferenceObjective(train_cfg)
+def prepare_reference(
+    objective, model, precision, device, eod_id: int, micro: int, run_dir, resumed: bool, write: bool
+):
+    """The objective's reference from the starting weights, or on a resume the one the run started with (kept in
+    the run directory; `write`: this rank keeps it)."""
+    if resumed and run_dir is not None and objective.load_reference(Path(run_dir), model, precision, device, eod_id):
+        return
+    if resumed:
+        raise ConfigError(
+            f"train_impl {objective.impl}: resuming needs the reference the run started with, kept in {run_dir}, "
+            "which is missing there"
+        )
+    objective.compute_reference(model, precision, device, eod_id, micro)
+    if run_dir is not None and write:
+        objective.save_reference(Path(run_dir))

@@ -51,10 +51,10 @@ from neox.train.metrics import (
     measure_peak_flops,
     peak_memory_bytes,
 )
+from neox.train.objectives import build_objective, prepare_reference
 from neox.train.optim import build_optimizer
 from neox.train.precision import Precision
 from neox.train.preempt import Stopper
-from neox.train.preference import build_objective
 from neox.train.profiling import StepProfiler
 from neox.train.schedule import LRSchedule
 
@@ -137,6 +137,8 @@ class Trainer:
         layout: Layout | None = None,
         quiet: bool = False,
         evaluate_tasks: TaskEvaluator | None = None,
+        sampler=None,
+        reward_fn=None,
     ):
         self.cfg = cfg = copy.deepcopy(cfg)  # resolved values are written into this copy (and checkpoints)
         self.layout = layout or Layout()
@@ -169,7 +171,9 @@ class Trainer:
             raise ConfigError(f"train.train_iters must be >= 0, got {self.train_iters}")
 
         self.precision = Precision(cfg.precision, self.device.type)
-        self.objective = build_objective(tr)  # train_impl: its loss, data and reference; None = language modelling
+        self.objective = build_objective(
+            tr, sampler, reward_fn
+        )  # train_impl: its loss, data and reference; None = language modelling
         # built on the meta device, parallelized, then each rank's shard allocated and initialised
         self.model, self.runner = build_model(
             cfg, self.layout, self.precision, self.device, self.accum, loss_fn=self.objective or masked_mean_loss
@@ -222,18 +226,19 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _prepare_reference(self) -> None:
-        """The preference reference: the starting weights' log-probabilities, kept in the run directory so that
-        a resumed run uses the first run's (neox.train.preference)."""
-        if self.resumed and self.run_dir is not None and self.objective.load_reference(self.run_dir):
-            return
-        if self.resumed:
-            raise ConfigError(
-                f"train_impl {self.cfg.train.train_impl}: resuming needs the reference log-probabilities the run "
-                f"started with ({self.run_dir}/reference_logps.pt), which are missing"
-            )
-        self.objective.compute_reference(self.model, self.precision, self.device, self.tokenizer.eod_id, self.micro)
-        if self.run_dir is not None and self.layout.is_logging_rank:
-            self.objective.save_reference(self.run_dir)
+        """The objective's reference (the starting weights), kept in the run directory so that a resumed run
+        uses the first run's (neox.train.objectives)."""
+        prepare_reference(
+            self.objective,
+            self.model,
+            self.precision,
+            self.device,
+            self.tokenizer.eod_id,
+            self.micro,
+            self.run_dir,
+            self.resumed,
+            self.layout.is_logging_rank,
+        )
 
     def _build_data(self) -> None:
         cfg = self.cfg
