@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 CASES = ("neox-moe", "neox-dense", "hf-mixtral")
 
 
@@ -55,10 +54,23 @@ def model_group(args, moe: bool) -> dict:
     return group
 
 
+def synthetic_data(directory: str, vocab: int, tokens: int) -> str:
+    """A GPT-NeoX .bin/.idx dataset of random tokens in 2048-token documents; returns its prefix."""
+    import numpy as np
+
+    from neox.data.indexed import IndexedDatasetBuilder
+
+    prefix = os.path.join(directory, "random_text_document")
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix, dtype=np.int32)
+    for _ in range(tokens // 2048):
+        builder.add_document(rng.integers(0, vocab, 2048))
+    builder.finalize()
+    return prefix
+
+
 def run_neox(args, moe: bool) -> tuple[list[float], int]:
     import tempfile
-
-    from train import synthetic_data  # bench/train.py
 
     from neox.config import from_dict
     from neox.model import flops_per_token
