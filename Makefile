@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
 
-.PHONY: train test test-fast lint install clean gpu-check
+.PHONY: train test test-fast lint install clean gpu-check bench
 
 $(CORE): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,12 @@ test-fast: $(DEV)
 # (bench/gpu_check.py; --cpu is its smoke mode). The table prints as it runs; the JSON report is runs/gpu-check.json.
 gpu-check: $(DEV)
 	$(BIN)/python bench/gpu_check.py --out runs/gpu-check.json $(GPU_CHECK_ARGS)
+
+# neox beside transformers on this machine: training (pythia 14m-410m shapes), generation (batch 1 and 8),
+# preprocessing (against the raw tokenizer) and start-up, each engine in its own process, alternating over
+# rounds, load recorded. The table prints; the JSON report is runs/bench.json. BENCH_ARGS="--quick" smoke-tests.
+bench: $(DEV)
+	$(BIN)/neox bench --out runs/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data

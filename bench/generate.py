@@ -17,64 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {  # Pythia's published sizes
-    "pythia-14m": dict(num_layers=6, hidden_size=128, num_attention_heads=4),
-    "pythia-70m": dict(num_layers=6, hidden_size=512, num_attention_heads=8),
-}
-PYTHIA = dict(
-    vocab_size=50304, seq_length=2048, pos_emb="rotary", rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True
-)
-
-
-def build_pair(shape: str, dtype):
-    import torch
-    import transformers
-
-    from neox.config import from_dict
-    from neox.interop.hf_mapping import to_hf_config, to_hf_state_dict
-    from neox.model import GPT
-
-    cfg = from_dict({"model": {**PYTHIA, **SHAPES[shape]}}).model
-    torch.manual_seed(0)
-    ours = GPT(cfg).eval()
-    hf = transformers.GPTNeoXForCausalLM(to_hf_config(cfg)).eval()
-    sd = to_hf_state_dict(cfg, ours.state_dict())
-    sd["lm_head.weight"] = sd.pop("embed_out.weight")  # the file name (Pythia's) vs the module's in transformers 5
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return ours.to(dtype), hf.to(dtype)
-
-
-def time_neox(model, prompts, new_tokens: int, compile: bool = False) -> tuple[float, list]:
-    from neox.infer.generate import generate
-
-    t0 = time.perf_counter()
-    res = generate(model, prompts, new_tokens, compile=compile)
-    return time.perf_counter() - t0, res.tokens
-
-
-def time_hf(model, prompts, new_tokens: int) -> tuple[float, list]:
-    import torch
-
-    ids = torch.tensor(prompts)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
+# the models and timing loops `neox bench` (`make bench`) uses; this script adds compiled decoding and dtypes
+from neox.bench.generate import build_pair, time_hf, time_neox  # noqa: E402  (after the sys.path line)
 
 
 def main() -> int:

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# the two trials `neox bench` (`make bench`) runs; this script runs them on the shared corpora and tokenizers
+from neox.bench.preprocess import e2e_trial, raw_trial  # noqa: E402  (after the sys.path line)
+
 SHARED = Path(os.environ.get("NEOX_SHARED", ROOT.parent / "shared")) / "data"
 TOKENIZERS = {"20b": "tokenizers/20B_tokenizer.json", "gpt2": "tokenizers/gpt2.json"}
 
@@ -39,81 +41,6 @@ def corpus_files(repeat: int) -> list[str]:
         if not f.is_file():
             sys.exit(f"bench/preprocess.py: {f} not found (set NEOX_SHARED to the shared folder)")
     return [str(f) for f in files] * repeat
-
-
-def raw_trial(vocab: str, files: list[str], batch_bytes: int) -> dict:
-    """Runs in a child whose RAYON_NUM_THREADS is set: the texts the pipeline would encode, encoded at once."""
-    from tokenizers import Tokenizer
-
-    from neox.data.readers import iter_pieces
-
-    texts, nbytes = [], 0
-    for p in iter_pieces(files, "file", segment_chars=max(batch_bytes // 4, 1), splittable=True):
-        if p.is_json:
-            nbytes += len(p.data)
-            texts.append(json.loads(p.data)["text"])
-        else:
-            nbytes += len(p.data.encode("utf-8"))
-            texts.append(p.data)
-    tok = Tokenizer.from_file(vocab)
-    batches, cur, size = [], [], 0
-    for t in texts:  # the pipeline's batching: about batch_bytes of input per call
-        cur.append(t)
-        size += len(t)
-        if size >= batch_bytes:
-            batches.append(cur)
-            cur, size = [], 0
-    batches += [cur] if cur else []
-    out = {}
-    for method, groups in (
-        ("encode_batch, one call", [texts]),
-        ("encode_batch, batches", batches),
-        ("encode_batch_fast, batches", batches),
-    ):
-        fn = getattr(tok, method.split(",")[0])
-        c0, t0 = _cpu(), time.perf_counter()
-        tokens = 0
-        for group in groups:
-            tokens += sum(len(e.ids) for e in fn(group, add_special_tokens=False))
-        out["raw " + method] = {
-            "seconds": time.perf_counter() - t0,
-            "cpu": _cpu() - c0,
-            "tokens": tokens,
-            "bytes": nbytes,
-        }
-    return out
-
-
-def e2e_trial(vocab: str, files: list[str], workers: int, batch_bytes: int) -> dict:
-    from types import SimpleNamespace
-
-    from neox.data.preprocess import PreprocessOptions, preprocess
-
-    c0 = _cpu()
-    with tempfile.TemporaryDirectory(prefix="neox-bench-") as out:
-        opts = PreprocessOptions(
-            inputs=files,
-            output_prefix=os.path.join(out, "bench"),
-            workers=workers,
-            batch_bytes=batch_bytes,
-            append_eod=True,
-            progress=False,
-        )
-        s = preprocess(opts, SimpleNamespace(tokenizer_type="HFTokenizer", vocab_file=vocab, merge_file=None))
-    # EOD tokens are added by the pipeline, not by the raw tokenizer: leave them out of the comparison.
-    return {
-        "seconds": s.seconds,
-        "cpu": _cpu() - c0,
-        "tokens": s.tokens - s.documents,
-        "bytes": s.bytes,
-        "docs": s.documents,
-    }
-
-
-def _cpu() -> float:
-    """CPU seconds of this process (all threads) and its finished children (the pool workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _child(kind: str, args) -> dict:

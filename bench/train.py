@@ -13,7 +13,8 @@ on a synthetic GPT-NeoX .bin/.idx dataset of random tokens. Hugging Face runs th
 labels=...).loss, backward, clip_grad_norm_, torch.optim.AdamW; its bf16 is autocast over fp32 weights (what
 `Trainer(bf16=True)` does) and, as a second row, the model cast to bf16 ("pure").
 
-Machine load changes these numbers a lot on a shared CPU: the 1-minute load average is printed with them.
+The measuring code is neox.bench.train, the same that `neox bench` (`make bench`) runs; this script adds the
+matrix of precisions and bf16 modes. Machine load changes these numbers a lot on a shared CPU: the 1-minute load average is printed with them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"14m": "pythia-14m.yml", "70m": "pythia-70m.yml", "160m": "pythia-160m.yml"}
 CASES = [  # (engine, precision label) in the order they run
     ("neox", "fp32"),
     ("hf", "fp32"),
@@ -40,135 +38,16 @@ CASES = [  # (engine, precision label) in the order they run
 ]
 
 
-def model_config(shape: str, seq: int, micro: int, precision: str):
-    from neox.config import load
-
-    prec, _, mode = precision.partition("-")
-    sets = [
-        f"seq_length={seq}",
-        f"max_position_embeddings={seq}",
-        f"train_micro_batch_size_per_gpu={micro}",
-        "gradient_accumulation_steps=1",
-        "train_batch_size=null",
-        "checkpoint_activations=false",
-        "zero_stage=0",
-        "pipe_parallel_size=1",
-        "model_parallel_size=1",
-        f"precision={prec}",
-        "tokenizer_type=ByteLevelTokenizer",
-        "vocab_file=null",
-        "merge_file=null",
-        "device=auto",
-    ]
-    if mode:
-        sets.append(f"bf16_mode={mode}")
-    cfg = load([str(ROOT / "configs" / SHAPES[shape])], sets)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = 50304  # Pythia's padded vocabulary
-    return cfg
-
-
-def synthetic_data(directory: str, vocab: int, tokens: int) -> str:
-    import numpy as np
-
-    from neox.data.indexed import IndexedDatasetBuilder
-
-    prefix = os.path.join(directory, "random_text_document")
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(prefix, dtype=np.int32)
-    for _ in range(tokens // 2048):
-        builder.add_document(rng.integers(0, vocab, 2048))
-    builder.finalize()
-    return prefix
-
-
-def run_neox(cfg, steps: int, warmup: int) -> list[float]:
-    import torch
-
-    from neox.train.trainer import Trainer
-
-    tmp = tempfile.mkdtemp(prefix="neox-bench-")
-    need = (steps + warmup + 2) * cfg.train.train_micro_batch_size_per_gpu * (cfg.model.seq_length + 1)
-    cfg.data.data_path = synthetic_data(tmp, cfg.model.vocab_size, max(need * 2, 2048 * 16))
-    cfg.data.split = "100,0,0"
-    cfg.train.train_iters = steps + warmup
-    cfg.checkpoint.save = cfg.checkpoint.load = cfg.logging.log_dir = None
-    cfg.logging.use_wandb, cfg.logging.tensorboard_dir = False, None
-    trainer = Trainer(cfg, quiet=True)
-    data = trainer._loader(trainer.train_data, 0)
-    times = []
-    for i in range(steps + warmup):
-        batch = trainer._next_step_batches(data)
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def run_hf(cfg, steps: int, warmup: int, precision: str) -> list[float]:
-    import contextlib
-
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    m = cfg.model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = GPTNeoXConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.intermediate_size,
-        rotary_pct=m.rotary_pct,
-        rotary_emb_base=m.rotary_emb_base,
-        max_position_embeddings=m.max_position_embeddings,
-        use_parallel_residual=m.gpt_j_residual,
-        tie_word_embeddings=not m.no_weight_tying,
-        layer_norm_eps=m.layernorm_epsilon,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(hf_cfg).to(device)
-    if precision == "bf16-pure":
-        model = model.to(torch.bfloat16)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    autocast = (
-        torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext()
-    )
-    b, t = cfg.train.train_micro_batch_size_per_gpu, m.seq_length
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(steps + warmup):
-        ids = torch.randint(0, m.vocab_size, (b, t + 1), generator=gen).to(device)
-        t0 = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def one_case(args) -> dict:
     """Runs inside the child process: one engine, shape and precision."""
     import torch
 
+    from neox.bench.train import pythia_config, run_hf, run_neox  # the measuring code `neox bench` runs
     from neox.model import flops_per_token
     from neox.train.metrics import measure_peak_flops, peak_memory_bytes
 
     torch.set_num_threads(args.threads)
-    cfg = model_config(args.case_shape, args.seq, args.micro, args.case_precision)
+    cfg = pythia_config(args.case_shape, args.seq, args.micro, args.case_precision)
     if args.case_engine == "neox":
         times = run_neox(cfg, args.steps, args.warmup)
     else:
@@ -192,7 +71,7 @@ def one_case(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="14m,70m", help="comma-separated shapes: 14m, 70m, 160m")
+    p.add_argument("--models", default="14m,70m", help="comma-separated shapes: 14m, 70m, 160m, 410m")
     p.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 runs autocast and pure)")
     p.add_argument("--engines", default="neox,hf")
     p.add_argument("--seq", type=int, default=512)

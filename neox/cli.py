@@ -33,6 +33,10 @@ COMMANDS = {
     "import": ("neox.commands.hf", "import a Hugging Face model as a neox checkpoint"),
     "config": ("neox.commands.config", "show the resolved config or regenerate docs/config.md"),
     "plot": ("neox.commands.plot", "draw loss, validation loss, learning rate, grad norm and throughput of runs"),
+    "bench": (
+        "neox.commands.bench",
+        "training, generation, preprocessing and start-up beside transformers on this machine (table + JSON)",
+    ),
     "mup": ("neox.commands.mup", "muP tools (coord-check: activation scale against width, with and without muP)"),
 }
 

@@ -82,6 +82,12 @@ def _best_linear_rate(dev: torch.device, dtype: torch.dtype) -> float:
         n *= 2
 
 
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """One measurement of the matmul FLOP/s now, not kept on disk (`neox bench` takes the peak of its own run
+    for its MFU column, measured between the engines' runs)."""
+    return _measure_matmul(torch.device(device), dtype)
+
+
 @functools.cache
 def measure_peak_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """The matmul FLOP/s MFU is measured against: this device's best rate in `dtype` with `threads` threads.
