@@ -3,6 +3,8 @@
 Tasks come from the harness registry (their data from the HF Hub, as the harness fetches it), from
 --include-path YAMLs, or are the bundled local tasks (lambada_openai_local, piqa_local, wikitext2_local,
 lambada_gen_local) that read the eval data folder `neox prepare lambada|piqa|wikitext2` fills.
+With `--nproc N` the model runs tensor parallel over N processes under torchrun (neox.infer.tensor_parallel):
+every rank runs the same requests in step, only rank 0 prints and writes the results.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 from neox.commands.common import check_positive
 from neox.data.eval_sets import EVAL_DATA_ENV
 from neox.errors import NeoxError, ensure_dir
-from neox.infer.api import build_model, build_tokenizer_for, checkpoint_config
+from neox.infer.api import build_model_for, build_tokenizer_for, checkpoint_config
+from neox.infer.tensor_parallel import check_inference_layout, init_inference, is_output_rank
 from neox.interop.eval_tasks import local_task_dirs
 from neox.interop.lm_eval import NeoxLM, results_table, run_tasks, write_results
 from neox.kernels.device import resolve_device
+from neox.parallel import launch
 from neox.train.checkpoint import resolve
 
 
@@ -46,6 +50,7 @@ def register(parser, name):
     parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in results.json")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    launch.add_arguments(parser)  # --nproc N: the model tensor parallel over N processes
     parser.set_defaults(func=run)
 
 
@@ -65,11 +70,16 @@ def run(args) -> int:
     local_task_dirs(tasks, args.data_dir)  # the local tasks' data is there
     if args.output:
         ensure_dir(args.output, "--output")
-    device = resolve_device(args.device)
     ckpt = resolve(args.checkpoint)
     cfg = checkpoint_config(ckpt)
+    source = str(args.checkpoint)
+    code = launch.launch(args, sys.argv[1:], validate=lambda world: check_inference_layout(cfg, world, source))
+    if code is not None:
+        return code
+    device = resolve_device(args.device)
+    mesh = init_inference(cfg, device, source)
     tokenizer = build_tokenizer_for(cfg, ckpt)
-    model = build_model(cfg, ckpt, device, args.dtype)
+    model = build_model_for(cfg, ckpt, device, args.dtype, mesh)
     lm = NeoxLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     results = run_tasks(
@@ -83,6 +93,8 @@ def run(args) -> int:
         bootstrap_iters=args.bootstrap_iters,
         data_dir=args.data_dir,
     )
+    if not is_output_rank():
+        return 0  # the other tensor-parallel ranks computed the same results
     print(results_table(results))
     if args.output:
         print(f"wrote {write_results(results, args.output)}", file=sys.stderr)

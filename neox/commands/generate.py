@@ -1,5 +1,8 @@
 """`neox generate CHECKPOINT`: unconditional samples, a prompt, an input file -> JSONL, or an interactive prompt.
 
+With `--nproc N` the command re-launches itself under torchrun and the model runs tensor parallel over the N
+processes (neox.infer.tensor_parallel); only rank 0 prints or writes.
+
 Settings come from the checkpoint's `generation` config group, then --config files and --set overrides, then
 the flags below (a flag that is given wins). CHECKPOINT may also be a local transformers GPTNeoX / Llama model
 directory: it is converted in memory (neox.interop.hf), with the `generation` defaults.
@@ -18,11 +21,20 @@ import torch
 from neox.commands.common import add_overrides, check_positive
 from neox.data.readers import is_jsonl, json_line_error
 from neox.errors import NeoxError, ensure_dir
-from neox.infer.api import LoadedModel, build_model, build_tokenizer_for, checkpoint_config
+from neox.infer.api import LoadedModel, build_model_for, build_tokenizer_for, checkpoint_config
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
+from neox.infer.tensor_parallel import (
+    check_inference_layout,
+    init_inference,
+    is_output_rank,
+    shard_model,
+    shared_seed,
+    world_size,
+)
 from neox.interop.hf import hf_config, is_hf_model_dir, load_hf_model
 from neox.kernels.device import resolve_device
+from neox.parallel import launch
 from neox.train.checkpoint import resolve
 
 # flag dest -> generation config key
@@ -84,6 +96,7 @@ def register(parser, name):
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward in input-file mode")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights/activations dtype")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    launch.add_arguments(parser)  # --nproc N: the model tensor parallel over N processes
     parser.set_defaults(func=run)
 
 
@@ -145,8 +158,9 @@ class Session:
         self.model, self.tok, self.gen, self.args = model, tokenizer, gen, args
         self.params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
         self.generator = torch.Generator(device=next(model.parameters()).device)
-        if args.seed is not None:
-            self.generator.manual_seed(args.seed)
+        seed = shared_seed(args.seed)  # under tensor parallelism every rank samples with rank 0's seed
+        if seed is not None:
+            self.generator.manual_seed(seed)
         else:
             self.generator.seed()
 
@@ -175,6 +189,7 @@ class Session:
                 "prompt": p,
                 "completion": text,
                 "tokens": len(toks),
+                "token_ids": toks,
                 "finish_reason": reason,
                 "time_s": round(seconds, 4),
                 "batch_size": len(prompts),
@@ -249,24 +264,38 @@ class _Streamer:
         self.stdout.flush()
 
 
+def _check_parallel(cfg, gen, world: int, source: str, saved) -> None:
+    check_inference_layout(cfg, world, source, saved)
+    if world > 1 and gen.text_gen_type == "interactive":
+        raise NeoxError("--interactive reads one terminal and cannot run over several processes; drop --nproc")
+
+
 def run(args) -> int:
     # the flags skip the config loader's range checks (generation.maximum_tokens / num_samples are >= 1 there)
     check_positive(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size)
-    device = resolve_device(args.device)
     hf_dir = is_hf_model_dir(args.checkpoint)
     if hf_dir:
-        ckpt, cfg = None, hf_config(args.checkpoint, args.config, args.overrides)
+        ckpt, cfg, saved = None, hf_config(args.checkpoint, args.config, args.overrides), None
     else:
         ckpt = resolve(args.checkpoint)
         cfg = checkpoint_config(ckpt, args.config, args.overrides)
+        saved = checkpoint_config(ckpt) if args.config or args.overrides else None
     gen = _generation_config(cfg, args)
     if gen.sample_output_file:  # checked before sampling so that no samples are lost to a bad path
         ensure_dir(Path(gen.sample_output_file).parent, "--output-file's folder")
+    source = str(args.checkpoint)
+    code = launch.launch(args, sys.argv[1:], validate=lambda world: _check_parallel(cfg, gen, world, source, saved))
+    if code is not None:
+        return code
+    _check_parallel(cfg, gen, world_size(), source, saved)
+    device = resolve_device(args.device)
+    mesh = init_inference(cfg, device, source)
     tokenizer = build_tokenizer_for(cfg, ckpt)
     if hf_dir:
-        module = load_hf_model(cfg, args.checkpoint, device, args.dtype)
+        module = load_hf_model(cfg, args.checkpoint, "cpu" if mesh is not None else device, args.dtype)
+        module = shard_model(module, mesh, device) if mesh is not None else module
     else:
-        module = build_model(cfg, ckpt, device, args.dtype)
+        module = build_model_for(cfg, ckpt, device, args.dtype, mesh)
     model = LoadedModel(module, tokenizer, cfg)
     session = Session(model, tokenizer, gen, args)
 
@@ -278,6 +307,8 @@ def run(args) -> int:
         records = session.input_file(gen.sample_input_file)
     else:
         records = session.samples(args.prompt or "")
+    if not is_output_rank():
+        return 0  # the other tensor-parallel ranks computed the same records
     if gen.text_gen_type != "interactive" and not gen.sample_output_file:
         for i, r in enumerate(records):
             compiled = f", compiled in {r['compile_s']:.1f} s" if r["compile_s"] else ""

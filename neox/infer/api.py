@@ -17,6 +17,7 @@ from neox.data.tokenizers import build_tokenizer
 from neox.errors import NeoxError
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
+from neox.infer.tensor_parallel import shard_model
 from neox.kernels.device import torch_dtype
 from neox.model import GPT
 from neox.model.lora import apply_lora, is_adapter_key, merge_lora_
@@ -40,6 +41,23 @@ def build_model(cfg, ckpt: Path | None, device="cpu", dtype=None):
     dtype = torch_dtype(dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
+
+
+def build_model_for(cfg, ckpt: Path | None, device="cpu", dtype=None, mesh=None):
+    """build_model, or with a mesh (neox.infer.tensor_parallel.init_inference) this rank's tensor-parallel
+    shard of it: the GPT is sharded first and each rank reads only its slices of the checkpoint."""
+    if mesh is None:
+        return build_model(cfg, ckpt, device, dtype)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.rank:
+        # adapters are folded into whole weights first (build_model), then the merged model is sharded
+        model = shard_model(build_model(cfg, ckpt, "cpu"), mesh, device)
+    else:
+        model = shard_model(GPT(cfg.model), mesh, device)
+        if ckpt is not None:
+            load_model_weights(str(ckpt), model)
+    dtype = torch_dtype(dtype)
+    return (model.to(dtype=dtype) if dtype else model).eval()
 
 
 def build_tokenizer_for(cfg, ckpt: Path | None = None):

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from neox.infer.tensor_parallel import is_dtensor
+
 MIN_NEW_TOKENS = 16  # below this the one-off copy of the weight outweighs the per-token saving
 
 
@@ -31,6 +33,7 @@ def transposed_output_weight(model, batch: int, new_tokens: int):
     weight = output_weight(model)
     if (
         weight is None
+        or is_dtensor(weight)  # a tensor-parallel shard: its local storage is not ours to swap
         or weight.device.type != "cpu"
         or weight.dtype != torch.float32
         or batch != 1

@@ -18,6 +18,7 @@ from neox.errors import NeoxError
 from neox.infer import compiled
 from neox.infer.gemv_layout import transposed_output_weight
 from neox.infer.sampling import SamplingParams, choose_next
+from neox.infer.tensor_parallel import TokenSync, full_logits
 from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.model.cache import KVCache, StaticKVCache
 
@@ -84,9 +85,14 @@ def generate(
     `on_tokens(tokens [B], active [B] bool)` is called after every step, for streaming.
     `compile=True` decodes with a torch.compile'd step (neox.infer.compiled): the first call for a batch size
     and cache length compiles (seconds to a minute), later ones reuse it.
+    A tensor-parallel model (neox.infer.tensor_parallel) is run the same way on every rank, each step's tokens
+    taken from rank 0 so that the ranks' outputs and stops are identical.
     """
     model = unwrap(model)
     _check_request(model, prompts, max_new_tokens, stop_strings, decode, recompute, compile)
+    sync = TokenSync(model)
+    if sync.active and compile:
+        raise NeoxError("compiled decoding is not supported under tensor parallelism (--nproc > 1) yet; drop --compile")
     batch = PaddedBatch.of(prompts, max_new_tokens, pad_id, next(model.parameters()).device)
     cache = _make_cache(model, batch, recompute, compile)
     stops = StopTracker(batch, eod_id, stop_strings, decode)
@@ -103,7 +109,7 @@ def generate(
         steps = 0
         for step in range(max_new_tokens):
             cur = batch.prompt_len + step
-            nxt = stops.pad_finished(next_tokens.choose())
+            nxt = stops.pad_finished(sync(next_tokens.choose()))
             batch.tokens[:, cur] = nxt
             steps += 1
             next_tokens.record(nxt, stops.active)
@@ -234,9 +240,9 @@ class NextTokens:
         tokens, positions = b.tokens[:, :end], b.positions[:, :end]
         with _last_position_only(self.model), self.several_rows:
             if cache is not None:
-                return self.model(tokens, position_ids=positions, kv_cache=cache)
+                return full_logits(self.model(tokens, position_ids=positions, kv_cache=cache))
             segments = b.valid[:, :end].long() if b.padded else None
-            return self.model(tokens, position_ids=positions, segment_ids=segments)
+            return full_logits(self.model(tokens, position_ids=positions, segment_ids=segments))
 
     def _recompute(self, cur: int) -> None:
         self.logits = self._full(cur + 1, None)
@@ -244,8 +250,8 @@ class NextTokens:
     def _cached(self, cur: int) -> None:
         b = self.batch
         with self.per_step:
-            self.logits = self.model(
-                b.tokens[:, cur : cur + 1], position_ids=b.positions[:, cur : cur + 1], kv_cache=self.cache
+            self.logits = full_logits(
+                self.model(b.tokens[:, cur : cur + 1], position_ids=b.positions[:, cur : cur + 1], kv_cache=self.cache)
             )
 
     def _compiled(self, cur: int) -> None:

@@ -20,6 +20,7 @@ from neox.data.eval_sets import eval_set_for
 from neox.errors import NeoxError
 from neox.infer.generate import generate, select_hidden, unwrap
 from neox.infer.sampling import SamplingParams
+from neox.infer.tensor_parallel import full_logits, on_local
 from neox.interop.eval_tasks import data_files, local_task_dirs, local_task_names
 from neox.kernels.bf16_cpu import fast_bf16_linears
 
@@ -109,11 +110,12 @@ class _NeoxLM:
             col_ids = torch.cat([torch.arange(len(r) - len(c), len(r)) for r, c in zip(rows, conts)])
             with (
                 select_hidden(
-                    self.model, lambda h, r=row_ids, c=col_ids: h[r.to(h.device), c.to(h.device)][None]
+                    self.model,
+                    lambda h, r=row_ids, c=col_ids: on_local(h, lambda x: x[r.to(x.device), c.to(x.device)][None]),
                 ) as cut,
                 self._matmuls,
             ):
-                logits = self.model(batch.to(self._device))
+                logits = full_logits(self.model(batch.to(self._device)))  # tensor parallel: vocab gathered
             logits = logits[0] if cut else logits[row_ids.to(logits.device), col_ids.to(logits.device)]
             logprobs = F.log_softmax(logits.float(), dim=-1)
             target = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=logprobs.device)
