@@ -25,6 +25,7 @@ COMMANDS = {
     "data": ("neox.commands.data", "inspect or merge .bin/.idx datasets"),
     "info": ("neox.commands.info", "parameter count, FLOPs per token and memory estimates for a config"),
     "train": ("neox.commands.train", "train or fine-tune a model from YAML configs"),
+    "distill": ("neox.commands.distill", "train a student from a teacher checkpoint (train_impl: distill)"),
     "checkpoint": ("neox.commands.checkpoint", "checkpoint tools (consolidate a sharded checkpoint)"),
     "generate": ("neox.commands.generate", "sample text from a checkpoint"),
     "eval": ("neox.commands.eval", "evaluate a checkpoint with lm-evaluation-harness"),

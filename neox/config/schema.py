@@ -359,7 +359,7 @@ class TrainConfig:
         "the last completion token is the score, trained by the pairwise Bradley-Terry loss; `neox score` rates "
         "JSONL with it), reinforce (online REINFORCE: completions of the train_data_paths prompts sampled from the "
         "policy, scored by reinforce_reward_model, with a baseline and a KL penalty to the starting weights).",
-        ("normal", "dpo", "kto", "rm", "reinforce"),
+        ("normal", "distill", "dpo", "kto", "rm", "reinforce"),
     )
     reinforce_reward_model: str | None = opt(
         None, "reinforce: the reward-model checkpoint (a train_impl: rm run) that scores the sampled completions."
@@ -371,6 +371,18 @@ class TrainConfig:
         False, "reinforce: each completion's baseline is the mean shaped reward of the others in its micro-batch."
     )
     kl_div_beta: float = opt(0.1, "reinforce: weight of the KL penalty log pi - log pi_ref in the shaped reward.")
+    distill_teacher: str | None = opt(
+        None,
+        "train_impl distill: the teacher checkpoint (a neox run or iter_* directory; any size, the same tokenizer), "
+        "frozen in inference mode; the loss is distill_alpha * T^2 * KL(teacher_T || student_T) + (1 - "
+        "distill_alpha) * the LM loss, softmaxes at T = distill_temperature (neox.train.distill). Validation "
+        "reports the student's plain LM loss.",
+    )
+    distill_alpha: float = opt(0.5, "train_impl distill: weight of the KL term, in [0, 1] (1 - alpha on the LM loss).")
+    distill_temperature: float = opt(2.0, "train_impl distill: softmax temperature T of teacher and student (> 0).")
+    distill_topk: int = opt(
+        0, "train_impl distill: keep the teacher's k most likely tokens (renormalised) in the KL; 0 = all."
+    )
     dpo_beta: float = opt(0.1, "DPO / IPO: the strength of the implicit KL to the reference (beta).")
     dpo_label_smoothing: float = opt(
         0.0, "Conservative DPO: the assumed probability (in [0, 0.5)) that a pair's preference is flipped."

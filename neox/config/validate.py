@@ -212,6 +212,7 @@ def validate(r: Resolved) -> None:
     _check_rope_scaling(r)
     _check_mup(r)
     _check_lora(r)
+    _check_distill(r)
     _check_post_training(r)
 
 
@@ -328,6 +329,26 @@ def _check_lora(r: Resolved) -> None:
             "LoRA runs on one process or under data parallelism (DDP, ZeRO/FSDP) only for now; set "
             "model_parallel_size and pipe_parallel_size to 1",
         )
+
+
+def _check_distill(r: Resolved) -> None:
+    """train_impl distill: a teacher, and the ranges of alpha, temperature and top-k (the layouts are
+    _check_post_training's)."""
+    t = r.config.train
+    if t.train_impl != "distill":
+        return
+
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{r.where('train', name)}: {message}")
+
+    if not t.distill_teacher:
+        fail("distill_teacher", "train_impl distill needs a teacher checkpoint: set train.distill_teacher")
+    if not 0 <= t.distill_alpha <= 1:
+        fail("distill_alpha", f"must be in [0, 1], got {t.distill_alpha!r}")
+    if not t.distill_temperature > 0:
+        fail("distill_temperature", f"must be above 0, got {t.distill_temperature!r}")
+    if t.distill_topk < 0:
+        fail("distill_topk", f"must be >= 0 (0 = the whole vocabulary), got {t.distill_topk!r}")
 
 
 def _check_guards(r: Resolved) -> None:

@@ -41,6 +41,7 @@ from neox.train.adapters import adapter_tensors, write_adapter_files
 from neox.train.build import build_model
 from neox.train.curriculum import Curriculum, truncate
 from neox.train.diagnostics import Diagnostics
+from neox.train.distill import Distiller
 from neox.train.guards import POLICY_KEYS, Event, Guards, GuardStop, documents_of, event_record, fused_optimizer
 from neox.train.loss import masked_mean_loss
 from neox.train.metrics import (
@@ -174,9 +175,14 @@ class Trainer:
         self.objective = build_objective(
             tr, sampler, reward_fn
         )  # train_impl: its loss, data and reference; None = language modelling
+        self.distiller = None
+        if tr.train_impl == "distill":  # language-modelling data and loop; the teacher enters through the loss
+            self.objective = None
+            self.distiller = Distiller(cfg, self.device, self.precision)
+        loss_fn = self.objective or self.distiller or masked_mean_loss
         # built on the meta device, parallelized, then each rank's shard allocated and initialised
         self.model, self.runner = build_model(
-            cfg, self.layout, self.precision, self.device, self.accum, loss_fn=self.objective or masked_mean_loss
+            cfg, self.layout, self.precision, self.device, self.accum, loss_fn=loss_fn
         )
         self._seed(tr.seed + self.layout.dp_rank)  # a dropout stream per rank (the init is seeded per parameter)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.model)
@@ -746,6 +752,8 @@ class Trainer:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = sum(w.skipped)  # overflows; the guards' rejections are guard_skipped
         record.update(moe.read_stats(self.model) or {})  # routing statistics of this rank's steps
+        if self.distiller is not None:
+            record.update(self.distiller.read_stats())  # the KL and LM terms of this rank's steps
         if self.objective is not None:
             record.update(self.objective.read_stats())  # reward margin and accuracy of this rank's steps
         return record
