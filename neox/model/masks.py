@@ -44,8 +44,11 @@ class ForwardMask:
 
     def set_segments(self, segments: torch.Tensor) -> None:
         """Documents [Bm, T]; also notes, per query, the first key of its document in any row (`key_floor`), so
-        the chunked path skips the keys of earlier documents. Read on the host once per forward."""
+        the chunked path skips the keys of earlier documents. Read on the host once per forward, so only on CPU
+        and not under torch.compile (elsewhere the chunks mask those keys instead of skipping them)."""
         self.segments = segments
+        if segments.device.type != "cpu" or torch.compiler.is_compiling():
+            return
         t = segments.shape[1]
         _, ids = torch.unique(segments, return_inverse=True)
         slots = torch.arange(t, device=segments.device).expand_as(ids)
