@@ -4,12 +4,15 @@ mean rises over 50 steps of sampling from the policy."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
 import torch
 
+from neox.cli import main as cli
 from neox.config.schema import TokenizerConfig
+from neox.data.preference import PreferenceOptions, preprocess_preferences
 from neox.data.preprocess import PreprocessOptions, preprocess
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
@@ -98,3 +101,45 @@ def test_reinforce_without_sampling_functions_is_one_line(tmp_path):
     cfg.train.train_impl = "reinforce"
     with pytest.raises(Exception, match="needs sampler= and reward_fn="):
         Trainer(cfg, quiet=True)
+
+
+def test_neox_train_samples_and_scores_with_a_reward_model_checkpoint(tmp_path, capsys):
+    """The command's own sampler and reward (a train_impl: rm run), two steps."""
+    torch.set_num_threads(1)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"{i}:", "chosen": " abc", "rejected": " 123"}) + "\n" for i in range(8))
+    )
+    out = preprocess_preferences(
+        PreferenceOptions([str(pairs)], str(tmp_path / "pairs")), TokenizerConfig(tokenizer_type="ByteLevelTokenizer")
+    ).outputs
+    model = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "seq_length": 32}
+    common = {**model, "make_vocab_size_divisible_by": 64, "tokenizer_type": "ByteLevelTokenizer", "device": "cpu"}
+    common.update(train_micro_batch_size_per_gpu=4, log_interval=1, eval_iters=0, progress_bar=False)
+    rm = {
+        **common,
+        "train_impl": "rm",
+        "train_iters": 2,
+        "save": str(tmp_path / "rm"),
+        "pos_train_data_paths": [out["chosen"]],
+        "neg_train_data_paths": [out["rejected"]],
+        "pos_train_label_data_paths": [out["chosen_label"]],
+        "neg_train_label_data_paths": [out["rejected_label"]],
+    }
+    (tmp_path / "rm.yml").write_text(json.dumps(rm))
+    assert cli(["train", str(tmp_path / "rm.yml")]) == 0
+    policy = {
+        **common,
+        "train_impl": "reinforce",
+        "train_iters": 2,
+        "reinforce_max_new_tokens": 4,
+        "reinforce_reward_model": str(tmp_path / "rm"),
+        "save": str(tmp_path / "policy"),
+        "train_data_paths": [_prompts(tmp_path)],
+    }
+    (tmp_path / "policy.yml").write_text(json.dumps(policy))
+    capsys.readouterr()
+    assert cli(["train", str(tmp_path / "policy.yml")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "policy/metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "mean_reward" in r] == [1, 2]
+    assert all(math.isfinite(r["mean_reward"]) for r in records if "mean_reward" in r)
