@@ -268,6 +268,8 @@ def _check_parallel(cfg, gen, world: int, source: str, saved) -> None:
     check_inference_layout(cfg, world, source, saved)
     if world > 1 and gen.text_gen_type == "interactive":
         raise NeoxError("--interactive reads one terminal and cannot run over several processes; drop --nproc")
+    if world > 1 and gen.compile_decode:
+        raise NeoxError("--compile (generation.compile_decode) is not supported with --nproc > 1 yet; drop one")
 
 
 def run(args) -> int:

@@ -140,6 +140,7 @@ def test_tp2_zero3_checkpoints_sampling_and_eval(files, tmp_path):
         (["--set", "parallel.pipe_parallel_size=2"], "pipeline stages are not supported at inference"),
         (["--set", "parallel.model_parallel_size=4"], "parallel.model_parallel_size=4 but 2 process(es) run"),
         (["--interactive"], "--interactive reads one terminal"),
+        (["--compile", "--prompt", "a"], "--compile (generation.compile_decode) is not supported with --nproc > 1"),
     ],
 )
 def test_layouts_inference_refuses(files, capsys, extra, message):
