@@ -490,7 +490,11 @@ class ParallelConfig:
     dp_replicate: int = opt(
         1, "HSDP: replicas across which FSDP shards are replicated (data-parallel = dp_replicate * dp_shard)."
     )
-    cpu_offload: bool = opt(False, "Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).")
+    cpu_offload: bool = opt(
+        False,
+        "Keep sharded parameters, gradients and optimizer state on CPU (FSDP2 CPUOffloadPolicy; zero_stage 1-3). "
+        "One process too: it shards over a one-rank group, so the optimizer runs on the CPU (GPT-NeoX's cpu_adam).",
+    )
     pipe_schedule: str = opt(
         "1f1b",
         "Pipeline schedule (interleaved_zero_bubble: ZB1P, splits each backward into input and weight parts to fill the bubble).",

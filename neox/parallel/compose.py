@@ -45,7 +45,7 @@ def apply(
     experts = apply_expert_parallel(model, expert_mesh(dims, device_type), dims.dp) if dims.ep > 1 else []
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
-    if dims.dp > 1:
+    if dims.dp > 1 or (dims.fsdp and pcfg.cpu_offload):  # one process may shard over itself to offload
         if dims.fsdp:
             # zero-bubble schedules run a stage's weight backward after the next forward: resharding
             # in between would compute those gradients from freed parameters, silently wrong

@@ -247,7 +247,7 @@ def init_distributed(pcfg, model_cfg=None, device="cpu", source: str = "config")
     """
     _, local_rank, world = world_from_env()
     dims = ParallelDims.from_config(pcfg, world, model_cfg, source)  # raises before any group exists
-    if world == 1:
+    if world == 1 and not pcfg.cpu_offload:
         return dims, None
     import torch
     import torch.distributed as dist
@@ -260,7 +260,11 @@ def init_distributed(pcfg, model_cfg=None, device="cpu", source: str = "config")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        # one process with cpu_offload (the CPU Adam role: weights, gradients and optimizer state on the CPU,
+        # the forward and backward on the device) runs FSDP2 over a one-rank group, which needs no launcher
+        solo = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world == 1 else {}
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id, **solo)
     return dims, build_mesh(dims, device.type, timeout)
 
 
