@@ -126,7 +126,17 @@ def parse_token_ids(spec: str | None) -> list | None:
     return ids
 
 
+def _refuse_plain_flags(args, mode: str) -> None:
+    """Conversations and preference records are read in this process, one line at a time, each a whole document
+    that always ends with EOD; the flags of plain corpora would do nothing there."""
+    if args.workers != 1 or args.ftfy or args.text_mode != "file":
+        raise ConfigError(
+            f"{mode} reads JSONL in one process without text cleaning; drop --workers, --ftfy, --text-mode"
+        )
+
+
 def run_chat(args) -> int:
+    _refuse_plain_flags(args, "--chat-template")
     if args.mask_before_token or args.prompt_key:
         raise ConfigError("--chat-template makes its own labels; drop --mask-before-token / --prompt-key")
     keys = ["messages"] if args.json_keys == ["text"] else args.json_keys
@@ -149,6 +159,7 @@ def run_chat(args) -> int:
 
 
 def run_preference(args) -> int:
+    _refuse_plain_flags(args, "--preference")
     if args.mask_before_token or args.prompt_key or args.chat_template:
         raise ConfigError(
             "--preference makes its own labels; drop --mask-before-token / --prompt-key / --chat-template"

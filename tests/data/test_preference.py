@@ -102,3 +102,10 @@ def test_malformed_pair_lines_are_one_line_errors(tmp_path, line, message):
         preprocess_preferences(opts, BYTES)
     assert "\n" not in str(e.value)
     assert not list(tmp_path.glob("b_*"))
+
+
+def test_flags_of_plain_corpora_are_refused(tmp_path, capsys):
+    src = _write(tmp_path / "pairs.jsonl", PAIRS)
+    args = ["preprocess", "--input", src, "--output-prefix", str(tmp_path / "p"), "--preference", "pairs"]
+    assert cli([*args, "--workers", "2"]) == 2
+    assert "drop --workers" in capsys.readouterr().err
