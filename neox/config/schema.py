@@ -383,6 +383,11 @@ class TrainConfig:
     distill_topk: int = opt(
         0, "train_impl distill: keep the teacher's k most likely tokens (renormalised) in the KL; 0 = all."
     )
+    distill_cache: str | None = opt(
+        None,
+        "train_impl distill: a file of the teacher's top-distill_topk logits for every training sample (written by "
+        "neox distill --precompute FILE); the run reads them instead of loading and running the teacher.",
+    )
     dpo_beta: float = opt(0.1, "DPO / IPO: the strength of the implicit KL to the reference (beta).")
     dpo_label_smoothing: float = opt(
         0.0, "Conservative DPO: the assumed probability (in [0, 0.5)) that a pair's preference is flipped."

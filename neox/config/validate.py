@@ -341,8 +341,10 @@ def _check_distill(r: Resolved) -> None:
     def fail(name: str, message: str) -> None:
         raise ConfigError(f"{r.where('train', name)}: {message}")
 
-    if not t.distill_teacher:
+    if not (t.distill_teacher or t.distill_cache):
         fail("distill_teacher", "train_impl distill needs a teacher checkpoint: set train.distill_teacher")
+    if t.distill_cache and t.distill_topk < 1:
+        fail("distill_cache", "holds the teacher's top-k logits: set distill_topk to its k (above 0)")
     if not 0 <= t.distill_alpha <= 1:
         fail("distill_alpha", f"must be in [0, 1], got {t.distill_alpha!r}")
     if not t.distill_temperature > 0:

@@ -338,6 +338,12 @@ class Trainer:
         self.guards.load_state_dict(state.get("guard"))
 
     # ---------------------------------------------------------------- data
+    def train_batches(self) -> Iterator[dict]:
+        """This rank's training micro-batches of the whole run, in training order, from the first (what
+        `neox distill --precompute` runs the teacher over)."""
+        it = self._loader(self.train_data, 0)
+        return (next(it) for _ in range(self.train_iters * self.accum))
+
     def _loader(self, dataset, start_sample: int, loop: bool = False) -> Iterator[dict]:
         d = self.cfg.data
         if self.objective is not None:

@@ -140,3 +140,30 @@ def test_distill_settings_are_checked(tmp_path):
     assert main(["distill", str(tmp_path / "s.yml"), "--teacher", str(tmp_path / "t")]) == 0
     saved = ckpt.saved_config(tmp_path / "cli")["train"]
     assert saved["train_impl"] == "distill" and saved["distill_teacher"] == str(tmp_path / "t")
+
+
+def test_precomputed_top_k_trains_as_the_live_teacher_does(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", docs=60)
+    teacher = tmp_path / "teacher"
+    Trainer(tiny_config(corpus, teacher, train={"train_iters": 3}, eval={"eval_iters": 0}), quiet=True).fit()
+    train = {"train_iters": 4, "train_impl": "distill", "distill_topk": 8, "distill_alpha": 0.6}
+    groups = {"eval": {"eval_iters": 0}, "logging": {"log_interval": 1}}
+    live_cfg = tiny_config(corpus, None, train={**train, "distill_teacher": str(teacher)}, **groups)
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(to_dict(live_cfg)))
+    cache = tmp_path / "cache" / "teacher_top8.pt"
+    assert main(["distill", str(tmp_path / "s.yml"), "--precompute", str(cache)]) == 0 and cache.is_file()
+
+    live = Trainer(live_cfg, quiet=True)
+    live.fit()
+    cached_cfg = tiny_config(corpus, None, train={**train, "distill_cache": str(cache)}, **groups)
+    cached = Trainer(cached_cfg, quiet=True)
+    assert cached.distiller.teacher is None  # never loaded
+    cached.fit()
+    assert cached.losses == live.losses and len(set(live.losses)) > 1  # bitwise
+    # another data order has samples the cache lacks; another k needs another cache
+    cached_cfg.train.seed = 99
+    with pytest.raises(NeoxError, match="has no teacher logits for a training sample"):
+        Trainer(cached_cfg, quiet=True).fit()
+    cached_cfg.train.distill_topk = 4
+    with pytest.raises(ConfigError, match="top 8, distill_topk is 4"):
+        Trainer(cached_cfg, quiet=True)
