@@ -105,7 +105,7 @@ def _precision(plan: Plan, cpu: dict, gpus: list) -> str:
 
 
 class Bench:
-    def __init__(self, plan: Plan, echo=print):
+    def __init__(self, plan: Plan, echo=print, partial=None):
         unknown = set(plan.only) - set(SECTIONS)
         if unknown:
             raise NeoxError(
@@ -114,6 +114,7 @@ class Bench:
         if plan.rounds < 1:
             raise NeoxError(f"--rounds must be at least 1, not {plan.rounds}")
         self.plan, self.echo = plan, echo
+        self.partial = partial  # called with the report so far after each measurement (a long run keeps it)
         self.records: list[dict] = []
         self.work = tempfile.mkdtemp(prefix="neox-bench-")
 
@@ -122,6 +123,14 @@ class Bench:
         self.records.append(r)
         if "error" in r:
             self.echo(f"  {kind} {extra.get('engine', '')} failed: {r['error']}")
+        elif "engine" in extra:  # progress: a measurement takes from seconds to minutes
+            res = r["result"]
+            rates = [res["tokens_per_s"]] if "tokens_per_s" in res else [v.get("tokens_per_s") for v in res.values()]
+            figures = ", ".join(f"{x:,.0f} tokens/s" for x in rates if isinstance(x, float)) or "done"
+            self.echo(
+                f"  {kind} {extra.get('case', '')} {extra['engine']}: {figures} "
+                f"({r['wall_s']:.0f} s, load {r['load_before'][0]:.1f}→{r['load_after'][0]:.1f})"
+            )
         return r
 
     def cases(self, precision: str, prep: dict | None) -> list[tuple[str, str, list[tuple[str, str, dict, dict]]]]:
@@ -201,6 +210,8 @@ class Bench:
             for section, name, engines in cases:
                 for engine, kind, args, extra in engines:
                     self.child(kind, args, section=section, case=name, engine=engine, round=rnd, **extra)
+                    if self.partial is not None:
+                        self.partial(self.report(cpu, gpus, precision, complete=False))
         return self.report(cpu, gpus, precision)
 
     # ------------------------------------------------------------------ summary
@@ -263,11 +274,12 @@ class Bench:
                 out[key]["imports_torch"] = any(x[key]["imports_torch"] for x in runs)
         return out
 
-    def report(self, cpu: dict, gpus: list, precision: str) -> dict:
+    def report(self, cpu: dict, gpus: list, precision: str, complete: bool = True) -> dict:
         summary = {s: self.rows(s) for s in ("train", "generate", "preprocess") if s in self.plan.only}
         summary["startup"] = self.startup() if "startup" in self.plan.only else None
         return {
             "command": sys.argv,
+            "complete": complete,  # False in the file a run rewrites after each measurement
             "machine": {"cpu": cpu, "gpus": gpus, "versions": versions(), "threads": self.plan.threads},
             "plan": dataclasses.asdict(self.plan),
             "peak_flops": {precision: self.peak(precision)},

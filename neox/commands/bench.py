@@ -53,10 +53,19 @@ def run(args) -> int:
         raise NeoxError(f"--shapes: unknown shape(s) {', '.join(bad)}; choose from 14m, 70m, 160m, 410m")
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise NeoxError(f"--tokenizer: {args.tokenizer} not found")
-    report = Bench(plan, echo=lambda line: print(line, flush=True)).run()
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(report: dict) -> None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+
+    bench = Bench(plan, echo=lambda line: print(line, flush=True), partial=write if out is not None else None)
+    report = bench.run()
     print(table(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    if out is not None:
+        write(report)
+        print(f"wrote {out}")
     return 1 if report["errors"] else 0

@@ -52,7 +52,7 @@ def test_quick_bench_prints_the_table_and_writes_the_report(tmp_path):
     cpu = report["machine"]["cpu"]
     assert cpu["model"] and isinstance(cpu["flags"], list) and cpu["cpu_count"] >= 1
     assert {"torch", "transformers", "neox"} <= set(report["machine"]["versions"])
-    assert report["errors"] == []
+    assert report["errors"] == [] and report["complete"] is True
     prec = report["plan"]["resolved"]["precision"]
     assert report["peak_flops"][prec] > 0
     s = report["summary"]
