@@ -61,3 +61,15 @@ def broadcast_(t: torch.Tensor, src: int, group) -> torch.Tensor:
     if work is not t:
         t.copy_(work)
     return t
+
+
+def all_to_all_single_(out: torch.Tensor, t: torch.Tensor, group, out_splits=None, in_splits=None) -> torch.Tensor:
+    """all_to_all_single of `t` into `out` over `group` (uneven splits as lists of rows per rank), wherever the
+    tensors live; returns `out`."""
+    dev = collective_device(group, t.device)
+    send = t if dev == t.device else t.to(dev)
+    recv = out if dev == out.device else torch.empty_like(out, device=dev)
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    if recv is not out:
+        out.copy_(recv)
+    return out

@@ -13,11 +13,11 @@ data-parallel mean's 1/dp, applied in the backward pass (`_ScaleGrad`).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from neox.model.moe import Experts, moe_layers, sort_by_expert
+from neox.parallel.comm import all_to_all_single_
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -38,14 +38,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        all_to_all_single_(out, x.contiguous(), group, out_splits, in_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        all_to_all_single_(back, grad.contiguous(), ctx.group, in_splits, out_splits)
         return back, None, None, None
 
 
@@ -73,7 +73,7 @@ class AllToAllDispatch:
         w = weights.reshape(-1) if keep is None else weights.reshape(-1) * keep.reshape(-1)
         send = counts.view(self.ep, local_e)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # [source rank, local expert] loads
+        all_to_all_single_(recv, send, self.group)  # [source rank, local expert] loads
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the host read all-to-all needs
         got = _AllToAll.apply(x[token].to(dtype), out_splits, in_splits, self.group)
         # received rows come by source rank, then local expert: regroup them by local expert for the matmul

@@ -161,6 +161,8 @@ def test_collectives_keep_cpu_tensors_on_gloo(one_process_group):
     t = torch.tensor([1.0, 2.0])
     assert comm.all_reduce_(t, None) is t and t.tolist() == [1.0, 2.0]
     assert comm.broadcast_(t, 0, None) is t
+    out = torch.empty(2)
+    assert comm.all_to_all_single_(out, t, None, [2], [2]) is out and out.tolist() == [1.0, 2.0]
 
 
 # ---------------------------------------------------------------- every collective of neox.parallel asks comm
@@ -182,6 +184,7 @@ DIRECT = {
     # the collective helpers themselves
     ("comm.py", "all_reduce"),
     ("comm.py", "broadcast"),
+    ("comm.py", "all_to_all_single"),
     # DDP communication hooks: the bucket lives where DDP put the gradients, which the group DDP was built on
     # (neox's, cuda:nccl,cpu:gloo on GPUs) serves; the packed signs are made on the bucket's device
     ("compress.py", "all_reduce"),
