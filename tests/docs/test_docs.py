@@ -324,7 +324,9 @@ def test_doc_command(command: Command, workspaces: Workspaces):
     reason = exception_for(command)
     if reason:
         pytest.skip(f"{command} `{command.text.splitlines()[0]}`: {reason}")
-    if command.text in workspaces.passed:
+    # `neox prepare` always runs: each page's eval data folder starts empty, and the page's later commands read
+    # what it fetched there (seconds, from the local mirror)
+    if command.text in workspaces.passed and not command.text.startswith("neox prepare"):
         # the same text already ran from the same after-`make train` start; once is enough for a 4-minute budget
         pytest.skip(f"{command}: the same command passed at {workspaces.passed[command.text]}")
     page = workspaces.page(command.path)

@@ -94,8 +94,9 @@ def test_generate_reads_load_and_text_generation_yml(work, monkeypatch, capsys, 
     code, _, err = _deepy(monkeypatch, capsys, *argv)
     assert code == 0, err
     records = [json.loads(line) for line in (work / "sample_output.txt").read_text().splitlines()]
-    # num_samples: 10 unconditional samples of at most maximum_tokens: 102 tokens
-    assert len(records) == 10 and all(r["prompt"] == "" and 1 <= r["tokens"] <= 102 for r in records)
+    # num_samples: 10 unconditional samples of at most maximum_tokens: 102 tokens (unseeded: a sample whose first
+    # draw is the end-of-document token is empty, which CI saw once)
+    assert len(records) == 10 and all(r["prompt"] == "" and 0 <= r["tokens"] <= 102 for r in records)
     assert max(r["tokens"] for r in records) > 10  # a random model rarely ends a sample early
     # the inert prompt_end key is noted once, not by deepy.py and again by neox generate
     notes = [r for r in caplog.records if r.name == "neox.config.loader" and "text_generation.yml" in r.getMessage()]
