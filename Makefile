@@ -39,8 +39,9 @@ lint: $(DEV)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# --durations=30: the slowest tests end every CI log, so that the suite's 20-minute budget on 2 cores can be watched
 test: $(DEV) lint
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --timeout 900 --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(DEV)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
