@@ -9,13 +9,9 @@ from torch import nn
 
 from neox.config.schema import ModelConfig, OptimizerConfig
 from neox.errors import ConfigError
+from neox.kernels.bnb import load_bitsandbytes
 from neox.model.mup import lr_multiplier
 from neox.train.optimizers import MADGRAD, SM3, Adafactor, Lion, MuonWithAdamW
-
-try:  # optional: 8-bit optimizer state (use_bnb_optimizer)
-    import bitsandbytes
-except ImportError:
-    bitsandbytes = None
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -138,6 +134,7 @@ def _bnb_optimizer(kind: str, groups: list[dict], params: list[torch.Tensor], cf
     """bitsandbytes' 8-bit Adam/AdamW (block-wise quantised moments) over the same parameter groups."""
     if kind not in ("adam", "adamw"):
         raise ConfigError(f"optimizer.use_bnb_optimizer: 8-bit state exists for adam and adamw, not {kind!r}")
+    bitsandbytes = load_bitsandbytes()  # optional, imported on first use (neox.kernels.bnb: offline)
     if bitsandbytes is None:
         raise ConfigError(
             "optimizer.use_bnb_optimizer is true but bitsandbytes is not installed: pip install bitsandbytes"

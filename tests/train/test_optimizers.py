@@ -227,7 +227,7 @@ def test_each_optimizer_trains_and_resumes_bitwise(corpus, tmp_path, kind):
 
 
 def test_bnb_optimizer_without_bitsandbytes_is_one_line(monkeypatch):
-    monkeypatch.setattr(optim, "bitsandbytes", None)
+    monkeypatch.setattr(optim, "load_bitsandbytes", lambda: None)
     with pytest.raises(ConfigError, match=r"bitsandbytes is not installed: pip install bitsandbytes"):
         build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig(use_bnb_optimizer=True))
     with pytest.raises(ConfigError, match=r"8-bit state exists for adam and adamw, not 'lion'"):
@@ -235,14 +235,15 @@ def test_bnb_optimizer_without_bitsandbytes_is_one_line(monkeypatch):
 
 
 def test_bnb_optimizer_gets_the_parameter_groups(monkeypatch):
-    # bitsandbytes is not installed here: a stand-in records what neox hands its 8-bit AdamW
+    # a stand-in records what neox hands bitsandbytes' 8-bit AdamW (the real one: tests/train/test_bnb.py)
     made = {}
 
     class AdamW8bit:
         def __init__(self, groups, **kwargs):
             made.update(groups=groups, **kwargs)
 
-    monkeypatch.setattr(optim, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit)))
+    stand_in = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
+    monkeypatch.setattr(optim, "load_bitsandbytes", lambda: stand_in)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     build_optimizer(model, OptimizerConfig(use_bnb_optimizer=True, lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
     assert made["lr"] == 1e-3 and made["betas"] == (0.9, 0.99)
