@@ -26,7 +26,7 @@ import numpy as np
 
 from neox.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
 from neox.data.preprocess import IGNORE_INDEX, Summary
-from neox.data.readers import expand_inputs, json_line_error
+from neox.data.readers import iter_json_lines, json_line_error
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError
 
@@ -168,22 +168,13 @@ def preprocess_chat(opts: ChatOptions, tokenizer_cfg) -> Summary:
     summary = Summary(dtype=dtype.name)
     start = time.perf_counter()
     try:
-        for path in expand_inputs(opts.inputs):
-            with open(path, "rb") as f:
-                for n, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    where = f"{path}:{n}"
-                    try:
-                        obj = json.loads(raw)
-                    except ValueError as e:
-                        raise DataError(f"{where}: {json_line_error(e)}") from None
-                    tokens, labels = encode_chat(tok, template, _messages(obj, opts.key, where), opts)
-                    text_b.add_document(tokens.astype(dtype))
-                    label_b.add_document(labels)
-                    summary.documents += 1
-                    summary.tokens += len(tokens)
-                    summary.bytes += len(raw)
+        for where, obj, raw in iter_json_lines(opts.inputs):
+            tokens, labels = encode_chat(tok, template, _messages(obj, opts.key, where), opts)
+            text_b.add_document(tokens.astype(dtype))
+            label_b.add_document(labels)
+            summary.documents += 1
+            summary.tokens += len(tokens)
+            summary.bytes += len(raw)
         if summary.documents == 0:
             raise DataError(f"--input {','.join(map(str, opts.inputs))}: no conversations to write")
         text_b.finalize()

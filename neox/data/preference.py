@@ -18,7 +18,6 @@ rows first and the rejected rows after them, each row's pair number in ``pair_in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from neox.data.datasets import open_indexed
 from neox.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
 from neox.data.loader import collate, micro_batch_indices
 from neox.data.preprocess import IGNORE_INDEX, Summary
-from neox.data.readers import expand_inputs, json_line_error
+from neox.data.readers import iter_json_lines
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError
 
@@ -40,33 +39,24 @@ UNPAIRED_KEYS = ("prompt", "completion", "label")
 def _records(inputs, keys: tuple | None) -> Iterator[tuple[str, dict]]:
     """(file:line, object) of every non-blank line; a malformed one is a one-line DataError naming it.
     keys None: a pair line (prompt, chosen, rejected) or a completion line (prompt, completion), as scored."""
-    for path in expand_inputs(inputs):
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:
-                    raise DataError(f"{where}: {json_line_error(e)}") from None
-                if keys is None:
-                    keys = PAIR_KEYS if isinstance(obj, dict) and "chosen" in obj else ("prompt", "completion")
-                    fixed = None
-                else:
-                    fixed = keys
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: expected a JSON object with {', '.join(keys)}")
-                for key in keys:
-                    want = bool if key == "label" else str
-                    if not isinstance(obj.get(key), want):
-                        what = "missing" if key not in obj else f"a {type(obj[key]).__name__}"
-                        raise DataError(
-                            f"{where}: key {key!r} is {what}; each line needs {', '.join(keys)} "
-                            f"({'true/false' if want is bool else 'strings'})"
-                        )
-                yield where, obj
-                keys = fixed
+    for where, obj, _ in iter_json_lines(inputs):
+        if keys is None:
+            keys = PAIR_KEYS if isinstance(obj, dict) and "chosen" in obj else ("prompt", "completion")
+            fixed = None
+        else:
+            fixed = keys
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with {', '.join(keys)}")
+        for key in keys:
+            want = bool if key == "label" else str
+            if not isinstance(obj.get(key), want):
+                what = "missing" if key not in obj else f"a {type(obj[key]).__name__}"
+                raise DataError(
+                    f"{where}: key {key!r} is {what}; each line needs {', '.join(keys)} "
+                    f"({'true/false' if want is bool else 'strings'})"
+                )
+        yield where, obj
+        keys = fixed
 
 
 def scoring_records(inputs) -> Iterator[tuple[str, dict]]:

@@ -118,6 +118,21 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
     return _guarded(path, lines())
 
 
+def iter_json_lines(inputs) -> Iterator[tuple[str, object, bytes]]:
+    """("file:line", parsed value, raw bytes) of every non-blank line of the JSON Lines files `inputs` names
+    (expanded as --input is). A line that does not parse is a one-line DataError naming the file and line."""
+    for path in expand_inputs(inputs):
+        for n, raw in iter_lines(path):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                value = json.loads(raw)
+            except ValueError as e:
+                raise DataError(f"{where}: {json_line_error(e)}") from None
+            yield where, value, raw
+
+
 def iter_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
     """(line number of its first line, bytes) for blocks of about block_bytes that end at a line end."""
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
 import pytest
 
-from neox.data.readers import iter_pieces, iter_text_pieces, json_line_error
+from neox.data.readers import iter_json_lines, iter_pieces, iter_text_pieces, json_line_error
 from neox.errors import DataError
 
 
@@ -86,3 +87,18 @@ def test_json_line_errors_are_placed_within_the_line():
     assert _json_error('{"text": "abc\n') == f"bad JSON: Invalid control character {end}"
     for line in ('{"text": broken}\n', '{"text": "x"\n', "{\n"):
         assert "line " not in _json_error(line).replace("of the line", "")
+
+
+def test_json_lines_of_several_files_skip_blanks_and_name_a_bad_line(tmp_path):
+    """The line loop chat and preference preprocessing share: compressed files too, blank lines skipped."""
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\n[2]\n')
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write('"three"\n{"x": \n')
+    records = iter_json_lines([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")])
+    assert [next(records) for _ in range(3)] == [
+        (f"{tmp_path / 'a.jsonl'}:1", {"x": 1}, b'{"x": 1}\n'),
+        (f"{tmp_path / 'a.jsonl'}:3", [2], b"[2]\n"),
+        (f"{tmp_path / 'b.jsonl.gz'}:1", "three", b'"three"\n'),
+    ]
+    with pytest.raises(DataError, match=r"b\.jsonl\.gz:2: bad JSON: .* at the end of the line"):
+        next(records)
