@@ -3,15 +3,14 @@
 import pytest
 import torch
 
+from neox.data.tokenizers import build_tokenizer
 from neox.errors import NeoxError
-from neox.infer.generate import generate
 from neox.interop.hf import export_checkpoint, export_model, import_hf
 from tests.infer.tiny import make_run, random_model, tiny_config
+from tests.interop import hf_tiny
+from tests.interop.hf_tiny import transformers
 
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
-
-from neox.data.tokenizers import build_tokenizer  # noqa: E402
+load_file = pytest.importorskip("safetensors.torch").load_file  # installed with transformers
 
 VARIANTS = {
     "neox_parallel_partial_rotary_tied": dict(gpt_j_residual=True, rotary_pct=0.25),
@@ -19,15 +18,7 @@ VARIANTS = {
         no_weight_tying=True, use_bias_in_attn_linear=False, use_bias_in_mlp=False, activation="relu"
     ),
     "neox_gptj_tied_norm": dict(gpt_j_residual=True, gpt_j_tied=True, use_bias_in_norms=False, rotary_pct=0.5),
-    "llama_gqa_untied": dict(
-        norm="rmsnorm",
-        activation="swiglu",
-        num_kv_heads=2,
-        use_bias_in_attn_linear=False,
-        use_bias_in_mlp=False,
-        use_bias_in_norms=False,
-        no_weight_tying=True,
-    ),
+    "llama_gqa_untied": hf_tiny.LLAMA_LIKE,
     "llama_biases_geglu_tied": dict(norm="rmsnorm", activation="geglu", use_bias_in_norms=False),
 }
 
@@ -37,24 +28,10 @@ def test_exported_model_matches_logits_and_greedy_generation(name, tmp_path):
     cfg = tiny_config(**VARIANTS[name])
     model = random_model(cfg)
     tok = build_tokenizer(cfg.tokenizer)
-    export_model(cfg, model.state_dict(), tok, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = hf_tiny.export_and_load(cfg, model, tmp_path, tok)
     assert type(hf).__name__ == ("LlamaForCausalLM" if name.startswith("llama") else "GPTNeoXForCausalLM")
-
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
-
-    # greedy generation, batched with left padding, stopping at the exported eos (the EOD token)
-    prompts = [[5, 6, 7, 8, 9], [70, 71]]
-    ours = generate(model, prompts, 8, eod_id=tok.eod_id).tokens
-    pad = tok.pad_id
-    input_ids = torch.tensor([[pad] * (5 - len(p)) + p for p in prompts])
-    mask = (torch.arange(5)[None] >= torch.tensor([5 - len(p) for p in prompts])[:, None]).long()
-    out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    for row, theirs in zip(ours, out[:, 5:].tolist()):
-        theirs = theirs[: theirs.index(tok.eod_id)] if tok.eod_id in theirs else theirs
-        assert row == theirs
+    assert hf_tiny.logits_gap(model, hf, hf_tiny.random_ids(2, 24, seed=1)) < 1e-4
+    hf_tiny.assert_greedy_matches_hf(model, hf, tok)
 
 
 def test_exported_byte_level_tokenizer_matches(tmp_path):
@@ -96,47 +73,32 @@ def test_tokenizer_without_hf_equivalent_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _hf_random(kind):
+def _hf_random(kind, scale: float = 0.05):
     if kind == "pythia":
         conf = transformers.GPTNeoXConfig(
-            vocab_size=384,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **hf_tiny.HF_TINY,
             intermediate_size=256,
             max_position_embeddings=128,
             rotary_pct=0.25,
             use_parallel_residual=True,
             tie_word_embeddings=False,
         )
-        return transformers.GPTNeoXForCausalLM(conf)
+        return hf_tiny.random_hf(transformers.GPTNeoXForCausalLM, conf, scale=scale)
     conf = transformers.LlamaConfig(
-        vocab_size=384,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **hf_tiny.HF_TINY,
         num_key_value_heads=2,
         intermediate_size=160,
         max_position_embeddings=128,
         tie_word_embeddings=True,
         rms_norm_eps=1e-6,
     )
-    return transformers.LlamaForCausalLM(conf)
+    return hf_tiny.random_hf(transformers.LlamaForCausalLM, conf, scale=scale)
 
 
 @pytest.mark.parametrize("kind", ["pythia", "llama"])
 def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
-    torch.manual_seed(0)
-    hf = _hf_random(kind).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(tmp_path / "hf")
-    cfg = tiny_config()
-    from neox.interop.hf_tokenizer import export_tokenizer
-
-    export_tokenizer(build_tokenizer(cfg.tokenizer), tmp_path / "hf")
-
+    hf = _hf_random(kind)
+    hf_tiny.save_hf(hf, tmp_path / "hf")
     run = import_hf(tmp_path / "hf", tmp_path / "run")
     assert (run / "latest").is_file() and (run / "neox.yml").is_file()
     export_checkpoint(run, tmp_path / "back")
@@ -147,9 +109,7 @@ def test_import_then_export_round_trips_weights_exactly(kind, tmp_path):
     import neox
 
     model, _tok = neox.load(run)
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    assert hf_tiny.logits_gap(model, hf, torch.randint(0, 256, (1, 16))) < 1e-4
     assert isinstance(model.generate("ab", max_new_tokens=4, temperature=0), str)
 
 
@@ -177,8 +137,7 @@ def test_import_takes_the_declared_eos_then_loads_and_generates(tmp_path):
 
     import neox
 
-    torch.manual_seed(0)
-    hf = _hf_random("llama").eval()
+    hf = _hf_random("llama", scale=0.0)  # the weights as transformers initialises them from seed 0
     hf.config.eos_token_id = 0
     hf.save_pretrained(tmp_path / "hf")
     _chat_tokenizer_dir(tmp_path / "hf")
@@ -214,10 +173,7 @@ def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == shards and index["metadata"]["total_size"] > 60_000
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    assert hf_tiny.logits_gap(model, hf_tiny.load_hf(out), torch.randint(0, 256, (1, 16))) < 1e-4
 
     back = import_hf(out, tmp_path / "back")
     import neox

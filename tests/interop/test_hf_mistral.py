@@ -4,70 +4,46 @@ MistralForCausalLM: logits within and past the window, import with the window's 
 import json
 
 import pytest
-import torch
 
 import neox
 from neox.infer.api import checkpoint_config
-from neox.interop.hf import export_model, import_hf
+from neox.interop.hf import import_hf
 from neox.interop.hf_mapping import ExportError, from_hf_config, hf_architecture
 from neox.train.checkpoint import resolve
 from tests.infer.tiny import random_model, tiny_config
+from tests.interop import hf_tiny
+from tests.interop.hf_tiny import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from neox.data.tokenizers import build_tokenizer  # noqa: E402
-from neox.interop.hf_tokenizer import export_tokenizer  # noqa: E402
-
-MISTRAL_LIKE = dict(
-    norm="rmsnorm",
-    activation="swiglu",
-    num_kv_heads=2,
-    use_bias_in_attn_linear=False,
-    use_bias_in_mlp=False,
-    use_bias_in_norms=False,
-    no_weight_tying=True,
-    sliding_window_width=15,  # each token sees itself and 15 before it: transformers' sliding_window 16
-)
+# each token sees itself and 15 before it: transformers' sliding_window 16
+MISTRAL_LIKE = dict(hf_tiny.LLAMA_LIKE, sliding_window_width=15)
 
 
 def _gap(model, hf, t):
-    ids = torch.randint(0, 256, (2, t), generator=torch.Generator().manual_seed(t))
-    with torch.no_grad():
-        return (model(ids) - hf(ids).logits).abs().max().item()
+    return hf_tiny.logits_gap(model, hf, hf_tiny.random_ids(2, t, seed=t))
 
 
 def test_export_to_mistral_matches_logits_within_and_past_the_window(tmp_path):
     cfg = tiny_config(**MISTRAL_LIKE)
     model = random_model(cfg)
-    export_model(cfg, model.state_dict(), build_tokenizer(cfg.tokenizer), tmp_path)
+    hf = hf_tiny.export_and_load(cfg, model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["sliding_window"] == 16 and config["num_key_value_heads"] == 2
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == "MistralForCausalLM"
     assert _gap(model, hf, 12) < 1e-4  # shorter than the window
     assert _gap(model, hf, 64) < 1e-4  # four windows long: the window decides what is seen
 
 
 def test_mistral_checkpoint_imports_with_its_window(tmp_path):
-    torch.manual_seed(0)
     conf = transformers.MistralConfig(
-        vocab_size=384,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **hf_tiny.HF_TINY,
         num_key_value_heads=1,
         intermediate_size=160,
         max_position_embeddings=128,
         sliding_window=8,
         rms_norm_eps=1e-5,
     )
-    hf = transformers.MistralForCausalLM(conf).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(tmp_path / "hf")
-    export_tokenizer(build_tokenizer(tiny_config().tokenizer), tmp_path / "hf")
-    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    hf = hf_tiny.random_hf(transformers.MistralForCausalLM, conf)
+    run = import_hf(hf_tiny.save_hf(hf, tmp_path / "hf"), tmp_path / "run")
     m = checkpoint_config(resolve(run)).model
     assert (m.sliding_window_width, m.num_kv_heads, m.use_bias_in_attn_linear) == (7, 1, False)
     model, _ = neox.load(run)

@@ -4,7 +4,6 @@ logits transformers computes, config.json in both the 5.x and 4.x spellings, one
 import json
 
 import pytest
-import torch
 
 import neox
 from neox.errors import NeoxError
@@ -13,21 +12,9 @@ from neox.interop.hf import export_model, import_hf
 from neox.interop.hf_mapping import from_hf_config
 from neox.train.checkpoint import resolve
 from tests.infer.tiny import random_model, tiny_config
+from tests.interop import hf_tiny
+from tests.interop.hf_tiny import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from neox.data.tokenizers import build_tokenizer  # noqa: E402
-from neox.interop.hf_tokenizer import export_tokenizer  # noqa: E402
-
-LLAMA_LIKE = dict(
-    norm="rmsnorm",
-    activation="swiglu",
-    num_kv_heads=2,
-    use_bias_in_attn_linear=False,
-    use_bias_in_mlp=False,
-    use_bias_in_norms=False,
-    no_weight_tying=True,
-)
 LLAMA3 = {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0}  # fmt: skip
 SCALINGS = {
@@ -36,42 +23,27 @@ SCALINGS = {
     "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16.0},
     "dynamic": {"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 32},
 }
-IDS = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(3))  # past the original 32
-
-
-def _logits_gap(model, hf, ids=IDS):
-    with torch.no_grad():
-        return (model(ids) - hf(ids).logits).abs().max().item()
+IDS = hf_tiny.random_ids(2, 100, seed=3)  # past the original 32
 
 
 @pytest.mark.parametrize(
     "kind, arch", [(k, "llama") for k in SCALINGS] + [("yarn", "gpt_neox"), ("dynamic", "gpt_neox")]
 )
 def test_export_with_rope_scaling_matches_transformers(kind, arch, tmp_path):
-    extra = LLAMA_LIKE if arch == "llama" else {"rotary_pct": 0.5}
+    extra = hf_tiny.LLAMA_LIKE if arch == "llama" else {"rotary_pct": 0.5}
     cfg = tiny_config(**extra, rope_scaling=SCALINGS[kind], max_position_embeddings=128)
     model = random_model(cfg)
-    export_model(cfg, model.state_dict(), build_tokenizer(cfg.tokenizer), tmp_path)
+    hf = hf_tiny.export_and_load(cfg, model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == kind and config["rope_scaling"]["type"] == kind
     # transformers' dynamic NTK grows past its max_position_embeddings: neox's original context
     assert config["max_position_embeddings"] == (32 if kind == "dynamic" else 128)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert _logits_gap(model, hf) < 1e-4
-
-
-def _save_hf(model, path):
-    model.save_pretrained(path)
-    export_tokenizer(build_tokenizer(tiny_config().tokenizer), path)
+    assert hf_tiny.logits_gap(model, hf, IDS) < 1e-4
 
 
 def test_llama3_checkpoint_imports_with_matching_logits_and_exports_back(tmp_path):
-    torch.manual_seed(0)
     conf = transformers.LlamaConfig(
-        vocab_size=384,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **hf_tiny.HF_TINY,
         num_key_value_heads=2,
         intermediate_size=160,
         max_position_embeddings=256,
@@ -79,21 +51,17 @@ def test_llama3_checkpoint_imports_with_matching_logits_and_exports_back(tmp_pat
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
     )  # fmt: skip
-    hf = transformers.LlamaForCausalLM(conf).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    _save_hf(hf, tmp_path / "hf")
-    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    hf = hf_tiny.random_hf(transformers.LlamaForCausalLM, conf)
+    run = import_hf(hf_tiny.save_hf(hf, tmp_path / "hf"), tmp_path / "run")
     model, _ = neox.load(run)
     cfg = checkpoint_config(resolve(run))
     m = cfg.model
     assert m.rope_scaling == {**LLAMA3, "type": "llama3"} and m.rotary_emb_base == 500000
-    assert _logits_gap(model, hf) < 1e-4
+    assert hf_tiny.logits_gap(model, hf, IDS) < 1e-4
     export_model(cfg, model.state_dict(), None, tmp_path / "b")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32).eval()
+    back = hf_tiny.load_hf(tmp_path / "b")
     assert back.config.rope_parameters["rope_type"] == "llama3"
-    assert _logits_gap(model, back) < 1e-4
+    assert hf_tiny.logits_gap(model, back, IDS) < 1e-4
 
 
 def _config_dir(tmp_path, **config):
@@ -103,14 +71,7 @@ def _config_dir(tmp_path, **config):
     return transformers.AutoConfig.from_pretrained(d, local_files_only=True)
 
 
-BASE = dict(
-    vocab_size=384,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    intermediate_size=128,
-)
+BASE = dict(hf_tiny.HF_TINY, num_key_value_heads=4, intermediate_size=128)
 
 
 @pytest.mark.parametrize(
