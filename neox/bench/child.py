@@ -12,6 +12,7 @@ import torch
 
 from neox.bench.generate import DTYPES, generate_case
 from neox.bench.machine import gpu_info
+from neox.bench.moe import moe_train_case
 from neox.bench.preprocess import prepare, preprocess_case
 from neox.bench.startup import startup_case
 from neox.bench.train import train_case
@@ -33,6 +34,8 @@ def run_spec(spec: dict) -> dict:
         return machine(**a)
     if kind == "train":
         return train_case(**a)
+    if kind == "moe_train":
+        return moe_train_case(**a)
     if kind == "generate":
         return {str(b): generate_case(batch=b, **a) for b in spec["batches"]}
     if kind == "preprocess_prepare":
