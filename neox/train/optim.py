@@ -111,7 +111,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, mcfg: ModelConfig | 
         opt.register_load_state_dict_post_hook(functools.partial(_keep_kernels, impl=impl))
         return opt
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        # the multi-tensor path where the parameters allow it (not a mix of plain tensors and DTensors)
+        found = _implementation(params)
+        impl = {"foreach": found.get("fused", False) or found.get("foreach", False)}
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **impl)
+        opt.register_load_state_dict_post_hook(functools.partial(_keep_kernels, impl=impl))
+        return opt
     if kind == "lion":
         return Lion(groups, lr=cfg.lr, betas=betas)
     if kind == "sm3":

@@ -11,6 +11,7 @@ and RMS, and Muon's matrix products, which DTensor reduces across shards.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
 
@@ -101,6 +102,16 @@ def _reduce_max_except(t: torch.Tensor, axis: int) -> torch.Tensor:
     for d in range(t.dim()):
         if d != axis:
             t = t.amax(dim=d, keepdim=True)
+    return _settled(t)
+
+
+def _settled(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor reduced over a sharded dimension comes out Partial: each rank holds its shard's maximum, not
+    the value. DCP refuses to save a Partial tensor (SM3's column maxima of a row-sharded weight, its row
+    maxima of a column-sharded one), so the reduction is completed here: Replicate on those mesh dimensions,
+    which DCP saves and reshards to any layout (a vector per axis: small next to the parameter)."""
+    if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements):
+        return t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
     return t
 
 
