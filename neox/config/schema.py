@@ -485,8 +485,10 @@ class ParallelConfig:
     expert_parallel_size: int = opt(
         1,
         "Expert parallelism: each MoE layer's experts are split over this many data-parallel ranks, tokens "
-        "exchanged by all-to-all (GPT-NeoX's moe_expert_parallel_size loads as this). For now it must equal the "
-        "data-parallel size, without tensor or pipeline parallelism, with moe_dispatch: grouped_mm.",
+        "exchanged by all-to-all (GPT-NeoX's moe_expert_parallel_size loads as this). It must divide the "
+        "data-parallel size: the experts are replicated over the remaining dp / ep ranks (their gradients averaged "
+        "there); composes with ZeRO/HSDP for the dense weights, tensor and pipeline parallelism; needs "
+        "moe_dispatch: grouped_mm.",
     )
     sequence_parallel: bool = opt(False, "Shard norms/dropout along the sequence across tensor-parallel ranks.")
     zero_stage: int = opt(

@@ -277,13 +277,6 @@ def _check_moe(r: Resolved) -> None:
     if ep > 1:
         if m.moe_num_experts % ep:
             fail("parallel", "expert_parallel_size", f"{ep} does not divide moe_num_experts {m.moe_num_experts}")
-        if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
-            fail(
-                "parallel",
-                "expert_parallel_size",
-                "is not implemented with tensor or pipeline parallelism yet; use model_parallel_size: 1 and "
-                "pipe_parallel_size: 1 (or expert_parallel_size: 1, experts then sharded by zero_stage)",
-            )
         if m.moe_dispatch != "grouped_mm":
             fail("parallel", "expert_parallel_size", "needs moe_dispatch: grouped_mm")
         if p.grad_compression != "none":

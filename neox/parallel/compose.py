@@ -10,9 +10,9 @@ from torch import nn
 
 from neox.errors import ConfigError
 from neox.parallel import activation_checkpoint, compress, pipeline
-from neox.parallel.expert import apply_expert_parallel, expert_mesh
+from neox.parallel.expert import apply_expert_parallel
 from neox.parallel.fsdp import apply_fsdp, apply_replicate
-from neox.parallel.mesh import ParallelDims
+from neox.parallel.mesh import ParallelDims, expert_mesh
 from neox.parallel.reduce import masked_mean_loss
 from neox.parallel.runner import LocalRunner, LossFn, StepRunner
 from neox.parallel.tensor import apply_tensor_parallel
@@ -42,7 +42,7 @@ def apply(
     if mesh is None:
         return model
     compress.validate(pcfg)  # before any wrapping: a layout without DDP cannot take a compression hook
-    experts = apply_expert_parallel(model, expert_mesh(dims, device_type), dims.dp) if dims.ep > 1 else []
+    experts = apply_expert_parallel(model, expert_mesh(mesh)) if dims.ep > 1 else []
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sp)
     if dims.dp > 1 or (dims.fsdp and pcfg.cpu_offload):  # one process may shard over itself to offload

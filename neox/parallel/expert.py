@@ -2,12 +2,24 @@
 weights DTensors sharded along the expert dimension, so DCP checkpoints reshard to any other ep), and each
 layer's tokens travel to their experts' ranks and back by all-to-all.
 
-The ep ranks are data-parallel ranks (GPT-NeoX instead splits experts over its model-parallel group): every
-rank routes its own tokens, sends each assignment to the rank holding its expert, runs its local experts as one
-grouped matmul over what it received, and sends the results back. Dense weights keep their data-parallel
-wrapper (DDP or FSDP2); the expert weights are kept out of it: their gradient is already the sum over the
-tokens of all ep ranks, and, with expert_parallel_size equal to the data-parallel size, only needs the
-data-parallel mean's 1/dp, applied in the backward pass (`_ScaleGrad`).
+The ep ranks are data-parallel ranks (GPT-NeoX instead splits experts over its model-parallel group). The dp
+ranks are viewed as a 2-D mesh ("ep_replicate", "ep"), ep innermost (neighbouring ranks exchange tokens;
+neox.parallel.mesh.expert_mesh): every rank routes its own tokens, sends each assignment to the rank of its
+ep group holding its expert, runs its local experts as one grouped matmul over what it received, and sends
+the results back. With expert_parallel_size below the data-parallel size, dp / ep groups hold the same
+experts: replicas, whose expert gradients are summed over "ep_replicate". Dense weights keep their
+data-parallel wrapper over all dp ranks (DDP or FSDP2); the expert weights are kept out of it (FSDP2's hooks
+run on a module's forward, and the experts are reached through the dispatcher instead).
+
+Gradient scale: the data-parallel mean takes 1/dp of the sum of every rank's gradient. A local expert's
+gradient already sums the tokens of its whole ep group; `_ExpertGrad` multiplies it by 1/dp in the backward
+and sums it over the replicas, so the expert weights see the data-parallel mean as every dense weight does.
+That sum runs once per micro-batch (a sum of sums is the sum, so accumulation stays exact); the dense
+wrappers reduce once per step.
+
+Under tensor parallelism the MoE input is replicated over the tp ranks, so each tp position runs its own ep
+groups (the dp ranks at that position) on the same tokens; under pipelines each stage's dp ranks do, and every
+schedule runs the same micro-batches in the same order on all of them, so the all-to-alls pair up.
 """
 
 from __future__ import annotations
@@ -17,18 +29,25 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from neox.model.moe import Experts, moe_layers, sort_by_expert
-from neox.parallel.comm import all_to_all_single_
+from neox.parallel.comm import all_reduce_, all_to_all_single_
 
 
-class _ScaleGrad(torch.autograd.Function):
+class _ExpertGrad(torch.autograd.Function):
+    """Identity on a local expert weight; the backward scales its gradient and sums it over `group` (the
+    replicas of these experts, None when there are none). Each micro-batch's gradient is summed as it is
+    produced, so accumulation adds already-synchronised gradients (a sum of sums is the sum)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
+    def forward(ctx, x: torch.Tensor, scale: float, group) -> torch.Tensor:
+        ctx.scale, ctx.group = scale, group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
+        grad = grad * ctx.scale
+        if ctx.group is not None:
+            all_reduce_(grad, ctx.group)
+        return grad, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,15 +71,15 @@ class _AllToAll(torch.autograd.Function):
 class AllToAllDispatch:
     """MoE.dispatcher for one layer under expert parallelism (the signature of neox.model.moe.dispatch)."""
 
-    def __init__(self, group, ep: int, grad_scale: float):
-        self.group, self.ep, self.grad_scale = group, ep, grad_scale
+    def __init__(self, group, ep: int, grad_scale: float, replica_group=None):
+        self.group, self.ep, self.grad_scale, self.replica_group = group, ep, grad_scale, replica_group
 
     def local_weights(self, experts_mod: Experts) -> dict[str, torch.Tensor]:
         out = {}
         for name in experts_mod.weight_names:
-            p = getattr(experts_mod, name)  # not named_parameters: DDP's replicate swaps them for attributes
+            p = getattr(experts_mod, name)  # not named_parameters: FSDP2 swaps them for attributes
             local = p.to_local() if isinstance(p, DTensor) else p
-            out[name] = _ScaleGrad.apply(local, self.grad_scale)
+            out[name] = _ExpertGrad.apply(local, self.grad_scale, self.replica_group)
         return out
 
     def __call__(self, experts_mod: Experts, x, weights, experts, keep, how: str, cap: int) -> torch.Tensor:
@@ -85,10 +104,12 @@ class AllToAllDispatch:
         return torch.zeros(n, x.shape[1], dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh, dp: int) -> list[nn.Module]:
-    """Shard every MoE layer's experts over `ep_mesh` (1-D, the ep ranks) and give the layer an all-to-all
-    dispatcher; returns the expert modules, which the data-parallel wrapper must leave alone."""
-    ep = ep_mesh.size()
+def apply_expert_parallel(model: nn.Module, mesh2d) -> list[nn.Module]:
+    """Shard every MoE layer's experts over `mesh2d["ep"]` (neox.parallel.mesh.expert_mesh: this rank's ep
+    group and, in "ep_replicate", the ranks holding the same experts) and give the layer an all-to-all
+    dispatcher; returns the expert modules, which the dense data-parallel wrapper must leave alone."""
+    ep_mesh, replicas = mesh2d["ep"], mesh2d["ep_replicate"]
+    ep, dp = ep_mesh.size(), ep_mesh.size() * replicas.size()
     mods = []
     for layer in moe_layers(model):
         ex = layer.experts
@@ -97,15 +118,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh, dp: int) -> list[nn.Module]
             # every rank holds the same full value here (or a meta tensor): each keeps its slice, no traffic
             shard = distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)
             setattr(ex, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-        layer.dispatcher = AllToAllDispatch(ep_mesh.get_group(), ep, 1.0 / dp)
+        group = replicas.get_group() if replicas.size() > 1 else None
+        layer.dispatcher = AllToAllDispatch(ep_mesh.get_group(), ep, 1.0 / dp, group)
         mods.append(ex)
     return mods
-
-
-def expert_mesh(dims, device_type: str):
-    """The ep ranks as a 1-D DeviceMesh: with expert_parallel_size equal to the data-parallel size, the
-    data-parallel ranks of this rank's (pp, tp) position, which is the flattened dp dim's arrangement."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("ep_pp", "ep", "ep_tp"))
-    return mesh["ep"]

@@ -10,6 +10,10 @@ The mesh always has all four dims, in this order, size 1 where unused, so code c
     dp_replicate  data-parallel replicas (DDP for ZeRO 0; the replicate dim of HSDP)
     dp_shard      data-parallel shards (FSDP2 for ZeRO 1/2/3)
     tp            tensor parallel (innermost: the chattiest, kept on neighbouring ranks)
+
+With expert parallelism the flattened data-parallel ranks are also seen as a 2-D mesh (`expert_mesh`):
+ep_replicate x ep, ep innermost (the ranks exchanging tokens by all-to-all), ep_replicate the ranks holding
+the same experts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from datetime import timedelta
 from neox.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+EXPERT_DIM_NAMES = ("ep_replicate", "ep")  # the flattened dp dim seen by expert parallelism
 BACKENDS = ("auto", "gloo", "nccl")
 # On GPUs every group is created with both: NCCL carries CUDA tensors, gloo the CPU ones (a loss broadcast,
 # the norm of CPU-offloaded gradients), which a plain "nccl" group refuses.
@@ -38,7 +43,7 @@ class ParallelDims:
     tp: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
-    ep: int = 1  # expert-parallel ranks (neox.parallel.expert): for now, all data-parallel ranks
+    ep: int = 1  # expert-parallel ranks (neox.parallel.expert): a divisor of dp, innermost within it
 
     @property
     def dp(self) -> int:
@@ -138,10 +143,10 @@ class ParallelDims:
             sequence_parallel=bool(pcfg.sequence_parallel),
             ep=getattr(pcfg, "expert_parallel_size", 1),
         )
-        if dims.ep > 1 and dims.ep != dims.dp:
+        if dims.ep > 1 and dims.dp % dims.ep:
             raise ConfigError(
-                f"{source}: parallel.expert_parallel_size={dims.ep} must equal the data-parallel size {dims.dp} "
-                f"(world {world_size} / pp {pp} / tp {tp}) for now; run {dims.ep * pp * tp} processes or change it"
+                f"{source}: parallel.expert_parallel_size={dims.ep} must divide the data-parallel size {dims.dp} "
+                f"(world {world_size} / pp {pp} / tp {tp}); run a multiple of {dims.ep * pp * tp} processes or change it"
             )
         if model_cfg is not None:
             dims.check_model(model_cfg, pcfg, source)
@@ -223,10 +228,22 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu", timeout: timedelta 
         raise ConfigError(f"layout is for {dims.world_size} processes but {dist.get_world_size()} are running")
     mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=DIM_NAMES)
     submesh(mesh, "dp")  # create the flattened group now, on every rank together
+    if dims.ep > 1:
+        # the dp ranks as (ep_replicate, ep), ep innermost; unflattening creates groups, so once, here
+        mesh._neox_expert_mesh = submesh(mesh, "dp")._unflatten(0, (dims.dp // dims.ep, dims.ep), EXPERT_DIM_NAMES)
     if timeout is not None:
         for name in (*DIM_NAMES, "dp"):
             submesh(mesh, name).get_group().set_timeout(timeout)
+        if dims.ep > 1:
+            for name in EXPERT_DIM_NAMES:
+                expert_mesh(mesh)[name].get_group().set_timeout(timeout)
     return mesh
+
+
+def expert_mesh(mesh):
+    """The data-parallel ranks as a 2-D mesh ("ep_replicate", "ep") built with `mesh` (expert_parallel_size > 1):
+    "ep" the ranks exchanging tokens by all-to-all, "ep_replicate" those holding the same experts."""
+    return mesh._neox_expert_mesh
 
 
 def submesh(mesh, name: str):

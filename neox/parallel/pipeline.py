@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neox.errors import ConfigError
-from neox.model.moe import set_aux_loss_scale
+from neox.model.moe import moe_layers, set_aux_loss_scale
 from neox.parallel.comm import all_reduce_
 from neox.parallel.mesh import dist_timeout, submesh
 from neox.parallel.reduce import TIED_COPY_ATTR, broadcast_from_last_stage, loss_context, masked_mean_loss
@@ -302,6 +302,8 @@ class PipelineRunner:
 
         # `tied` comes from the whole model, so every rank agrees on creating the pair groups
         self.pair_group = _pair_group(mesh, timeout) if tied else None
+        for m in stages:
+            _drop_placeholder_routing_stats(m)
 
     # -- loss: target packs labels and loss mask as [b, 2, T] so the schedule splits them with the batch
     def _loss_fn(self, logits, target):
@@ -382,6 +384,23 @@ class PipelineRunner:
                     g = w.grad = g.redistribute(w.device_mesh, w.placements)
                 local = g.to_local() if hasattr(g, "to_local") else g
                 all_reduce_(local, self.pair_group)  # a CPU tensor under cpu_offload
+
+
+def _drop_placeholder_routing_stats(stage: nn.Module) -> None:
+    """The first training step runs each stage once on placeholder inputs (the schedule's shape inference)
+    before any micro-batch: forget the routing statistics of that forward, which are not the run's."""
+    layers = moe_layers(stage)
+    if not layers:
+        return
+
+    def hook(module, args, out):
+        if not module.training:
+            return  # an evaluation forward: statistics are counted in training only
+        for layer in layers:
+            layer.stats = None
+        handle.remove()
+
+    handle = stage.register_forward_hook(hook)
 
 
 # ---------------------------------------------------------------- putting it together

@@ -32,11 +32,12 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.kernels.device import resolve_device
-from neox.model import flops_per_token, moe, num_params
+from neox.model import flops_per_token, num_params
 from neox.model.lora import is_adapter_key
 from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
+from neox.train import routing_stats
 from neox.train.adapters import adapter_tensors, write_adapter_files
 from neox.train.build import build_model
 from neox.train.curriculum import Curriculum, truncate
@@ -757,7 +758,8 @@ class Trainer:
         if self.precision.scaler is not None:
             record["loss_scale"] = self.precision.scaler.scale
             record["skipped"] = sum(w.skipped)  # overflows; the guards' rejections are guard_skipped
-        record.update(moe.read_stats(self.model) or {})  # routing statistics of this rank's steps
+        # routing statistics summed over data-parallel ranks and stages: one collective per log line
+        record.update(routing_stats.read(self.model, self.layout.mesh, self.cfg.model.moe_num_experts, self.device))
         if self.distiller is not None:
             record.update(self.distiller.read_stats())  # the KL and LM terms of this rank's steps
         if self.objective is not None:
