@@ -627,6 +627,23 @@ class LoraConfig:
         "Linear layers that get adapters, by attribute name: query_key_value, dense (attention output), "
         "dense_h_to_4h, dense_4h_to_h, w1, w2, w3 (MLP), embed_out, router.",
     )
+    quantize: str = opt(
+        "none",
+        "QLoRA: store the frozen base weights of the adapted linear layers in 4 bits (neox.model.qlora): nf4 "
+        "(NormalFloat4, block-wise absmax over 64 weights, as the QLoRA paper) or fp4 (E2M1); dequantised per "
+        "matmul into the compute dtype, adapters trained in full precision. A full-precision checkpoint is "
+        "quantised as it loads (checkpoint.finetune); the run's checkpoints hold the 4-bit codes. One process "
+        "only. bitsandbytes' NF4 kernel is used where it is installed and works offline, else plain PyTorch.",
+        choices=("none", "nf4", "fp4"),
+    )
+    double_quant: bool = opt(
+        False,
+        "QLoRA double quantisation: the fp32 block maxima stored as int8 around their mean with one fp32 scale "
+        "per 256 (about 0.52 instead of 0.56 bytes per quantised weight).",
+    )
+    quantize_all: bool = opt(
+        False, "QLoRA: quantize every linear layer's weight, not only those with adapters (a tied head stays)."
+    )
 
 
 @dataclass

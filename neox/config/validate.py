@@ -301,11 +301,17 @@ LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "w
 def _check_lora(r: Resolved) -> None:
     """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP)."""
     lo, p = r.config.lora, r.config.parallel
-    if lo.rank <= 0:
-        return
 
     def fail(name: str, message: str, group: str = "lora") -> None:
         raise ConfigError(f"{r.where(group, name)}: {message}")
+
+    if lo.rank <= 0:
+        if lo.quantize != "none" or lo.double_quant or lo.quantize_all:
+            key = "quantize" if lo.quantize != "none" else "double_quant" if lo.double_quant else "quantize_all"
+            fail(key, "quantizes the base under LoRA adapters (QLoRA): set lora.rank > 0 (or remove it)")
+        return
+    if lo.quantize == "none" and (lo.double_quant or lo.quantize_all):
+        fail("double_quant" if lo.double_quant else "quantize_all", "has no effect without lora.quantize: nf4 or fp4")
 
     if not lo.alpha > 0:
         fail("alpha", f"must be above 0, got {lo.alpha!r}")
@@ -316,6 +322,9 @@ def _check_lora(r: Resolved) -> None:
             fail(
                 "target_modules", f"{name!r} is not a linear layer of the model; choose from {', '.join(LORA_TARGETS)}"
             )
+    if lo.quantize != "none" and (p.model_parallel_size > 1 or p.pipe_parallel_size > 1):
+        # one process only: the Trainer refuses data parallelism, which it knows only at launch
+        fail("quantize", "4-bit base weights (QLoRA) run on one process only for now; set lora.quantize: none")
     if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
         fail(
             "rank",

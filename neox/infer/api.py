@@ -21,6 +21,7 @@ from neox.infer.tensor_parallel import shard_model
 from neox.kernels.device import torch_dtype
 from neox.model import GPT
 from neox.model.lora import apply_lora, is_adapter_key, merge_lora_
+from neox.model.qlora import dequantize_base_, quantize_base_
 from neox.train.checkpoint import load_model_weights, resolve
 
 
@@ -35,8 +36,11 @@ def build_model(cfg, ckpt: Path | None, device="cpu", dtype=None):
     lo = cfg.lora
     if lo.rank:  # a LoRA run's checkpoint: its adapters are loaded, then folded into the weights
         apply_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
+        if lo.quantize != "none":  # QLoRA: the checkpoint holds 4-bit base weights, merged dequantised
+            quantize_base_(model, lo.quantize, lo.double_quant, lo.quantize_all)
     if ckpt is not None:
         load_model_weights(str(ckpt), model, optional=is_adapter_key if lo.rank else None)
+    dequantize_base_(model)
     merge_lora_(model)
     dtype = torch_dtype(dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)

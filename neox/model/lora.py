@@ -84,12 +84,27 @@ def reset_adapter(m: nn.Linear) -> None:
 
 
 def adapted(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "lora_A")]
+    """(path, layer) of every adapted layer: nn.Linear, or a 4-bit one (neox.model.qlora) before merging."""
+    return [(path, m) for path, m in model.named_modules() if hasattr(m, "lora_A")]
+
+
+def move_adapter(src: nn.Module, dst: nn.Module) -> None:
+    """Re-home `src`'s adapter (parameters, scale, dropout, hook) on `dst`, which replaces it in the model
+    (neox.model.qlora swaps a Linear for its 4-bit form and back); a no-op for a layer without one."""
+    if not hasattr(src, "lora_A"):
+        return
+    src.lora_handle.remove()
+    for name in (*ADAPTER_NAMES, "lora_scale", "lora_dropout"):
+        setattr(dst, name, getattr(src, name))
+        delattr(src, name)
+    dst.lora_handle = dst.register_forward_hook(_hook)
+    del src.lora_handle
 
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> int:
-    """Fold every adapter into its weight (W += scale * B @ A, in fp32) and remove it; returns how many."""
+    """Fold every adapter into its nn.Linear's weight (W += scale * B @ A, in fp32) and remove it; returns
+    how many. 4-bit layers are turned back into nn.Linear first (neox.model.qlora.dequantize_base_)."""
     done = adapted(model)
     for _, m in done:
         delta = m.lora_scale * (m.lora_B.float() @ m.lora_A.float())

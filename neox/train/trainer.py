@@ -38,7 +38,7 @@ from neox.parallel.dcp import AsyncSaver
 from neox.parallel.reduce import clip_grad_norm_, mean_over, scale_grads_
 from neox.train import checkpoint as ckpt
 from neox.train import routing_stats
-from neox.train.adapters import adapter_tensors, write_adapter_files
+from neox.train.adapters import adapter_tensors, quantize_base, stores_4bit, write_adapter_files
 from neox.train.build import build_model
 from neox.train.curriculum import Curriculum, truncate
 from neox.train.diagnostics import Diagnostics
@@ -214,6 +214,8 @@ class Trainer:
             self._clear_previous_run()
         if c.load:
             self._load(c.load)
+        # QLoRA: the base to 4 bits once its values are final (a full-precision checkpoint's are loaded by now)
+        quantize_base(self.model, cfg.lora, self.layout.world_size)
         if self.objective is not None:
             self._prepare_reference()
 
@@ -306,6 +308,8 @@ class Trainer:
                 raise
             self._say(f"no checkpoint in {path} yet: starting from scratch")
             return
+        if self.cfg.lora.quantize != "none" and stores_4bit(ckpt.resolve(path)):
+            quantize_base(self.model, self.cfg.lora, self.layout.world_size)  # a QLoRA run's codes load as they are
         if c.finetune:
             # a plain checkpoint has no LoRA adapters: those start from their initial values
             optional = is_adapter_key if self.cfg.lora.rank else None
