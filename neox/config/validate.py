@@ -299,7 +299,7 @@ LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "w
 
 
 def _check_lora(r: Resolved) -> None:
-    """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP)."""
+    """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP, tensor parallel)."""
     lo, p = r.config.lora, r.config.parallel
 
     def fail(name: str, message: str, group: str = "lora") -> None:
@@ -325,11 +325,10 @@ def _check_lora(r: Resolved) -> None:
     if lo.quantize != "none" and (p.model_parallel_size > 1 or p.pipe_parallel_size > 1):
         # one process only: the Trainer refuses data parallelism, which it knows only at launch
         fail("quantize", "4-bit base weights (QLoRA) run on one process only for now; set lora.quantize: none")
-    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
+    if p.pipe_parallel_size > 1:
         fail(
             "rank",
-            "LoRA runs on one process or under data parallelism (DDP, ZeRO/FSDP) only for now; set "
-            "model_parallel_size and pipe_parallel_size to 1",
+            "LoRA does not run under pipeline parallelism yet; set pipe_parallel_size to 1",
         )
 
 

@@ -7,6 +7,8 @@
 - embeddings: embed_in vocab-parallel (row-wise over the vocabulary); the output layer column-parallel over
   the vocabulary with logits left sharded (a DTensor on the last dim) for `loss_parallel`; the tied head
   reuses the vocab-sharded embed_in weight the same way.
+- LoRA adapters follow their layer: a column-parallel layer's lora_A replicated and lora_B split by outputs,
+  a row-parallel layer's lora_A split by inputs and lora_B replicated (`_parallelize`).
 - sequence parallel: the residual stream between blocks is a DTensor sharded on the sequence dim, so norms and
   dropout run on 1/tp of the tokens; attention and MLP inputs are all-gathered, their outputs
   reduce-scattered. Keeping the stream a DTensor (not its local shard) means `x.shape` stays the global shape
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from neox.model.lora import ADAPTER_NAMES
 from neox.model.moe import MoE
 
 
@@ -84,6 +87,32 @@ def layer_plan(block, sp: bool) -> dict:
     return plan
 
 
+def _parallelize(module: nn.Module, tp_mesh, plan: dict) -> None:
+    """parallelize_module, with each LoRA adapter (neox.model.lora: lora_A [r, in], lora_B [out, r] beside the
+    weight) placed to match its base layer, so the adapter's term needs no communication of its own:
+    column-parallel (weight rows = outputs split): A replicated, B split by output rows, its term comes out
+    sharded on the output features as W x does; row-parallel (inputs split): A split by input columns, B
+    replicated, its term a partial sum that joins W x's before the layer's own reduction. The adapters are
+    taken off while the plan is applied (ColwiseParallel would shard every parameter of the layer on dim 0,
+    RowwiseParallel would leave them plain), then put back as DTensors with their requires_grad."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    held = []
+    for path, style in plan.items():
+        layer = module.get_submodule(path)
+        if hasattr(layer, ADAPTER_NAMES[0]) and isinstance(style, (ColwiseParallel, RowwiseParallel)):
+            held.append(
+                (layer, isinstance(style, ColwiseParallel), {n: layer._parameters.pop(n) for n in ADAPTER_NAMES})
+            )
+    parallelize_module(module, tp_mesh, plan)
+    for layer, column, params in held:
+        places = {"lora_A": Replicate() if column else Shard(1), "lora_B": Shard(0) if column else Replicate()}
+        for name, p in params.items():
+            dist = distribute_tensor(p.detach(), tp_mesh, [places[name]])
+            layer.register_parameter(name, nn.Parameter(dist, requires_grad=p.requires_grad))
+
+
 def _gather_sequence(module, args):
     """Forward pre-hook (sequence parallel): all-gather the sequence-sharded input once per sub-layer, not once
     per projection; the remaining arguments (masks, cache) pass through untouched."""
@@ -98,7 +127,7 @@ def _gather_sequence(module, args):
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     """Shard `model` (a GPT or a pipeline stage of one) over `tp_mesh` in place; returns it."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
     tp, rank, sp = tp_mesh.size(), tp_mesh.get_local_rank(), sequence_parallel
     stream = Shard(1) if sp else Replicate()
@@ -110,7 +139,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     if getattr(model, "embed_out", None) is not None:
         top["embed_out"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
     if top:
-        parallelize_module(model, tp_mesh, top)
+        _parallelize(model, tp_mesh, top)
 
     if sp:
         for name in ("embed_pos", "sinusoidal"):
@@ -132,7 +161,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         model.layouts.register_forward_hook(_slice_heads(rank, model.layouts.num_heads // tp))
 
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, layer_plan(block, sp))
+        _parallelize(block, tp_mesh, layer_plan(block, sp))
         if sp:
             block.attention.register_forward_pre_hook(_gather_sequence)
             block.mlp.register_forward_pre_hook(_gather_sequence)

@@ -1,4 +1,5 @@
-"""LoRA under data parallelism: ZeRO-3 (FSDP2 shards of frozen weights and adapters) and DDP over two ranks
+"""LoRA under data and tensor parallelism: ZeRO-3 (FSDP2 shards of frozen weights and adapters), DDP and tp2
+(adapters placed to match their column- or row-parallel base layer, neox.parallel.tensor) over two ranks
 fine-tune a one-process checkpoint to one process's losses; the base weights in their checkpoints are the
 pretrained ones bitwise and the adapter files hold the gathered adapters."""
 
@@ -18,9 +19,15 @@ from tests.parallel.dist_helpers import torchrun
 from tests.train.tiny_run import make_corpus, tiny_config
 
 ITERS = 4
-MODEL = {"pos_emb": "rotary", "no_weight_tying": True}
-LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["query_key_value", "dense", "dense_4h_to_h"]}
-LAYOUTS = {"zero3": {"zero_stage": 3}, "ddp": {"zero_stage": 0}}
+# the vocabulary pinned to tp2's padding (384), so the one-process base checkpoint loads under tp2
+MODEL = {"pos_emb": "rotary", "no_weight_tying": True, "vocab_size": 384}
+# column-parallel (query_key_value, dense_h_to_4h, embed_out) and row-parallel (dense, dense_4h_to_h) layers
+LORA = {
+    "rank": 4,
+    "alpha": 8.0,
+    "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "embed_out"],
+}
+LAYOUTS = {"zero3": {"zero_stage": 3}, "ddp": {"zero_stage": 0}, "tp2": {"model_parallel_size": 2}}
 
 
 def groups(run, base, parallel=None) -> dict:

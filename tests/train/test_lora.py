@@ -153,8 +153,8 @@ def test_bad_lora_settings_are_one_line_errors(corpus, tmp_path):
         assert "\n" not in str(e.value)
     d = to_dict(tiny_config(corpus, None, model=MODEL))
     d["lora"] = {"rank": 4}
-    d["parallel"] = {"model_parallel_size": 2}
-    with pytest.raises(ConfigError, match="lora.rank.*tensor|model_parallel_size"):
+    d["parallel"] = {"pipe_parallel_size": 2}
+    with pytest.raises(ConfigError, match="lora.rank.*pipeline parallelism.*pipe_parallel_size"):
         from_dict(d)
     # a known layer name that this model lacks (w1 belongs to gated MLPs) is refused when the model is built
     cfg = load(target_modules=["w1"])
