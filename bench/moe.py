@@ -24,7 +24,8 @@ from pathlib import Path
 from neox.bench.machine import cpu_info, load, versions
 from neox.bench.run import NATIVE_BF16, run_child
 
-ENGINES = ("neox-moe", "neox-dense", "hf-mixtral")
+ENGINES = ("neox-moe", "neox-dense", "hf-mixtral", "hf-mixtral-eager")
+DEFAULT_ENGINES = ENGINES[:3]  # hf-mixtral-eager: transformers' loop over experts, on request
 SHAPE_KEYS = ("layers", "hidden", "heads", "experts", "top_k", "expert_width", "vocab", "seq", "micro", "dispatch")
 
 
@@ -68,7 +69,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="each round measures every engine once, in turn")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one measurement may take")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -119,7 +120,7 @@ def main() -> int:
         print(f"| {name} | {row['tokens_per_s_best']:.0f} | {row['tokens_per_s_median']:.0f} | {mfu} | {loads} |")
     by = {row["engine"]: row for row in rows}
     ratios = {}
-    for other in ("hf-mixtral", "neox-dense"):
+    for other in ("hf-mixtral", "hf-mixtral-eager", "neox-dense"):
         if "neox-moe" in by and other in by:
             best = by["neox-moe"]["tokens_per_s_best"] / by[other]["tokens_per_s_best"]
             med = by["neox-moe"]["tokens_per_s_median"] / by[other]["tokens_per_s_median"]

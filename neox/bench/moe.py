@@ -23,7 +23,7 @@ from neox.interop.hf_mapping import to_hf_config
 from neox.model import flops_per_token
 from neox.train.metrics import peak_memory_bytes
 
-ENGINES = ("neox-moe", "neox-dense", "hf-mixtral")
+ENGINES = ("neox-moe", "neox-dense", "hf-mixtral", "hf-mixtral-eager")
 
 
 def moe_config(
@@ -83,15 +83,17 @@ def moe_config(
     )
 
 
-def run_mixtral(cfg: Config, steps: int, warmup: int, precision: str) -> tuple[list[float], str]:
-    """transformers' usual loop on MixtralForCausalLM (its default experts implementation); returns the timed
-    steps' seconds and the experts implementation it ran."""
+def run_mixtral(cfg: Config, steps: int, warmup: int, precision: str, experts_impl: str | None = None):
+    """transformers' usual loop on MixtralForCausalLM (its default experts implementation, or `experts_impl`:
+    "eager" is its loop over the experts); returns the timed steps' seconds and the implementation it ran."""
     from transformers import MixtralForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_cfg = to_hf_config(cfg.model)
     hf_cfg.output_router_logits = True
     hf_cfg._attn_implementation = "sdpa"
+    if experts_impl is not None:
+        hf_cfg._experts_implementation = experts_impl
     torch.manual_seed(0)
     model = MixtralForCausalLM(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
@@ -121,8 +123,11 @@ def moe_train_case(engine: str, precision: str, steps: int, warmup: int, **shape
         raise ValueError(f"moe_train: unknown engine {engine!r}")
     moe_cfg = moe_config(True, precision, **shape)
     extra = {}
-    if engine == "hf-mixtral":
-        times, extra["hf_experts_implementation"] = run_mixtral(moe_cfg, steps, warmup, precision.partition("-")[0])
+    if engine.startswith("hf-mixtral"):
+        impl = "eager" if engine == "hf-mixtral-eager" else None
+        times, extra["hf_experts_implementation"] = run_mixtral(
+            moe_cfg, steps, warmup, precision.partition("-")[0], impl
+        )
     else:
         times = run_neox(moe_config(engine == "neox-moe", precision, **shape), steps, warmup)
     device = "cuda" if torch.cuda.is_available() else "cpu"
