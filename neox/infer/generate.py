@@ -17,6 +17,7 @@ import torch
 from neox.errors import NeoxError
 from neox.infer import compiled
 from neox.infer.gemv_layout import transposed_output_weight
+from neox.infer.packed import packed_linears
 from neox.infer.sampling import SamplingParams, choose_next
 from neox.infer.tensor_parallel import TokenSync, full_logits
 from neox.kernels.bf16_cpu import fast_bf16_linears
@@ -98,9 +99,13 @@ def generate(
     stops = StopTracker(batch, eod_id, stop_strings, decode)
     next_tokens = NextTokens(model, batch, cache, params, generator, compile)
 
-    # eager decoding of one sequence on CPU: the output weight in the layout MKL's one-row product reads fastest
-    # (a compiled step chooses its own layouts, and its frozen weights must not move)
-    layout = contextlib.nullcontext() if compile else transposed_output_weight(model, batch.size, max_new_tokens)
+    # eager decoding on CPU: weights in the layouts the few-row products read fastest (oneDNN's packed layout;
+    # for one fp32 row, the output weight transposed for MKL's GEMV). A compiled step chooses its own layouts,
+    # and its frozen weights must not move.
+    layout = contextlib.ExitStack()
+    if not compile:
+        layout.enter_context(packed_linears(model, batch.size))
+        layout.enter_context(transposed_output_weight(model, batch.size, max_new_tokens))
     with layout:
         t0 = time.perf_counter()
         next_tokens.prefill()
