@@ -1,4 +1,5 @@
-"""One generation measurement: neox's KV-cache loop or transformers' `generate`, same weights and prompts.
+"""One generation measurement: neox's KV-cache loop (eager, or its compiled decode step: engine neox-compiled)
+or transformers' `generate`, same weights and prompts.
 
 Both decode greedily with no EOS, so every row yields exactly `new_tokens` tokens per prompt; tokens/s =
 batch * new tokens / wall time (prefill included), best of `trials` after one warm-up. The Hugging Face model
@@ -82,11 +83,19 @@ def generate_case(
         timed = time_hf
     elif engine == "neox":
         model, timed = build_neox(shape, DTYPES[dtype]), time_neox
+    elif engine == "neox-compiled":
+        model = build_neox(shape, DTYPES[dtype])
+
+        def timed(model, prompts, new_tokens):
+            return time_neox(model, prompts, new_tokens, compile=True)
     else:
         raise ValueError(f"generate: unknown engine {engine!r}")
-    gen = torch.Generator().manual_seed(1)  # the same prompts in both engines' processes
+    gen = torch.Generator().manual_seed(1)  # the same prompts in all engines' processes
     prompts = torch.randint(0, 50000, (batch, prompt_len), generator=gen).tolist()
-    timed(model, prompts, min(4, new_tokens))  # warm-up
+    # warm-up; the compiled step's is the full length, so that it compiles the cache-length bucket timed after
+    t0 = time.perf_counter()
+    timed(model, prompts, new_tokens if engine == "neox-compiled" else min(4, new_tokens))
+    warmup_s = time.perf_counter() - t0
     best, tokens = float("inf"), []
     for _ in range(trials):
         seconds, tokens = timed(model, prompts, new_tokens)
@@ -98,4 +107,6 @@ def generate_case(
         "peak_mem_bytes": peak_memory_bytes(device),
         "tokens": tokens,
         "threads": torch.get_num_threads(),
+        # the compiled step's first call compiles (or loads the compiled code from the disk cache)
+        "first_step_s": warmup_s if engine == "neox-compiled" else None,
     }

@@ -10,6 +10,7 @@ torch: `neox bench` itself stays light and everything heavy happens in the child
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -38,7 +39,8 @@ class Plan:
     micro: int = 4
     steps: int = 3
     warmup: int = 1
-    gen_shapes: tuple = ("14m", "70m")
+    gen_shapes: tuple = ("70m", "160m")
+    gen_compiled: bool = True  # measure the compiled decode step too (its compile is the warm-up, untimed)
     batches: tuple = (1, 8)
     prompt_len: int = 32
     new_tokens: int = 128
@@ -60,6 +62,7 @@ def quick_plan(**overrides) -> Plan:
         steps=1,
         warmup=0,  # so the one timed step is the first: a smoke figure
         gen_shapes=("14m",),
+        gen_compiled=False,  # a compile takes longer than the rest of the quick run
         prompt_len=8,
         new_tokens=8,
         trials=1,
@@ -96,6 +99,11 @@ def run_child(kind: str, args: dict, threads: int, timeout: float, **extra) -> d
     record["wall_s"] = time.time() - launched
     record["load_after"] = load()
     return record
+
+
+def has_transformers() -> bool:
+    """Whether the reference engine can run (looked up without importing it: this module stays light)."""
+    return importlib.util.find_spec("transformers") is not None
 
 
 def _precision(plan: Plan, cpu: dict, gpus: list) -> str:
@@ -156,16 +164,12 @@ class Bench:
                     shape=shape, dtype=precision, prompt_len=p.prompt_len, new_tokens=p.new_tokens, trials=p.trials
                 )
                 extra = {"batches": list(p.batches)}
-                out.append(
-                    (
-                        "generate",
-                        f"pythia-{shape}",
-                        [
-                            ("neox", "generate", {**common, "engine": "neox"}, extra),
-                            ("hf", "generate", {**common, "engine": "hf"}, extra),
-                        ],
-                    )
-                )
+                engines = [
+                    (engine, "generate", {**common, "engine": engine}, extra)
+                    for engine in ("neox", "neox-compiled", "hf")
+                    if (engine != "hf" or has_transformers()) and (engine != "neox-compiled" or p.gen_compiled)
+                ]
+                out.append(("generate", f"pythia-{shape}", engines))
         if prep is not None:
             common = dict(corpus=prep["corpus"], tokenizer=prep["tokenizer"], workers=p.threads)
             out.append(
@@ -203,6 +207,10 @@ class Bench:
             )
             prep = r.get("result")
         cases = self.cases(precision, prep)
+        if "generate" in p.only and not has_transformers():
+            self.echo(
+                "generation: transformers is not installed, so only neox's rows are measured (pip install transformers)"
+            )
         for rnd in range(p.rounds):
             self.echo(f"round {rnd + 1}/{p.rounds} (load {load()[0]:.1f})")
             if rnd:  # the first probe serves round one
@@ -252,10 +260,16 @@ class Bench:
                 row["mfu"] = max(tps) * items[0][1]["flops_per_token"] / peak if peak else None
             rows.append(row)
         order = {case: i for i, case in enumerate(dict.fromkeys(c for c, _, _ in groups))}
-        rows.sort(key=lambda r: (order[r["case"]], int(r["point"] or 0), r["engine"] != "neox"))
-        for row in rows:  # ratio: neox's best over the reference's best at the same point
-            if row["engine"] == "neox":
-                ref = [o for o in rows if o["case"] == row["case"] and o["point"] == row["point"] and o is not row]
+        rows.sort(
+            key=lambda r: (order[r["case"]], int(r["point"] or 0), not r["engine"].startswith("neox"), r["engine"])
+        )
+        for row in rows:  # ratio: neox's best (eager or compiled) over the reference's best at the same point
+            if row["engine"].startswith("neox"):
+                ref = [
+                    o
+                    for o in rows
+                    if o["case"] == row["case"] and o["point"] == row["point"] and not o["engine"].startswith("neox")
+                ]
                 row["ratio"] = row["tokens_per_s_best"] / ref[0]["tokens_per_s_best"] if ref else None
         return rows
 

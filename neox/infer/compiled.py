@@ -17,9 +17,12 @@ eager-launch code they have (there is no launch overhead to save).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,6 +42,24 @@ RECOMPILE_LIMIT = 32  # distinct (batch, cache length, greedy) shapes one model 
 # with module guards skipped, cannot tell two models' frozen graphs apart: so one model at a time, and
 # switching models starts over.
 _current: dict = {"model": None, "step": None}
+
+
+# the user's choice, read before inductor's config is imported (which fills in its /tmp default); None if
+# inductor was imported first (the variable then holds what it chose, or the user's)
+_INDUCTOR_DIR_AT_IMPORT = (
+    None if "torch._inductor.config" in sys.modules else os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+)
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled code and autotuning results between processes, so a shape is compiled
+    once per machine: $TORCHINDUCTOR_CACHE_DIR when set, else $NEOX_CACHE_DIR/inductor, else
+    ~/.cache/neox/inductor (inductor's own default, under /tmp, does not survive a reboot)."""
+    user = os.environ.get("TORCHINDUCTOR_CACHE_DIR") if _INDUCTOR_DIR_AT_IMPORT is None else _INDUCTOR_DIR_AT_IMPORT
+    if user:
+        return Path(user)
+    root = os.environ.get("NEOX_CACHE_DIR") or Path.home() / ".cache" / "neox"
+    return Path(root) / "inductor"
 
 
 def bucketed_length(needed: int, limit: int | None) -> int:
@@ -146,6 +167,8 @@ def _copied(step: CompiledStep, out: torch.Tensor) -> torch.Tensor:
 
 
 def _run(step: CompiledStep, tokens, positions, cache, greedy: bool):
+    # inductor reads the variable whenever it looks for its cache (its config's import sets it if unset)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
     import torch._inductor.config  # inductor's config loads the compiler stack: only when a step is compiled
 
     try:

@@ -1,5 +1,7 @@
 """The compiled decode step (torch.compile on a StaticKVCache) generates what the eager loop generates."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,15 @@ def test_cuda_steps_replay_as_cuda_graphs_and_cpu_steps_do_not():
     compiled._mark_static(cache)
     tensors = (*cache.k, *cache.v, cache.key_valid, cache.positions, cache.slot)
     assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiled, "_INDUCTOR_DIR_AT_IMPORT", None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("NEOX_CACHE_DIR", str(tmp_path))
+    assert compiled.cache_dir() == tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("NEOX_CACHE_DIR")
+    assert compiled.cache_dir() == Path.home() / ".cache" / "neox" / "inductor"
