@@ -243,11 +243,11 @@ def _check_post_training(r: Resolved) -> None:
     for name in ("kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(t, name) < 0:
             fail(name, f"must be >= 0, got {getattr(t, name)!r}")
-    if p.pipe_parallel_size > 1 or p.model_parallel_size > 1:
+    if p.pipe_parallel_size > 1:
         fail(
             "train_impl",
-            f"{t.train_impl} runs under data parallelism and ZeRO only for now; set pipe_parallel_size and "
-            "model_parallel_size to 1",
+            f"{t.train_impl} runs in one process, under data and tensor parallelism and ZeRO, not with pipeline "
+            "stages for now; set pipe_parallel_size to 1",
         )
     if t.curriculum_enabled:
         fail("train_impl", f"{t.train_impl} scores whole completions; turn curriculum_enabled off")

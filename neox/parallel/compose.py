@@ -90,7 +90,8 @@ def parallelize(
     step's `accum` micro-batches through it. mesh None is one process.
 
     `precision` is the run's neox.train.precision.Precision (its `autocast()` wraps each forward);
-    `loss_fn(logits, labels, loss_mask)` is the loss on plain (not vocab-sharded) logits.
+    `loss_fn(logits, labels, loss_mask)` is the loss; under tensor parallelism its logits are vocab-sharded
+    DTensors (it runs inside `loss_context`).
     """
     pcfg, data = cfg.parallel, cfg.data
     wrap = functools.partial(

@@ -57,6 +57,55 @@ def masked_mean_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torc
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+def vocab_shard(logits) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local block [..., V / tp], its first global vocabulary index, its width) of vocab-sharded
+    logits (a DTensor sharded on its last dim over one mesh dim; the padded vocabulary divides evenly by tp)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(logits.placements) != (Shard(logits.ndim - 1),):
+        raise ValueError(f"expected logits sharded on the vocabulary over one mesh dim, got {logits.placements}")
+    local = logits.to_local()
+    width = local.shape[-1]
+    return local, logits.device_mesh.get_local_rank() * width, width
+
+
+def sum_over_shards(part: torch.Tensor, like) -> torch.Tensor:
+    """The sum over the ranks of `like`'s mesh of each rank's `part` (a plain tensor, every rank's the same
+    shape), a plain tensor on every rank. Differentiable for a result that every rank then computes the same
+    replicated loss from (so each rank's gradient of it is the whole gradient, handed to its own part)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    return DTensor.from_local(part, like.device_mesh, [Partial()], run_check=False).full_tensor()
+
+
+class _ShardLogSoftmax(torch.autograd.Function):
+    """log-softmax over a vocabulary split across the ranks of `group`, on this rank's block [N, V / tp]."""
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor, group) -> torch.Tensor:
+        peak = all_reduce_(block.amax(-1, keepdim=True), group, op=dist.ReduceOp.MAX)
+        shifted = block - peak
+        out = shifted - all_reduce_(shifted.exp().sum(-1, keepdim=True), group).log()
+        ctx.save_for_backward(out)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        # d/dx_i = g_i - softmax_i * (sum of g over the whole vocabulary): each rank holds its block's g
+        total = all_reduce_(grad.sum(-1, keepdim=True), ctx.group)
+        return grad - out.exp() * total, None
+
+
+def shard_log_softmax(block: torch.Tensor, like) -> torch.Tensor:
+    """log-softmax over the whole vocabulary of this rank's local block [..., V / tp] of `like` (vocab-sharded
+    logits), differentiable for any loss: one max and one sum per row cross the ranks each way. (Not
+    loss_parallel's log_softmax: its backward passes the gradient through unchanged, right only when nll_loss
+    follows, as in cross entropy.)"""
+    return _ShardLogSoftmax.apply(block, like.device_mesh.get_group())
+
+
 def _pp_group(mesh):
     if mesh is None or mesh["pp"].size() == 1:
         return None

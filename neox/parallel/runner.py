@@ -13,7 +13,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from neox.model.moe import set_aux_loss_scale
 from neox.parallel.fsdp import set_gradient_sync
@@ -68,9 +67,8 @@ class LocalRunner:
                 position_ids=b.get("position_ids") if self.pass_positions else None,
                 segment_ids=b.get("segment_ids") if self.pass_segments else None,
             )
-        if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism
-            return masked_mean_loss(logits, b["labels"], b["loss_mask"])
-        # an objective's loss (neox.train.preference) also takes the batch entries it names in batch_keys
+        # logits are a vocab-sharded DTensor under tensor parallelism: every loss function takes them (inside
+        # loss_context); an objective's loss (neox.train.preference) also takes the batch entries it names
         extras = {k: b[k] for k in getattr(self.loss_fn, "batch_keys", ()) if k in b}
         return self.loss_fn(logits, b["labels"], b["loss_mask"], **extras)
 

@@ -11,11 +11,14 @@ Per micro-batch, over the tokens the LM loss counts (loss_mask and labels >= 0),
 those (sum over the k tokens of p log(p / q), q the student's full softmax at T gathered there): the same
 loss a cache of the teacher's top-k logits gives.
 
-The teacher is a neox checkpoint (any size; the same tokenizer, so the same padded vocabulary), loaded
-whole on every rank in inference mode (eval, no gradients, frozen): it runs beside the student under one
-process and data parallelism (DDP or ZeRO, each rank scoring its own micro-batches). Tensor and pipeline
-parallelism are refused at config load. The runner hands the loss the micro-batch's tokens (``batch_keys``),
-and the loss runs the teacher on them.
+The teacher is a neox checkpoint (any size; the same tokenizer, so the same padded vocabulary), loaded in
+inference mode (eval, no gradients, frozen): whole on every rank under one process and data parallelism (DDP or
+ZeRO, each rank scoring its own micro-batches); under tensor parallelism it is sharded over the tensor-parallel
+ranks by the student's plan, so its logits come out vocab-sharded like the student's and the loss never
+gathers a vocabulary: the softmaxes reduce over the shards (loss_parallel), the KL's sum over the vocabulary is
+one all-reduce of a number per token, and a top-k is each shard's top-k, gathered (k per rank per token) and cut
+to the k largest. Pipeline parallelism is refused at config load. The runner hands the loss the micro-batch's
+tokens (``batch_keys``), and the loss runs the teacher on them.
 
 For repeated runs, ``neox distill --precompute FILE`` runs the teacher once over every training sample of the
 run and saves its top-k logits (`TeacherCache`, keyed by each sample's tokens, so any data-parallel layout
@@ -30,11 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from neox.config import from_dict
 from neox.errors import ConfigError, NeoxError
 from neox.model import GPT
 from neox.model.lora import apply_lora, is_adapter_key, merge_lora_
+from neox.parallel.reduce import shard_log_softmax, sum_over_shards, vocab_shard
+from neox.parallel.tensor import apply_tensor_parallel
 from neox.train.checkpoint import load_model_weights, resolve, saved_config
 from neox.train.loss import masked_mean_loss
 
@@ -49,32 +55,80 @@ def distillation_loss(
     topk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, soft term KL, hard term CE) of the module docstring; logits [B, S, V] (the teacher's may be
-    its top-k as a (values, indices) pair instead), fp32 arithmetic."""
-    v = student.shape[-1]
-    z = student.reshape(-1, v).float()
-    t = None if isinstance(teacher, tuple) else teacher.reshape(-1, v).float()
+    its top-k as a (values, indices) pair instead), fp32 arithmetic. Vocab-sharded logits (DTensors, tensor
+    parallelism: student and live teacher alike, sharded the same) are worked on shard by shard: each rank's
+    block of the vocabulary, with the sums over it taken across the ranks."""
+    z, start, like = _block(student)
+    z = z.reshape(-1, z.shape[-1]).float()
     flat_labels = labels.reshape(-1)
     keep = loss_mask.reshape(-1).float() * (flat_labels >= 0)
     w = keep / keep.sum().clamp(min=1.0)
-    log_q = F.log_softmax(z / temperature, dim=-1)
+    log_q = _log_softmax(z / temperature, like)
     if isinstance(teacher, tuple):  # the teacher's top-k (values, indices) [B, S, k], from the cache
         values, index = (x.reshape(-1, x.shape[-1]) for x in teacher)
         log_p = F.log_softmax(values.float() / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q.gather(1, index.long()))).sum(-1)
+        kl = (log_p.exp() * (log_p - _pick(log_q, start, like, index.long()))).sum(-1)
     elif topk:
-        values, index = t.topk(topk, dim=-1)
-        log_p = F.log_softmax(values / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q.gather(1, index))).sum(-1)
+        values, index = vocab_topk(teacher.reshape(-1, teacher.shape[-1]), topk)
+        log_p = F.log_softmax(values.float() / temperature, dim=-1)
+        kl = (log_p.exp() * (log_p - _pick(log_q, start, like, index))).sum(-1)
     else:
-        log_p = F.log_softmax(t / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    ce = -F.log_softmax(z, dim=-1).gather(1, flat_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        t = _block(teacher)[0]
+        log_p = _log_softmax(t.reshape(-1, t.shape[-1]).float() / temperature, like)
+        kl = _vocab_sum(log_p.exp() * (log_p - log_q), like)
+    ce = -_pick(_log_softmax(z, like), start, like, flat_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
     soft, hard = (kl * w).sum(), (ce * w).sum()
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard, soft.detach(), hard.detach()
 
 
-def load_teacher(path: str, student_vocab: int, device: torch.device) -> nn.Module:
-    """The teacher checkpoint's GPT (a LoRA run's adapters merged), frozen, in eval mode on `device`."""
+def _block(logits: torch.Tensor) -> tuple[torch.Tensor, int, DTensor | None]:
+    """(the vocabulary block this rank holds, its first global index, the sharded logits or None): plain
+    logits are one block from 0."""
+    if not isinstance(logits, DTensor):
+        return logits, 0, None
+    local, start, _ = vocab_shard(logits)
+    return local, start, logits
+
+
+def _log_softmax(block: torch.Tensor, like) -> torch.Tensor:
+    return F.log_softmax(block, dim=-1) if like is None else shard_log_softmax(block, like)
+
+
+def _vocab_sum(block: torch.Tensor, like) -> torch.Tensor:
+    """[N] sums over the vocabulary of [N, V] (sharded: each rank's block summed, then the N sums across ranks)."""
+    total = block.sum(-1)
+    return total if like is None else sum_over_shards(total, like)
+
+
+def _pick(block: torch.Tensor, start: int, like, index: torch.Tensor) -> torch.Tensor:
+    """[N, V] at global vocabulary indices [N, k]. Sharded: each rank reads the indices its block holds (zeros
+    elsewhere) and the results are summed across the ranks: N*k numbers, differentiably."""
+    if like is None:
+        return block.gather(1, index)
+    width = block.shape[-1]
+    mine = (index >= start) & (index < start + width)
+    picked = block.gather(1, (index - start).clamp(0, width - 1))
+    return sum_over_shards(torch.where(mine, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)), like)
+
+
+def vocab_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, global indices) [N, k] of each row's k largest logits [N, V], largest first, without gradient
+    (the teacher's). Sharded: each rank's own top-k (as global indices), all-gathered (k per rank per row),
+    then the k largest of those: the global top-k, without gathering the vocabulary."""
+    if not isinstance(logits, DTensor):
+        return logits.detach().topk(k, dim=-1)
+    local, start, width = vocab_shard(logits)
+    values, index = local.detach().topk(min(k, width), dim=-1)
+    mesh = logits.device_mesh
+    values = DTensor.from_local(values, mesh, [Shard(1)], run_check=False).full_tensor()
+    index = DTensor.from_local(index + start, mesh, [Shard(1)], run_check=False).full_tensor()
+    values, order = values.topk(k, dim=-1)
+    return values, index.gather(1, order)
+
+
+def load_teacher(path: str, student_vocab: int, device: torch.device, tp: int = 1) -> nn.Module:
+    """The teacher checkpoint's GPT (a LoRA run's adapters merged), frozen, in eval mode on `device`; `tp`: the
+    tensor-parallel size it will be sharded over (its heads must divide by it)."""
     where = resolve(path)
     cfg = from_dict(saved_config(where), source=str(where / "config.yml"))
     if cfg.model.vocab_size != student_vocab:
@@ -82,6 +136,12 @@ def load_teacher(path: str, student_vocab: int, device: torch.device) -> nn.Modu
             f"train.distill_teacher: {where} has a vocabulary of {cfg.model.vocab_size} (padded), the student "
             f"{student_vocab}; distillation needs the same tokenizer and make_vocab_size_divisible_by"
         )
+    for name in ("num_attention_heads", "num_kv_heads"):
+        if getattr(cfg.model, name) % tp:
+            raise ConfigError(
+                f"train.distill_teacher: {where} has {name} {getattr(cfg.model, name)}, which tensor-parallel "
+                f"size {tp} (parallel.model_parallel_size) does not divide; the teacher is sharded as the student"
+            )
     model = GPT(cfg.model)
     lo = cfg.lora
     if lo.rank:
@@ -100,13 +160,20 @@ class Distiller:
 
     batch_keys = ("tokens", "position_ids", "segment_ids")
 
-    def __init__(self, cfg, device: torch.device, precision):
+    def __init__(self, cfg, device: torch.device, precision, mesh=None):
         self.cfg = cfg.train
         self.cache = (
             TeacherCache.read(cfg.train.distill_cache, cfg.train.distill_topk) if cfg.train.distill_cache else None
         )
+        tp = mesh["tp"] if mesh is not None and mesh["tp"].size() > 1 else None
         # with a cache the teacher is never run, so it is not loaded either
-        self.teacher = None if self.cache else load_teacher(cfg.train.distill_teacher, cfg.model.vocab_size, device)
+        self.teacher = None
+        if self.cache is None:
+            self.teacher = load_teacher(
+                cfg.train.distill_teacher, cfg.model.vocab_size, device, tp.size() if tp is not None else 1
+            )
+            if tp is not None:  # the student's layout: logits vocab-sharded like the student's
+                apply_tensor_parallel(self.teacher, tp, cfg.parallel.sequence_parallel)
         self.precision = precision
         self.device = device
         # the teacher sees the positions and document masks the student sees
@@ -193,7 +260,7 @@ class TeacherCache:
         for b in batches:
             extra = {k: b[k].to(distiller.device) for k in ("position_ids", "segment_ids") if k in b}
             logits = distiller.teacher_logits(b["tokens"].to(distiller.device), **extra)
-            v, i = logits.float().topk(topk, dim=-1)
+            v, i = logits.float().topk(topk, dim=-1)  # one process (neox distill --precompute): plain logits
             for r, key in enumerate(row_keys(b["tokens"])):
                 if key not in seen:
                     seen.add(key)

@@ -16,6 +16,9 @@ are ~80 rows, ~1,000 tiny kernels per micro-batch; there the chunks only bound t
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from neox.parallel.reduce import masked_mean_loss as sharded_masked_mean_loss
 
 # Logits per chunk on a CPU: about 4M (16 MB in fp32), small enough to stay in the last-level cache.
 CHUNK_ELEMENTS = 1 << 22
@@ -64,7 +67,10 @@ class _MaskedMeanCrossEntropy(torch.autograd.Function):
 def masked_mean_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over the tokens `loss_mask` keeps (and labels != -100), GPT-NeoX's per-micro-batch
     normalisation. `logits` [B, T, V] must be a temporary of this loss: its storage is reused for the
-    gradient in the backward pass."""
+    gradient in the backward pass. Vocab-sharded logits (a DTensor, tensor parallelism; inside
+    neox.parallel.loss_context) take the parallel cross entropy, which reduces the softmax over the shards."""
+    if isinstance(logits, DTensor):
+        return sharded_masked_mean_loss(logits, labels, loss_mask)
     flat = logits.reshape(-1, logits.shape[-1])
     keep = loss_mask.reshape(-1).to(torch.float32) * (labels.reshape(-1) >= 0)
     weights = keep / keep.sum().clamp(min=1.0)

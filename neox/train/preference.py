@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from neox.data.loader import collate
 from neox.data.preference import PreferenceDataset, build_preference_datasets, encode_completion, preference_batches
 from neox.errors import ConfigError
+from neox.parallel import is_vocab_parallel, loss_context
+from neox.parallel.reduce import sum_over_shards, token_losses, vocab_shard
 
 REFERENCE_FILE = "reference_logps.pt"
 # what the log lines report, per objective (means over the training micro-batches since the last line)
@@ -39,9 +42,14 @@ STAT_NAMES = {
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B] sums of log-softmax(logits) at the labels over the kept positions (fp32)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    """[B] sums of log-softmax(logits) at the labels over the kept positions (fp32). Vocab-sharded logits (a
+    DTensor under tensor parallelism; call inside neox.parallel.loss_context) go through the parallel cross
+    entropy, which reduces the softmax over the shards without gathering the vocabulary."""
+    if isinstance(logits, DTensor):
+        picked = -token_losses(logits.float(), labels.clamp(min=0))
+    else:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     keep = (loss_mask > 0) & (labels >= 0)
     return (picked * keep).sum(-1)
 
@@ -96,7 +104,20 @@ def reward_scores(logits: torch.Tensor, labels: torch.Tensor, token: int) -> tor
     positions = torch.arange(t, device=labels.device).expand_as(labels)
     last = torch.where(labels >= 0, positions, torch.full_like(positions, -1)).amax(dim=1).clamp(min=0)
     rows = torch.arange(labels.shape[0], device=labels.device)
+    if isinstance(logits, DTensor):
+        return _vocab_entry(logits, rows, last, token)
     return logits[rows, last, token].float()
+
+
+def _vocab_entry(logits: DTensor, rows: torch.Tensor, positions: torch.Tensor, token: int) -> torch.Tensor:
+    """[B] logits[rows, positions, token] of vocab-sharded logits: the rank holding `token` reads it, the others
+    give zeros (times the logits, so every rank's loss has a graph), and the sum over the ranks (B numbers) is
+    the entry on every rank. Exact: x plus zeros."""
+    local, start, width = vocab_shard(logits)
+    picked = local[rows, positions, min(max(token - start, 0), width - 1)].float()
+    if not start <= token < start + width:
+        picked = picked * 0.0
+    return sum_over_shards(picked, logits)
 
 
 @torch.no_grad()
@@ -170,7 +191,9 @@ class PreferenceObjective:
                     items = ds.batch_documents(docs, eod_id)
                     with precision.autocast():
                         logits = model(items["tokens"].to(device))
-                    lp = sequence_logps(logits, items["labels"].to(device), items["loss_mask"].to(device)).cpu()
+                    with loss_context(is_vocab_parallel(logits)):
+                        lp = sequence_logps(logits, items["labels"].to(device), items["loss_mask"].to(device))
+                    lp = lp.cpu()
                     table[start : start + len(docs)] = lp.reshape(sides, -1).T
                 self.reference[split] = table
         finally:

@@ -179,7 +179,7 @@ class Trainer:
         self.distiller = None
         if tr.train_impl == "distill":  # language-modelling data and loop; the teacher enters through the loss
             self.objective = None
-            self.distiller = Distiller(cfg, self.device, self.precision)
+            self.distiller = Distiller(cfg, self.device, self.precision, self.layout.mesh)  # teacher: student's tp
         loss_fn = self.objective or self.distiller or masked_mean_loss
         # built on the meta device, parallelized, then each rank's shard allocated and initialised
         self.model, self.runner = build_model(

@@ -1,5 +1,6 @@
-"""Distillation under data parallelism: the teacher whole on each rank, the student under ZeRO-3 or DDP over two
-ranks, trains to one process's losses (the same global batch)."""
+"""Distillation under data parallelism (the teacher whole on each rank, the student under ZeRO-3 or DDP over two
+ranks) and under tensor parallelism (teacher and student sharded alike over two ranks, the KL and the top-k
+taken across the vocabulary shards) trains to one process's losses (the same global batch)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from tests.train.tiny_run import make_corpus, tiny_config
 LAYOUTS = {"zero3": {"zero_stage": 3}, "ddp": {"zero_stage": 0}}
 
 
-def groups(teacher, parallel=None) -> dict:
+def groups(teacher, parallel=None, topk=8) -> dict:
     return {
-        "model": {"num_layers": 1},
+        # the teacher's vocabulary (257 padded to 320 in one process; tp2 would pad to 384)
+        "model": {"num_layers": 1, "vocab_size": 320},
         "eval": {"eval_iters": 0},
         "logging": {"log_interval": 1},
         "train": {
@@ -26,25 +28,48 @@ def groups(teacher, parallel=None) -> dict:
             "train_batch_size": 4,
             "train_impl": "distill",
             "distill_teacher": str(teacher),
-            "distill_topk": 8,
+            "distill_topk": topk,
         },
         "parallel": parallel or {},
     }
 
 
-@pytest.mark.slow
-def test_distillation_under_zero3_and_ddp_matches_one_process(tmp_path):
+def _train(tmp_path, cases: dict) -> tuple[str, object, dict]:
+    """(corpus, teacher, losses per case) of `cases` {name: (parallel, distill_topk)}, one two-rank launch."""
     torch.set_num_threads(1)
     corpus = make_corpus(tmp_path / "corpus", docs=100)
     teacher = tmp_path / "teacher"
     Trainer(tiny_config(corpus, teacher, train={"train_iters": 10}, eval={"eval_iters": 0}), quiet=True).fit()
-    runs = [{"name": n, "groups": groups(teacher, p)} for n, p in LAYOUTS.items()]
+    runs = [{"name": n, "groups": groups(teacher, p, k)} for n, (p, k) in cases.items()]
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"data": corpus, "runs": runs}))
     torchrun("trainer_worker.py", 2, str(spec), str(out))
-    got = json.loads(out.read_text())
+    return corpus, teacher, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_distillation_under_zero3_and_ddp_matches_one_process(tmp_path):
+    corpus, teacher, got = _train(tmp_path, {n: (p, 8) for n, p in LAYOUTS.items()})
     one = Trainer(tiny_config(corpus, **groups(teacher)), quiet=True)
     one.fit()
     assert len(set(one.losses)) > 1
     for name in LAYOUTS:
+        assert got[name] == pytest.approx(one.losses, abs=1e-5), name
+
+
+# (parallel, distill_topk): the top-k KL and the whole-vocabulary KL (with sequence parallelism), 2 tp ranks
+TP = {
+    "tp2-top8": ({"model_parallel_size": 2}, 8),
+    "tp2-sp-full": ({"model_parallel_size": 2, "sequence_parallel": True}, 0),
+}
+
+
+@pytest.mark.slow
+def test_distillation_under_tensor_parallelism_matches_one_process(tmp_path):
+    corpus, teacher, got = _train(tmp_path, TP)
+    for name, (_, k) in TP.items():
+        one = Trainer(tiny_config(corpus, **groups(teacher, topk=k)), quiet=True)
+        one.fit()
+        assert len(set(one.losses)) > 1
+        print(name, "tp2", got[name], "one", one.losses)
         assert got[name] == pytest.approx(one.losses, abs=1e-5), name

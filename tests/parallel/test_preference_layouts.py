@@ -1,5 +1,7 @@
-"""Preference objectives under data parallelism: DPO under ZeRO-3 (reference log-probabilities computed on every
-rank, FSDP2 shards) and a reward model under DDP, over two ranks, give one process's losses."""
+"""Preference objectives under data and tensor parallelism: DPO under ZeRO-3 (reference log-probabilities computed
+on every rank, FSDP2 shards) and a reward model under DDP, over two ranks, give one process's losses; so do DPO
+(against its reference), KTO and a reward model under tensor parallelism (tp2: vocab-sharded logits, sequence
+log-probabilities by the parallel cross entropy, the reward read from the rank holding the EOD column)."""
 
 from __future__ import annotations
 
@@ -27,15 +29,41 @@ def _pairs(directory):
     ).outputs
 
 
+def _feedback(directory):
+    rows = [
+        {"prompt": f"q{i}:", "completion": f" {'yes' if i % 3 else 'no'} {i}", "label": i % 3 > 0} for i in range(16)
+    ]
+    src = directory / "feedback.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return preprocess_preferences(
+        PreferenceOptions([str(src)], str(directory / "feedback"), "unpaired"),
+        TokenizerConfig(tokenizer_type="ByteLevelTokenizer"),
+    ).outputs
+
+
+def _data(out) -> dict:
+    if "completion" in out:  # unpaired (kto)
+        return {
+            "data_path": None,
+            "train_data_paths": [out["completion"]],
+            "label_data_paths": [out["completion_label"]],
+            "train_reward_data_paths": [out["reward"]],
+        }
+    return {
+        "data_path": None,
+        "pos_train_data_paths": [out["chosen"]],
+        "neg_train_data_paths": [out["rejected"]],
+        "pos_train_label_data_paths": [out["chosen_label"]],
+        "neg_train_label_data_paths": [out["rejected_label"]],
+    }
+
+
 def groups(run, out, impl, parallel=None) -> dict:
     return {
-        "data": {
-            "data_path": None,
-            "pos_train_data_paths": [out["chosen"]],
-            "neg_train_data_paths": [out["rejected"]],
-            "pos_train_label_data_paths": [out["chosen_label"]],
-            "neg_train_label_data_paths": [out["rejected_label"]],
-        },
+        "data": _data(out),
+        # one process pads the byte-level vocabulary (257) to 320, tp2 to 384 (make_vocab_size_divisible_by * tp):
+        # the same size for every layout keeps the same model (and softmax)
+        "model": {"vocab_size": 320},
         "optimizer": {"lr": 1e-2},
         "eval": {"eval_iters": 0},
         "logging": {"log_interval": 1},
@@ -58,4 +86,36 @@ def test_dpo_under_zero3_and_reward_model_under_ddp_match_one_process(tmp_path):
         one = Trainer(tiny_config("unused", **groups(tmp_path / f"{impl}-one", out, impl)), quiet=True)
         one.fit()
         assert len(set(one.losses)) > 1
+        assert got[impl] == pytest.approx(one.losses, abs=1e-5), impl
+
+
+@pytest.mark.slow
+def test_dpo_kto_and_reward_model_under_tensor_parallelism_match_one_process(tmp_path):
+    torch.set_num_threads(1)
+    data = {"dpo": _pairs(tmp_path), "kto": _feedback(tmp_path)}
+    data["rm"] = data["dpo"]
+
+    def tp_groups(run, out, impl, parallel=None) -> dict:  # no warm-up and stronger betas: every step moves
+        g = groups(run, out, impl, parallel)
+        g["schedule"] = {"warmup_iters": 0}
+        g["train"].update(dpo_beta=0.5, kto_beta=2.0)
+        if impl == "kto":  # one completion per micro-batch makes KTO's batch KL estimate its own reward: loss 0.5
+            g["train"]["train_micro_batch_size_per_gpu"] = 2
+        return g
+
+    tp2 = {"model_parallel_size": 2}
+    runs = [{"name": impl, "groups": tp_groups(tmp_path / f"{impl}-tp2", out, impl, tp2)} for impl, out in data.items()]
+    spec, result = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"data": "unused", "runs": runs}))
+    torchrun("trainer_worker.py", 2, str(spec), str(result))
+    got = json.loads(result.read_text())
+    for impl, out in data.items():
+        one = Trainer(tiny_config("unused", **tp_groups(tmp_path / f"{impl}-one", out, impl)), quiet=True)
+        one.fit()
+        assert len(set(one.losses)) >= ITERS - 1, one.losses  # the losses move (a first step can sit at log 2, 0.5)
+        # DPO and KTO scored against the reference each layout computed from the same starting weights
+        if impl != "rm":
+            ref = torch.load(tmp_path / f"{impl}-tp2" / "reference_logps.pt", weights_only=True)
+            assert torch.allclose(ref["train"], one.objective.reference["train"], atol=1e-5), impl
+        print(impl, "tp2", got[impl], "one", one.losses)
         assert got[impl] == pytest.approx(one.losses, abs=1e-5), impl

@@ -12,7 +12,7 @@ from neox.cli import main
 from neox.config import from_dict, to_dict
 from neox.errors import ConfigError, NeoxError
 from neox.train import checkpoint as ckpt
-from neox.train.distill import distillation_loss
+from neox.train.distill import distillation_loss, load_teacher
 from neox.train.loss import masked_mean_loss
 from neox.train.trainer import Trainer
 
@@ -123,9 +123,11 @@ def test_distill_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load(**train)
     d = {**base, "train": {**base["train"], "train_impl": "distill", "distill_teacher": "t"}}
-    d["parallel"] = {"model_parallel_size": 2}
-    with pytest.raises(ConfigError, match="model_parallel_size"):
+    d["parallel"] = {"pipe_parallel_size": 2}
+    with pytest.raises(ConfigError, match="train_impl.*not with pipeline stages.*pipe_parallel_size to 1"):
         from_dict(d)
+    d["parallel"] = {"model_parallel_size": 2}  # tensor parallelism: the teacher is sharded as the student
+    assert from_dict(d).parallel.model_parallel_size == 2
     with pytest.raises(NeoxError, match="nowhere"):
         Trainer(load(distill_teacher=str(tmp_path / "nowhere")), quiet=True)
     # a teacher of another vocabulary (another tokenizer or padding) is refused in one line
@@ -134,6 +136,9 @@ def test_distill_settings_are_checked(tmp_path):
     cfg.model.make_vocab_size_divisible_by = 128
     with pytest.raises(ConfigError, match="vocabulary of 320 .*the student 384"):
         Trainer(cfg, quiet=True)
+    # a teacher whose heads (2) the tensor-parallel size does not divide cannot be sharded as the student
+    with pytest.raises(ConfigError, match="num_attention_heads 2, which tensor-parallel size 3"):
+        load_teacher(str(tmp_path / "t"), 320, torch.device("cpu"), tp=3)
     # neox distill CONFIG --teacher CKPT: neox train with train_impl distill
     d = to_dict(tiny_config(corpus, tmp_path / "cli", train={"train_iters": 2}, eval={"eval_iters": 0}))
     (tmp_path / "s.yml").write_text(yaml.safe_dump(d))
