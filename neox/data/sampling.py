@@ -267,6 +267,9 @@ def build_index_mappings(
     with _exclusive(cache_prefix + ".lock"):
         cached = load()  # another process may have built it while we waited
         if cached is not None:
+            # its builder removed the lock file, but a process that arrived after that made a new one
+            with contextlib.suppress(OSError):
+                os.remove(cache_prefix + ".lock")
             return cached
         if any(os.path.isfile(p) for p in paths.values()):
             warnings.warn(
