@@ -9,6 +9,11 @@ state, shards, manifest, rename, `latest`), `latest` moving on (then a random pa
 in start-up. After each kill the test checks that no process of the job survived, what the kill interrupted,
 and which checkpoint the next launch must load; the next launch's log must name exactly that one as verified.
 The summary line (kills, writes hit, resumes checked) is printed and kept in the run folder.
+
+Each launch is `neox.cli.main` with the command's arguments in a process of its own session, forked from a
+launcher that has imported neox and torch once (and run nothing): importing torch anew was most of every
+launch's time (~15 s against ~3 s per short launch at load 12). Under `--nproc 2` that forked process is the
+launcher, which starts torchrun and its workers as fresh interpreters, exactly as the command does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -26,7 +32,6 @@ import pytest
 import torch
 import yaml
 
-from neox.cli import main as cli
 from neox.train import checkpoint as ckpt
 
 from .tiny_run import make_corpus
@@ -70,9 +75,92 @@ def _config(tmp_path: Path) -> Path:
 
 
 def _command(config: Path, run: Path, nproc: int) -> list[str]:
-    cmd = [sys.executable, "-m", "neox.cli", "train", str(config), "--set", f"save={run}", "--set", f"load={run}"]
+    """`neox train`'s arguments (what follows `neox`)."""
+    cmd = ["train", str(config), "--set", f"save={run}", "--set", f"load={run}"]
     cmd += ["--set", f"train_iters={TRAIN_ITERS[nproc]}"]
     return cmd + (["--nproc", str(nproc)] if nproc > 1 else [])
+
+
+# Reads one JSON line [argv, log path] at a time; forks; the child starts a session of its own (the process
+# group a scheduler's kill -9 reaches), sends its output to the log and runs the command; the parent prints the
+# child's pid, then its exit code once it has ended.
+FORK_LAUNCHER = r"""
+import json, os, sys, traceback
+import neox.cli
+import neox.commands.train
+for line in sys.stdin:
+    argv, log = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        sys.argv = ["neox", *argv]
+        try:
+            rc = neox.cli.main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class _Launcher:
+    """The fork launcher's process; `start` runs one command in a child of it."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FORK_LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+        )
+
+    def start(self, argv: list[str], log: Path) -> _Launch:
+        self.proc.stdin.write(json.dumps([argv, str(log)]) + "\n")
+        self.proc.stdin.flush()
+        return _Launch(self.proc, int(self._line(LAUNCH_TIMEOUT_S)))
+
+    def _line(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"the fork launcher did not answer (rc {self.proc.poll()})"
+        return line
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class _Launch:
+    """One forked command, with the part of Popen's interface the test uses."""
+
+    def __init__(self, launcher: subprocess.Popen, pid: int):
+        self.launcher, self.pid, self.returncode = launcher, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid):  # ended (a zombie until the launcher reaps it)
+            ready, _, _ = select.select([self.launcher.stdout], [], [], 30)
+            assert ready, f"the fork launcher did not report how {self.pid} ended"
+            self.returncode = int(self.launcher.stdout.readline())
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > end:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.01)
+        return self.returncode
 
 
 def _env() -> dict:
@@ -166,56 +254,53 @@ def _latest_above(run: Path, above: int):
     return moment
 
 
-def _chain(config: Path, run: Path, nproc: int, kills: int, rng: random.Random, stats: dict) -> None:
+def _chain(launcher, config: Path, run: Path, nproc: int, kills: int, rng: random.Random, stats: dict) -> None:
     """Launch the same command again and again, killing its process group at a chosen moment, `kills` times;
     then let it finish. Checks each resume against the newest intact checkpoint at that kill."""
     expected = None  # the checkpoint the next launch must report as verified and load
     for attempt in range(kills + 1):
         log_path = run.parent / f"{run.name}.launch{attempt}.log"
         final = attempt == kills
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                _command(config, run, nproc),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(),
-                start_new_session=True,  # its own process group: what a scheduler's kill -9 of the job reaches
-            )
-            deadline, launched_ns = time.monotonic() + LAUNCH_TIMEOUT_S, time.time_ns()
-            hit = False
-            if not final:
-                start = _iteration(expected)
-                mode = rng.choice(["write", "write", "write", "step", "step", "time"])
-                if start >= TRAIN_ITERS[nproc] - 2:
-                    mode = "time"  # too little left to wait for: a kill in start-up always comes before the end
-                if mode == "write":
-                    reached = _wait_for(proc, _new_tmp(run, start + rng.randint(0, 1), launched_ns), deadline)
-                    delay = rng.uniform(0, 0.06)
-                elif mode == "step":
-                    reached = _wait_for(proc, _latest_above(run, start + rng.randint(0, 1)), deadline)
-                    delay = rng.uniform(0, 0.1)
-                else:
-                    t0 = time.monotonic() + rng.uniform(0.3, 2.0)  # importing torch alone takes longer
-                    reached = _wait_for(proc, lambda t0=t0: time.monotonic() > t0, deadline)
-                    delay = 0.0
-                assert reached, f"launch {attempt} ended (rc {proc.returncode}) before its kill; see {log_path}"
-                time.sleep(delay)
-                group = _descendants(proc.pid)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-                end = time.monotonic() + 5
-                while any(_alive(p) for p in group) and time.monotonic() < end:
-                    time.sleep(0.05)
-                survivors = sorted(p for p in group if _alive(p))
-                for p in survivors:  # clean up before failing: an orphaned worker would train on into `run`
-                    os.kill(p, signal.SIGKILL)
-                assert not survivors, f"kill -9 of the process group left processes {survivors} running ({nproc=})"
-                hit = _interrupted_write(run)
-                stats["kills"] += 1
-                stats["writes_hit"] += hit
-                stats["modes"][mode] = stats["modes"].get(mode, 0) + 1
+        deadline, launched_ns = time.monotonic() + LAUNCH_TIMEOUT_S, time.time_ns()
+        proc = launcher.start(_command(config, run, nproc), log_path)
+        hit = False
+        if not final:
+            start = _iteration(expected)
+            mode = rng.choice(["write", "write", "write", "step", "step", "time"])
+            if start >= TRAIN_ITERS[nproc] - 2:
+                mode = "time"  # too little left to wait for: a kill in start-up always comes before the end
+            if mode == "write":
+                reached = _wait_for(proc, _new_tmp(run, start + rng.randint(0, 1), launched_ns), deadline)
+                delay = rng.uniform(0, 0.06)
+            elif mode == "step":
+                reached = _wait_for(proc, _latest_above(run, start + rng.randint(0, 1)), deadline)
+                delay = rng.uniform(0, 0.1)
             else:
-                assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, f"the last launch failed; see {log_path}"
+                # a moment in start-up: before the first save of a fresh start (measured on the reference;
+                # a resume also verifies and loads a checkpoint first); under --nproc 2, while torchrun
+                # and its workers start (importing torch alone takes longer)
+                wait = rng.uniform(0.05, 0.5) * stats["first_save_s"] if nproc == 1 else rng.uniform(0.3, 2.0)
+                t0 = time.monotonic() + wait
+                reached = _wait_for(proc, lambda t0=t0: time.monotonic() > t0, deadline)
+                delay = 0.0
+            assert reached, f"launch {attempt} ended (rc {proc.returncode}) before its kill; see {log_path}"
+            time.sleep(delay)
+            group = _descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            end = time.monotonic() + 5
+            while any(_alive(p) for p in group) and time.monotonic() < end:
+                time.sleep(0.05)
+            survivors = sorted(p for p in group if _alive(p))
+            for p in survivors:  # clean up before failing: an orphaned worker would train on into `run`
+                os.kill(p, signal.SIGKILL)
+            assert not survivors, f"kill -9 of the process group left processes {survivors} running ({nproc=})"
+            hit = _interrupted_write(run)
+            stats["kills"] += 1
+            stats["writes_hit"] += hit
+            stats["modes"][mode] = stats["modes"].get(mode, 0) + 1
+        else:
+            assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, f"the last launch failed; see {log_path}"
         stats["launch_s"].append(round(time.monotonic() - deadline + LAUNCH_TIMEOUT_S, 1))
         text = log_path.read_text()
         assert "is unusable" not in text and "Traceback" not in text, f"{log_path}:\n{text[-3000:]}"
@@ -231,28 +316,39 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_full_model_state(ckpt.resolve(run, verify=True))
 
 
-def test_kill_minus_nine_at_random_moments_resumes_bitwise(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def launcher():
+    launcher = _Launcher()
+    yield launcher
+    launcher.close()
+
+
+def _reference(launcher, config: Path, run: Path, nproc: int) -> float:
+    """An uninterrupted run, launched as the killed ones are; returns the seconds to its first save's start."""
+    argv = ["train", str(config), "--set", f"save={run}", "--set", f"train_iters={TRAIN_ITERS[nproc]}"]
+    launched_ns, t0 = time.time_ns(), time.monotonic()
+    proc = launcher.start(argv + (["--nproc", str(nproc)] if nproc > 1 else []), run.parent / f"{run.name}.log")
+    first_save = time.monotonic() - t0 if _wait_for(proc, _new_tmp(run, 0, launched_ns), t0 + LAUNCH_TIMEOUT_S) else 0
+    assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, (run.parent / f"{run.name}.log").read_text()[-3000:]
+    return first_save
+
+
+def test_kill_minus_nine_at_random_moments_resumes_bitwise(tmp_path, launcher, capsys):
     started = time.monotonic()
     config = _config(tmp_path)
     rng = random.Random(SEED)
     stats = {"kills": 0, "writes_hit": 0, "resumes": 0, "modes": {}, "events": [], "launch_s": []}
 
-    # uninterrupted references: one process in this process (same command path, one thread), and --nproc 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    ref1 = tmp_path / "ref1"
-    assert cli(["train", str(config), "--set", f"save={ref1}", "--set", f"train_iters={TRAIN_ITERS[1]}"]) == 0
-    capsys.readouterr()
-    ref2 = tmp_path / "ref2"
-    cmd = [sys.executable, "-m", "neox.cli", "train", str(config), "--set", f"save={ref2}"]
-    cmd += ["--set", f"train_iters={TRAIN_ITERS[2]}", "--nproc", "2"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # uninterrupted references, one process and --nproc 2, launched as the killed runs are (one thread each)
+    ref1, ref2 = tmp_path / "ref1", tmp_path / "ref2"
+    stats["first_save_s"] = _reference(launcher, config, ref1, 1)
+    assert stats["first_save_s"] > 0, "the reference run saved nothing"
+    _reference(launcher, config, ref2, 2)
     stats["reference_s"] = round(time.monotonic() - started, 1)
 
     for nproc, ref in ((1, ref1), (2, ref2)):
         run = tmp_path / f"killed{nproc}"
-        _chain(config, run, nproc, KILLS[nproc], rng, stats)
+        _chain(launcher, config, run, nproc, KILLS[nproc], rng, stats)
         assert _iteration(ckpt.resolve(run)) == TRAIN_ITERS[nproc]
         assert not list(run.glob("*.tmp")) and not list(run.glob("*.old")), sorted(p.name for p in run.iterdir())
         got, want = _weights(run), _weights(ref)
