@@ -13,7 +13,8 @@ import sys
 from neox.commands.common import add_config_args
 from neox.config import load, resolve_batch
 from neox.data.tokenizers import build_tokenizer
-from neox.infer.api import load as load_checkpoint
+from neox.errors import ConfigError
+from neox.infer.api import build_model_for, build_tokenizer_for, checkpoint_config
 from neox.infer.generate import generate
 from neox.infer.sampling import SamplingParams
 from neox.interop.lm_eval import evaluate_model
@@ -22,7 +23,7 @@ from neox.parallel import launch, pipeline
 from neox.parallel.mesh import ParallelDims
 from neox.parallel.worker_status import EXIT_HANG, EXIT_PREEMPTED
 from neox.train import preempt
-from neox.train.checkpoint import check_run_dirs
+from neox.train.checkpoint import check_run_dirs, resolve
 from neox.train.distributed import make_layout, resume_config
 from neox.train.preference import score_completions
 from neox.train.trainer import TaskEvaluator, Trainer
@@ -58,9 +59,8 @@ def run(args) -> int:
     if code is not None:
         return code
     cfg = resume_config(cfg)
-    trainer = Trainer(
-        cfg, layout=make_layout(cfg, source), evaluate_tasks=task_evaluator(cfg), **reinforce_functions(cfg)
-    )
+    layout = make_layout(cfg, source)
+    trainer = Trainer(cfg, layout=layout, evaluate_tasks=task_evaluator(cfg), **reinforce_functions(cfg, layout.mesh))
     try:
         summary = trainer.fit()
     except RuntimeError as e:
@@ -75,17 +75,17 @@ def run(args) -> int:
     return 0
 
 
-def reinforce_functions(cfg) -> dict:
+def reinforce_functions(cfg, mesh=None) -> dict:
     """train_impl reinforce: the sampler (neox.infer.generate) and the reward (train.reinforce_reward_model, a
-    reward model scoring the decoded prompt and completion) the trainer takes; nothing otherwise."""
+    reward model scoring the decoded prompt and completion) the trainer takes; nothing otherwise. `mesh`: the
+    run's (neox.train.distributed.make_layout), over whose tensor-parallel ranks the reward model is sharded."""
     t = cfg.train
     if t.train_impl != "reinforce":
         return {}
     device = resolve_device(t.device, "train.device")
     tokenizer = build_tokenizer(cfg.tokenizer)
     eod = tokenizer.eod_id
-    reward_model, reward_tokenizer = load_checkpoint(t.reinforce_reward_model, device=device)
-    reward_model.eval()
+    reward_model, reward_cfg, reward_tokenizer = reward_model_for(t.reinforce_reward_model, device, mesh)
 
     def sampler(model, prompts, max_new_tokens, temperature):
         out = generate(model, prompts, max_new_tokens, SamplingParams(temperature=temperature), eod_id=eod)
@@ -95,10 +95,29 @@ def reinforce_functions(cfg) -> dict:
         pieces = [
             (tokenizer.decode(p), tokenizer.decode([i for i in y if i != eod])) for p, y in zip(prompts, completions)
         ]
-        seq = reward_model.cfg.model.seq_length
-        return score_completions(reward_model, reward_tokenizer, pieces, seq, device)
+        return score_completions(reward_model, reward_tokenizer, pieces, reward_cfg.model.seq_length, device)
 
     return {"sampler": sampler, "reward_fn": reward_fn}
+
+
+def reward_model_for(path: str, device, mesh=None) -> tuple:
+    """(model, config, tokenizer) of a train_impl: rm checkpoint, in eval mode: sharded over the mesh's
+    tensor-parallel ranks as the policy is (each rank reads its slices), whole on every data-parallel rank. Every
+    tensor-parallel rank scores the same completions (the sampler gives them rank 0's tokens)."""
+    ckpt = resolve(path)
+    rcfg = checkpoint_config(ckpt)
+    tp = mesh["tp"].size() if mesh is not None else 1
+    if tp > 1:
+        m = rcfg.model
+        for name in ("num_attention_heads", "num_kv_heads", "vocab_size"):
+            value = getattr(m, name) or m.num_attention_heads
+            if value % tp:
+                raise ConfigError(
+                    f"train.reinforce_reward_model: {ckpt} has {name} {value}, which tensor-parallel size {tp} "
+                    "(parallel.model_parallel_size) does not divide; the reward model is sharded as the policy"
+                )
+    model = build_model_for(rcfg, ckpt, device, mesh=mesh if tp > 1 else None)
+    return model, rcfg, build_tokenizer_for(rcfg, ckpt)
 
 
 def task_evaluator(cfg) -> TaskEvaluator | None:

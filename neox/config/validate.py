@@ -238,8 +238,6 @@ def _check_post_training(r: Resolved) -> None:
             fail("reinforce_max_new_tokens", f"must be below seq_length {cfg.model.seq_length} (room for the prompt)")
         if not t.reinforce_temperature > 0:
             fail("reinforce_temperature", f"must be above 0 (sampling), got {t.reinforce_temperature!r}")
-        if cfg.parallel.model_parallel_size * cfg.parallel.pipe_parallel_size > 1 or p.zero_stage > 0:
-            fail("train_impl", "reinforce runs in one process or under DDP (zero_stage 0) for now")
     for name in ("kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(t, name) < 0:
             fail(name, f"must be >= 0, got {getattr(t, name)!r}")

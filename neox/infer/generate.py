@@ -8,6 +8,7 @@ token) and the cache is told which slots are padding, so every row computes exac
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from neox.infer import compiled
 from neox.infer.gemv_layout import transposed_output_weight
 from neox.infer.packed import packed_linears
 from neox.infer.sampling import SamplingParams, choose_next
-from neox.infer.tensor_parallel import TokenSync, full_logits
+from neox.infer.tensor_parallel import TokenSync, all_stopped_on, full_logits, lockstep_group
 from neox.kernels.bf16_cpu import fast_bf16_linears
 from neox.model.cache import KVCache, StaticKVCache
 
@@ -65,7 +66,21 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-@torch.inference_mode()
+def _without_autograd(fn):
+    """`fn` under inference_mode in one process. Under torch.distributed, under no_grad: a training model's
+    data-parallel wrapper (DDP's buckets, built at its first forward; FSDP2's gathered weights) must not keep
+    inference tensors that its next training step would write."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        with torch.no_grad() if distributed else torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_without_autograd
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -87,11 +102,12 @@ def generate(
     `compile=True` decodes with a torch.compile'd step (neox.infer.compiled): the first call for a batch size
     and cache length compiles (seconds to a minute), later ones reuse it.
     A tensor-parallel model (neox.infer.tensor_parallel) is run the same way on every rank, each step's tokens
-    taken from rank 0 so that the ranks' outputs and stops are identical.
+    taken from rank 0 so that the ranks' outputs and stops are identical; a model sharded over data-parallel
+    ranks (FSDP2) steps until every one of them has stopped.
     """
     model = unwrap(model)
     _check_request(model, prompts, max_new_tokens, stop_strings, decode, recompute, compile)
-    sync = TokenSync(model)
+    sync, lockstep = TokenSync(model), lockstep_group(model)
     if sync.active and compile:
         raise NeoxError("compiled decoding is not supported under tensor parallelism (--nproc > 1) yet; drop --compile")
     batch = PaddedBatch.of(prompts, max_new_tokens, pad_id, next(model.parameters()).device)
@@ -114,14 +130,16 @@ def generate(
         steps = 0
         for step in range(max_new_tokens):
             cur = batch.prompt_len + step
-            nxt = stops.pad_finished(sync(next_tokens.choose()))
+            # a rank whose rows have all stopped steps on only for its lockstep group's sake: it draws nothing, so
+            # its random stream is where it would be had it stopped
+            nxt = stops.padding() if stops.idle else stops.pad_finished(sync(next_tokens.choose()))
             batch.tokens[:, cur] = nxt
             steps += 1
             next_tokens.record(nxt, stops.active)
             if on_tokens is not None:
                 on_tokens(nxt, stops.active.clone())
             stops.update(nxt, step)
-            if step == max_new_tokens - 1 or stops.all_stopped(step):
+            if step == max_new_tokens - 1 or stops.all_stopped(step, lockstep):
                 break
             next_tokens.advance(cur)
         compile_s = next_tokens.timings.get("compile_s", 0.0)
@@ -291,10 +309,15 @@ class StopTracker:
         self.texts: list[str | None] = [None] * batch.size
         self.ends: dict[int, int] = {}  # row -> number of output tokens, for rows that stopped early
         self.can_stop = eod_id is not None or bool(stop_strings)
+        self.idle = False  # every row stopped, seen at a check (the loop goes on only for a lockstep group)
         # stop strings read the tokens every step anyway: then the loop may as well check every step
         self.check_every = 1 if stop_strings else stop_check_every(device)
         # a stop string is found in the last few tokens' text (tokens hold at least one byte, a char at most four)
         self.window = 4 * max((len(x) for x in stop_strings), default=0) + 4
+
+    def padding(self) -> torch.Tensor:
+        """A step's tokens once every row has stopped."""
+        return torch.full_like(self.active, self.batch.pad_id, dtype=self.batch.tokens.dtype)
 
     def pad_finished(self, nxt: torch.Tensor) -> torch.Tensor:
         """Rows that have stopped get padding instead of a token."""
@@ -317,9 +340,13 @@ class StopTracker:
                 self.reasons[b], self.texts[b], self.ends[b] = "stop", text, step + 1
                 self.active[b] = False
 
-    def all_stopped(self, step: int) -> bool:
-        """Whether every row has stopped, asked (a host read) only every `check_every` steps."""
-        return self.can_stop and (step + 1) % self.check_every == 0 and not bool(self.active.any())
+    def all_stopped(self, step: int, group=None) -> bool:
+        """Whether every row has stopped, asked (a host read) only every `check_every` steps; with `group`,
+        every row of every rank in it (neox.infer.tensor_parallel.lockstep_group)."""
+        if not (self.can_stop and (step + 1) % self.check_every == 0):
+            return False
+        self.idle = not bool(self.active.any())
+        return all_stopped_on(group, self.idle, self.active.device)
 
     def _find_eods(self, start: int, steps: int) -> None:
         """Rows that stopped at an EOD: its step is the first EOD of the row's output (the padding after a stop

@@ -9,6 +9,8 @@ Every rank runs the same program on the same inputs; the collectives inside the 
 - Weights: the model is sharded first, then each rank reads only its slices of the checkpoint.
 - KV cache: each rank holds the keys/values of its own heads (the GPT's num_kv_heads is set to the local count).
 - Logits come out vocab-sharded; `full_logits` gathers them, so sampling sees the whole vocabulary on every rank.
+- A training model sampled by neox.train.reinforce may also be sharded over data-parallel ranks (FSDP2), each
+  continuing its own prompts: those ranks go on until all of them have stopped (`lockstep_group`).
 - Sampling: the seed is agreed from rank 0 and, so that ranks can never diverge (a near-tie rounded differently,
   a generator seeded apart), every step's chosen tokens are broadcast from rank 0; stop conditions are then
   computed from identical tokens everywhere. Only rank 0 prints or writes (`is_output_rank`).
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from neox.errors import ConfigError
-from neox.parallel.comm import broadcast_
+from neox.parallel.comm import all_reduce_, broadcast_
 from neox.parallel.mesh import ParallelDims, init_distributed, world_from_env
 from neox.parallel.tensor import apply_tensor_parallel
 
@@ -99,9 +101,7 @@ def shard_model(model, mesh, device):
     """Shard a freshly built GPT over mesh["tp"] and put what stays whole (norms, position tables) on
     `device`; the weights are loaded afterwards, each rank reading its own slices."""
     tp = mesh["tp"]
-    apply_tensor_parallel(model, tp, sequence_parallel=False)
-    # caches are sized from the model's kv head count: each rank keeps only its own heads
-    model.num_kv_heads //= tp.size()
+    apply_tensor_parallel(model, tp, sequence_parallel=False)  # the kv head count: this rank's (cache sizes)
     return model.to(device)
 
 
@@ -112,13 +112,40 @@ def is_dtensor(x) -> bool:
     return mod is not None and isinstance(x, mod.DTensor)
 
 
-def tp_group(model):
-    """The process group `model` is tensor-parallel over, or None for a whole (one-process) model."""
+def _sharded_dims(model):
+    """(mesh, dim names) of the mesh `model`'s attention weights are DTensors on, or (None, ())."""
     layers = getattr(model, "layers", None)
     if not layers:
-        return None
+        return None, ()
     w = next(iter(layers.values())).attention.query_key_value.weight
-    return w.device_mesh.get_group() if is_dtensor(w) else None
+    if not is_dtensor(w):
+        return None, ()
+    return w.device_mesh, w.device_mesh.mesh_dim_names or ("tp",)
+
+
+def tp_group(model):
+    """The process group `model` is tensor-parallel over, or None for a whole (one-process) model."""
+    mesh, names = _sharded_dims(model)
+    return mesh.get_group("tp") if "tp" in names else None
+
+
+def lockstep_group(model):
+    """The data-parallel group `model`'s weights are sharded over (ZeRO, FSDP2: a training model sampled by
+    neox.train.reinforce), or None. Each forward gathers the weights over it, so its ranks, which continue
+    different prompts, must run the same number of steps."""
+    mesh, names = _sharded_dims(model)
+    data = [n for n in names if n != "tp"]
+    if not data:
+        return None
+    return mesh.get_group("dp_shard" if "dp_shard" in data else data[0])
+
+
+def all_stopped_on(group, stopped: bool, device) -> bool:
+    """Whether every rank of `group` has stopped (one all-reduce); `stopped` itself without a group."""
+    if group is None:
+        return stopped
+    flag = torch.tensor([0 if stopped else 1], dtype=torch.int32, device=device)
+    return not bool(all_reduce_(flag, group, dist.ReduceOp.MAX))
 
 
 def on_local(x, fn):

@@ -168,6 +168,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         attn = block.attention
         attn.num_heads //= tp
         attn.num_kv_heads //= tp
+    if hasattr(model, "num_kv_heads"):  # the GPT's count sizes KV caches (sampling): this rank's heads
+        model.num_kv_heads //= tp
     check_local_heads(model)
     return model
 

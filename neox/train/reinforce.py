@@ -5,7 +5,14 @@ For each completion y of prompt x with reward R: kl = log pi(y|x) - log pi_ref(y
 estimate, without gradient), R' = R - kl_div_beta * kl, advantage A = R' - b with b the mean R' of the
 micro-batch (or, with ``reinforce_leave_one_out``, the mean of the others'), and the loss is
 -mean(A * log pi(y|x)). The reference is a frozen copy of the starting weights, kept in the run directory
-(``reference_model.pt``) so that a resumed run penalises against the same one.
+(``reference_model.pt``, whole weights whatever the layout) so that a resumed run penalises against the same one.
+
+Layouts: one process, DDP and ZeRO (FSDP2) and tensor parallelism. Every rank samples its own prompts with the
+policy as it is laid out (FSDP2 gathers each block's weights in its forward; neox.infer.generate keeps the
+sharded ranks stepping together and the tensor-parallel ranks on the same tokens). The reference is a plain GPT
+with the policy's starting weights, sharded over the tensor-parallel ranks as the policy is and whole on each
+data-parallel rank (it needs no gradients or optimizer state; under ZeRO it costs one full copy of the weights
+per rank).
 
 Sampling and scoring come from the caller, as functions (the train layer sits below neox.infer):
 ``sampler(model, prompts, max_new_tokens, temperature) -> completions`` (token lists; a completion that
@@ -23,10 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from neox.data.loader import collate, micro_batch_indices
 from neox.data.preference import PromptDataset, build_prompt_datasets
 from neox.errors import ConfigError
+from neox.model import GPT
+from neox.model.lora import is_adapter_key
+from neox.parallel import is_vocab_parallel, loss_context
+from neox.parallel.tensor import apply_tensor_parallel
 from neox.train.preference import sequence_logps
 
 REFERENCE_MODEL_FILE = "reference_model.pt"
@@ -72,17 +86,40 @@ class ReinforceObjective:
     # ---- reference: a frozen copy of the starting weights
     def compute_reference(self, model, precision, device, eod_id: int, micro: int) -> None:
         self.policy, self.precision, self.device, self.eod_id = model, precision, device, eod_id
-        self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._start_state = None  # the whole starting weights, on the rank that keeps them (save_reference)
+        if not dist.is_initialized():
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+            return
+        # every rank takes part and gets the whole weights (full tensors, also of tensor-parallel DTensors)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if any(is_adapter_key(k) for k in state):
+            raise ConfigError("train_impl reinforce with LoRA adapters runs in one process for now; drop lora.rank")
+        self._start_state = {k: v.cpu().clone() for k, v in state.items()} if dist.get_rank() == 0 else None
+        self.reference_model = reference_model_like(model, device)
+        self._load_whole(state)
+
+    def _load_whole(self, state: dict) -> None:
+        """The whole weights `state` (every rank's the same) into this rank's reference: its tensor-parallel
+        slices where it is sharded (`state`'s entries are replaced by them)."""
+        set_model_state_dict(self.reference_model, state, options=StateDictOptions(full_state_dict=True))
 
     def save_reference(self, run_dir: Path) -> None:
-        torch.save(self.reference_model.state_dict(), Path(run_dir) / REFERENCE_MODEL_FILE)
+        state = self._start_state if self._start_state is not None else self.reference_model.state_dict()
+        self._start_state = None
+        torch.save(state, Path(run_dir) / REFERENCE_MODEL_FILE)
 
     def load_reference(self, run_dir: Path, model, precision, device, eod_id: int) -> bool:
         path = Path(run_dir) / REFERENCE_MODEL_FILE
         if not path.is_file():
             return False
         self.compute_reference(model, precision, device, eod_id, 0)
-        self.reference_model.load_state_dict(torch.load(path, weights_only=True))
+        self._start_state = None
+        state = torch.load(path, weights_only=True, map_location=device)
+        if dist.is_initialized():
+            self._load_whole(state)
+        else:
+            self.reference_model.load_state_dict(state)
         return True
 
     # ---- online batches
@@ -113,8 +150,9 @@ class ReinforceObjective:
         batch = collate(items, eod_id=self.eod_id)
         with self.precision.autocast():
             logits = self.reference_model(batch["tokens"].to(self.device))
-        batch["ref_logps"] = sequence_logps(logits, batch["labels"].to(self.device), batch["loss_mask"].to(self.device))
-        batch["ref_logps"] = batch["ref_logps"].cpu()
+        with loss_context(is_vocab_parallel(logits)):
+            ref = sequence_logps(logits, batch["labels"].to(self.device), batch["loss_mask"].to(self.device))
+        batch["ref_logps"] = ref.cpu()
         batch["reward"] = rewards
         return batch
 
@@ -134,3 +172,30 @@ class ReinforceObjective:
         mean_reward, kl = torch.stack(self._stats).mean(0).tolist()
         self._stats.clear()
         return {"mean_reward": mean_reward, "kl_to_reference": kl}
+
+
+def reference_model_like(policy, device: torch.device) -> torch.nn.Module:
+    """A frozen plain GPT shaped as `policy` (of its config), sharded over the policy's tensor-parallel ranks as it
+    is and whole otherwise (data-parallel wrapping is for training), its weights still to be loaded."""
+    with torch.device("meta"):
+        ref = GPT(policy.cfg)
+    tp = tp_mesh_of(policy)
+    if tp is not None:
+        apply_tensor_parallel(ref, tp, sequence_parallel=False)
+    ref.to_empty(device=device)
+    dtypes = {p.dtype for p in policy.parameters()}
+    if len(dtypes) == 1:  # a policy kept in one dtype (bf16 weights): its reference too
+        ref.to(dtypes.pop())
+    for name, buf in policy.named_buffers():  # rotary and position tables (computed, not all in a state dict)
+        owner, _, leaf = name.rpartition(".")
+        local = buf.to_local() if isinstance(buf, DTensor) else buf
+        setattr(ref.get_submodule(owner), leaf, local.detach().clone())  # the policy's values and dtype
+    return ref.requires_grad_(False).eval()
+
+
+def tp_mesh_of(policy):
+    """The 1-D tensor-parallel mesh `policy`'s attention weights are sharded over, or None."""
+    w = next(iter(policy.layers.values())).attention.query_key_value.weight
+    if not isinstance(w, DTensor) or "tp" not in (w.device_mesh.mesh_dim_names or ()):
+        return None
+    return w.device_mesh["tp"] if w.device_mesh.ndim > 1 else w.device_mesh
