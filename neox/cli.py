@@ -13,7 +13,6 @@ import os
 import sys
 
 from neox.errors import NeoxError
-from neox.kernels.host_memory import use_huge_pages
 
 # name -> (module providing `register(parser)` for that command, one-line help)
 COMMANDS = {
@@ -72,7 +71,6 @@ def _die_with_torchrun() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_torchrun()
-    use_huge_pages()  # before any command imports torch (neox.kernels.host_memory)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv or ["--help"])

@@ -7,8 +7,6 @@ import platform
 import subprocess
 from importlib import metadata
 
-from neox.kernels.host_memory import kernel_huge_pages
-
 # /proc/cpuinfo flags that decide which matmul and attention kernels a CPU gets
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
@@ -36,7 +34,6 @@ def cpu_info() -> dict:
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "relevant_flags": [f for f in RELEVANT_FLAGS if f in flags],
         "flags": flags,
-        "transparent_hugepage": kernel_huge_pages(),  # neox's large CPU tensors ask for huge pages
     }
     try:  # lscpu adds caches and sockets; absent on some systems
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

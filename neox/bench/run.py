@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from neox.bench.machine import cpu_info, load, versions
 from neox.errors import NeoxError
-from neox.kernels.host_memory import THP_ENV, use_huge_pages, users_environment
 
 SECTIONS = ("train", "generate", "preprocess", "startup")
 CHILD_MARK = "NEOX_BENCH_RESULT "
@@ -75,13 +74,8 @@ def quick_plan(**overrides) -> Plan:
 
 def run_child(kind: str, args: dict, threads: int, timeout: float, **extra) -> dict:
     """One child: its spec, result (or error), wall seconds and the load average before and after."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
-    if str(args.get("engine", "neox")).startswith("neox"):
-        use_huge_pages(env)  # neox's start-up default (neox.kernels.host_memory), however the bench was started
-    else:
-        env = users_environment(env)  # a reference engine runs as its own users run it
-    extra = {**extra, "huge_pages": env.get(THP_ENV) == "1"}
     spec = {"kind": kind, "args": args, "threads": threads, **extra}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
     record = {"kind": kind, "args": args, **extra, "load_before": load()}
     launched = time.time()
     if kind == "train":  # time to first step counts from here, interpreter start included

@@ -32,6 +32,7 @@ from neox.data.loader import batches
 from neox.data.tokenizers import build_tokenizer
 from neox.errors import ConfigError, DataError, NeoxError, ensure_dir
 from neox.kernels.device import resolve_device
+from neox.kernels.host_memory import keep_freed_memory
 from neox.model import flops_per_token, num_params
 from neox.model.lora import is_adapter_key
 from neox.parallel.dcp import AsyncSaver
@@ -147,6 +148,8 @@ class Trainer:
         self.quiet = quiet or not self.layout.is_logging_rank
         self.device = resolve_device(cfg.train.device, "train.device")
         self._use_device(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's temporaries reuse the last step's memory (neox.kernels.host_memory)
         if cfg.eval.eval_tasks and evaluate_tasks is None:
             raise ConfigError(
                 "eval.eval_tasks is set but the Trainer was given no evaluate_tasks callable "

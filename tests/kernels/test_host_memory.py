@@ -1,95 +1,54 @@
-"""Huge pages for large CPU tensors: set before torch loads, fewer page faults, reference engines left alone."""
+"""keep_freed_memory: glibc reuses a freed large block without page faults instead of unmapping it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from neox.bench import run as bench_run
 from neox.kernels import host_memory as hm
 
-# In a fresh interpreter (the switch is read when torch loads): allocate and fill a 64 MiB tensor a few times,
-# then count the minor page faults that filling one more costs.
+# In a fresh interpreter: malloc, fill and free a 64 MiB block a few times and print the minor page faults of
+# each fill (torch is not involved: this is the C library's behaviour that the setting changes).
 PROBE = r"""
-import resource, torch
-for _ in range(3):
-    torch.ones(16 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(16 << 20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "keep":
+    from neox.kernels.host_memory import keep_freed_memory
+    assert keep_freed_memory()
+faults = []
+for _ in range(4):
+    p = libc.malloc(64 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    libc.memset(p, 1, 64 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(p)
+print(*faults)
 """
 PAGES = (64 << 20) // 4096
 
 
-def _faults(switch: str) -> int:
-    env = {**os.environ, hm.THP_ENV: switch}
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env)
+def _faults(mode: str) -> list[int]:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return int(done.stdout.split()[-1])
+    return [int(x) for x in done.stdout.split()]
 
 
-@pytest.mark.skipif(
-    hm.kernel_huge_pages() not in ("always", "madvise"), reason="the kernel's transparent huge pages are off"
-)
-def test_huge_pages_cut_the_faults_of_a_fresh_block():
-    assert _faults("1") < PAGES // 8  # a fault per 2 MiB (plus a few 4 KiB ones), not per 4 KiB
-    if hm.kernel_huge_pages() == "madvise":  # without the advice, 4 KiB pages
-        assert _faults("0") > PAGES // 2
+@pytest.mark.skipif(hm._glibc() is None, reason="keep_freed_memory changes glibc's malloc only")
+def test_a_freed_block_is_reused_without_faults():
+    default, kept = _faults("system"), _faults("keep")
+    assert all(f > PAGES // 2 for f in default)  # glibc unmaps the block and faults it in anew every time
+    assert kept[0] > PAGES // 2 and all(f < PAGES // 100 for f in kept[1:])  # first touch only
 
 
-def test_the_switch_is_set_before_torch_loads_and_never_over_the_users_choice():
-    script = (
-        "import os, sys\n"
-        "from neox.kernels.host_memory import THP_ENV, use_huge_pages\n"
-        "if sys.argv[1] == 'late':\n"
-        "    import torch\n"
-        "print(use_huge_pages(), os.environ.get(THP_ENV))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != hm.THP_ENV}
-
-    def run(mode, **extra):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env={**env, **extra})
-        assert out.returncode == 0, out.stderr
-        return out.stdout.split()
-
-    assert run("early") == ["True", "1"]
-    assert run("late") == ["False", "None"]  # too late for this process: say so, change nothing
-    assert run("early", **{hm.THP_ENV: "0"}) == ["False", "0"]
-    child = {}
-    assert hm.use_huge_pages(child) and child == {hm.THP_ENV: "1"}
-    assert not hm.use_huge_pages({hm.THP_ENV: "0"})
-
-
-def test_neox_cli_turns_it_on_for_its_commands():
-    script = "import os, neox.cli\ntry:\n    neox.cli.main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
-    script += "print('SWITCH', os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    env = {k: v for k, v in os.environ.items() if k != hm.THP_ENV}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert "SWITCH 1" in out.stdout, out.stderr
-
-
-def test_bench_children_neox_engines_get_it_reference_engines_as_users_run_them(monkeypatch):
-    seen = {}
-
-    def fake_run(cmd, env, **kwargs):
-        seen[cmd[-1]] = env
-        return subprocess.CompletedProcess(cmd, 1, "", "stopped here")
-
-    monkeypatch.setattr(bench_run.subprocess, "run", fake_run)
-    monkeypatch.setenv(hm.THP_ENV, "1")
-    monkeypatch.setattr(hm, "_set_here", [True])  # as `neox bench` started: the switch is neox's, not the user's
-    neox_rec = bench_run.run_child("generate", {"engine": "neox"}, 1, 10)
-    hf_rec = bench_run.run_child("generate", {"engine": "hf"}, 1, 10)
-    assert neox_rec["huge_pages"] and not hf_rec["huge_pages"]
-    envs = list(seen.values())
-    assert envs[0][hm.THP_ENV] == "1" and hm.THP_ENV not in envs[1]
-
-
-def test_kernel_mode_is_read_from_sysfs(tmp_path):
-    f = tmp_path / "enabled"
-    f.write_text("always [madvise] never\n")
-    assert hm.kernel_huge_pages(str(f)) == "madvise"
-    assert hm.kernel_huge_pages(str(tmp_path / "absent")) is None
+def test_it_changes_nothing_without_glibc(monkeypatch):
+    hm.keep_freed_memory.cache_clear()
+    monkeypatch.setattr(hm, "_glibc", lambda: None)
+    try:
+        assert hm.keep_freed_memory() is False
+    finally:
+        hm.keep_freed_memory.cache_clear()
