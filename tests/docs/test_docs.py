@@ -17,9 +17,12 @@ is made tiny around the commands, not in them:
   checked) into the page's own, initially empty, $NEOX_EVAL_DATA.
 
 `make train` is the Makefile's train recipe (read from the Makefile), run once to make the workspace every page
-starts from; its prerequisite, creating .venv, is skipped: this test runs in it. A failing command (non-zero
-exit) or snippet (an exception) fails with the page and line of its block, and the rest of that page is
-skipped. A command whose exact text already passed, from the same start, is not run again. EXCEPTIONS lists
+starts from; its prerequisite, creating .venv, is skipped: this test runs in it. After it, the pages' `neox`
+commands are forked by tests/forkserver.py's server (neox and torch imported once; the same arguments, working
+directory, environment, streams and exit status), so a command costs its own work rather than seconds of
+`import torch`; `make train`'s `.venv/bin/neox`, `python`, `torchrun` and snippets still start fresh. A failing
+command (non-zero exit) or snippet (an exception) fails with the page and line of its block, and the rest of that
+page is skipped. A command whose exact text already passed, from the same start, is not run again. EXCEPTIONS lists
 what is skipped, each with its reason: it needs other hardware or hosts, the network, or minutes of compiling.
 """
 
@@ -38,6 +41,7 @@ import yaml
 
 from tests.conftest import SHARED
 from tests.docs.blocks import Command, page_commands
+from tests.forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -286,6 +290,7 @@ class Workspaces:
     base: Path | None = None
     base_failed: str | None = None  # why building it failed: every page fails with it, without a second try
     mirror: Path | None = None
+    server: ForkServer | None = None  # forks the pages' `neox` commands (tests/forkserver.py)
     pages: dict[str, Page] = field(default_factory=dict)
     passed: dict[str, str] = field(default_factory=dict)  # command text -> where it passed
 
@@ -300,6 +305,7 @@ class Workspaces:
             for text in make_recipe("train"):
                 run_shell(work, text, "Makefile (make train)", _env(parent, self.mirror))
             _user_files(work)
+            self.server = ForkServer(_env(parent, self.mirror), work)
             self.base, self.base_failed = parent, None
         return self.base
 
@@ -309,13 +315,16 @@ class Workspaces:
             copy = self.tmp.mktemp(path.replace("/", "-"))
             shutil.rmtree(copy)
             shutil.copytree(base, copy, symlinks=True)
-            self.pages[path] = Page(copy / "neox", _env(copy, self.mirror))
+            self.pages[path] = Page(copy / "neox", self.server.path_env(_env(copy, self.mirror)))
         return self.pages[path]
 
 
 @pytest.fixture(scope="session")
-def workspaces(tmp_path_factory, shared_data) -> Workspaces:
-    return Workspaces(tmp_path_factory)
+def workspaces(tmp_path_factory, shared_data):
+    spaces = Workspaces(tmp_path_factory)
+    yield spaces
+    if spaces.server is not None:
+        spaces.server.close()
 
 
 @pytest.mark.slow
