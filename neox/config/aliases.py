@@ -343,6 +343,10 @@ NEOX_OPTIMIZERS = {
 }
 
 
+# names only GPT-NeoX has, read with its meaning in our form too (`--set optimizer.type=cpu_adam`)
+NEOX_ONLY_OPTIMIZERS = ("cpu_adam", "cpu_torch_adam", "onebitadam")
+
+
 def _neox_optimizer_type(c, key: str, value: Any) -> None:
     if isinstance(value, str) and value.lower() == "onebitadam":
         # DeepSpeed's 1-bit Adam = Adam whose gradient all-reduce is 1-bit compressed after a warm-up:
@@ -367,7 +371,7 @@ def handle_optimizer(c, key: str, value: Any) -> None:
     neox_form = any(normalize_key(k) == "params" for k in mapping)
     for raw, v in mapping.items():
         k, shown = normalize_key(raw), f"{key}.{raw}"
-        if k == "type" and neox_form:
+        if k == "type" and (neox_form or (isinstance(v, str) and v.lower() in NEOX_ONLY_OPTIMIZERS)):
             _neox_optimizer_type(c, shown, v)
         elif k == "type" and isinstance(v, str) and v.lower() in NEOX_OPTIMIZERS:
             c.set(("optimizer", "type"), v.lower(), shown)  # names are case-insensitive, as in GPT-NeoX

@@ -171,6 +171,21 @@ def test_gpt_neox_optimizer_names_load_case_insensitively(given, expected):
         assert from_dict(form, "o.yml").optimizer.type == expected
 
 
+@pytest.mark.parametrize(
+    "given, expected, compression",
+    [("cpu_adam", "adamw", "none"), ("cpu_torch_adam", "adam", "none"), ("OneBitAdam", "adamw", "onebit")],
+)
+def test_gpt_neox_only_optimizer_names_mean_the_same_in_our_form_and_in_set(given, expected, compression):
+    """`optimizer: {type: cpu_adam}` (no params) and `--set optimizer.type=cpu_adam` read GPT-NeoX's names as the
+    GPT-NeoX form does; names both have (adam) keep our meaning there."""
+    for cfg in (
+        from_dict({"optimizer": {"type": given}}, "o.yml"),
+        resolve(overrides=[f"optimizer.type={given}"]).config,
+    ):
+        assert (cfg.optimizer.type, cfg.parallel.grad_compression) == (expected, compression)
+    assert resolve(overrides=["optimizer.type=adam"]).config.optimizer.type == "adam"
+
+
 def test_one_bit_adam_is_adamw_with_the_onebit_hook_and_its_freeze_step():
     r = resolve(
         dicts=[({"optimizer": {"type": "OneBitAdam", "params": {"freeze_step": 23, "cuda_aware": False}}}, "o.yml")]
