@@ -94,13 +94,13 @@ class AllToAllDispatch:
         recv = torch.empty_like(send)
         all_to_all_single_(recv, send, self.group)  # [source rank, local expert] loads
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the host read all-to-all needs
-        got = _AllToAll.apply(x[token].to(dtype), out_splits, in_splits, self.group)
+        got = _AllToAll.apply(x.index_select(0, token).to(dtype), out_splits, in_splits, self.group)
         # received rows come by source rank, then local expert: regroup them by local expert for the matmul
         local_ids = torch.arange(local_e, device=x.device).repeat(self.ep).repeat_interleave(recv.reshape(-1))
         perm = torch.argsort(local_ids, stable=True)
-        h = experts_mod.grouped(got[perm], recv.sum(0), self.local_weights(experts_mod))
+        h = experts_mod.grouped(got.index_select(0, perm), recv.sum(0), self.local_weights(experts_mod))
         ys = _AllToAll.apply(torch.empty_like(h).index_copy(0, perm, h), in_splits, out_splits, self.group)
-        ys = ys * w[order, None].to(ys.dtype)
+        ys = ys * w.index_select(0, order)[:, None].to(ys.dtype)
         return torch.zeros(n, x.shape[1], dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 
