@@ -216,6 +216,10 @@ def validate(r: Resolved) -> None:
     _check_post_training(r)
 
 
+# post-training objectives that also run under pipeline stages (their loss on the last stage, neox.parallel.pipeline)
+PIPELINED_IMPLS = ("dpo", "kto", "rm", "distill")
+
+
 def _check_post_training(r: Resolved) -> None:
     """train_impl: the parameters' ranges, and the layouts and features a preference objective runs under."""
     cfg = r.config
@@ -241,7 +245,7 @@ def _check_post_training(r: Resolved) -> None:
     for name in ("kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(t, name) < 0:
             fail(name, f"must be >= 0, got {getattr(t, name)!r}")
-    if p.pipe_parallel_size > 1:
+    if p.pipe_parallel_size > 1 and t.train_impl not in PIPELINED_IMPLS:
         fail(
             "train_impl",
             f"{t.train_impl} runs in one process, under data and tensor parallelism and ZeRO, not with pipeline "
@@ -297,7 +301,8 @@ LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "w
 
 
 def _check_lora(r: Resolved) -> None:
-    """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP, tensor parallel)."""
+    """LoRA's ranges and target names, and the layouts it runs under (one process, DDP, FSDP, tensor and
+    pipeline parallel; QLoRA one process only)."""
     lo, p = r.config.lora, r.config.parallel
 
     def fail(name: str, message: str, group: str = "lora") -> None:
@@ -323,11 +328,6 @@ def _check_lora(r: Resolved) -> None:
     if lo.quantize != "none" and (p.model_parallel_size > 1 or p.pipe_parallel_size > 1):
         # one process only: the Trainer refuses data parallelism, which it knows only at launch
         fail("quantize", "4-bit base weights (QLoRA) run on one process only for now; set lora.quantize: none")
-    if p.pipe_parallel_size > 1:
-        fail(
-            "rank",
-            "LoRA does not run under pipeline parallelism yet; set pipe_parallel_size to 1",
-        )
 
 
 def _check_distill(r: Resolved) -> None:

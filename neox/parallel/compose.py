@@ -117,6 +117,7 @@ def parallelize(
             parallelize=wrap,
             pass_positions=data.reset_position_ids,
             pass_segments=data.reset_attention_mask,
+            loss_fn=loss_fn,
         )
     model = wrap(model)
     runner = LocalRunner(

@@ -180,6 +180,7 @@ def build_stage(model: nn.Module, stage: int, n_stages: int, layers: range) -> n
             head = TiedHeadCopy(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 head.weight.copy_(w)
+            head.weight.requires_grad_(w.requires_grad)  # frozen with the embedding (LoRA)
             mod.embed_in = head
             # the copy stands for the output layer only: no position or embedding dropout to add again
             mod.sinusoidal, mod.embed_dropout = None, nn.Identity()
@@ -204,6 +205,16 @@ def mark_tied_copy(stage: nn.Module) -> None:
     gradient norm counts the shared weight once (neox.parallel.reduce.grad_norm skips flagged parameters)."""
     if isinstance(stage.embed_in, TiedHeadCopy):
         setattr(stage.embed_in.weight, TIED_COPY_ATTR, True)
+
+
+def gather_stages(tensors: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's `tensors` (CPU tensors by parameter name, disjoint across stages) merged, on
+    every rank of the "pp" group; unchanged without pipeline stages. Collective over "pp"."""
+    if mesh is None or mesh["pp"].size() == 1:
+        return tensors
+    parts: list = [None] * mesh["pp"].size()
+    dist.all_gather_object(parts, tensors, group=mesh["pp"].get_group())
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _pair_group(mesh, timeout=None):
@@ -267,6 +278,7 @@ class PipelineRunner:
         pass_segments: bool = False,
         vocab_parallel: bool = False,
         timeout=None,
+        loss_fn=masked_mean_loss,
     ):
         from torch.distributed.pipelining import PipelineStage
 
@@ -274,6 +286,9 @@ class PipelineRunner:
         self.mesh, self.n_micro, self.precision, self.device = mesh, n_micro, precision, device
         self.pass_positions, self.pass_segments = pass_positions, pass_segments
         self.vocab_parallel = vocab_parallel
+        self.loss_fn = loss_fn
+        self._extras: dict = {}  # the step's batch entries the loss names (batch_keys), rows concatenated
+        self._eval_fn = self._objective_loss  # what an evaluation forward computes on the last stage
         self.has_first, self.has_last = 0 in stage_ids, n_stages - 1 in stage_ids
         group = mesh["pp"].get_group()
         self._loss_scale = 1.0
@@ -305,15 +320,25 @@ class PipelineRunner:
         for m in stages:
             _drop_placeholder_routing_stats(m)
 
-    # -- loss: target packs labels and loss mask as [b, 2, T] so the schedule splits them with the batch
+    # -- loss: target packs labels, loss mask and each row's index in the step's batch as [b, 3, T], so the
+    # schedule splits them with the batch; the row indices pick the micro-batch's rows of the entries an
+    # objective's loss names (neox.train.preference: reference log-probabilities; a micro-batch's chosen and
+    # rejected rows travel together, as the data loader made them)
+    def _objective_loss(self, logits, target):
+        extras = {k: v[target[:, 2, 0]] for k, v in self._extras.items()}
+        return self.loss_fn(logits, target[:, 0], target[:, 1], **extras)
+
     def _loss_fn(self, logits, target):
-        labels, mask = target[:, 0], target[:, 1]
-        loss = masked_mean_loss(logits, labels, mask)
+        if not _shapes_known(self.schedule):
+            # the schedule's shape inference runs the loss once on placeholder activations before the first
+            # micro-batch: any loss of the logits serves it, and an objective's statistics must not see it
+            return masked_mean_loss(logits, target[:, 0], target[:, 1])
+        loss = self._objective_loss(logits, target)
         self._step_losses.append(loss.detach())
         return loss * (self._loss_scale / self.n_micro)
 
     def _eval_loss_fn(self, logits, target):
-        return masked_mean_loss(logits, target[:, 0], target[:, 1])
+        return self._eval_fn(logits, target)
 
     def _inputs(self, micro_batches: list[dict]):
         def cat(key):
@@ -327,7 +352,11 @@ class PipelineRunner:
         args = (cat("tokens"),) if self.has_first else ()
         target = None
         if self.has_last:
-            target = torch.stack([cat("labels"), cat("loss_mask").to(torch.long)], dim=1)
+            labels = cat("labels")
+            rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+            target = torch.stack([labels, cat("loss_mask").to(torch.long), rows], dim=1)
+            keys = getattr(self.loss_fn, "batch_keys", ())
+            self._extras = {k: cat(k) for k in keys if k in micro_batches[0]}
         return args, kwargs, target
 
     def _run(self, schedule, micro_batches: list[dict], train: bool):
@@ -357,23 +386,36 @@ class PipelineRunner:
 
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
+        return self._eval(batch, self._objective_loss, ())
+
+    @torch.no_grad()
+    def eval_rows(self, batch: dict, fn) -> torch.Tensor:
+        return self._eval(
+            batch, lambda logits, target: fn(logits, target[:, 0], target[:, 1]), batch["tokens"].shape[:1]
+        )
+
+    def _eval(self, batch: dict, fn, shape: tuple) -> torch.Tensor:
+        """`fn(logits, target)` of one micro-batch through the pipeline, from the last stage on every rank."""
         was = [m.training for m in self.stages]
         for m in self.stages:
             m.eval()
+        self._eval_fn = fn
         try:
             losses = self._run(self.eval_schedule, [batch], train=False)
         finally:
+            self._eval_fn = self._objective_loss
             for m, mode in zip(self.stages, was):
                 m.train(mode)
-        loss = losses[0].detach().float().cpu() if self.has_last else torch.zeros(())
-        return broadcast_from_last_stage(loss, self.mesh)
+        value = losses[0].detach().float().cpu() if self.has_last else torch.zeros(shape)
+        return broadcast_from_last_stage(value, self.mesh)
 
     def _sum_tied_grads(self) -> None:
         """Embedding gradient (first stage) + output-layer gradient (last stage), on both."""
         if self.pair_group is None:
             return
         for m, s in zip(self.stages, self.stage_ids):
-            if s in (0, self.n_stages - 1) and m.embed_in is not None:
+            # frozen under LoRA on both ends alike (the pair agrees on skipping the sum)
+            if s in (0, self.n_stages - 1) and m.embed_in is not None and m.embed_in.weight.requires_grad:
                 w = m.embed_in.weight
                 if w.grad is None:  # a stage that saw no tokens still takes part in the sum
                     w.grad = torch.zeros_like(w)
@@ -384,6 +426,15 @@ class PipelineRunner:
                     g = w.grad = g.redistribute(w.device_mesh, w.placements)
                 local = g.to_local() if hasattr(g, "to_local") else g
                 all_reduce_(local, self.pair_group)  # a CPU tensor under cpu_offload
+
+
+def _shapes_known(schedule) -> bool:
+    """Whether the schedule's one-time shape inference (its backward half calls the loss) is done. True where
+    torch does not name the flag: the real loss is then used throughout."""
+    for name in ("_stage_backward_initialized", "_stages_backward_initialized"):
+        if hasattr(schedule, name):
+            return bool(getattr(schedule, name))
+    return True
 
 
 def _drop_placeholder_routing_stats(stage: nn.Module) -> None:
@@ -435,9 +486,11 @@ def build(
     parallelize=None,
     pass_positions: bool = False,
     pass_segments: bool = False,
+    loss_fn=masked_mean_loss,
 ):
     """`split_for_rank` plus the runner: returns (local_model, runner). `local_model` is what the optimizer,
-    clipping and checkpoints use; the full `model` should be dropped."""
+    clipping and checkpoints use; the full `model` should be dropped. `loss_fn` runs on the last stage, as a
+    LocalRunner's (neox.parallel.runner.LossFn, taking the batch entries its `batch_keys` names)."""
     local, stages, stage_ids, n_stages, tied = split_for_rank(model, pcfg, mesh, n_micro, parallelize)
     runner = PipelineRunner(
         stages,
@@ -453,5 +506,6 @@ def build(
         pass_segments=pass_segments,
         vocab_parallel=mesh["tp"].size() > 1,
         timeout=dist_timeout(pcfg),
+        loss_fn=loss_fn,
     )
     return local, runner

@@ -31,6 +31,11 @@ class StepRunner(Protocol):
         """The masked-mean token loss of one micro-batch, without gradients."""
         ...
 
+    def eval_rows(self, batch: dict, fn: LossFn) -> torch.Tensor:
+        """`fn(logits, labels, loss_mask)` of one micro-batch (one number per row, e.g. sequence
+        log-probabilities) in evaluation mode without gradients: a CPU fp32 tensor, the same on every rank."""
+        ...
+
 
 class LocalRunner:
     """Plain autograd over this process's (possibly DDP/FSDP/TP-wrapped) model.
@@ -88,3 +93,20 @@ class LocalRunner:
     def eval_loss(self, batch: dict) -> torch.Tensor:
         with loss_context(self.vocab_parallel):
             return self.loss(batch).detach()
+
+    @torch.no_grad()
+    def eval_rows(self, batch: dict, fn: LossFn) -> torch.Tensor:
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.precision.autocast():
+                logits = self.model(
+                    b["tokens"],
+                    position_ids=b.get("position_ids") if self.pass_positions else None,
+                    segment_ids=b.get("segment_ids") if self.pass_segments else None,
+                )
+            with loss_context(self.vocab_parallel):
+                return fn(logits, b["labels"], b["loss_mask"]).float().cpu()
+        finally:
+            self.model.train(was)

@@ -27,21 +27,23 @@ from torch.distributed.tensor import DTensor
 from neox.errors import ConfigError
 from neox.model.lora import is_adapter_key
 from neox.model.qlora import is_quantized_key, quantize_base_
+from neox.parallel.pipeline import gather_stages
 from neox.train.checkpoint import tensor_entries
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters as full CPU tensors by parameter name. Collective under FSDP (every rank must call it,
-    in the same order): each sharded adapter is gathered, the base weights are not."""
+def adapter_tensors(model: nn.Module, mesh=None) -> dict[str, torch.Tensor]:
+    """The adapters as full CPU tensors by parameter name. Collective under FSDP, tensor and pipeline
+    parallelism (every rank must call it, in the same order): each sharded adapter is gathered, the base
+    weights are not; under pipeline stages (`mesh`'s "pp" dim) every stage's adapters are gathered too."""
     out = {}
     for name, p in model.named_parameters():
         if is_adapter_key(name):
             full = p.full_tensor() if isinstance(p, DTensor) else p
             out[name] = full.detach().to("cpu", copy=True).contiguous()
-    return out
+    return gather_stages(out, mesh)
 
 
 def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], lora_cfg) -> None:

@@ -17,8 +17,10 @@ ZeRO, each rank scoring its own micro-batches); under tensor parallelism it is s
 ranks by the student's plan, so its logits come out vocab-sharded like the student's and the loss never
 gathers a vocabulary: the softmaxes reduce over the shards (loss_parallel), the KL's sum over the vocabulary is
 one all-reduce of a number per token, and a top-k is each shard's top-k, gathered (k per rank per token) and cut
-to the k largest. Pipeline parallelism is refused at config load. The runner hands the loss the micro-batch's
-tokens (``batch_keys``), and the loss runs the teacher on them.
+to the k largest. Under pipeline parallelism the teacher is not split into stages: the loss runs on the last
+stage, whose ranks hold the whole teacher (tensor-sharded as above under tp) and run it on the micro-batch's
+tokens there. The runner hands the loss the micro-batch's tokens (``batch_keys``), and the loss runs the teacher
+on them.
 
 For repeated runs, ``neox distill --precompute FILE`` runs the teacher once over every training sample of the
 run and saves its top-k logits (`TeacherCache`, keyed by each sample's tokens, so any data-parallel layout
@@ -174,6 +176,10 @@ class Distiller:
             )
             if tp is not None:  # the student's layout: logits vocab-sharded like the student's
                 apply_tensor_parallel(self.teacher, tp, cfg.parallel.sequence_parallel)
+            if mesh is not None and mesh["pp"].get_local_rank() != mesh["pp"].size() - 1:
+                # pipeline stages: the loss runs on the last stage only. Every rank loaded the teacher (the
+                # checkpoint load is collective over all ranks); the others let it go
+                self.teacher = None
         self.precision = precision
         self.device = device
         # the teacher sees the positions and document masks the student sees

@@ -29,7 +29,6 @@ from torch.distributed.tensor import DTensor
 from neox.data.loader import collate
 from neox.data.preference import PreferenceDataset, build_preference_datasets, encode_completion, preference_batches
 from neox.errors import ConfigError
-from neox.parallel import is_vocab_parallel, loss_context
 from neox.parallel.reduce import sum_over_shards, token_losses, vocab_shard
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -173,31 +172,26 @@ class PreferenceObjective:
 
     # ---- reference
     @torch.no_grad()
-    def compute_reference(self, model, precision, device, eod_id: int, micro: int) -> None:
-        """Log-probabilities of every document of every split under the current (initial) weights."""
+    def compute_reference(self, model, precision, device, eod_id: int, micro: int, runner=None) -> None:
+        """Log-probabilities of every document of every split under the current (initial) weights, by the run's
+        step runner (`runner.eval_rows`: through the pipeline under pipeline stages; `model` is not used)."""
         self.eod_id = eod_id
         if self.impl == "rm" or (self.impl == "dpo" and self.cfg.dpo_reference_free):
             return
-        was_training = model.training
-        model.eval()
-        try:
-            for split, ds in zip(("train", "valid", "test"), self.splits):
-                if ds is None:
-                    continue
-                sides = len(ds.sides)
-                table = torch.empty(len(ds), sides, dtype=torch.float32)
-                for start in range(0, len(ds), micro):
-                    docs = range(start, min(start + micro, len(ds)))
-                    items = ds.batch_documents(docs, eod_id)
-                    with precision.autocast():
-                        logits = model(items["tokens"].to(device))
-                    with loss_context(is_vocab_parallel(logits)):
-                        lp = sequence_logps(logits, items["labels"].to(device), items["loss_mask"].to(device))
-                    lp = lp.cpu()
-                    table[start : start + len(docs)] = lp.reshape(sides, -1).T
-                self.reference[split] = table
-        finally:
-            model.train(was_training)
+        for split, ds in zip(("train", "valid", "test"), self.splits):
+            if ds is None:
+                continue
+            sides = len(ds.sides)
+            table = torch.empty(len(ds), sides, dtype=torch.float32)
+            for start in range(0, len(ds), micro):
+                docs = list(range(start, min(start + micro, len(ds))))
+                n = len(docs)
+                # every batch `micro` documents (the last one's repeated): pipeline stages size their receive
+                # buffers by their first batch
+                items = ds.batch_documents(docs + docs[-1:] * (micro - n), eod_id)
+                lp = runner.eval_rows(items, sequence_logps)
+                table[start : start + n] = lp.reshape(sides, -1).T[:n]
+            self.reference[split] = table
 
     def save_reference(self, run_dir: Path) -> None:
         torch.save(self.reference, Path(run_dir) / REFERENCE_FILE)
@@ -254,10 +248,10 @@ class PreferenceObjective:
 
 
 def prepare_reference(
-    objective, model, precision, device, eod_id: int, micro: int, run_dir, resumed: bool, write: bool
+    objective, model, precision, device, eod_id: int, micro: int, run_dir, resumed: bool, write: bool, runner=None
 ):
     """The objective's reference from the starting weights, or on a resume the one the run started with (kept in
-    the run directory; `write`: this rank keeps it)."""
+    the run directory; `write`: this rank keeps it). `runner` is the run's StepRunner, `model` what it trains."""
     if resumed and run_dir is not None and objective.load_reference(Path(run_dir), model, precision, device, eod_id):
         return
     if resumed:
@@ -265,6 +259,6 @@ def prepare_reference(
             f"train_impl {objective.impl}: resuming needs the reference the run started with, kept in {run_dir}, "
             "which is missing there"
         )
-    objective.compute_reference(model, precision, device, eod_id, micro)
+    objective.compute_reference(model, precision, device, eod_id, micro, runner=runner)
     if run_dir is not None and write:
         objective.save_reference(Path(run_dir))

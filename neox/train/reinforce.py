@@ -84,7 +84,8 @@ class ReinforceObjective:
         return self.splits
 
     # ---- reference: a frozen copy of the starting weights
-    def compute_reference(self, model, precision, device, eod_id: int, micro: int) -> None:
+    def compute_reference(self, model, precision, device, eod_id: int, micro: int, runner=None) -> None:
+        # `runner` is unused: the reference is a frozen copy of the whole model (pipeline stages are refused)
         self.policy, self.precision, self.device, self.eod_id = model, precision, device, eod_id
         self._start_state = None  # the whole starting weights, on the rank that keeps them (save_reference)
         if not dist.is_initialized():

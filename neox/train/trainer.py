@@ -250,6 +250,7 @@ class Trainer:
             self.run_dir,
             self.resumed,
             self.layout.is_logging_rank,
+            runner=self.runner,
         )
 
     def _build_data(self) -> None:
@@ -479,7 +480,7 @@ class Trainer:
         """LoRA: the adapters' own files for the checkpoint (gathered on every rank; rank 0 writes them)."""
         if not self.cfg.lora.rank:
             return None
-        tensors = adapter_tensors(self.model)
+        tensors = adapter_tensors(self.model, self.layout.mesh)
         return lambda directory: write_adapter_files(directory, tensors, self.cfg.lora)
 
     def _should_save(self) -> bool:

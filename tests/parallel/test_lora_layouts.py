@@ -1,7 +1,8 @@
-"""LoRA under data and tensor parallelism: ZeRO-3 (FSDP2 shards of frozen weights and adapters), DDP and tp2
-(adapters placed to match their column- or row-parallel base layer, neox.parallel.tensor) over two ranks
-fine-tune a one-process checkpoint to one process's losses; the base weights in their checkpoints are the
-pretrained ones bitwise and the adapter files hold the gathered adapters."""
+"""LoRA under data, tensor and pipeline parallelism: ZeRO-3 (FSDP2 shards of frozen weights and adapters), DDP,
+tp2 (adapters placed to match their column- or row-parallel base layer, neox.parallel.tensor) and pp2 (each
+stage holds its own layers' adapters; the adapter files gather them over the stages) over two ranks fine-tune
+a one-process checkpoint to one process's losses; the base weights in their checkpoints are the pretrained
+ones bitwise and the adapter files hold the gathered adapters."""
 
 from __future__ import annotations
 
@@ -28,12 +29,17 @@ LORA = {
     "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "embed_out"],
 }
 LAYOUTS = {"zero3": {"zero_stage": 3}, "ddp": {"zero_stage": 0}, "tp2": {"model_parallel_size": 2}}
+# each stage holds its layers' adapters (embed_out's on the last); 4 micro-batches per step
+PIPELINES = {"pp2": {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"}}
+# tied embeddings: the last stage's copy of the frozen embedding (the output layer) stays frozen too
+TIED = {"pos_emb": "rotary", "vocab_size": 384}
+TIED_LORA = {**LORA, "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 
 
-def groups(run, base, parallel=None) -> dict:
+def groups(run, base, parallel=None, model=MODEL, lora=LORA) -> dict:
     return {
-        "model": MODEL,
-        "lora": LORA,
+        "model": model,
+        "lora": lora,
         "optimizer": {"lr": 2e-2},
         "eval": {"eval_iters": 0},
         "logging": {"log_interval": 1},
@@ -45,24 +51,34 @@ def groups(run, base, parallel=None) -> dict:
 
 @pytest.mark.slow
 def test_lora_under_zero3_and_ddp_matches_one_process(tmp_path):
+    check_layouts(tmp_path, LAYOUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, lora", [(MODEL, LORA), (TIED, TIED_LORA)], ids=["untied", "tied"])
+def test_lora_under_pp2_matches_one_process(tmp_path, model, lora):
+    check_layouts(tmp_path, PIPELINES, model, lora)
+
+
+def check_layouts(tmp_path, layouts: dict, model=MODEL, lora=LORA) -> None:
     torch.set_num_threads(1)
     corpus = make_corpus(tmp_path / "corpus", docs=200)
     base = tmp_path / "base"
-    pre = Trainer(tiny_config(corpus, base, model=MODEL, train={"train_iters": 4}, eval={"eval_iters": 0}), quiet=True)
+    pre = Trainer(tiny_config(corpus, base, model=model, train={"train_iters": 4}, eval={"eval_iters": 0}), quiet=True)
     pre.fit()
     base_sd = {k: v.detach().clone() for k, v in pre.model.state_dict().items()}
 
-    runs = [{"name": n, "groups": groups(tmp_path / n, base, p)} for n, p in LAYOUTS.items()]
+    runs = [{"name": n, "groups": groups(tmp_path / n, base, p, model, lora)} for n, p in layouts.items()]
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"data": corpus, "runs": runs}))
     torchrun("trainer_worker.py", 2, str(spec), str(out))
     got = json.loads(out.read_text())
 
-    one = Trainer(tiny_config(corpus, **groups(tmp_path / "one", base)), quiet=True)
+    one = Trainer(tiny_config(corpus, **groups(tmp_path / "one", base, None, model, lora)), quiet=True)
     one.fit()
     assert len(set(one.losses)) > 1
     want = {k: v for k, v in one.model.state_dict().items() if is_adapter_key(k)}
-    for name in LAYOUTS:
+    for name in layouts:
         assert got[name] == pytest.approx(one.losses, abs=1e-5), name
         last = ckpt.resolve(tmp_path / name)
         saved = ckpt.load_full_model_state(last)

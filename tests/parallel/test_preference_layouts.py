@@ -1,7 +1,8 @@
-"""Preference objectives under data and tensor parallelism: DPO under ZeRO-3 (reference log-probabilities computed
-on every rank, FSDP2 shards) and a reward model under DDP, over two ranks, give one process's losses; so do DPO
-(against its reference), KTO and a reward model under tensor parallelism (tp2: vocab-sharded logits, sequence
-log-probabilities by the parallel cross entropy, the reward read from the rank holding the EOD column)."""
+"""Preference objectives under data, tensor and pipeline parallelism: DPO under ZeRO-3 (reference log-probabilities
+computed on every rank, FSDP2 shards) and a reward model under DDP, over two ranks, give one process's losses; so
+do DPO (against its reference), KTO and a reward model under tensor parallelism (tp2: vocab-sharded logits,
+sequence log-probabilities by the parallel cross entropy, the reward read from the rank holding the EOD column)
+and under pipeline parallelism (pp2: the loss on the last stage, the reference through the pipeline)."""
 
 from __future__ import annotations
 
@@ -91,11 +92,24 @@ def test_dpo_under_zero3_and_reward_model_under_ddp_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_kto_and_reward_model_under_tensor_parallelism_match_one_process(tmp_path):
+    _objectives_match_one_process(tmp_path, "tp2", {"model_parallel_size": 2})
+
+
+@pytest.mark.slow
+def test_dpo_kto_and_reward_model_under_pipeline_parallelism_match_one_process(tmp_path):
+    """pp2, 1F1B: the objective's loss runs on the last stage with its micro-batch's reference log-probabilities
+    and rewards (a DPO micro-batch's chosen and rejected rows together), the reference computed through the
+    pipeline; the tied output layer is the last stage's copy."""
+    _objectives_match_one_process(tmp_path, "pp2", {"pipe_parallel_size": 2, "pipe_schedule": "1f1b"})
+
+
+def _objectives_match_one_process(tmp_path, layout: str, parallel: dict) -> None:
+    """dpo, kto and rm under `parallel` over two ranks against one process, 4 steps each."""
     torch.set_num_threads(1)
     data = {"dpo": _pairs(tmp_path), "kto": _feedback(tmp_path)}
     data["rm"] = data["dpo"]
 
-    def tp_groups(run, out, impl, parallel=None) -> dict:  # no warm-up and stronger betas: every step moves
+    def run_groups(run, out, impl, parallel=None) -> dict:  # no warm-up and stronger betas: every step moves
         g = groups(run, out, impl, parallel)
         g["schedule"] = {"warmup_iters": 0}
         g["train"].update(dpo_beta=0.5, kto_beta=2.0)
@@ -103,19 +117,19 @@ def test_dpo_kto_and_reward_model_under_tensor_parallelism_match_one_process(tmp
             g["train"]["train_micro_batch_size_per_gpu"] = 2
         return g
 
-    tp2 = {"model_parallel_size": 2}
-    runs = [{"name": impl, "groups": tp_groups(tmp_path / f"{impl}-tp2", out, impl, tp2)} for impl, out in data.items()]
+    name = {impl: tmp_path / f"{impl}-{layout}" for impl in data}
+    runs = [{"name": impl, "groups": run_groups(name[impl], out, impl, parallel)} for impl, out in data.items()]
     spec, result = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"data": "unused", "runs": runs}))
     torchrun("trainer_worker.py", 2, str(spec), str(result))
     got = json.loads(result.read_text())
     for impl, out in data.items():
-        one = Trainer(tiny_config("unused", **tp_groups(tmp_path / f"{impl}-one", out, impl)), quiet=True)
+        one = Trainer(tiny_config("unused", **run_groups(tmp_path / f"{impl}-one", out, impl)), quiet=True)
         one.fit()
         assert len(set(one.losses)) >= ITERS - 1, one.losses  # the losses move (a first step can sit at log 2, 0.5)
         # DPO and KTO scored against the reference each layout computed from the same starting weights
         if impl != "rm":
-            ref = torch.load(tmp_path / f"{impl}-tp2" / "reference_logps.pt", weights_only=True)
+            ref = torch.load(name[impl] / "reference_logps.pt", weights_only=True)
             assert torch.allclose(ref["train"], one.objective.reference["train"], atol=1e-5), impl
-        print(impl, "tp2", got[impl], "one", one.losses)
+        print(impl, layout, got[impl], "one", one.losses)
         assert got[impl] == pytest.approx(one.losses, abs=1e-5), impl

@@ -123,9 +123,8 @@ def test_distill_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load(**train)
     d = {**base, "train": {**base["train"], "train_impl": "distill", "distill_teacher": "t"}}
-    d["parallel"] = {"pipe_parallel_size": 2}
-    with pytest.raises(ConfigError, match="train_impl.*not with pipeline stages.*pipe_parallel_size to 1"):
-        from_dict(d)
+    d["parallel"] = {"pipe_parallel_size": 2}  # pipeline stages: the whole teacher on the last stage
+    assert from_dict(d).parallel.pipe_parallel_size == 2
     d["parallel"] = {"model_parallel_size": 2}  # tensor parallelism: the teacher is sharded as the student
     assert from_dict(d).parallel.model_parallel_size == 2
     with pytest.raises(NeoxError, match="nowhere"):

@@ -154,8 +154,7 @@ def test_bad_lora_settings_are_one_line_errors(corpus, tmp_path):
     d = to_dict(tiny_config(corpus, None, model=MODEL))
     d["lora"] = {"rank": 4}
     d["parallel"] = {"pipe_parallel_size": 2}
-    with pytest.raises(ConfigError, match="lora.rank.*pipeline parallelism.*pipe_parallel_size"):
-        from_dict(d)
+    assert from_dict(d).parallel.pipe_parallel_size == 2  # LoRA runs under pipeline stages (test_lora_layouts)
     # a known layer name that this model lacks (w1 belongs to gated MLPs) is refused when the model is built
     cfg = load(target_modules=["w1"])
     with pytest.raises(ConfigError, match=r"'w1' names no linear layer of this model; choose from .*dense_h_to_4h"):
