@@ -12,6 +12,12 @@ fork), atexit handlers run at its end. What a fresh process reads while importin
 command whose environment differs from the server's in anything but RUNTIME_ONLY (read when a command runs, not
 at import), or that finds no server, runs the real console script instead. A command under `--nproc` forks the
 same way: the forked launcher starts torchrun and fresh worker interpreters, as the real command does.
+
+In "worker" mode the server stands for `python -u SCRIPT ARGS...`, the program torchrun starts for each rank
+(tests/parallel/dist_helpers.py passes it as torchrun's --no-python program): the child runs the script as
+`__main__` with its folder first on sys.path, stdout and stderr unbuffered, torchrun's rank variables in its
+environment (TORCHRUN, read when the process group starts). A child whose program is killed (SIGKILL cannot be
+passed on) kills itself, so a timed-out launch leaves no rank behind.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import io
 import json
 import os
+import runpy
 import select
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,22 +56,41 @@ PRELOAD = [
     "neox.commands.info",
     "neox.commands.config",
 ]
-# read by neox when a command runs (never while importing), or set by the shell for each command
-RUNTIME_ONLY = {"NEOX_EVAL_DATA", "NEOX_CORPUS_MIRROR", "PWD", "OLDPWD", "SHLVL", "_"}
+# what torchrun workers (tests/parallel's worker scripts) import: torch.distributed's pieces and neox's trainer
+WORKER_PRELOAD = [
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor.parallel",
+    "torch.distributed.pipelining",
+    "neox.train.trainer",
+    "neox.train.distributed",
+    "tests.parallel.dist_helpers",
+]
+# read by neox when a command runs (never while importing), set by the shell for each command, or by pytest for
+# each test
+RUNTIME_ONLY = {"NEOX_EVAL_DATA", "NEOX_CORPUS_MIRROR", "PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST"}
+# what torchrun adds to each worker's environment (read by torch.distributed when a process group starts)
+TORCHRUN = {
+    *("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
+    *("GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"),
+    *("TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID"),
+    *("TORCHELASTIC_SIGNALS_TO_HANDLE", "TORCHELASTIC_USE_AGENT_STORE"),
+}
+MODES = {"neox": (PRELOAD, RUNTIME_ONLY), "worker": (WORKER_PRELOAD, RUNTIME_ONLY | TORCHRUN)}
 START_TIMEOUT_S = 300
 
 # The `neox` the commands find first on PATH. Standard library only (no torch: it starts in milliseconds).
 SHIM = r"""#!{python}
 import json, os, signal, socket, sys
 
-REAL, SOCKET_ENV, SHIM_DIR = {real!r}, {socket_env!r}, {shim_dir!r}
+REAL, SOCKET_ENV, SHIM_DIR = {real!r}, {socket_env!r}, {shim_dir!r}  # REAL: the program this stands for
 env = dict(os.environ)
 path = env.pop(SOCKET_ENV, None)
 env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != SHIM_DIR)
 
 
 def real():
-    os.execve(REAL, [REAL, *sys.argv[1:]], env)
+    os.execve(REAL[0], [*REAL, *sys.argv[1:]], env)
 
 
 if not path:
@@ -88,9 +117,27 @@ sys.exit(rc)
 """
 
 
-def _serve(path: str) -> int | None:
+def _watch(conn: socket.socket) -> None:
+    """In a child: end at once (SIGKILL) when its shim is gone, killed by a caller that waits for nothing."""
+    with contextlib.suppress(OSError):
+        while conn.recv(16):
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _unbuffered() -> None:
+    """`python -u`, which torchrun runs workers with: stdout and stderr written through at once."""
+    for name in ("stdout", "stderr"):
+        old = getattr(sys, name)
+        raw = io.FileIO(old.fileno(), "w", closefd=False)
+        setattr(sys, name, io.TextIOWrapper(raw, encoding=old.encoding, errors=old.errors, write_through=True))
+
+
+def _serve(path: str, mode: str) -> int | None:
     """The server's loop: returns None when told to stop, or, in a forked child, the command's exit code."""
     import neox.cli
+
+    preload, runtime_only = MODES[mode]
 
     initial = dict(os.environ)
     # what neox.cli.main does before a command imports torch, done here as there: `neox info --help` runs it
@@ -98,9 +145,11 @@ def _serve(path: str) -> int | None:
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.suppress(SystemExit):
         neox.cli.main(["info", "--help"])
     assert "torch" not in sys.modules, "`neox info --help` imported torch: the fork server cannot start as neox"
-    for name in PRELOAD:
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.parallel
+    for name in preload:
         importlib.import_module(name)
-    base = {k: v for k, v in initial.items() if k not in RUNTIME_ONLY}
+    del sys.path[1]
+    base = {k: v for k, v in initial.items() if k not in runtime_only}
     # what neox set for itself before torch loaded (an allocator switch), as a fresh `neox` process would have
     added = {k: v for k, v in os.environ.items() if k not in initial}
     # the imported objects out of the collector's reach: a child's collections (and its exit's) would otherwise
@@ -110,6 +159,7 @@ def _serve(path: str) -> int | None:
     server.bind(path)
     server.listen(64)
     print("ready", flush=True)
+    log = open(Path(path).with_name("requests.log"), "a")  # one line a request: forked or sent to the real program
     children: dict[int, socket.socket] = {}
     while True:
         ready, _, _ = select.select([server, sys.stdin], [], [], 0.02)
@@ -121,18 +171,22 @@ def _serve(path: str) -> int | None:
             data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
             request = json.loads(data)
             env = request["env"]
-            if len(fds) != 3 or {k: v for k, v in env.items() if k not in RUNTIME_ONLY} != base:
+            if len(fds) != 3 or {k: v for k, v in env.items() if k not in runtime_only} != base:
                 for fd in fds:
                     os.close(fd)
+                differing = sorted(k for k in {*env, *base} - runtime_only if env.get(k) != base.get(k))
+                print("real", request["argv"][:1], "environment differs:", differing, file=log, flush=True)
                 conn.sendall(b"real\n")
                 conn.close()
                 continue
+            print("fork", request["argv"][:1], file=log, flush=True)
             pid = os.fork()
             if pid == 0:
                 server.close()
-                conn.close()
+                log.close()
                 for other in children.values():
                     other.close()
+                threading.Thread(target=_watch, args=(conn,), daemon=True).start()
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
                     os.close(fd)
@@ -141,8 +195,15 @@ def _serve(path: str) -> int | None:
                 os.environ.update(env)
                 for key, value in added.items():
                     os.environ.setdefault(key, value)
-                sys.argv = [str(REAL_NEOX), *request["argv"]]
-                return neox.cli.main(request["argv"])
+                if mode == "neox":
+                    sys.argv = [str(REAL_NEOX), *request["argv"]]
+                    return neox.cli.main(request["argv"])
+                # `python -u SCRIPT ARGS...`: the script's folder first on sys.path, run as __main__
+                _unbuffered()
+                sys.argv = list(request["argv"])
+                sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                return 0
             for fd in fds:
                 os.close(fd)
             conn.sendall(f"{pid}\n".encode())
@@ -158,18 +219,21 @@ def _serve(path: str) -> int | None:
 
 
 class ForkServer:
-    """A running server and the folder of its `neox`; `close()` stops it (children still running finish)."""
+    """A running server and its folder (the program, the socket, requests.log: a line a request, forked or run
+    fresh, and why); `close()` stops it (children still running finish); the folder stays, like pytest's own."""
 
-    def __init__(self, env: dict[str, str], cwd: Path):
+    def __init__(self, env: dict[str, str], cwd: Path, mode: str = "neox"):
         self.folder = Path(tempfile.mkdtemp(prefix="neox-fork-"))
         self.socket = str(self.folder / "socket")
         self.bin = self.folder / "bin"
         self.bin.mkdir()
-        shim = self.bin / "neox"
-        shim.write_text(
-            SHIM.format(python=sys.executable, real=str(REAL_NEOX), socket_env=SOCKET_ENV, shim_dir=str(self.bin))
+        # "neox": stands for the console script; "worker": for `python -u`, torchrun's --no-python program
+        self.program = self.bin / ("neox" if mode == "neox" else "python-u")
+        real = [str(REAL_NEOX)] if mode == "neox" else [sys.executable, "-u"]
+        self.program.write_text(
+            SHIM.format(python=sys.executable, real=real, socket_env=SOCKET_ENV, shim_dir=str(self.bin))
         )
-        shim.chmod(0o755)
+        self.program.chmod(0o755)
         # run as the console script runs: its own folder first on sys.path (a script's path would put tests/ there,
         # whose kernels/ hides the `kernels` package transformers imports)
         start = (
@@ -177,7 +241,7 @@ class ForkServer:
             f"runpy.run_path({__file__!r}, run_name='__main__')"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", start, self.socket],
+            [sys.executable, "-c", start, self.socket, mode],
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE,
@@ -203,6 +267,6 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    rc = _serve(sys.argv[1])
+    rc = _serve(sys.argv[1], sys.argv[2])
     if rc is not None:  # a forked child: end as `neox` ends, atexit handlers and stream flushes included
         sys.exit(rc)

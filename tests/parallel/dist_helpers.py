@@ -3,6 +3,7 @@ worker, `strict_collectives()` makes every collective refuse a tensor its group'
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import inspect
@@ -16,22 +17,39 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from neox.parallel.comm import backend_devices
+from tests.forkserver import RUNTIME_ONLY, ForkServer
 
 HERE = Path(__file__).resolve().parent
 
 
+FRESH_WORKERS = "NEOX_TEST_FRESH_WORKERS"  # set (to anything): every worker a fresh interpreter, as torchrun starts
+_workers: dict = {}  # "server": the running fork server, "key": the environment it was started with
+
+
+def _worker_server(env: dict[str, str]) -> ForkServer:
+    """The session's fork server for torchrun's workers (tests/forkserver.py, "worker" mode): each worker is
+    `python -u SCRIPT ARGS` forked from a process that has imported torch.distributed and neox's trainer once,
+    instead of a fresh interpreter paying seconds of imports per rank. Started on first use, and again when the
+    environment has changed since (a test set a variable), so that the workers import under the one they get."""
+    key = sorted((k, v) for k, v in env.items() if k not in RUNTIME_ONLY)
+    if _workers.get("key") != key:
+        if "server" in _workers:
+            _workers.pop("server").close()
+        else:
+            atexit.register(lambda: _workers["server"].close() if "server" in _workers else None)
+        _workers["server"], _workers["key"] = ForkServer(env, HERE.parents[1], mode="worker"), key
+    return _workers["server"]
+
+
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 300, extra: tuple = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *extra,
-        str(HERE / script),
-        *args,
-    ]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra]
+    if os.environ.get(FRESH_WORKERS):
+        cmd = [*launch, str(HERE / script), *args]
+    else:
+        server = _worker_server(env)
+        cmd = [*launch, "--no-python", str(server.program), str(HERE / script), *args]
+        env = server.path_env(env)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise AssertionError(
