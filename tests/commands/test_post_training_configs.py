@@ -18,6 +18,8 @@ EXPECTED = {
     "rm-tiny.yml": ("tiny-cpu.yml", "rm"),
     "reinforce-tiny.yml": ("tiny-cpu.yml", "reinforce"),
     "dpo-pythia-70m.yml": ("pythia-70m.yml", "dpo"),
+    "lora-tiny.yml": ("tiny-cpu.yml", "normal"),
+    "distill-tiny.yml": ("tiny-cpu.yml", "distill"),
 }
 
 
@@ -30,7 +32,13 @@ def test_post_training_config_loads(name):
     base, impl = EXPECTED[name]
     cfg = load([str(CONFIGS / base), str(CONFIGS / "post-training" / name)])
     assert cfg.train.train_impl == impl
-    assert cfg.checkpoint.finetune and cfg.checkpoint.load
+    if impl == "distill":  # a new, smaller student from scratch; the trained model is its teacher
+        assert cfg.train.distill_teacher and not cfg.checkpoint.load
+        assert cfg.model.num_layers < load([str(CONFIGS / base)]).model.num_layers
+    else:
+        assert cfg.checkpoint.finetune and cfg.checkpoint.load
+    if name == "lora-tiny.yml":
+        assert cfg.lora.rank > 0
 
 
 def test_bundled_chatml_template():

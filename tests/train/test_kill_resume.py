@@ -283,7 +283,13 @@ def _chain(launcher, config: Path, run: Path, nproc: int, kills: int, rng: rando
                 t0 = time.monotonic() + wait
                 reached = _wait_for(proc, lambda t0=t0: time.monotonic() > t0, deadline)
                 delay = 0.0
-            assert reached, f"launch {attempt} ended (rc {proc.returncode}) before its kill; see {log_path}"
+            if not reached:
+                # a short write can open and close between two polls, and a fast launch can then finish: no
+                # fault of the run's, as long as it finished cleanly; the chain goes on from the finished run
+                assert proc.returncode == 0, f"launch {attempt} failed (rc {proc.returncode}); see {log_path}"
+                stats["ended_before_kill"] += 1
+                stats["modes"][f"{mode} (ended first)"] = stats["modes"].get(f"{mode} (ended first)", 0) + 1
+        if not final and reached:
             time.sleep(delay)
             group = _descendants(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -337,7 +343,15 @@ def test_kill_minus_nine_at_random_moments_resumes_bitwise(tmp_path, launcher, c
     started = time.monotonic()
     config = _config(tmp_path)
     rng = random.Random(SEED)
-    stats = {"kills": 0, "writes_hit": 0, "resumes": 0, "modes": {}, "events": [], "launch_s": []}
+    stats = {
+        "kills": 0,
+        "writes_hit": 0,
+        "resumes": 0,
+        "modes": {},
+        "events": [],
+        "launch_s": [],
+        "ended_before_kill": 0,
+    }
 
     # uninterrupted references, one process and --nproc 2, launched as the killed runs are (one thread each)
     ref1, ref2 = tmp_path / "ref1", tmp_path / "ref2"
@@ -359,11 +373,13 @@ def test_kill_minus_nine_at_random_moments_resumes_bitwise(tmp_path, launcher, c
     summary = (
         f"kill -9 summary: {stats['kills']} kills ({stats['modes']}), {stats['writes_hit']} inside a checkpoint "
         f"write, {stats['resumes']} resumes checked against the newest intact checkpoint, final weights bitwise "
-        f"equal (1 process and --nproc 2), {time.monotonic() - started:.0f} s"
+        f"equal (1 process and --nproc 2), {stats['ended_before_kill']} launches finished before their "
+        f"kill moment, {time.monotonic() - started:.0f} s"
     )
     (tmp_path / "kill_summary.json").write_text(json.dumps({**stats, "summary": summary}, indent=1))
     with capsys.disabled():
         print(f"\n{summary}\nreferences {stats['reference_s']} s, launches {stats['launch_s']}")
-    assert stats["kills"] == sum(KILLS.values())
+    missed = stats["ended_before_kill"]
+    assert stats["kills"] + missed == sum(KILLS.values()) and missed <= 4, summary
     assert stats["writes_hit"] >= 5, summary  # the seeded moments aim at writes: most of them land in one
     assert stats["resumes"] >= stats["kills"] // 2, summary
