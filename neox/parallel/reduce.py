@@ -78,6 +78,19 @@ def sum_over_shards(part: torch.Tensor, like) -> torch.Tensor:
     return DTensor.from_local(part, like.device_mesh, [Partial()], run_check=False).full_tensor()
 
 
+def pick_from_vocab(block: torch.Tensor, start: int, like, index: torch.Tensor) -> torch.Tensor:
+    """[N, V] at global vocabulary indices [N, k]; `block` is this rank's part from global index `start` of
+    `like` (vocab-sharded logits), or the whole vocabulary when `like` is None. Sharded: each rank reads the
+    indices its block holds (zeros elsewhere, through the block, so every rank has a graph) and the results are
+    summed across the ranks: N*k numbers, differentiably."""
+    if like is None:
+        return block.gather(1, index)
+    width = block.shape[-1]
+    mine = (index >= start) & (index < start + width)
+    picked = block.gather(1, (index - start).clamp(0, width - 1))
+    return sum_over_shards(torch.where(mine, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)), like)
+
+
 class _ShardLogSoftmax(torch.autograd.Function):
     """log-softmax over a vocabulary split across the ranks of `group`, on this rank's block [N, V / tp]."""
 

@@ -41,7 +41,7 @@ from neox.config import from_dict
 from neox.errors import ConfigError, NeoxError
 from neox.model import GPT
 from neox.model.lora import apply_lora, is_adapter_key, merge_lora_
-from neox.parallel.reduce import shard_log_softmax, sum_over_shards, vocab_shard
+from neox.parallel.reduce import pick_from_vocab, shard_log_softmax, sum_over_shards, vocab_shard
 from neox.parallel.tensor import apply_tensor_parallel
 from neox.train.checkpoint import load_model_weights, resolve, saved_config
 from neox.train.loss import masked_mean_loss
@@ -69,16 +69,16 @@ def distillation_loss(
     if isinstance(teacher, tuple):  # the teacher's top-k (values, indices) [B, S, k], from the cache
         values, index = (x.reshape(-1, x.shape[-1]) for x in teacher)
         log_p = F.log_softmax(values.float() / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - _pick(log_q, start, like, index.long()))).sum(-1)
+        kl = (log_p.exp() * (log_p - pick_from_vocab(log_q, start, like, index.long()))).sum(-1)
     elif topk:
         values, index = vocab_topk(teacher.reshape(-1, teacher.shape[-1]), topk)
         log_p = F.log_softmax(values.float() / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - _pick(log_q, start, like, index))).sum(-1)
+        kl = (log_p.exp() * (log_p - pick_from_vocab(log_q, start, like, index))).sum(-1)
     else:
         t = _block(teacher)[0]
         log_p = _log_softmax(t.reshape(-1, t.shape[-1]).float() / temperature, like)
         kl = _vocab_sum(log_p.exp() * (log_p - log_q), like)
-    ce = -_pick(_log_softmax(z, like), start, like, flat_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ce = -pick_from_vocab(_log_softmax(z, like), start, like, flat_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
     soft, hard = (kl * w).sum(), (ce * w).sum()
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard, soft.detach(), hard.detach()
 
@@ -100,17 +100,6 @@ def _vocab_sum(block: torch.Tensor, like) -> torch.Tensor:
     """[N] sums over the vocabulary of [N, V] (sharded: each rank's block summed, then the N sums across ranks)."""
     total = block.sum(-1)
     return total if like is None else sum_over_shards(total, like)
-
-
-def _pick(block: torch.Tensor, start: int, like, index: torch.Tensor) -> torch.Tensor:
-    """[N, V] at global vocabulary indices [N, k]. Sharded: each rank reads the indices its block holds (zeros
-    elsewhere) and the results are summed across the ranks: N*k numbers, differentiably."""
-    if like is None:
-        return block.gather(1, index)
-    width = block.shape[-1]
-    mine = (index >= start) & (index < start + width)
-    picked = block.gather(1, (index - start).clamp(0, width - 1))
-    return sum_over_shards(torch.where(mine, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)), like)
 
 
 def vocab_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from neox.data.loader import collate
 from neox.data.preference import PreferenceDataset, build_preference_datasets, encode_completion, preference_batches
 from neox.errors import ConfigError
-from neox.parallel.reduce import sum_over_shards, token_losses, vocab_shard
+from neox.parallel.reduce import pick_from_vocab, token_losses, vocab_shard
 
 REFERENCE_FILE = "reference_logps.pt"
 # what the log lines report, per objective (means over the training micro-batches since the last line)
@@ -104,19 +104,11 @@ def reward_scores(logits: torch.Tensor, labels: torch.Tensor, token: int) -> tor
     last = torch.where(labels >= 0, positions, torch.full_like(positions, -1)).amax(dim=1).clamp(min=0)
     rows = torch.arange(labels.shape[0], device=labels.device)
     if isinstance(logits, DTensor):
-        return _vocab_entry(logits, rows, last, token)
+        # the rank holding `token` reads it, the others give zeros; B numbers cross the ranks
+        local, start, _ = vocab_shard(logits)
+        index = torch.full((labels.shape[0], 1), token, device=labels.device)
+        return pick_from_vocab(local[rows, last].float(), start, logits, index).squeeze(1)
     return logits[rows, last, token].float()
-
-
-def _vocab_entry(logits: DTensor, rows: torch.Tensor, positions: torch.Tensor, token: int) -> torch.Tensor:
-    """[B] logits[rows, positions, token] of vocab-sharded logits: the rank holding `token` reads it, the others
-    give zeros (times the logits, so every rank's loss has a graph), and the sum over the ranks (B numbers) is
-    the entry on every rank. Exact: x plus zeros."""
-    local, start, width = vocab_shard(logits)
-    picked = local[rows, positions, min(max(token - start, 0), width - 1)].float()
-    if not start <= token < start + width:
-        picked = picked * 0.0
-    return sum_over_shards(picked, logits)
 
 
 @torch.no_grad()
