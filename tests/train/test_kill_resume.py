@@ -276,10 +276,11 @@ def _chain(launcher, config: Path, run: Path, nproc: int, kills: int, rng: rando
                 reached = _wait_for(proc, _latest_above(run, start + rng.randint(0, 1)), deadline)
                 delay = rng.uniform(0, 0.1)
             else:
-                # a moment in start-up: before the first save of a fresh start (measured on the reference;
-                # a resume also verifies and loads a checkpoint first); under --nproc 2, while torchrun
-                # and its workers start (importing torch alone takes longer)
-                wait = rng.uniform(0.05, 0.5) * stats["first_save_s"] if nproc == 1 else rng.uniform(0.3, 2.0)
+                # a moment in start-up: early in the time a fresh start takes to its first save (measured on
+                # the reference; a forked resume with two steps left can finish inside half of it, as 5 of 20
+                # did once the loss got faster); under --nproc 2, while torchrun and its workers start
+                # (importing torch alone takes longer)
+                wait = rng.uniform(0.02, 0.25) * stats["first_save_s"] if nproc == 1 else rng.uniform(0.3, 2.0)
                 t0 = time.monotonic() + wait
                 reached = _wait_for(proc, lambda t0=t0: time.monotonic() > t0, deadline)
                 delay = 0.0

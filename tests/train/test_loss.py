@@ -80,3 +80,56 @@ def test_loss_and_gradient_do_not_depend_on_chunking(monkeypatch, rows):
     monkeypatch.setattr(L, "chunk_rows", lambda v, device: 14)  # every row in one chunk
     one_loss, one_grad = run()
     assert torch.equal(loss, one_loss) and torch.equal(grad, one_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("factor", [1.0, 0.25, 3.0])
+def test_scaled_backward_matches_cross_entropy(monkeypatch, dtype, factor):
+    # the gradient is made in the forward pass (fp32, bf16) or the backward (fp16, where the unscaled
+    # gradient could underflow): a loss scaled before backward (accumulation, fp16 loss scaling) scales it
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 4 * 40)
+    torch.manual_seed(1)
+    base = torch.randn(3, 5, 40).to(dtype)
+    labels = torch.randint(0, 40, (3, 5))
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    ours_x = base.clone().requires_grad_()
+    ours = L.masked_mean_loss(ours_x * 1, labels, mask)
+    (ours * factor).backward()
+    ref_x = base.clone().requires_grad_()
+    ref = reference(ref_x, labels, mask)
+    (ref * factor).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(ours_x.grad.float(), ref_x.grad.float(), **tol)
+
+
+def test_no_gradient_leaves_the_logits_alone():
+    logits = torch.randn(2, 4, 30)
+    before = logits.clone()
+    with torch.no_grad():
+        out = L.masked_mean_loss(logits, torch.randint(0, 30, (2, 4)), torch.ones(2, 4))
+    assert torch.equal(logits, before) and torch.isfinite(out)
+
+
+def test_logits_saved_by_another_op_fail_loudly():
+    # the forward pass writes the gradient into the logits: an op that kept them for its own backward
+    # must raise, not read the gradient as if it were the logits
+    x = torch.randn(2, 3, 10, requires_grad=True)
+    logits = torch.tanh(x)  # tanh keeps its output for the backward pass
+    loss = L.masked_mean_loss(logits, torch.randint(0, 10, (2, 3)), torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_huge_loss_does_not_underflow():
+    # the label's probability underflows fp32 (loss ~ 200): the log-sum-exp is taken from the largest
+    # probability, which cannot
+    logits = torch.zeros(1, 2, 8)
+    logits[0, :, 0] = 200.0
+    labels = torch.tensor([[3, 5]])
+    x = logits.clone().requires_grad_()
+    out = L.masked_mean_loss(x * 1, labels, torch.ones(1, 2))
+    out.backward()
+    torch.testing.assert_close(out, reference(logits, labels, torch.ones(1, 2)))
+    assert torch.isfinite(x.grad).all()
