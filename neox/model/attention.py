@@ -158,6 +158,8 @@ class Attention(nn.Module):
         fm, lm = inputs.mask, inputs.layer_masks[self.mask_key]
         dropout = self.dropout if self.training else 0.0
         if inputs.causal_fast is not None and lm.trivial:
+            if not inputs.causal_fast and paths.decoding_on_cpu(q, k, dropout):
+                return paths.few_queries(q, k, v, None)  # a decode step over the whole cache
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=inputs.causal_fast, enable_gqa=self.group > 1
             )
