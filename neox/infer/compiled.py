@@ -1,8 +1,8 @@
 """A compiled decode step: one token per row through the model on a StaticKVCache, plus the greedy choice.
 
 Eager decoding of a small model is mostly per-op overhead (~200 ops a token) and, on CPU, matmuls with a
-handful of rows, where MKL is far from peak. Inductor fuses the elementwise ops and, with max-autotune, picks
-its own CPU GEMM when that is faster (figures in docs/benchmarks.md, "Kernel measurements"). Freezing folds the weights in as constants, which is what lets it pre-pack them, so a compiled step
+handful of rows, where MKL is far from peak. Inductor fuses the elementwise ops and, for fp32 weights with max-autotune,
+picks its own CPU GEMM when that is faster (figures in docs/benchmarks.md, "Kernel measurements"). Freezing folds the weights in as constants, which is what lets it pre-pack them, so a compiled step
 is only valid while the weights stay as they were: the step is rebuilt when any parameter changes.
 
 Shapes must not change from step to step: the cache is a StaticKVCache, and its length is rounded up to a
@@ -30,8 +30,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from neox.errors import NeoxError
 
 CACHE_BUCKET = 128
-# CPU: let inductor's C++ GEMM template compete with MKL/oneDNN
+# CPU, fp32 weights: let inductor's C++ GEMM template compete with MKL (pythia-70m on a 2-core Zen 5, 2 threads:
+# 202 vs 99 tokens/s at batch 1, 739 vs 396 at batch 8). bf16/fp16 weights: freezing alone, which multiplies
+# by oneDNN-packed weights, as eager decoding does (neox.infer.packed); the C++ template lost to it at one row
+# (252 vs 329 tokens/s) and tied at eight, and autotuning added 15-20 s to each compile.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+CPU_LOW_PRECISION_OPTIONS = {"freezing": True}
 # CUDA: the step as a CUDA graph (the cudagraphs of torch.compile's mode="reduce-overhead", which cannot be
 # combined with the options this module passes)
 CUDA_OPTIONS = {"triton.cudagraphs": True}
@@ -86,11 +90,12 @@ class _Decode(torch.nn.Module):
 class CompiledStep:
     def __init__(self, model):
         self.versions = self._versions(model)
-        device = next(model.parameters()).device.type
+        first = next(model.parameters())
+        device = first.device.type
         self.cuda_graphs = device == "cuda"
         # given as torch.compile(options=...), freezing was not applied (torch 2.13): the config is patched
         # around each call instead, which covers the compilations the call triggers
-        self.options = {**device_options(device), **QUIET}
+        self.options = {**device_options(device, first.dtype), **QUIET}
         self.shapes: set = set()  # (batch, cache length, greedy) already compiled for
         # guards on every parameter cost a check per parameter every step; weight changes are caught by
         # `stale` instead
@@ -110,9 +115,12 @@ class CompiledStep:
         return self._versions(model) != self.versions
 
 
-def device_options(device_type: str) -> dict:
-    """Inductor options of the decode step on this device type (others keep inductor's defaults)."""
-    return {"cpu": CPU_OPTIONS, "cuda": CUDA_OPTIONS}.get(device_type, {})
+def device_options(device_type: str, dtype: torch.dtype = torch.float32) -> dict:
+    """Inductor options of the decode step on this device type and weight dtype (others keep inductor's
+    defaults)."""
+    if device_type == "cpu":
+        return CPU_OPTIONS if dtype == torch.float32 else CPU_LOW_PRECISION_OPTIONS
+    return {"cuda": CUDA_OPTIONS}.get(device_type, {})
 
 
 def _mark_static(cache) -> None:

@@ -85,6 +85,8 @@ def test_cuda_steps_replay_as_cuda_graphs_and_cpu_steps_do_not():
     assert compiled.device_options("cuda")["triton.cudagraphs"] is True
     assert "triton.cudagraphs" not in compiled.device_options("cpu")
     assert compiled.device_options("cpu")["freezing"] is True
+    assert compiled.device_options("cpu")["max_autotune"] is True  # fp32: inductor's C++ GEMM competes
+    assert compiled.device_options("cpu", torch.bfloat16) == {"freezing": True}  # oneDNN-packed weights
     cache = StaticKVCache(2, 1, 8, 2, 4)
     compiled._mark_static(cache)
     tensors = (*cache.k, *cache.v, cache.key_valid, cache.positions, cache.slot)
