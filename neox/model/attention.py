@@ -26,6 +26,7 @@ from neox.config.schema import ModelConfig
 from neox.errors import NeoxError
 from neox.model import attention_paths as paths
 from neox.model import mup
+from neox.model.attention_cpu import CausalBlocks, causal_on_cpu, decoding_on_cpu, few_queries
 from neox.model.info import head_dim, num_kv_heads
 from neox.model.layers import build_norm
 from neox.model.masks import ForwardMask, LayerMask, rpe_by_distance
@@ -158,8 +159,10 @@ class Attention(nn.Module):
         fm, lm = inputs.mask, inputs.layer_masks[self.mask_key]
         dropout = self.dropout if self.training else 0.0
         if inputs.causal_fast is not None and lm.trivial:
-            if not inputs.causal_fast and paths.decoding_on_cpu(q, k, dropout):
-                return paths.few_queries(q, k, v, None)  # a decode step over the whole cache
+            if not inputs.causal_fast and decoding_on_cpu(q, k, dropout):
+                return few_queries(q, k, v, None)  # a decode step over the whole cache
+            if inputs.causal_fast and causal_on_cpu(q, k, dropout):
+                return CausalBlocks.apply(q, k, v)
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=inputs.causal_fast, enable_gqa=self.group > 1
             )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from neox.model.attention_cpu import decoding_on_cpu, few_queries
 from neox.model.masks import ForwardMask, LayerMask, allowed, bias, grid_indices, tile_scores_mask
 
 # Query rows per chunk: a tile of 256 x S fp32 scores per head stays in cache-sized pieces for S of a few
@@ -66,44 +67,6 @@ def _chunk(q_c, k_c, v_c, fm, lm, rpe_bias, start, lo, dropout):
     return F.scaled_dot_product_attention(
         q_c, k_c, v_c, attn_mask=mask, dropout_p=dropout, enable_gqa=q_c.shape[1] != k_c.shape[1]
     )
-
-
-# Decoding on a CPU in bf16/fp16 (a few query rows per sequence against its cache, no gradient): the flash
-# kernel's reduced-precision path costs more than the work there, and two fp32 matmuls are 2-4x faster (2-core
-# Zen 5, 8 heads of 64, 8 rows: 160 keys 508 -> 135 us, 512 keys 1434 -> 321 us; fp32 SDPA is as fast as
-# they are). Up to FEW_KEYS_ELEMENTS cache elements per call: the fp32 copies of a larger cache cost more
-# than they save.
-FEW_QUERIES = 4
-FEW_KEYS_ELEMENTS = 1 << 22
-
-
-def decoding_on_cpu(q, k, dropout: float) -> bool:
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[2] <= FEW_QUERIES
-        and k.numel() <= FEW_KEYS_ELEMENTS
-        and not dropout
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-    )
-
-
-def few_queries(q, k, v, mask) -> torch.Tensor:
-    """SDPA's result (default scale, grouped-query heads, a bool or additive mask, 0 for a row with no key
-    allowed) as fp32 matmuls, the precision the flash kernel computes in; the output in q's dtype."""
-    b, h, t, d = q.shape
-    kv_heads, s = k.shape[1], k.shape[2]
-    group = h // kv_heads  # query head i reads kv head i // group, as SDPA's enable_gqa
-    q32 = q.reshape(b, kv_heads, group * t, d).float()
-    scores = (q32 @ k.float().transpose(-1, -2)).mul_(d**-0.5).view(b, h, t, s)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    out = p.view(b, kv_heads, group * t, s) @ v.float()
-    return out.view(b, h, t, d).to(q.dtype)
 
 
 def _additive_tile(q_c, k_c, fm, lm, start, lo):
