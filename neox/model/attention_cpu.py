@@ -27,15 +27,17 @@ FEW_QUERIES = 4
 FEW_KEYS_ELEMENTS = 1 << 22
 
 
+def _low_precision_cpu(q, dropout: float) -> bool:
+    return q.device.type == "cpu" and q.dtype in LOW_PRECISION and not dropout
+
+
 def decoding_on_cpu(q, k, dropout: float) -> bool:
     """Whether attention of q against the cache k is a decode step for few_queries."""
     return (
         (type(q) is torch.Tensor or torch.compiler.is_compiling())  # not a DTensor shard
-        and q.device.type == "cpu"
-        and q.dtype in LOW_PRECISION
+        and _low_precision_cpu(q, dropout)
         and q.shape[2] <= FEW_QUERIES
         and k.numel() <= FEW_KEYS_ELEMENTS
-        and not dropout
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
     )
 
@@ -63,11 +65,9 @@ def causal_on_cpu(q, k, dropout: float) -> bool:
     return (
         type(q) is torch.Tensor  # not a DTensor shard (tensor parallelism): SDPA
         and not torch.compiler.is_compiling()  # a compiled region keeps SDPA for the compiler to choose
-        and q.device.type == "cpu"
-        and q.dtype in LOW_PRECISION
+        and _low_precision_cpu(q, dropout)
         and q.shape == k.shape
         and q.shape[2] > FEW_QUERIES
-        and not dropout
     )
 
 

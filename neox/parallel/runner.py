@@ -63,15 +63,19 @@ class LocalRunner:
         self.vocab_parallel = vocab_parallel
         self.loss_fn = loss_fn
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        """Masked-mean token cross entropy of one micro-batch."""
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def _logits(self, b: dict) -> torch.Tensor:
+        """The model's logits of a micro-batch already on the device, under the run's autocast."""
         with self.precision.autocast():
-            logits = self.model(
+            return self.model(
                 b["tokens"],
                 position_ids=b.get("position_ids") if self.pass_positions else None,
                 segment_ids=b.get("segment_ids") if self.pass_segments else None,
             )
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Masked-mean token cross entropy of one micro-batch."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        logits = self._logits(b)
         # logits are a vocab-sharded DTensor under tensor parallelism: every loss function takes them (inside
         # loss_context); an objective's loss (neox.train.preference) also takes the batch entries it names
         extras = {k: b[k] for k in getattr(self.loss_fn, "batch_keys", ()) if k in b}
@@ -100,12 +104,7 @@ class LocalRunner:
         was = self.model.training
         self.model.eval()
         try:
-            with self.precision.autocast():
-                logits = self.model(
-                    b["tokens"],
-                    position_ids=b.get("position_ids") if self.pass_positions else None,
-                    segment_ids=b.get("segment_ids") if self.pass_segments else None,
-                )
+            logits = self._logits(b)
             with loss_context(self.vocab_parallel):
                 return fn(logits, b["labels"], b["loss_mask"]).float().cpu()
         finally:
