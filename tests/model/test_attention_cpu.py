@@ -11,9 +11,15 @@ from neox.model import attention_cpu
 H, HKV, D = 4, 2, 8
 
 
+@pytest.fixture
+def without_amx(monkeypatch):
+    """These kernels are for CPUs whose oneDNN has no AMX for the dtype; test them on any CPU."""
+    monkeypatch.setattr(attention_cpu, "onednn_has_amx", lambda dtype: False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_decode_step_matmuls_equal_sdpa(dtype, mask_kind):
+def test_decode_step_matmuls_equal_sdpa(dtype, mask_kind, without_amx):
     # a CPU decode step in bf16/fp16 (few query rows, no gradient) skips the flash kernel: same result as SDPA
     # computed in fp32, with grouped-query heads, and 0 for a row that may see no key (as the flash kernel)
     g = torch.Generator().manual_seed(3)
@@ -42,7 +48,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("t", [5, 128, 300])  # just above the decode rows, one block, blocks with a short last
-def test_causal_blocks_match_sdpa_forward_and_backward(t):
+def test_causal_blocks_match_sdpa_forward_and_backward(t, without_amx):
     # against float64 SDPA: errors no larger than SDPA's own bf16 flash kernel makes (bf16 rounding of the
     # inputs and outputs is what both share)
     g = torch.Generator().manual_seed(0)
@@ -65,10 +71,19 @@ def test_causal_blocks_match_sdpa_forward_and_backward(t):
         assert _rel(o, r) <= 1.3 * _rel(f, r) + 1e-3, (_rel(o, r), _rel(f, r))
 
 
-def test_causal_blocks_only_where_they_apply():
+def test_causal_blocks_only_where_they_apply(without_amx):
     q = torch.randn(1, 2, 16, 8, dtype=torch.bfloat16)
     assert attention_cpu.causal_on_cpu(q, q, 0.0)
     assert not attention_cpu.causal_on_cpu(q.float(), q.float(), 0.0)  # fp32 SDPA is as fast
     assert not attention_cpu.causal_on_cpu(q, q, 0.1)  # attention dropout: SDPA
     assert not attention_cpu.causal_on_cpu(q, q[:, :1], 0.0)  # grouped-query heads: SDPA
     assert not attention_cpu.causal_on_cpu(q[:, :, :3], q[:, :, :3], 0.0)  # a decode step's few rows
+
+
+def test_a_cpu_with_amx_for_the_dtype_keeps_sdpa(monkeypatch):
+    # there SDPA's flash kernel multiplies its tiles with AMX and is the faster one (module docstring)
+    monkeypatch.setattr(attention_cpu, "onednn_has_amx", lambda dtype: dtype == torch.bfloat16)
+    q = torch.randn(1, 2, 16, 8, dtype=torch.bfloat16)
+    assert not attention_cpu.causal_on_cpu(q, q, 0.0)
+    assert not attention_cpu.decoding_on_cpu(q[:, :, :1], q, 0.0)
+    assert attention_cpu.causal_on_cpu(q.half(), q.half(), 0.0)  # no AMX for fp16 here
