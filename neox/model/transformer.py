@@ -81,6 +81,18 @@ class GPT(nn.Module):
         self.embed_out = None if self.tied else nn.Linear(h, cfg.vocab_size, bias=False)
         init_weights(self, cfg)
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The output layer's weight [V, H] when the head is nothing but x @ weight^T (no hooks, e.g. LoRA's,
+        and no other module type), so a loss may apply it itself; else None."""
+        if self.final_layer_norm is None:
+            return None
+        if self.embed_out is None:
+            return self.embed_in.weight if self.tied and self.embed_in is not None else None
+        head = self.embed_out
+        if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+            return None
+        return head.weight
+
     def reference_param(self) -> torch.Tensor:
         """A parameter whose dtype/device stand for the whole model (any stage keeps at least one)."""
         return next(self.parameters())
@@ -99,10 +111,12 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         kv_cache=None,
+        head: bool = True,
     ) -> torch.Tensor:
         """tokens [B, T] ids (or [B, T, H] hidden states on a stage without embed_in) -> logits [B, T, V]
         (or hidden states on a stage without the head). position_ids [B, T] default to arange (continuing
-        from the cache length); segment_ids [B, T] restrict attention to tokens of the same document."""
+        from the cache length); segment_ids [B, T] restrict attention to tokens of the same document.
+        head=False stops before the output layer, at its input (for a loss that applies `head_weight()`)."""
         x = self.embed_in(tokens) if self.embed_in is not None else tokens
         b, t = x.shape[0], x.shape[1]
         if position_ids is not None:
@@ -145,6 +159,8 @@ class GPT(nn.Module):
         x = self.final_layer_norm(x)
         if self.output_mult != 1.0:  # muP's logit multiplier, on the head's input (the head has no bias)
             x = x * self.output_mult
+        if not head:
+            return x
         if self.embed_out is not None:
             return self.embed_out(x)
         if self.tied and self.embed_in is not None:

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from neox.model.moe import set_aux_loss_scale
 from neox.parallel.fsdp import set_gradient_sync
 from neox.parallel.reduce import loss_context, masked_mean_loss
@@ -63,18 +65,35 @@ class LocalRunner:
         self.vocab_parallel = vocab_parallel
         self.loss_fn = loss_fn
 
-    def _logits(self, b: dict) -> torch.Tensor:
-        """The model's logits of a micro-batch already on the device, under the run's autocast."""
+    def _logits(self, b: dict, **head) -> torch.Tensor:
+        """The model's logits of a micro-batch already on the device (with head=False: the output layer's
+        input), under the run's autocast."""
         with self.precision.autocast():
             return self.model(
                 b["tokens"],
                 position_ids=b.get("position_ids") if self.pass_positions else None,
                 segment_ids=b.get("segment_ids") if self.pass_segments else None,
+                **head,
             )
+
+    def _head_weight(self) -> torch.Tensor | None:
+        """The output layer's weight, when the loss function can apply it itself (its `with_head`, e.g.
+        neox.train.loss.linear_masked_mean_loss) and it is a plain tensor (not a tensor-parallel or FSDP
+        shard) of a plain head (model.head_weight())."""
+        if getattr(self.loss_fn, "with_head", None) is None or self.vocab_parallel:
+            return None
+        head_weight = getattr(getattr(self.model, "module", self.model), "head_weight", None)  # under DDP
+        weight = head_weight() if head_weight is not None else None
+        return None if weight is None or isinstance(weight, DTensor) else weight
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Masked-mean token cross entropy of one micro-batch."""
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        weight = self._head_weight()
+        if weight is not None:
+            x = self._logits(b, head=False)
+            with self.precision.autocast():
+                return self.loss_fn.with_head(x, weight, b["labels"], b["loss_mask"])
         logits = self._logits(b)
         # logits are a vocab-sharded DTensor under tensor parallelism: every loss function takes them (inside
         # loss_context); an objective's loss (neox.train.preference) also takes the batch entries it names

@@ -133,3 +133,61 @@ def test_huge_loss_does_not_underflow():
     out.backward()
     torch.testing.assert_close(out, reference(logits, labels, torch.ones(1, 2)))
     assert torch.isfinite(x.grad).all()
+
+
+def _head_and_loss(fn, dtype, factor, pure=False):
+    """fn(x, weight, labels, mask) under bf16 autocast (or on bf16 tensors with pure), scaled by `factor`;
+    returns the loss and the gradients of x and the weight."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 16, generator=g)
+    w = torch.randn(40, 16, generator=g)
+    if pure:
+        x, w = x.to(dtype), w.to(dtype)
+    x.requires_grad_(), w.requires_grad_()
+    labels = torch.randint(0, 40, (3, 5), generator=g)
+    labels[0, 1] = -100
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32 and not pure):
+        loss = fn(x, w, labels, mask)
+    (loss * factor).backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype, pure", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("factor", [1.0, 0.25])
+def test_output_layer_and_loss_in_one_node_equal_the_separate_layers(monkeypatch, dtype, pure, factor):
+    # the same products as F.linear followed by masked_mean_loss: bitwise equal where the factor is a power of 2
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 4 * 40)
+    ours = _head_and_loss(L.linear_masked_mean_loss, dtype, factor, pure)
+    separate = _head_and_loss(lambda x, w, y, m: L.masked_mean_loss(F.linear(x, w), y, m), dtype, factor, pure)
+    for a, b in zip(ours, separate):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert L.masked_mean_loss.with_head is L.linear_masked_mean_loss
+
+
+def test_output_layer_and_loss_in_fp16_keep_the_separate_layers():
+    ours = _head_and_loss(L.linear_masked_mean_loss, torch.float16, 1024.0, pure=True)
+    separate = _head_and_loss(
+        lambda x, w, y, m: L.masked_mean_loss(F.linear(x, w), y, m), torch.float16, 1024.0, pure=True
+    )
+    for a, b in zip(ours, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_output_layer_and_loss_without_gradients_keep_nothing():
+    x, w = torch.randn(2, 3, 8), torch.randn(10, 8)
+    labels, mask = torch.randint(0, 10, (2, 3)), torch.ones(2, 3)
+    with torch.no_grad():
+        loss = L.linear_masked_mean_loss(x, w, labels, mask)
+    torch.testing.assert_close(loss, reference(F.linear(x, w), labels, mask))
+
+
+def test_a_cpu_without_bf16_arithmetic_keeps_the_separate_layers(monkeypatch):
+    # there F.linear is routed to the fp32-block matmul (neox.kernels.bf16_cpu); a plain mm would be emulated
+    monkeypatch.setattr(L, "cpu_lacks_bf16", lambda: True)
+    seen = []
+    monkeypatch.setattr(L._LinearMaskedMeanCrossEntropy, "apply", lambda *a: seen.append(a))
+    _head_and_loss(L.linear_masked_mean_loss, torch.bfloat16, 1.0)
+    assert seen == []
