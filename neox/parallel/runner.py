@@ -13,7 +13,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-
 from torch.distributed.tensor import DTensor
 
 from neox.model.moe import set_aux_loss_scale
