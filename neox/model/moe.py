@@ -16,7 +16,8 @@ the softmax (k > 1) or sigmoid (k = 1) of their logits, and routes by plain top-
 Dispatch is dropless by default: assignments are sorted by expert and the experts run as one grouped matmul
 (`torch.nn.functional.grouped_mm`, offsets on the device, so no host sync) or, with `moe_dispatch: padded`,
 as a batched matmul over [E, C, H] where C is the largest expert's load (one host read) or, with token
-dropping, the capacity. With `moe_token_dropping`, each expert takes at most
+dropping, the capacity. On a CPU both pad each expert's rows to a multiple of CPU_ROW_ALIGN, so the matrix
+shapes oneDNN sees repeat from step to step. With `moe_token_dropping`, each expert takes at most
 C = max(ceil(capacity_factor * N * k / E), moe_min_capacity) assignments in priority order (all first
 choices in token order, then all second choices, ... as in GShard); the rest are dropped (their weight is 0;
 the token keeps its residual).
@@ -40,6 +41,11 @@ from neox.config.schema import ModelConfig
 from neox.config.shapes import is_moe_layer  # noqa: F401  (re-exported: the block asks here)
 from neox.model.layers import ACTIVATION_FNS, MLP, intermediate_size, is_gated
 
+# On a CPU every expert's rows are padded to a multiple of this (grouped and padded dispatch): oneDNN builds a
+# kernel per matrix shape and caches it, so groups of any size built new ones every step (Xeon with AMX, the
+# bench/moe.py shape, 1 thread: 2-11 ms per grouped matmul instead of ~1, and resident memory growing ~90 MB a
+# step). 16 rows is an AMX tile's height.
+CPU_ROW_ALIGN = 16
 SINKHORN_TOL = 1e-4
 # Sinkhorn iterations between convergence checks: each check reads one number back from the device.
 SINKHORN_CHECK_EVERY = 8
@@ -167,8 +173,27 @@ class Experts(nn.Module):
                 return torch.cat([part @ w[e].T for e, part in enumerate(a.split(sizes))])
 
             return self._mlp(x, per_expert, weights)
+        if x.device.type == "cpu":
+            return self._grouped_aligned(x, counts, weights, CPU_ROW_ALIGN)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return self._mlp(x, lambda a, w: F.grouped_mm(a, w.transpose(-2, -1), offs=offs), weights)
+
+    def _grouped_aligned(self, x: torch.Tensor, counts: torch.Tensor, weights: dict | None, align: int):
+        """grouped() with every expert's rows padded with zero rows to a multiple of `align` (no host read: the
+        padded buffer has a fixed size, its slack going to the last expert)."""
+        m, e = x.shape[0], counts.shape[0]
+        rows = -(-(m + e * (align - 1)) // align) * align
+        padded = (counts + align - 1) // align * align
+        ends = torch.cumsum(padded, 0)
+        starts = ends - padded
+        ends[-1] = rows
+        expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts, output_size=m)
+        rank = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        slot = starts[expert] + rank
+        buf = x.new_zeros(rows, x.shape[1]).index_copy(0, slot, x)
+        offs = ends.to(torch.int32)
+        out = self._mlp(buf, lambda a, w: F.grouped_mm(a, w.transpose(-2, -1), offs=offs), weights)
+        return out.index_select(0, slot)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [E, C, H] (rows beyond an expert's load are zero) -> [E, C, H], batched matmuls."""
@@ -303,6 +328,8 @@ def dispatch(
     xs = x.index_select(0, token).to(dtype)  # index_select: its backward is index_add_, ~9x x[token]'s on a CPU
     if how == "padded":
         c = cap if keep is not None else int(counts.max())  # dropless: the largest load (one host read)
+        if x.device.type == "cpu":
+            c = -(-c // CPU_ROW_ALIGN) * CPU_ROW_ALIGN
         sorted_experts = experts.reshape(-1)[order]
         slot = torch.where(rank < c, sorted_experts * c + rank, experts_mod.num_experts * c)
         buf = xs.new_zeros(experts_mod.num_experts * c + 1, xs.shape[1]).index_copy(0, slot, xs)

@@ -166,6 +166,33 @@ def test_per_expert_fallback_equals_grouped_mm(monkeypatch):
         torch.testing.assert_close(mod.grouped(x, counts), grouped, atol=1e-6, rtol=1e-6)
 
 
+def test_cpu_groups_are_padded_to_repeating_shapes(monkeypatch):
+    """On a CPU each expert's rows go to the grouped matmul padded to CPU_ROW_ALIGN (oneDNN builds a kernel per
+    shape): row counts and group ends are multiples of it, whatever the loads, and the result is unchanged."""
+    cfg = moe_cfg(activation="swiglu", intermediate_size=24)
+    mod = M.Experts(cfg, 4)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(23, 16, generator=g)
+    counts = torch.tensor([9, 0, 13, 1])
+    seen, grouped_mm = [], F.grouped_mm
+
+    def recording(a, b, offs):
+        seen.append((a.shape[0], offs.tolist()))
+        return grouped_mm(a, b, offs=offs)
+
+    monkeypatch.setattr(M.F, "grouped_mm", recording)
+    with torch.no_grad():
+        aligned = mod.grouped(x, counts)
+        monkeypatch.setattr(M, "grouped_mm_supported", lambda x: False)
+        per_expert = mod.grouped(x, counts)
+    torch.testing.assert_close(aligned, per_expert, atol=1e-6, rtol=1e-6)
+    align = M.CPU_ROW_ALIGN
+    assert len(seen) == 3  # w1, w3, w2
+    for rows, ends in seen:
+        assert rows % align == 0 and all(end % align == 0 for end in ends) and ends[-1] == rows
+        assert rows < 23 + 5 * align  # at most align - 1 zero rows per expert, and the rounding
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dispatch_on_cuda_equals_per_token_loop(dtype):
