@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -187,6 +188,13 @@ class Bench:
         return out
 
     def run(self) -> dict:
+        """Every round of every case; the work directory (synthetic corpora, start-up runs) is removed after."""
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> dict:
         p = self.plan
         cpu = cpu_info()
         self.echo(

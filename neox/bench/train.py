@@ -78,27 +78,28 @@ def _sync(device) -> None:
 
 
 def run_neox(cfg: Config, steps: int, warmup: int, on_first_step=None) -> list[float]:
-    """Seconds of each timed Trainer step (after `warmup` untimed ones); `on_first_step()` after step one."""
-    tmp = tempfile.mkdtemp(prefix="neox-bench-")
-    need = (steps + warmup + 2) * cfg.train.train_micro_batch_size_per_gpu * (cfg.model.seq_length + 1)
-    cfg.data.data_path = synthetic_data(tmp, cfg.model.vocab_size, max(need * 2, 2048 * 16))
-    cfg.data.split = "100,0,0"
-    cfg.train.train_iters = steps + warmup
-    cfg.checkpoint.save = cfg.checkpoint.load = cfg.logging.log_dir = None
-    cfg.logging.use_wandb, cfg.logging.tensorboard_dir = False, None
-    trainer = Trainer(cfg, quiet=True)
-    data = trainer._loader(trainer.train_data, 0)
-    times = []
-    for i in range(steps + warmup):
-        batch = trainer._next_step_batches(data)
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        _sync(trainer.device)
-        if i == 0 and on_first_step is not None:
-            on_first_step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds of each timed Trainer step (after `warmup` untimed ones); `on_first_step()` after step one.
+    The synthetic dataset lives in a temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="neox-bench-") as tmp:
+        need = (steps + warmup + 2) * cfg.train.train_micro_batch_size_per_gpu * (cfg.model.seq_length + 1)
+        cfg.data.data_path = synthetic_data(tmp, cfg.model.vocab_size, max(need * 2, 2048 * 16))
+        cfg.data.split = "100,0,0"
+        cfg.train.train_iters = steps + warmup
+        cfg.checkpoint.save = cfg.checkpoint.load = cfg.logging.log_dir = None
+        cfg.logging.use_wandb, cfg.logging.tensorboard_dir = False, None
+        trainer = Trainer(cfg, quiet=True)
+        data = trainer._loader(trainer.train_data, 0)
+        times = []
+        for i in range(steps + warmup):
+            batch = trainer._next_step_batches(data)
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            _sync(trainer.device)
+            if i == 0 and on_first_step is not None:
+                on_first_step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return times
 
 
 def hf_model(cfg: Config, device: str):

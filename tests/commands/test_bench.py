@@ -4,6 +4,7 @@ free of torch (structural facts; no timing is asserted anywhere)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,11 +40,14 @@ def test_unknown_section_is_a_one_line_error(capsys):
 @pytest.mark.slow
 def test_quick_bench_prints_the_table_and_writes_the_report(tmp_path):
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     res = subprocess.run(
         [sys.executable, "-m", "neox.cli", "bench", "--quick", "--threads", "1", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "| section | case | point | engine | tokens/s best |" in res.stdout
@@ -78,3 +82,4 @@ def test_quick_bench_prints_the_table_and_writes_the_report(tmp_path):
     # engines alternate within the round: neox right before its reference, case by case
     engines = [m["engine"] for m in every if m.get("section") in ("train", "generate", "preprocess")]
     assert engines == ["neox", "hf", "neox", "hf", "neox", "raw"]
+    assert list(scratch.glob("neox-bench-*")) == []  # the synthetic corpora and start-up runs are removed
