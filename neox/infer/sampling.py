@@ -89,6 +89,8 @@ def choose_next(
     """Next token per row, [B] int64: argmax when greedy, otherwise a draw from the processed distribution."""
     logits = process_logits(logits, params, seen)
     if params.greedy:
-        return logits.argmax(dim=-1)
+        # max's indices are argmax's (the first maximum, documented) at ~2.5x its speed on a CPU: [8, 50304]
+        # fp32 128 vs 324 us (2-core Xeon, 2 threads), ~2% of a pythia-70m batch-8 decode step
+        return logits.max(dim=-1).indices
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

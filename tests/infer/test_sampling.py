@@ -17,6 +17,15 @@ def test_greedy_is_argmax():
     assert choose_next(logits, SamplingParams(temperature=0)).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ties_take_the_first_maximum_as_argmax_does(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 50304), generator=g).to(dtype)  # many ties per row, across SIMD lanes
+    logits[3, 7] = logits[3, 50000] = 9.0  # a tie far apart
+    chosen = choose_next(logits, SamplingParams(temperature=0))
+    assert torch.equal(chosen, logits.float().argmax(dim=-1)) and chosen[3] == 7
+
+
 def test_top_k_keeps_k_largest():
     out = apply_top_k(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), 2)
     assert torch.isinf(out).tolist() == [[True, False, False, True]]
